@@ -59,10 +59,17 @@ class ModelConfig:
     def from_name(cls, name: str, **overrides) -> "ModelConfig":
         if name not in presets:
             raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(presets)}")
-        return dataclasses.replace(presets[name], **overrides) if overrides else dataclasses.replace(presets[name])
+        return presets[name].replace(**overrides)
 
     def replace(self, **changes) -> "ModelConfig":
+        """A copy with `changes`; derived fields (head_dim = n_embd // n_head, n_kv_head = n_head) are
+        re-derived when their inputs change, unless given explicitly."""
         _check_keys(changes)
+        if "head_dim" not in changes and self.head_dim == self.n_embd // self.n_head and (
+                "n_embd" in changes or "n_head" in changes):
+            changes["head_dim"] = None
+        if "n_kv_head" not in changes and self.n_kv_head == self.n_head and "n_head" in changes:
+            changes["n_kv_head"] = None
         return dataclasses.replace(self, **changes)
 
     # ---- (de)serialisation ----
@@ -122,9 +129,9 @@ presets: dict[str, ModelConfig] = {
     for c in [
         ModelConfig(name="tiny", vocab_size=4096, n_layer=4, n_embd=128, n_head=4, n_kv_head=2,
                     ffn_hidden=384, max_seq_len=256),
-        # ~2x tiny's non-embedding parameters: same depth, wider (d 176, FFN 544).
+        # ~2x tiny's non-embedding parameters (1.98x): same depth, wider (d 176, FFN 560).
         ModelConfig(name="tiny-2x", vocab_size=4096, n_layer=4, n_embd=176, n_head=4, n_kv_head=2,
-                    head_dim=44, ffn_hidden=560, max_seq_len=256),
+                    ffn_hidden=560, max_seq_len=256),
         ModelConfig(name="small", vocab_size=8192, n_layer=8, n_embd=384, n_head=6, n_kv_head=2,
                     ffn_hidden=1024, max_seq_len=512),
         ModelConfig(name="160m", vocab_size=PAPER_VOCAB, n_layer=35, n_embd=512, n_head=12, head_dim=32,

@@ -1,0 +1,95 @@
+"""Anchor forward+backward throughput on this machine, next to a plain fp32 matmul (the practical peak).
+
+    .venv/bin/python scripts/bench_model.py                 # tiny (8x256) and 160m (1x256)
+    .venv/bin/python scripts/bench_model.py --presets small --batch 4 --seq 512
+
+Achieved GFLOP/s = Anchor.flops_per_token(seq) * tokens/s (6N + attention term, see model/model.py);
+MFU = achieved / matmul GFLOP/s measured in the same run.
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from model import Anchor, ModelConfig  # noqa: E402
+
+
+def matmul_gflops(n: int = 2048, iters: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    t = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    return 2 * n**3 * iters / (time.perf_counter() - t) / 1e9
+
+
+def bench_preset(name: str, batch: int, seq: int, iters: int, warmup: int = 1) -> dict:
+    torch.manual_seed(0)
+    model = Anchor(ModelConfig.from_name(name, max_seq_len=max(seq, 256)))
+    x = torch.randint(0, model.config.vocab_size, (batch, seq))
+    y = x.roll(-1, dims=1)
+
+    def step():
+        loss = model.loss(model(x), y)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    t = time.perf_counter()
+    for _ in range(iters):
+        step()
+    dt = (time.perf_counter() - t) / iters
+    tok_s = batch * seq / dt
+    return {"preset": name, "params": model.num_params(), "shape": f"{batch}x{seq}", "tok_s": tok_s,
+            "gflops": model.flops_per_token(seq) * tok_s / 1e9, "step_s": dt}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=["tiny", "160m"], help="model presets to benchmark")
+    p.add_argument("--batch", type=int, nargs="+", default=None,
+                   help="batch size per preset (default: 8 for tiny/tiny-2x/small, else 1)")
+    p.add_argument("--seq", type=int, default=256, help="sequence length")
+    p.add_argument("--iters", type=int, default=3, help="timed fwd+bwd steps per preset")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batches = args.batch or [8 if n in ("tiny", "tiny-2x", "small") else 1 for n in args.presets]
+    if len(batches) == 1:
+        batches = batches * len(args.presets)
+
+    peak = matmul_gflops()
+    rows = [bench_preset(n, b, args.seq, args.iters) for n, b in zip(args.presets, batches)]
+    peak_after = matmul_gflops()  # the machine is shared: show the spread
+    peak = max(peak, peak_after)
+
+    header = ["preset", "params", "batch x seq", "fwd+bwd tok/s", "step s", "GFLOP/s", "matmul GFLOP/s", "MFU"]
+    table = [[r["preset"], f"{r['params'] / 1e6:.1f}M", r["shape"], f"{r['tok_s']:,.0f}", f"{r['step_s']:.3f}",
+              f"{r['gflops']:.1f}", f"{peak:.1f}", f"{100 * r['gflops'] / peak:.1f}%"] for r in rows]
+    title = f"anchor fwd+bwd, fp32, {torch.get_num_threads()} threads, peak = fp32 2048^3 matmul"
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=title)
+        for h in header:
+            t.add_column(h, justify="right")
+        for row in table:
+            t.add_row(*row)
+        Console().print(t)
+    except ImportError:
+        print(title)
+        widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(header)]
+        for row in [header] + table:
+            print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
