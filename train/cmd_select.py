@@ -1,0 +1,154 @@
+"""`memlm select DATA --rule lacy|loss|rho|random|none --call-rate 0.05`: choose the <CALL> positions.
+
+Writes the uint8 array "calls_<rule>" per shard (1 = this token is delegated: the target predicting it
+becomes <CALL>; train with `calls=calls_<rule>`), and a summary DATA/selection/calls_<rule>.{json,md}:
+achieved rate per split, threshold, share of delegated tokens that are factual, and examples with the
+delegated tokens marked [[like this]]. Each split is calibrated on its own to the same rate.
+Signals: "loss_<--loss>" (memlm score), "loss_<--loss-large>" (rho), "factual" (memlm tag).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from data.selection import (RULES, SelectionError, SplitSignals, call_id, eligible_mask, read_array,
+                            render_marked, select, shard_label, shards_of)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memlm select", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", help="data dir written by `memlm prepare` (tagged / scored as the rule needs)")
+    p.add_argument("--rule", required=True, choices=RULES, help="selection rule")
+    p.add_argument("--call-rate", type=float, default=0.05, help="share of all tokens to delegate (0.05 = 5%%)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random selection and tie-breaking")
+    p.add_argument("--splits", default="train,val", help="comma-separated splits (missing ones are skipped)")
+    p.add_argument("--loss", default="ref", help="reference loss array name suffix (loss_<name>)")
+    p.add_argument("--loss-large", default="large", help="large-model loss array suffix for rule rho")
+    p.add_argument("--name", default=None, help="output array name (default calls_<rule>)")
+    p.add_argument("--examples", type=int, default=5, help="example windows rendered in the summary")
+    return p
+
+
+def _signals(dd, shards, rule: str, args, special) -> tuple[SplitSignals, list[int]]:
+    need_loss = rule in ("lacy", "loss", "rho")
+    parts = {"eligible": [], "loss": [], "loss_large": [], "factual": []}
+    sizes = []
+    for sh in shards:
+        tokens = np.asarray(sh.tokens)
+        sizes.append(len(tokens))
+        parts["eligible"].append(eligible_mask(tokens, np.asarray(sh.windows), special))
+        if need_loss:
+            parts["loss"].append(read_array(sh, f"loss_{args.loss}"))
+        if rule == "rho":
+            parts["loss_large"].append(read_array(sh, f"loss_{args.loss_large}"))
+        f = read_array(sh, "factual", required=(rule == "lacy"))
+        parts["factual"].append(None if f is None else f.astype(bool))
+    cat = lambda xs: None if not xs or any(x is None for x in xs) else np.concatenate(xs)  # noqa: E731
+    sig = SplitSignals(eligible=np.concatenate(parts["eligible"]), loss=cat(parts["loss"]),
+                       loss_large=cat(parts["loss_large"]), factual=cat(parts["factual"]))
+    return sig, sizes
+
+
+def _examples(tok, shards, masks, n: int) -> list[str]:
+    out = []
+    for sh, mask in zip(shards, masks):
+        w = np.asarray(sh.windows)
+        for i in range(len(w) - 1):
+            if len(out) >= n:
+                return out
+            a, b = int(w[i]), int(w[i + 1])
+            if mask[a:b].any():
+                out.append(render_marked(tok, np.asarray(sh.tokens[a:b]), mask[a:b]))
+    return out
+
+
+def _markdown(summary: dict) -> str:
+    lines = [f"# <CALL> selection: rule `{summary['rule']}`, target rate {summary['call_rate']:.2%}", "",
+             "| split | tokens | delegated | rate | candidates | threshold | factual share of delegated | factual share of all |",
+             "|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.2%}"  # noqa: E731
+    for split, s in summary["splits"].items():
+        thr = "n/a" if s["threshold"] is None else f"{s['threshold']:.3f}"
+        lines.append(f"| {split} | {s['n_tokens']} | {s['n_delegated']} | {s['rate']:.2%} | {s['n_candidates']} | "
+                     f"{thr} | {fmt(s['factual_share_delegated'])} | {fmt(s['factual_share_all'])} |")
+    for split, s in summary["splits"].items():
+        if s.get("warning"):
+            lines += ["", f"**{split}: {s['warning']}**"]
+    lines += ["", "## Examples (delegated tokens marked [[like this]])", ""]
+    lines += [f"{i + 1}. {ex}".replace("\n", " ") for i, ex in enumerate(summary["examples"])]
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def run(args) -> dict:
+    from data.shards import open_data
+
+    dd = open_data(args.data)
+    tok = dd.tokenizer()
+    call_id(tok, os.path.join(args.data, "tokenizer"))
+    special = list(tok.all_special_ids)
+    name = args.name or f"calls_{args.rule}"
+    summary = {"rule": args.rule, "call_rate": args.call_rate, "seed": args.seed, "array": name,
+               "loss": f"loss_{args.loss}", "splits": {}, "examples": []}
+    for split in [s.strip() for s in args.splits.split(",") if s.strip()]:
+        shards = shards_of(dd, split)
+        if not shards:
+            continue
+        sig, sizes = _signals(dd, shards, args.rule, args, special)
+        sel = select(args.rule, sig, args.call_rate, seed=args.seed)
+        masks = np.split(sel.mask, np.cumsum(sizes)[:-1])
+        for sh, m in zip(shards, masks):
+            sh.write_array(name, m)
+        n_del = int(sel.mask.sum())
+        fact_del = fact_all = None
+        if sig.factual is not None:
+            fact_all = float(sig.factual[sig.eligible].mean()) if sig.eligible.any() else 0.0
+            fact_del = float(sig.factual[sel.mask.astype(bool)].mean()) if n_del else None
+        s = {"n_tokens": sel.n_tokens, "n_delegated": n_del, "rate": sel.rate, "target": sel.target,
+             "n_candidates": sel.n_candidates, "threshold": sel.threshold,
+             "factual_share_delegated": fact_del, "factual_share_all": fact_all, "warning": None}
+        if sig.loss is not None and n_del:
+            s["mean_loss_delegated"] = float(np.nanmean(sig.loss[sel.mask.astype(bool)].astype(np.float32)))
+            s["mean_loss_all"] = float(np.nanmean(sig.loss[sig.eligible].astype(np.float32)))
+        if sel.shortfall:
+            s["warning"] = (f"only {sel.n_candidates} candidate tokens for rule {args.rule!r} "
+                            f"({sel.n_candidates / max(sel.n_tokens, 1):.2%} of tokens) < the call rate "
+                            f"{args.call_rate:.2%}; all of them were delegated (rate {sel.rate:.2%})")
+            print(f"memlm select: warning: {split}: {s['warning']}", file=sys.stderr)
+        summary["splits"][split] = s
+        if split == "train" or not summary["examples"]:
+            summary["examples"] = _examples(tok, shards, masks, args.examples)
+        print(f"{split}: {n_del}/{sel.n_tokens} tokens delegated ({sel.rate:.2%}, target {args.call_rate:.2%})"
+              + ("" if fact_del is None else f", {fact_del:.1%} of them factual"))
+    if not summary["splits"]:
+        raise SelectionError(f"{args.data}: no shards in splits {args.splits!r}")
+    out_dir = os.path.join(args.data, "selection")
+    os.makedirs(out_dir, exist_ok=True)
+    _write_atomic(os.path.join(out_dir, f"{name}.json"), json.dumps(summary, indent=2) + "\n")
+    _write_atomic(os.path.join(out_dir, f"{name}.md"), _markdown(summary))
+    print(f"wrote array {name!r} and {os.path.join(out_dir, name)}.{{json,md}}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as e:  # SelectionError, TokenizerError, bad manifest
+        raise SystemExit(f"memlm select: {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
