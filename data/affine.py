@@ -1,0 +1,55 @@
+"""Cluster-affine batches for multi-process training with an offloaded bank (memory/offload.py).
+
+The bank is not replicated: top-level cluster c belongs to rank c % world_size, which stores and trains
+only the rows of its subtrees. `AffinePackedDataset` is PackedDataset (by_leaf=True) with one change:
+instead of dealing the epoch's rows round-robin to ranks, rank r takes, in the same shuffled plan
+order, the rows whose leaf lies under a top-level cluster it owns. Ranks still see disjoint rows (the
+union is the epoch), each rank runs its own epoch length (clusters differ in size; an infinite train
+stream just rolls over), and resume works as before (the position is this rank's batch count).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from data.loader import PackedDataset, collate
+
+
+def owner_of(top_cluster, world_size: int):
+    """Rank owning top-level cluster(s) c: c % world_size (the same rule as memory.offload.owner_of)."""
+    return top_cluster % world_size
+
+
+class AffinePackedDataset(PackedDataset):
+    def __init__(self, data_dir, split: str = "train", seq_len: int = 256, batch_size: int = 8, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, calls: str | None = None, by_leaf: bool = True, **kw):
+        if not by_leaf:
+            raise ValueError("AffinePackedDataset needs by_leaf=True (a row must belong to one subtree); "
+                             "set data.by_leaf=true")
+        # The parent checks its own (round-robin) row count; ours is computed below.
+        super().__init__(data_dir, split, seq_len, batch_size, seed, rank, world_size, calls, True, **kw)
+        self.owned_group = owner_of(self.leaves[:, 0], self.world_size) == self.rank
+        group_tokens = np.bincount(self.w_group, weights=self.w_len, minlength=len(self.leaves)).astype(np.int64)
+        self.rows_per_rank = int((group_tokens // self.seq_len)[self.owned_group].sum())
+        self.batches_per_epoch = self.rows_per_rank // self.batch_size
+        if self.batches_per_epoch == 0:
+            tops = sorted({int(t) for t in self.leaves[self.owned_group, 0]})
+            raise ValueError(f"{self.data.path}: split {split!r}: rank {rank}/{world_size} owns top-level clusters "
+                             f"{tops}, which pack into {self.rows_per_rank} rows of {seq_len} tokens, fewer than "
+                             f"batch_size={batch_size}")
+        self._mine_epoch, self._mine = None, None
+
+    def _my_rows(self, epoch: int) -> np.ndarray:
+        if self._mine_epoch != epoch:
+            _, _, row_group, _ = self._epoch_plan(epoch)
+            self._mine_epoch, self._mine = epoch, np.flatnonzero(self.owned_group[row_group])
+        return self._mine
+
+    def batch(self, epoch: int, k: int) -> dict:
+        rows = self._my_rows(epoch)[k * self.batch_size:(k + 1) * self.batch_size]
+        return collate([self._row(epoch, int(r)) for r in rows])
+
+    def epoch_rows(self) -> int:
+        return self.batches_per_epoch * self.batch_size
+
+    def _fingerprint(self) -> dict:
+        return {**super()._fingerprint(), "affine": True}
