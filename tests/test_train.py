@@ -1,0 +1,229 @@
+"""Training loop (issue 4): smoke run, exact resume after SIGKILL, crash during a checkpoint write,
+config errors, NaN guard, load_run, export-hf. Tiny preset, seq_len 64, batch 4, on CPU."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fixtures_data import bios_data  # noqa: F401  (pytest fixture)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE = os.path.join(ROOT, "train", "recipes", "tiny-cpu.yaml")
+
+
+def _args(data, runs, name, steps, **over):
+    kv = {"data.path": data, "runs_dir": runs, "name": name, "trainer.max_steps": steps, "data.seq_len": 64,
+          "data.batch_size": 4, "optim.warmup_steps": 5, "trainer.log_every": 1, "trainer.val_every": 0,
+          "checkpoint.every": 10, "logging.logger": "none", "trainer.deterministic": True}
+    kv.update(over)
+    return ["--config", RECIPE] + [f"{k}={v}" for k, v in kv.items()]
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    # one thread per process: bit-exact across processes (no MKL dynamic threading) and 2 runs fit 2 cores
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _popen(args, **env):
+    return subprocess.Popen([sys.executable, "-m", "train.pretrain", *args], cwd=ROOT, env=_env(**env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait(p, timeout=300):
+    out, _ = p.communicate(timeout=timeout)
+    return p.returncode, out
+
+
+def _metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return {r["step"]: r for r in rows if "loss" in r}, [r for r in rows if "val_loss" in r]
+
+
+def _ckpts(run_dir):
+    d = os.path.join(run_dir, "checkpoints")
+    return sorted(os.listdir(d)) if os.path.isdir(d) else []
+
+
+# ---------------------------------------------------------------------------------------------
+# config (no training)
+
+def test_config_overrides_and_unknown_key():
+    from train.config import ConfigError, load_config
+
+    cfg = load_config(RECIPE, ["optim.lr=3e-4", "model.n_layer=2", "data.calls=calls_lacy", "trainer.compile=true"])
+    assert cfg.optim.lr == 3e-4 and cfg.model.n_layer == 2 and cfg.model.n_embd == 128  # preset tiny + override
+    assert cfg.data.calls == "calls_lacy" and cfg.trainer.compile is True
+    for bad, key in [("optim.lrr=1", "optim.lrr"), ("model.n_layers=2", "model.n_layers"), ("foo=1", "foo"),
+                     ("trainer.max_steps=abc", "trainer.max_steps")]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(RECIPE, [bad])
+    from train.pretrain import main
+
+    with pytest.raises(SystemExit, match=r"optim\.lrr"):
+        main(["--config", RECIPE, "optim.lrr=1"])
+
+
+def test_config_yaml_round_trip(tmp_path):
+    from train.config import load_config, save_config
+
+    cfg = load_config(RECIPE, ["model.preset=tiny-2x", "optim.betas=[0.9,0.99]"])
+    save_config(cfg, str(tmp_path / "c.yaml"))
+    again = load_config(str(tmp_path / "c.yaml"))
+    assert again.to_dict() == cfg.to_dict()
+    assert again.model_preset == "tiny-2x" and again.optim.betas == (0.9, 0.99)
+
+
+def test_lr_schedule_shape():
+    from train.lit import lr_factor
+
+    f = [lr_factor(s, 1.0, 0.1, 10, 110) for s in range(120)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0) and f[110] == pytest.approx(0.1) and f[119] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# training runs
+
+@pytest.fixture(scope="module")
+def smoke_run(bios_data, tmp_path_factory):
+    """20 steps in-process (the smoke test), checkpoint every 10, val every 10."""
+    import time
+
+    from train.pretrain import main
+
+    runs = str(tmp_path_factory.mktemp("runs"))
+    t = time.time()
+    rc = main(_args(bios_data, runs, "smoke", 20, **{"trainer.val_every": 10, "trainer.log_every": 2,
+                                                    "checkpoint.keep_last_k": 1}))
+    return {"rc": rc, "run_dir": os.path.join(runs, "smoke"), "seconds": time.time() - t, "data": bios_data}
+
+
+def test_smoke_20_steps(smoke_run):
+    assert smoke_run["rc"] == 0
+    assert smoke_run["seconds"] < 60, smoke_run["seconds"]
+    run_dir = smoke_run["run_dir"]
+    train, val = _metrics(run_dir)
+    assert sorted(train) == list(range(2, 21, 2))
+    assert train[20]["loss"] < train[2]["loss"] - 0.5  # loss falls
+    for key in ("lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "time"):
+        assert key in train[20]
+    assert train[20]["tokens"] == 20 * 4 * 64
+    assert [v["step"] for v in val] == [10, 20] and val[-1]["val_bpb"] > 0
+    assert val[0]["val_tokens"] == val[1]["val_tokens"]  # every validation sees the same val rows
+    assert _ckpts(run_dir) == ["step-0000020"]  # keep_last_k=1 pruned step 10
+    step = os.path.join(run_dir, "checkpoints", "step-0000020")
+    for f in ("model.safetensors", "optimizer.pt", "data_state_rank0.json", "rng_rank0.pt", "config.yaml",
+              "meta.json", "tokenizer"):
+        assert os.path.exists(os.path.join(step, f)), f
+    meta = json.load(open(os.path.join(step, "meta.json")))
+    assert meta["step"] == 20 and meta["tokens_seen"] == 20 * 256 and "torch" in meta["versions"]
+    assert os.path.isfile(os.path.join(run_dir, "config.yaml"))
+
+
+def test_load_run(smoke_run):
+    from train.checkpoint import load_run
+
+    model, tok, cfg, router = load_run(smoke_run["run_dir"])
+    assert router is None and cfg.model.vocab_size == 512 and tok is not None
+    ids = torch.tensor([tok.encode("Alice was born in")])
+    out = model.generate(ids, max_new_tokens=4)
+    assert out.shape == (1, ids.shape[1] + 4)
+
+
+def test_export_hf_matches_logits(smoke_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from train.checkpoint import load_run
+    from train.cmd_export_hf import main as export_main
+
+    out = str(tmp_path / "hf")
+    assert export_main([smoke_run["run_dir"], "--out", out]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    model, tok, _, _ = load_run(smoke_run["run_dir"])
+    ids = torch.tensor([tok.encode("Bob Smith studied at the University of")])
+    with torch.no_grad():
+        ours, theirs = model(ids), hf(ids).logits
+    assert (ours - theirs).abs().max() / ours.abs().max() < 1e-5
+
+
+def test_resume_nonexistent_path_errors(bios_data, tmp_path):
+    from train.pretrain import main
+
+    with pytest.raises(SystemExit, match="no-such-ckpt"):
+        main(_args(bios_data, str(tmp_path), "r", 5, **{"checkpoint.resume": str(tmp_path / "no-such-ckpt")}))
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(bios_data, tmp_path, monkeypatch):
+    from train.pretrain import main
+
+    monkeypatch.setenv("MEMLM_TEST_NAN_AT_STEP", "5")
+    with pytest.raises(SystemExit, match="step 5") as e:
+        main(_args(bios_data, str(tmp_path), "nan", 12, **{"checkpoint.every": 3, "trainer.log_every": 4}))
+    assert "step-0000003" in str(e.value)
+    assert _ckpts(os.path.join(str(tmp_path), "nan")) == ["step-0000003"]  # nothing after the nan
+
+
+def test_exact_resume_after_sigkill(bios_data, tmp_path):
+    """A: 40 steps. B: same command killed (SIGKILL) right after its step-20 checkpoint, relaunched with
+    resume=auto -> steps 21..40 equal A bit for bit, and so do the final weights."""
+    from train.checkpoint import read_weights
+
+    runs = str(tmp_path)
+    a = _popen(_args(bios_data, runs, "A", 40))
+    b = _popen(_args(bios_data, runs, "B", 40), MEMLM_TEST_SIGKILL_AFTER_CKPT=20)
+    rc_b, out_b = _wait(b)
+    assert rc_b == -signal.SIGKILL, out_b[-3000:]
+    assert _ckpts(os.path.join(runs, "B")) == ["step-0000010", "step-0000020"]
+    rc_b2, out_b2 = _wait(_popen(_args(bios_data, runs, "B", 40)))
+    assert rc_b2 == 0, out_b2[-3000:]
+    assert "resuming from" in out_b2 and "step-0000020" in out_b2
+    rc_a, out_a = _wait(a)
+    assert rc_a == 0, out_a[-3000:]
+    la, _ = _metrics(os.path.join(runs, "A"))
+    lb, _ = _metrics(os.path.join(runs, "B"))
+    assert sorted(lb) == list(range(1, 41))
+    assert [la[s]["loss"] for s in range(21, 41)] == [lb[s]["loss"] for s in range(21, 41)]
+    assert [la[s]["lr"] for s in range(21, 41)] == [lb[s]["lr"] for s in range(21, 41)]
+    wa = read_weights(os.path.join(runs, "A", "checkpoints", "step-0000040", "model.safetensors"))
+    wb = read_weights(os.path.join(runs, "B", "checkpoints", "step-0000040", "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_crash_during_checkpoint_write_resumes_from_previous(bios_data, tmp_path):
+    runs = str(tmp_path)
+    args = _args(bios_data, runs, "C", 6, **{"checkpoint.every": 2})
+    rc, out = _wait(_popen(args, MEMLM_TEST_CRASH_BEFORE_RENAME=4))
+    assert rc == -signal.SIGKILL, out[-3000:]
+    assert _ckpts(os.path.join(runs, "C")) == ["step-0000002", "step-0000004.tmp"]
+    rc, out = _wait(_popen(args))
+    assert rc == 0, out[-3000:]
+    assert "resuming from" in out and "step-0000002 (step 2)" in out
+    assert _ckpts(os.path.join(runs, "C"))[-1] == "step-0000006"
+    assert not any(c.endswith(".tmp") for c in _ckpts(os.path.join(runs, "C")))
+    train, _ = _metrics(os.path.join(runs, "C"))
+    assert sorted(train) == list(range(1, 7))
+
+
+def test_wandb_offline_logger(bios_data, tmp_path):
+    """logging.logger=wandb in offline mode (the default): never needs a network, writes beside the run."""
+    import glob
+
+    pytest.importorskip("wandb")
+    from train.pretrain import main
+
+    assert main(_args(bios_data, str(tmp_path), "wb", 2, **{"logging.logger": "wandb",
+                                                            "logging.wandb_mode": "offline"})) == 0
+    assert glob.glob(os.path.join(str(tmp_path), "wb", "wandb", "offline-run-*"))
+    train, _ = _metrics(os.path.join(str(tmp_path), "wb"))
+    assert sorted(train) == [1, 2]  # metrics.jsonl is written whatever the logger

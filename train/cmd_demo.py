@@ -1,0 +1,225 @@
+"""`memlm demo`: the end-to-end demo on built-in data (the README's main job).
+
+Every stage is one documented `memlm` command, run in this process; the report lists them so that a
+user can re-run any stage by hand. A finished stage leaves `runs/demo/stages/<stage>.json`, so
+re-running the demo reuses finished stages (`--fresh` starts over, `--redo STAGE` redoes one and the
+stages after it).
+
+Stages: data (bios + wiki-leads, tokenizer) -> cluster (MiniLM + k-means tree) -> anchor (tiny
+pretraining) -> memory (memories with the anchor frozen) -> eval (fetched / generic / anchor-only)
+-> tag + score + select (LaCy <CALL> positions) -> slm (delegating SLM) -> cascade (with SmolLM2)
+-> report (runs/demo/report.md with PNG plots).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+from train.stages import StageRunner, recipe
+
+STAGES = ["data", "cluster", "anchor", "memory", "eval", "lacy", "slm", "cascade", "report"]
+
+CASCADE_PROMPTS = 4  # bios openings generated with the cascade for the report
+
+
+@dataclass
+class DemoSize:
+    """How big the demo is: `cpu` fits 15 minutes on 2 cores; `gpu` is larger and longer-trained."""
+    n_people: int
+    vocab_size: int
+    model_preset: str
+    memory_widths: tuple  # hidden units per level (levels = len); fetched ~10% of the anchor
+    k: int
+    seq_len: int
+    batch_size: int
+    anchor_steps: int
+    memory_steps: int
+    slm_steps: int
+    lr: float
+    memory_lr: float
+    call_rate: float
+    eval_batches: int
+    probes_per_bucket: int
+
+
+SIZES = {
+    "cpu": DemoSize(n_people=600, vocab_size=4096, model_preset="tiny", memory_widths=(48, 8), k=4,
+                    seq_len=128, batch_size=16, anchor_steps=400, memory_steps=300, slm_steps=200, lr=3e-3,
+                    memory_lr=3e-3,
+                    call_rate=0.05, eval_batches=16, probes_per_bucket=60),
+    "gpu": DemoSize(n_people=2000, vocab_size=8192, model_preset="small", memory_widths=(112, 24), k=8,
+                    seq_len=256, batch_size=64, anchor_steps=3000, memory_steps=2000, slm_steps=1500, lr=2e-3,
+                    memory_lr=2e-3,
+                    call_rate=0.05, eval_batches=64, probes_per_bucket=200),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memlm demo", description=__doc__.split("\n\n")[0] + " Stages: "
+                                + ", ".join(STAGES) + ".")
+    p.add_argument("--out", default="runs/demo", help="demo directory (default runs/demo)")
+    p.add_argument("--size", choices=["auto", *SIZES], default="auto",
+                   help="auto: gpu when CUDA is available, else cpu (fits 15 minutes on 2 cores)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the corpus, the clustering and the training runs")
+    p.add_argument("--large", default=None,
+                   help="large model of the cascade: a transformers dir or memlm run (default: SmolLM2-135M)")
+    p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every training-step count")
+    p.add_argument("--fresh", action="store_true", help="delete the demo directory first")
+    p.add_argument("--redo", choices=STAGES, default=None, help="redo this stage and every stage after it")
+    p.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
+    return p
+
+
+class Demo:
+    def __init__(self, args):
+        import torch
+
+        self.args = args
+        self.out = os.path.abspath(args.out)
+        size = args.size if args.size != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+        self.size_name, self.size = size, SIZES[size]
+        self.data = os.path.join(self.out, "data")
+        self.runs = os.path.join(self.out, "runs")
+        self.stages = StageRunner(self.out)
+        self.memlm = self.stages.memlm
+
+    def steps(self, n: int) -> int:
+        return max(10, int(n * self.args.steps_scale))
+
+    def pretrain(self, name: str, steps: int, *overrides: str) -> str:
+        s = self.size
+        self.memlm("pretrain", "--config", recipe("tiny-cpu.yaml"),
+                   f"name={name}", f"runs_dir={self.runs}", f"seed={self.args.seed}",
+                   f"model.preset={s.model_preset}", f"data.path={self.data}", f"data.seq_len={s.seq_len}",
+                   f"data.batch_size={s.batch_size}", f"trainer.max_steps={steps}",
+                   f"trainer.val_every={max(steps // 4, 1)}", f"trainer.log_every={max(steps // 20, 1)}",
+                   f"checkpoint.every={steps}", "checkpoint.keep_last_k=1", "logging.logger=none",
+                   f"optim.lr={s.lr}", f"optim.min_lr={s.lr / 10}", f"optim.warmup_steps={max(steps // 20, 1)}",
+                   *overrides)
+        return os.path.join(self.runs, name)
+
+    # ---- stages -------------------------------------------------------------------------------
+    def stage_data(self):
+        s = self.size
+        # One data dir mixing the synthetic biographies (exact knowledge base and probes) with the
+        # Wikipedia leads; the BPE tokenizer is trained on both.
+        self.memlm("prepare", "--corpus", "bios:1,wiki-leads:1", "--out", self.data,
+                   "--n-people", s.n_people, "--seed", self.args.seed, "--vocab-size", s.vocab_size,
+                   "--window-tokens", s.seq_len)
+        from data.shards import open_data
+
+        m = open_data(self.data).manifest
+        return {"train_tokens": sum(x["n_tokens"] for x in m["splits"]["train"]["shards"]),
+                "val_tokens": sum(x["n_tokens"] for x in m["splits"]["val"]["shards"])}
+
+    def stage_cluster(self):
+        s = self.size
+        self.memlm("cluster", self.data, "--levels", len(s.memory_widths), "--k", s.k, "--seed", self.args.seed)
+        return {"levels": len(s.memory_widths), "k": s.k}
+
+    def stage_anchor(self):
+        return {"run": self.pretrain("anchor", self.steps(self.size.anchor_steps))}
+
+    def stage_memory(self):
+        s = self.size
+        widths = "[" + ",".join(str(w) for w in s.memory_widths) + "]"
+        run = self.pretrain("memory", self.steps(s.memory_steps),
+                            f"init_from={os.path.join(self.runs, 'anchor')}", "memory.preset=tiny",
+                            f"memory.k={s.k}", f"memory.widths={widths}", f"memory.lr={s.memory_lr}",
+                            f"memory.min_lr={s.memory_lr / 10}", "memory.freeze_anchor=true", "data.by_leaf=true")
+        return {"run": run}
+
+    def stage_eval(self):
+        out = os.path.join(self.out, "eval")
+        self.memlm("eval", os.path.join(self.runs, "memory"), "--data", self.data, "--out", out,
+                   "--val-batches", self.size.eval_batches, "--probes-per-bucket", self.size.probes_per_bucket,
+                   "--seed", self.args.seed)
+        return {"eval": os.path.join(out, "eval.json")}
+
+    def stage_lacy(self):
+        self.memlm("tag", self.data, "--splits", "train")
+        self.memlm("score", self.data, "--model", os.path.join(self.runs, "anchor"), "--name", "ref",
+                   "--splits", "train")
+        self.memlm("select", self.data, "--rule", "lacy", "--call-rate", self.size.call_rate,
+                   "--seed", self.args.seed, "--splits", "train")
+        with open(os.path.join(self.data, "selection", "calls_lacy.json")) as f:
+            return {"selection": json.load(f)}
+
+    def stage_slm(self):
+        # The delegating SLM continues the anchor's pretraining with <CALL> targets on the selected tokens.
+        run = self.pretrain("slm", self.steps(self.size.slm_steps),
+                            f"init_from={os.path.join(self.runs, 'anchor')}", "data.calls=calls_lacy")
+        return {"run": run}
+
+    def stage_cascade(self):
+        from train.cmd_cascade import load_cascade
+
+        prompts = _bios_prompts(self.data, CASCADE_PROMPTS, self.args.seed)
+        self.stages.commands.append("memlm cascade --slm " + os.path.join(self.runs, "slm") + "".join(
+            f" --prompt {p!r}" for p in prompts))
+        cascade = load_cascade(os.path.join(self.runs, "slm"), self.args.large)
+        outputs = []
+        for prompt in prompts:
+            o = cascade.generate(prompt, max_new_tokens=40)
+            print(f"  {o.marked()!r}  (calls: {o.calls})", flush=True)
+            outputs.append(o.to_dict())
+        return {"outputs": outputs}
+
+    def stage_report(self):
+        from train.report import write_demo_report
+
+        info = {stage: self.stages.done(stage) for stage in STAGES[:-1]}
+        path = write_demo_report(self.out, self.runs, info, self.stages.all_commands(STAGES[:-1]),
+                                 size=asdict(self.size), size_name=self.size_name, seed=self.args.seed)
+        return {"report": path}
+
+    # ---- driver ---------------------------------------------------------------------------------
+    def run(self):
+        if self.args.fresh and os.path.isdir(self.out):
+            shutil.rmtree(self.out)
+        os.makedirs(self.out, exist_ok=True)
+        redo_from = STAGES.index(self.args.redo) if self.args.redo else len(STAGES)
+        for i, stage in enumerate(STAGES):
+            force = i >= redo_from or stage == "report"
+            self.stages.run(stage, getattr(self, f"stage_{stage}"), label=f"{i + 1}/{len(STAGES)} {stage}",
+                            force=force)
+            if stage == self.args.until:
+                break
+        total = (time.time() - self.stages.t0) / 60
+        print(f"\nmemlm demo: finished in {total:.1f} min -> {os.path.join(self.out, 'report.md')}")
+
+
+def _bios_prompts(data: str, n: int, seed: int) -> list[str]:
+    """Openings for people of the most and least frequent buckets (the cascade should call on rare facts)."""
+    import random
+
+    with open(os.path.join(data, "bios", "probes.jsonl")) as f:
+        probes = [json.loads(line) for line in f]
+    rng = random.Random(seed)
+    by_bucket: dict[int, list[dict]] = {}
+    for p in probes:
+        by_bucket.setdefault(p["bucket"], []).append(p)
+    chosen = []
+    for bucket in sorted(by_bucket, reverse=True):  # frequent first, then rare
+        people = sorted({p["name"] for p in by_bucket[bucket]})
+        chosen += [f"{name} was born" for name in rng.sample(people, min(len(people), n // 2 or 1))]
+        if len(chosen) >= n // 2:
+            break
+    rare = sorted({p["name"] for p in by_bucket[min(by_bucket)]})
+    chosen += [f"{name} was born" for name in rng.sample(rare, min(len(rare), n - len(chosen)))]
+    return chosen[:n]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    Demo(args).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

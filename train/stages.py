@@ -1,0 +1,76 @@
+"""Resumable multi-stage jobs (the demo, the reproductions): each stage is one or more `memlm` commands.
+
+A finished stage leaves `<out>/stages/<stage>.json` (what it returned, its time, its command lines), so
+re-running the job reuses finished stages; a stage that crashed left no marker and runs again (the
+commands themselves resume from their own checkpoints and finished shards).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable
+
+
+class StageRunner:
+    def __init__(self, out: str):
+        self.out = os.path.abspath(out)
+        self.stage_dir = os.path.join(self.out, "stages")
+        self.commands: list[str] = []
+        self.t0 = time.time()
+
+    def _marker(self, stage: str) -> str:
+        return os.path.join(self.stage_dir, f"{stage}.json")
+
+    def done(self, stage: str) -> dict | None:
+        path = self._marker(stage)
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    def forget(self, stage: str) -> None:
+        if os.path.exists(self._marker(stage)):
+            os.remove(self._marker(stage))
+
+    def memlm(self, *argv) -> None:
+        """Run one `memlm` subcommand in this process, echoing (and remembering) its command line."""
+        from train.cli import main as memlm_main
+
+        argv = [str(a) for a in argv]
+        line = "memlm " + " ".join(a if a and " " not in a else repr(a) for a in argv)
+        self.commands.append(line)
+        print(f"  $ {line}", flush=True)
+        rc = memlm_main(argv)
+        if rc:
+            raise SystemExit(f"`{line}` failed with exit code {rc}")
+
+    def run(self, stage: str, fn: Callable[[], dict | None], label: str = "", force: bool = False) -> dict:
+        """Run `fn` unless the stage is already done; returns the stage's recorded info."""
+        info = None if force else self.done(stage)
+        elapsed = (time.time() - self.t0) / 60
+        if info is not None:
+            print(f"[{label or stage}] done earlier, reused", flush=True)
+            return info
+        print(f"\n[{label or stage}]  (elapsed {elapsed:.1f} min)", flush=True)
+        start, n_cmds = time.time(), len(self.commands)
+        info = fn() or {}
+        info["_seconds"] = round(time.time() - start, 1)
+        info["_commands"] = self.commands[n_cmds:]
+        os.makedirs(self.stage_dir, exist_ok=True)
+        tmp = self._marker(stage) + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(info, f, indent=1)
+        os.replace(tmp, self._marker(stage))
+        return info
+
+    def all_commands(self, stages: list[str]) -> list[str]:
+        cmds: list[str] = []
+        for stage in stages:
+            cmds += (self.done(stage) or {}).get("_commands", [])
+        return cmds
+
+
+def recipe(name: str) -> str:
+    """Path of a shipped YAML recipe (train/recipes/<name>)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes", name)
