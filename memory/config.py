@@ -25,6 +25,9 @@ class MemoryConfig:
     lr: float = 1e-4                              # memory peak LR (cosine to min_lr)
     min_lr: float = 1e-5
     weight_decay: float = 1e-3
+    # Training phase: True = phase 2 of the paper (anchor frozen, only the memories train);
+    # False = co-training (anchor and memories train together; phase 3, or memories from scratch).
+    freeze_anchor: bool = False
     # Bank storage (issue "scale", memory/offload.py): "resident" = parameters on the device with dense AdamW;
     # "host" (host memory) / "mmap" (memory-mapped files) = offloaded rows trained by the sparse lazy AdamW.
     storage: str = "resident"
@@ -156,6 +159,10 @@ presets: dict[str, MemoryConfig] = {
     "160m": MemoryConfig(k=16, widths=(256, 64, 16)),
     "410m": MemoryConfig(k=16, widths=(320, 80, 20)),
     "1.4b": MemoryConfig(k=16, widths=(640, 160, 40)),
-    "tiny": MemoryConfig(k=4, widths=(32, 16, 8), init_std=0.02, lr=1e-3, min_lr=1e-4),
+    # "tiny": 2 levels (the CPU demo clusters with --levels 2 --k 4); R = 56 as the 3-level "tiny-l3".
+    "tiny": MemoryConfig(k=4, widths=(40, 16), init_std=0.02, lr=1e-3, min_lr=1e-4),
+    "tiny-l3": MemoryConfig(k=4, widths=(32, 16, 8), init_std=0.02, lr=1e-3, min_lr=1e-4),
     "tiny-l2": MemoryConfig(k=4, widths=(48, 8), init_std=0.02, lr=1e-3, min_lr=1e-4),
+    # "small" (model preset "small": 8 layers, d=384): fetched 1.25M = ~10% of 12.6M non-embedding params.
+    "small": MemoryConfig(k=8, widths=(96, 40), init_std=0.02, lr=1e-3, min_lr=1e-4),
 }

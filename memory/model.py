@@ -117,6 +117,12 @@ class MemoryLM(nn.Module):
             raise ValueError(f"num_params: unknown group {group!r}; valid: {', '.join(list(table) + ['embedding', 'non_embedding'])}")
         return table[group]
 
+    def save_checkpoint_files(self, step_dir: str) -> None:
+        """Extra files of a checkpoint step dir (train/ writes the weights): the router, as
+        router.safetensors + router.json, so the checkpoint can route prompts on its own."""
+        if self.router is not None:
+            self.router.save(step_dir)
+
     def freeze_anchor(self, frozen: bool = True) -> None:
         """Phase 2 of the paper: train the memories only."""
         self.anchor.requires_grad_(not frozen)

@@ -256,7 +256,7 @@ class Router:
 
     def encoder(self) -> MiniLM:
         if self._encoder is None:
-            self._encoder = MiniLM()
+            self._encoder = MiniLM(max_tokens=int(self.meta.get("max_tokens", MAX_TOKENS)))
         return self._encoder
 
     def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:

@@ -19,6 +19,8 @@ import time
 
 import numpy as np
 
+from memory.router import MAX_TOKENS
+
 EMB = "window_minilm"
 
 
@@ -30,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=16, help="branching factor (children per node)")
     p.add_argument("--seed", type=int, default=0, help="seed of k-means and of the --max-fit sample")
     p.add_argument("--batch-size", type=int, default=64, help="texts per MiniLM forward pass")
+    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS,
+                   help=f"MiniLM reads the first N word pieces of each window (default {MAX_TOKENS}, the "
+                        "encoder's limit; embedding cost grows with N, so CPU demos use 64)")
     p.add_argument("--max-fit", type=int, default=None,
                    help="fit the tree on at most N train windows (seeded sample; default: all)")
     p.add_argument("--max-share", type=float, default=None,
@@ -118,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     need = args.reembed or not all(_has_embeddings(sh, 384) for sh in all_shards)
     if need:
         t0 = time.time()
-        encoder = MiniLM(device=device)
+        encoder = MiniLM(device=device, max_tokens=args.max_tokens)
         print(f"MiniLM loaded from {encoder.path} in {time.time() - t0:.1f}s (device {device})")
         embed_shards(all_shards, dd.tokenizer(), encoder, args.batch_size, args.reembed)
     else:
@@ -126,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. fit -----------------------------------------------------------------------------------
     settings = {"k": args.k, "levels": args.levels, "seed": args.seed, "max_fit": args.max_fit,
+                "max_tokens": args.max_tokens,
                 "max_share": args.max_share, "niter": args.niter, "n_train_windows": n_train}
     router = None
     if Router.exists(dd.path) and not args.refit and not args.reembed:
@@ -144,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         router = Router.fit(x, k=args.k, levels=args.levels, seed=args.seed, niter=args.niter,
                             max_share=args.max_share, progress=True)
         router.meta["settings"] = settings
+        router.meta["max_tokens"] = args.max_tokens  # Router.route truncates prompts the same way
         router.save(dd.path)
         per_level = ", ".join(f"L{s['level']} max share {s['max_share']:.3f}" for s in router.meta["fit"])
         print(f"router: fitted {args.levels} levels x k={args.k} on {len(x):,} windows in "

