@@ -45,6 +45,7 @@ class DemoSize:
     lr: float
     memory_lr: float
     call_rate: float
+    cascade_tau: float  # the SLM calls when P(<CALL>) >= tau
     eval_batches: int
     probes_per_bucket: int
 
@@ -54,12 +55,12 @@ SIZES = {
                     embed_tokens=64,
                     seq_len=128, batch_size=16, anchor_steps=400, memory_steps=300, slm_steps=200, lr=3e-3,
                     memory_lr=3e-3,
-                    call_rate=0.05, eval_batches=16, probes_per_bucket=60),
+                    call_rate=0.05, cascade_tau=0.2, eval_batches=16, probes_per_bucket=60),
     "gpu": DemoSize(n_people=2000, top_docs=800, vocab_size=8192, model_preset="small", memory_widths=(112, 24), k=8,
                     embed_tokens=256,
                     seq_len=256, batch_size=64, anchor_steps=3000, memory_steps=2000, slm_steps=1500, lr=2e-3,
                     memory_lr=2e-3,
-                    call_rate=0.05, eval_batches=64, probes_per_bucket=200),
+                    call_rate=0.05, cascade_tau=0.2, eval_batches=64, probes_per_bucket=200),
 }
 
 
@@ -147,11 +148,11 @@ class Demo:
         return {"eval": os.path.join(out, "eval.json")}
 
     def stage_lacy(self):
-        self.memlm("tag", self.data, "--splits", "train")
-        self.memlm("score", self.data, "--model", os.path.join(self.runs, "anchor"), "--name", "ref",
-                   "--splits", "train")
+        # Both splits: the SLM's validation loss counts <CALL> targets too.
+        self.memlm("tag", self.data)
+        self.memlm("score", self.data, "--model", os.path.join(self.runs, "anchor"), "--name", "ref")
         self.memlm("select", self.data, "--rule", "lacy", "--call-rate", self.size.call_rate,
-                   "--seed", self.args.seed, "--splits", "train")
+                   "--seed", self.args.seed)
         with open(os.path.join(self.data, "selection", "calls_lacy.json")) as f:
             return {"selection": json.load(f)}
 
@@ -164,10 +165,11 @@ class Demo:
     def stage_cascade(self):
         from train.cmd_cascade import load_cascade
 
-        prompts = _bios_prompts(self.data, CASCADE_PROMPTS, self.args.seed)
-        self.stages.commands.append("memlm cascade --slm " + os.path.join(self.runs, "slm") + "".join(
+        prompts = _demo_prompts(self.data, CASCADE_PROMPTS, self.args.seed)
+        tau = self.size.cascade_tau
+        self.stages.commands.append(f"memlm cascade --slm {os.path.join(self.runs, 'slm')} --tau {tau}" + "".join(
             f" --prompt {p!r}" for p in prompts))
-        cascade = load_cascade(os.path.join(self.runs, "slm"), self.args.large)
+        cascade = load_cascade(os.path.join(self.runs, "slm"), self.args.large, tau=tau)
         outputs = []
         for prompt in prompts:
             o = cascade.generate(prompt, max_new_tokens=40)
@@ -199,25 +201,30 @@ class Demo:
         print(f"\nmemlm demo: finished in {total:.1f} min -> {os.path.join(self.out, 'report.md')}")
 
 
-def _bios_prompts(data: str, n: int, seed: int) -> list[str]:
-    """Openings for people of the most and least frequent buckets (the cascade should call on rare facts)."""
+def _demo_prompts(data: str, n: int, seed: int) -> list[str]:
+    """Half bios openings for people of the rarest bucket, half openings of validation Wikipedia leads:
+    the rare facts and open-domain entities are where the SLM should delegate."""
     import random
 
+    from data.bios import person_of
+    from data.shards import open_data
+
+    rng = random.Random(seed)
     with open(os.path.join(data, "bios", "probes.jsonl")) as f:
         probes = [json.loads(line) for line in f]
-    rng = random.Random(seed)
-    by_bucket: dict[int, list[dict]] = {}
-    for p in probes:
-        by_bucket.setdefault(p["bucket"], []).append(p)
-    chosen = []
-    for bucket in sorted(by_bucket, reverse=True):  # frequent first, then rare
-        people = sorted({p["name"] for p in by_bucket[bucket]})
-        chosen += [f"{name} was born" for name in rng.sample(people, min(len(people), n // 2 or 1))]
-        if len(chosen) >= n // 2:
-            break
-    rare = sorted({p["name"] for p in by_bucket[min(by_bucket)]})
-    chosen += [f"{name} was born" for name in rng.sample(rare, min(len(rare), n - len(chosen)))]
-    return chosen[:n]
+    rare = sorted({p["name"] for p in probes if p["bucket"] == min(q["bucket"] for q in probes)})
+    prompts = [f"{name} was born" for name in rng.sample(rare, min(len(rare), n // 2))]
+    dd = open_data(data)
+    tok = dd.tokenizer()
+    for shard in dd.shards("val"):
+        windows = shard.windows
+        for i, doc in enumerate(shard.docs):
+            if len(prompts) >= n:
+                return prompts
+            if person_of(doc["doc_id"]) is None and doc.get("chunk", 0) == 0:
+                text = tok.decode(shard.tokens[windows[i]:windows[i + 1]].tolist(), skip_special_tokens=True)
+                prompts.append(" ".join(text.split()[:8]))
+    return prompts
 
 
 def main(argv: list[str] | None = None) -> int:
