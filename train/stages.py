@@ -3,6 +3,10 @@
 A finished stage leaves `<out>/stages/<stage>.json` (what it returned, its time, its command lines), so
 re-running the job reuses finished stages; a stage that crashed left no marker and runs again (the
 commands themselves resume from their own checkpoints and finished shards).
+
+With `dry_run=True` nothing runs and nothing is written: every stage that is not done yet prints the
+`memlm` command lines it would run (a job's `--dry-run` flag), so stage functions must only issue
+commands, and read the files those commands write in later stages (the report).
 """
 from __future__ import annotations
 
@@ -13,8 +17,9 @@ from typing import Callable
 
 
 class StageRunner:
-    def __init__(self, out: str):
+    def __init__(self, out: str, dry_run: bool = False):
         self.out = os.path.abspath(out)
+        self.dry_run = dry_run
         self.stage_dir = os.path.join(self.out, "stages")
         self.commands: list[str] = []
         self.t0 = time.time()
@@ -33,6 +38,26 @@ class StageRunner:
         if os.path.exists(self._marker(stage)):
             os.remove(self._marker(stage))
 
+    def pin(self, settings: dict) -> None:
+        """Record the job's settings in <out>/settings.json; refuse to resume a job made with other settings
+        (finished stages would be reused with the wrong sizes)."""
+        path = os.path.join(self.out, "settings.json")
+        settings = json.loads(json.dumps(settings))  # tuples -> lists, as they come back from the file
+        if os.path.exists(path):
+            with open(path) as f:
+                old = json.load(f)
+            if old != settings:
+                diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+                raise SystemExit(f"{path}: this directory was made with other settings (differ: {diff}); "
+                                 "use another --out, or --fresh to start over")
+            return
+        if self.dry_run:
+            return
+        os.makedirs(self.out, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(settings, f, indent=1)
+        os.replace(path + ".tmp", path)
+
     def memlm(self, *argv) -> None:
         """Run one `memlm` subcommand in this process, echoing (and remembering) its command line."""
         from train.cli import main as memlm_main
@@ -41,6 +66,8 @@ class StageRunner:
         line = "memlm " + " ".join(a if a and " " not in a else repr(a) for a in argv)
         self.commands.append(line)
         print(f"  $ {line}", flush=True)
+        if self.dry_run:
+            return
         rc = memlm_main(argv)
         if rc:
             raise SystemExit(f"`{line}` failed with exit code {rc}")
@@ -54,6 +81,9 @@ class StageRunner:
             return info
         print(f"\n[{label or stage}]  (elapsed {elapsed:.1f} min)", flush=True)
         start, n_cmds = time.time(), len(self.commands)
+        if self.dry_run:
+            fn()
+            return {"_commands": self.commands[n_cmds:], "_dry_run": True}
         info = fn() or {}
         info["_seconds"] = round(time.time() - start, 1)
         info["_commands"] = self.commands[n_cmds:]
@@ -74,3 +104,9 @@ class StageRunner:
 def recipe(name: str) -> str:
     """Path of a shipped YAML recipe (train/recipes/<name>)."""
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes", name)
+
+
+def short_path(path: str) -> str:
+    """`path` relative to the working directory when it lies inside it (readable, copy-pastable command lines)."""
+    rel = os.path.relpath(os.path.abspath(path))
+    return rel if not rel.startswith("..") else os.path.abspath(path)

@@ -1,0 +1,106 @@
+"""The reproduction scripts' argument parsing and stage plans (dry runs: nothing is trained), and the report
+tables they build. Fast: no model is trained, no corpus is built."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from scripts import reproduce_lacy, reproduce_memory
+from train.stages import StageRunner
+
+
+@pytest.mark.parametrize("mod", [reproduce_memory, reproduce_lacy])
+def test_help(mod, capsys):
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--quick" in out and "--dry-run" in out and "--scale" in out
+
+
+def _stages(out: str) -> list[str]:
+    return [line.split("]")[0].split(" ", 1)[1] for line in out.splitlines() if line.startswith("[")]
+
+
+def test_memory_dry_run_plan(tmp_path, capsys):
+    out_dir = tmp_path / "m"
+    assert reproduce_memory.main(["--quick", "--dry-run", "--out", str(out_dir), "--corpora", "bios,wiki-leads"]) == 0
+    out = capsys.readouterr().out
+    stages = _stages(out)
+    for c in ("bios", "wiki-leads"):
+        for s in ("data", "cluster", "anchor", "anchor-cont", "memory", "dense-2x", "memory-last2", "memory-first2",
+                  "eval-memory", "eval-dense-2x"):
+            assert f"{c}-{s}" in stages
+    assert stages[-1] == "report"
+    q = reproduce_memory.SIZES["quick"]
+    # Same training tokens: anchor A + M (continued), memory A + M, dense A + M.
+    assert f"trainer.max_steps={q.anchor_steps + q.memory_steps} " in out
+    assert "model.preset=tiny-2x" in out and "memory.freeze_anchor=true" in out
+    assert "memory.layers=last:2" in out and "memory.layers=first:2" in out
+    assert "--corpus wiki-leads" in out and "--max-docs" in out
+    assert not out_dir.exists()  # a dry run writes nothing
+
+
+def test_memory_options(tmp_path, capsys):
+    reproduce_memory.main(["--dry-run", "--out", str(tmp_path / "m"), "--no-ablation", "--scale", "0.5"])
+    out = capsys.readouterr().out
+    assert "memory-last2" not in out and "wiki-leads" not in out
+    d = reproduce_memory.SIZES["default"]
+    assert f"trainer.max_steps={round(d.anchor_steps * 0.5)} " in out
+    with pytest.raises(SystemExit, match="unknown corpus"):
+        reproduce_memory.main(["--dry-run", "--out", str(tmp_path / "m"), "--corpora", "nope"])
+
+
+def test_lacy_dry_run_plan(tmp_path, capsys):
+    out_dir = tmp_path / "l"
+    assert reproduce_lacy.main(["--quick", "--dry-run", "--out", str(out_dir), "--call-rate", "0.07"]) == 0
+    out = capsys.readouterr().out
+    stages = _stages(out)
+    assert stages[:6] == ["data", "ref", "large", "tag", "score", "select"]
+    assert [s for s in stages if s.startswith("slm-")] == [f"slm-{r}" for r in reproduce_lacy.RULES]
+    assert stages[-2:] == ["factscore", "report"]
+    for rule in reproduce_lacy.RULES:
+        assert f"--rule {rule} --call-rate 0.07" in out
+        assert f"data.calls=calls_{rule}" in out
+        assert f"--slm {rule}=" in out
+    assert "--slm-alone" in out and "--large-alone" in out and "--name large" in out
+    assert not out_dir.exists()
+    with pytest.raises(SystemExit, match="unknown rule"):
+        reproduce_lacy.main(["--dry-run", "--out", str(out_dir), "--rules", "lacy,llm-judge"])
+
+
+def test_settings_pinned(tmp_path):
+    StageRunner(str(tmp_path)).pin({"size": {"steps": 10}})
+    StageRunner(str(tmp_path)).pin({"size": {"steps": 10}})  # same settings: resumable
+    with pytest.raises(SystemExit, match="other settings"):
+        StageRunner(str(tmp_path)).pin({"size": {"steps": 20}})
+
+
+def test_memory_tables_from_eval_json(tmp_path):
+    from train.report import factscore_table, memory_tables, plot_bucket_accuracy
+
+    probes = lambda a0, a1: {"bucket_0": {"acc": a0, "n": 10}, "bucket_1": {"acc": a1, "n": 10}}  # noqa: E731
+    ev = {"anchor-cont": {"val": {"anchor": {"loss": 2.0, "ppl": 7.39}}, "probes": {"anchor": probes(0.1, 0.2)}},
+          "memory": {"val": {m: {"loss": l, "ppl": p} for m, l, p in
+                             (("fetched", 1.9, 6.69), ("generic", 2.1, 8.17), ("anchor", 2.2, 9.03))},
+                     "probes": {"fetched": probes(0.3, 0.4), "generic": probes(0.3, 0.1), "anchor": probes(0, 0)}},
+          "dense-2x": {"val": {"anchor": {"loss": 1.8, "ppl": 6.05}}, "probes": {"anchor": probes(0.2, 0.5)}}}
+    runs = {name: str(tmp_path / name) for name in ("anchor", "anchor-cont", "memory", "dense-2x")}
+    main, abl, curves, checks = memory_tables(ev, runs)
+    assert "| anchor + fetched memory |" in main and "6.69" in main and "acc bucket_1 (n=10)" in main
+    assert abl == ""  # no ablation runs
+    assert set(curves) == {"anchor (tiny), A+M steps", "anchor + generic block", "anchor + fetched memory",
+                           "dense tiny-2x, A+M steps"}
+    text = "\n".join(checks)
+    assert "6.69 vs 8.17 -> reproduced" in text
+    assert "bucket_0: 0.300 vs 0.300 (3/10 vs 3/10 probes) -> tie" in text
+    assert "bucket_1: 0.400 vs 0.100 (4/10 vs 1/10 probes) -> reproduced" in text
+    png = plot_bucket_accuracy(curves, str(tmp_path / "acc.png"))
+    assert os.path.getsize(png) > 0
+
+    res = {"lacy": {"factscore": 0.5, "facts_per_bio": 2.0, "call_rate": 0.1, "leakage": 0.2, "leaked_per_bio": 0.4,
+                    "delegated_precision": 0.9, "bios": 5}}
+    sel = {"lacy": {"splits": {"train": {"rate": 0.1, "factual_share_delegated": 1.0}}}}
+    table = factscore_table(res, sel)
+    assert "| lacy | 0.100 | 1.000 | 0.500 | 2.00 | 0.100 | 0.200 |" in table
