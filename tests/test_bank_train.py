@@ -20,8 +20,10 @@ RECIPE = os.path.join(ROOT, "train", "recipes", "tiny-cpu.yaml")
 
 
 def _fake_clustered(src: str, dst: str, k: int = 2, levels: int = 2) -> str:
-    """A copy of a data dir with random cluster paths (what `memlm cluster` stores), no MiniLM needed."""
+    """A copy of a data dir with random cluster paths and a random router of the same shape (what
+    `memlm cluster` stores), no MiniLM needed."""
     from data.shards import open_data
+    from memory.router import Router
 
     shutil.copytree(src, dst)
     dd = open_data(dst)
@@ -31,6 +33,8 @@ def _fake_clustered(src: str, dst: str, k: int = 2, levels: int = 2) -> str:
             n = len(sh.windows) - 1
             sh.write_array("paths", rng.integers(0, k, size=(n, levels)).astype(np.int32))
     dd.update_manifest(n_levels=levels)
+    cents = [rng.standard_normal((k ** (l + 1), 384)).astype(np.float32) for l in range(levels)]
+    Router(cents, k).save(dst)
     return dst
 
 
