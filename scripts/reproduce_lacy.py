@@ -183,11 +183,7 @@ class LacyRepro:
         print(f"reproduce_lacy: size {self.size_name} x{self.args.scale}, rules {self.rules}, call rate "
               f"{self.args.call_rate}, {len(plan)} stages -> {self.out}" + (" (dry run)" if self.args.dry_run else ""),
               flush=True)
-        for i, (stage, fn) in enumerate(plan):
-            if self.args.dry_run and stage == "report":
-                print(f"\n[{i + 1}/{len(plan)} report]  writes {os.path.join(self.out, 'report.md')}")
-                continue
-            self.stages.run(stage, fn, label=f"{i + 1}/{len(plan)} {stage}", force=stage == "report")
+        self.stages.run_plan(plan)
         if not self.args.dry_run:
             print(f"\nreproduce_lacy: done -> {os.path.join(self.out, 'report.md')}")
 

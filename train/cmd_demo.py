@@ -191,12 +191,8 @@ class Demo:
             shutil.rmtree(self.out)
         os.makedirs(self.out, exist_ok=True)
         redo_from = STAGES.index(self.args.redo) if self.args.redo else len(STAGES)
-        for i, stage in enumerate(STAGES):
-            force = i >= redo_from or stage == "report"
-            self.stages.run(stage, getattr(self, f"stage_{stage}"), label=f"{i + 1}/{len(STAGES)} {stage}",
-                            force=force)
-            if stage == self.args.until:
-                break
+        self.stages.run_plan([(stage, getattr(self, f"stage_{stage}")) for stage in STAGES],
+                             redo_from=redo_from, until=self.args.until)
         total = (time.time() - self.stages.t0) / 60
         print(f"\nmemlm demo: finished in {total:.1f} min -> {os.path.join(self.out, 'report.md')}")
 

@@ -16,6 +16,13 @@ MODES = ("fetched", "generic", "anchor")
 MODE_COLORS = {"fetched": "tab:blue", "generic": "tab:orange", "anchor": "tab:gray"}
 
 
+def _save(fig, out_png: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png
+
+
 def read_metrics(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
@@ -44,10 +51,7 @@ def plot_loss_curves(runs: dict[str, str], out_png: str, title: str = "Training 
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png)
 
 
 def plot_memory_eval(ev: dict, out_png: str, title: str = "Memory: fetched vs generic vs anchor-only") -> str:
@@ -79,10 +83,7 @@ def plot_memory_eval(ev: dict, out_png: str, title: str = "Memory: fetched vs ge
         ax2.set_title("bios probes by frequency bucket (0 = rarest)")
         ax2.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png)
 
 
 def eval_table(ev: dict) -> str:
@@ -252,10 +253,7 @@ def plot_bucket_accuracy(curves: dict[str, dict], out_png: str,
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png)
 
 
 def factscore_table(results: dict, selections: dict | None = None) -> str:
@@ -302,10 +300,7 @@ def plot_rule_factscore(results: dict, rules: list[str], out_png: str,
     ax.set_ylim(0, 1.05)
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png)
 
 
 def _fmt(v, spec=".3f"):

@@ -94,6 +94,19 @@ class StageRunner:
         os.replace(tmp, self._marker(stage))
         return info
 
+    def run_plan(self, plan: list, redo_from: int | None = None, until: str | None = None) -> None:
+        """Run `plan` = [(stage, fn), ...] in order; the report stage (and every stage from index
+        `redo_from` on) always runs again. In a dry run the report is only announced."""
+        for i, (stage, fn) in enumerate(plan):
+            label = f"{i + 1}/{len(plan)} {stage}"
+            if self.dry_run and stage == "report":
+                print(f"\n[{label}]  writes {os.path.join(self.out, 'report.md')}")
+            else:
+                force = stage == "report" or (redo_from is not None and i >= redo_from)
+                self.run(stage, fn, label=label, force=force)
+            if stage == until:
+                break
+
     def all_commands(self, stages: list[str]) -> list[str]:
         cmds: list[str] = []
         for stage in stages:
