@@ -276,7 +276,7 @@ class CascadeOutput:
     large_tokens: int = 0
     slm_seconds: float = 0.0
     large_seconds: float = 0.0
-    stopped: str = "max_new_tokens"  # or "eos"
+    stopped: str = "max_new_tokens"  # or "eos", or "stop" (the completion ended with the stop string)
 
     @property
     def completion(self) -> str:
@@ -332,8 +332,9 @@ class Cascade:
 
     @torch.no_grad()
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_k: int | None = None, seed: int | None = None) -> CascadeOutput:
-        """`max_new_tokens` bounds the SLM's decisions (tokens + calls)."""
+                 top_k: int | None = None, seed: int | None = None, stop: str | None = None) -> CascadeOutput:
+        """`max_new_tokens` bounds the SLM's decisions (tokens + calls); generation also ends once the
+        completion ends with `stop` (e.g. "." for one sentence), whoever wrote it ("1.5" does not end it)."""
         from model.model import sample
 
         out = CascadeOutput(prompt=prompt, text=prompt)
@@ -369,6 +370,9 @@ class Cascade:
                     text += piece
                     ids = self._encode(text)  # text-level hand-off: re-encode with the SLM's tokenizer
                     base, n_base = text, len(ids)
+                    if stop and text[len(prompt):].rstrip().endswith(stop):
+                        out.stopped = "stop"
+                        break
                     continue
                 # the large model produced nothing (e.g. EOS): the SLM writes this token itself
             t = time.perf_counter()
@@ -381,6 +385,9 @@ class Cascade:
             ids.append(nxt)
             out.slm_tokens += 1
             text = base + self._decode(ids[n_base:])
+            if stop and text[len(prompt):].rstrip().endswith(stop):
+                out.stopped = "stop"
+                break
         out.text, out.slm_seconds, out.large_seconds = text, slm_time, large_time
         return out
 

@@ -1,7 +1,7 @@
 """Reproduce LaCy (arXiv 2602.12005) at small scale: cascade FactScore per <CALL> selection rule.
 
-    python scripts/reproduce_lacy.py --quick                  # ~15 min on a 2-core CPU
-    python scripts/reproduce_lacy.py                          # default size (hours on CPU, minutes on a GPU)
+    python scripts/reproduce_lacy.py --quick                  # ~4 min on a 2-core CPU
+    python scripts/reproduce_lacy.py                          # default size (~30 min on CPU, minutes on a GPU)
     python scripts/reproduce_lacy.py --quick --call-rate 0.05
     python scripts/reproduce_lacy.py --quick --dry-run        # list the stages and their commands
 
@@ -57,8 +57,10 @@ SIZES = {
     "quick": Size(n_people=300, top_docs=150, vocab_size=2048, seq_len=128, batch_size=8, ref_steps=200,
                   large_preset="tiny-2x", large_steps=300, slm_steps=100, lr=3e-3, per_bucket=20, max_new_tokens=40,
                   val_fraction=0.05),
-    "default": Size(n_people=2000, top_docs=800, vocab_size=4096, seq_len=128, batch_size=16, ref_steps=3000,
-                    large_preset="small", large_steps=6000, slm_steps=1500, lr=3e-3, per_bucket=40,
+    # ~30 min on 2 CPU cores, minutes on a GPU: 8x the quick corpus and steps (the same passes over the data;
+    # see reproduce_memory.py on why not more), 40 people per frequency bucket.
+    "default": Size(n_people=2400, top_docs=1200, vocab_size=4096, seq_len=128, batch_size=8, ref_steps=1600,
+                    large_preset="tiny-2x", large_steps=2400, slm_steps=800, lr=3e-3, per_bucket=40,
                     max_new_tokens=48, val_fraction=0.05),
 }
 
@@ -69,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--out", default=None,
                    help="output directory (default runs/repro-lacy, or runs/repro-lacy-quick with --quick)")
-    p.add_argument("--quick", action="store_true", help="smoke-scale preset (~15 min on a 2-core CPU)")
+    p.add_argument("--quick", action="store_true", help="smoke-scale preset (~4 min on a 2-core CPU)")
     p.add_argument("--scale", type=float, default=1.0,
                    help="multiply every step count, the corpus size and the people per bucket")
     p.add_argument("--call-rate", type=float, default=0.10,

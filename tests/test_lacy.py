@@ -336,6 +336,23 @@ def test_cascade_hands_over_and_resumes(word_tok):
     assert alone.calls == 0 and "⟦" not in alone.marked()
 
 
+def test_cascade_stop_string(word_tok):
+    """stop="." ends at the first sentence even though the SLM would go on (after "." it writes " born")."""
+    ids = lambda s: word_tok(s, add_special_tokens=False)["input_ids"][0]  # noqa: E731
+    slm, _, _ = _scripted(word_tok)
+    slm.table[ids(".")] = {ids(" born"): 10.0}
+    go_on = Cascade(slm, word_tok, StubLarge(" Warsaw")).generate("Marie Curie was born", max_new_tokens=6)
+    assert go_on.stopped == "max_new_tokens" and go_on.text.startswith("Marie Curie was born in Warsaw. born")
+    out = Cascade(slm, word_tok, StubLarge(" Warsaw")).generate("Marie Curie was born", max_new_tokens=6, stop=".")
+    assert out.text == "Marie Curie was born in Warsaw." and out.stopped == "stop" and out.calls == 1
+    # a delegated span that contains the stop string ends the generation too
+    out = Cascade(slm, word_tok, StubLarge(" Warsaw.")).generate("Marie Curie was born", max_new_tokens=6, stop=".")
+    assert out.text == "Marie Curie was born in Warsaw." and out.stopped == "stop" and out.slm_tokens == 1
+    # ... but not one with the stop string inside ("1.5")
+    out = Cascade(slm, word_tok, StubLarge(" 1.5")).generate("Marie Curie was born", max_new_tokens=6, stop=".")
+    assert out.text.startswith("Marie Curie was born in 1.5") and out.stopped != "stop"
+
+
 def test_cascade_tau_threshold(word_tok):
     cid = word_tok.convert_tokens_to_ids(CALL)
     slm, _, _ = _scripted(word_tok, born={cid: 9.0})  # P(<CALL>) after "born" ~ 0.27, not the argmax

@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=float, default=None,
                    help="call when P(<CALL>) >= tau (default: when <CALL> is the SLM's greedy choice)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="SLM decisions per prompt (tokens + calls)")
+    p.add_argument("--stop", default=None, help='stop once the completion ends with this text (e.g. "." for one sentence)')
     p.add_argument("--max-word-tokens", type=int, default=8, help="cap on large-model tokens per call")
     p.add_argument("--temperature", type=float, default=0.0, help="SLM sampling temperature (0 = greedy)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         cascade = load_cascade(args.slm, args.large, args.device, args.tau, args.mode, args.max_word_tokens,
                                allow_calls=not args.no_calls)
         for prompt in args.prompt:
-            out = cascade.generate(prompt, args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+            out = cascade.generate(prompt, args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                                    stop=args.stop)
             if args.json:
                 print(json.dumps(out.to_dict(), ensure_ascii=False))
                 continue

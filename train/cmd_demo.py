@@ -24,7 +24,7 @@ from train.stages import StageRunner, recipe
 
 STAGES = ["data", "cluster", "anchor", "memory", "eval", "lacy", "slm", "cascade", "report"]
 
-CASCADE_PROMPTS = 4  # bios openings generated with the cascade for the report
+CASCADE_PROMPTS = 6  # cascade generations for the report: half bios probe prompts, half Wikipedia openings
 
 
 @dataclass
@@ -55,12 +55,12 @@ SIZES = {
                     embed_tokens=64,
                     seq_len=128, batch_size=16, anchor_steps=400, memory_steps=300, slm_steps=200, lr=3e-3,
                     memory_lr=3e-3,
-                    call_rate=0.05, cascade_tau=0.2, eval_batches=16, probes_per_bucket=60),
+                    call_rate=0.10, cascade_tau=0.2, eval_batches=16, probes_per_bucket=60),
     "gpu": DemoSize(n_people=2000, top_docs=800, vocab_size=8192, model_preset="small", memory_widths=(112, 24), k=8,
                     embed_tokens=256,
                     seq_len=256, batch_size=64, anchor_steps=3000, memory_steps=2000, slm_steps=1500, lr=2e-3,
                     memory_lr=2e-3,
-                    call_rate=0.05, cascade_tau=0.2, eval_batches=64, probes_per_bucket=200),
+                    call_rate=0.10, cascade_tau=0.2, eval_batches=64, probes_per_bucket=200),
 }
 
 
@@ -92,12 +92,18 @@ class Demo:
         self.runs = os.path.join(self.out, "runs")
         self.stages = StageRunner(self.out)
         self.memlm = self.stages.memlm
+        # --redo: these stages run again from scratch (their commands would otherwise resume from the
+        # checkpoints, cached scores and shards the first run left)
+        self.redo = set(STAGES[STAGES.index(args.redo):]) if args.redo else set()
 
     def steps(self, n: int) -> int:
         return max(10, int(n * self.args.steps_scale))
 
     def pretrain(self, name: str, steps: int, *overrides: str) -> str:
+        """Train run `name` (named after its stage); a redone stage starts over instead of resuming."""
         s = self.size
+        if name in self.redo and os.path.isdir(os.path.join(self.runs, name)):
+            shutil.rmtree(os.path.join(self.runs, name))
         self.memlm("pretrain", "--config", recipe("tiny-cpu.yaml"),
                    f"name={name}", f"runs_dir={self.runs}", f"seed={self.args.seed}",
                    f"model.preset={s.model_preset}", f"data.path={self.data}", f"data.seq_len={s.seq_len}",
@@ -111,6 +117,8 @@ class Demo:
     # ---- stages -------------------------------------------------------------------------------
     def stage_data(self):
         s = self.size
+        if "data" in self.redo and os.path.isdir(self.data):
+            shutil.rmtree(self.data)
         # One data dir mixing the synthetic biographies (exact knowledge base and probes) with the
         # Wikipedia leads; the BPE tokenizer is trained on both.
         self.memlm("prepare", "--corpus", "bios:1,wiki-leads:1", "--out", self.data,
@@ -125,7 +133,8 @@ class Demo:
     def stage_cluster(self):
         s = self.size
         self.memlm("cluster", self.data, "--levels", len(s.memory_widths), "--k", s.k, "--seed", self.args.seed,
-                   "--max-tokens", s.embed_tokens)
+                   "--max-tokens", s.embed_tokens,
+                   *(["--refit"] if "cluster" in self.redo else []))
         return {"levels": len(s.memory_widths), "k": s.k}
 
     def stage_anchor(self):
@@ -150,7 +159,8 @@ class Demo:
     def stage_lacy(self):
         # Both splits: the SLM's validation loss counts <CALL> targets too.
         self.memlm("tag", self.data)
-        self.memlm("score", self.data, "--model", os.path.join(self.runs, "anchor"), "--name", "ref")
+        self.memlm("score", self.data, "--model", os.path.join(self.runs, "anchor"), "--name", "ref",
+                   *(["--overwrite"] if "lacy" in self.redo else []))  # the anchor may have changed
         self.memlm("select", self.data, "--rule", "lacy", "--call-rate", self.size.call_rate,
                    "--seed", self.args.seed)
         with open(os.path.join(self.data, "selection", "calls_lacy.json")) as f:
@@ -167,12 +177,12 @@ class Demo:
 
         prompts = _demo_prompts(self.data, CASCADE_PROMPTS, self.args.seed)
         tau = self.size.cascade_tau
-        self.stages.commands.append(f"memlm cascade --slm {os.path.join(self.runs, 'slm')} --tau {tau}" + "".join(
+        self.stages.commands.append(f"memlm cascade --slm {os.path.join(self.runs, 'slm')} --tau {tau} --stop ." + "".join(
             f" --prompt {p!r}" for p in prompts))
         cascade = load_cascade(os.path.join(self.runs, "slm"), self.args.large, tau=tau)
         outputs = []
         for prompt in prompts:
-            o = cascade.generate(prompt, max_new_tokens=40)
+            o = cascade.generate(prompt, max_new_tokens=40, stop=".")  # one sentence each
             print(f"  {o.marked()!r}  (calls: {o.calls})", flush=True)
             outputs.append(o.to_dict())
         return {"outputs": outputs}
@@ -198,8 +208,9 @@ class Demo:
 
 
 def _demo_prompts(data: str, n: int, seed: int) -> list[str]:
-    """Half bios openings for people of the rarest bucket, half openings of validation Wikipedia leads:
-    the rare facts and open-domain entities are where the SLM should delegate."""
+    """Half probe prompts of people of the rarest bucket ("<Name> was born in the city of"), where the next
+    word is a fact the SLM saw 1-3 times, half openings of validation Wikipedia leads (open-domain
+    entities): where the SLM should delegate."""
     import random
 
     from data.bios import person_of
@@ -208,8 +219,13 @@ def _demo_prompts(data: str, n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     with open(os.path.join(data, "bios", "probes.jsonl")) as f:
         probes = [json.loads(line) for line in f]
-    rare = sorted({p["name"] for p in probes if p["bucket"] == min(q["bucket"] for q in probes)})
-    prompts = [f"{name} was born" for name in rng.sample(rare, min(len(rare), n // 2))]
+    rarest = min(q["bucket"] for q in probes)
+    by_person: dict[str, list[str]] = {}
+    for p in probes:
+        if p["bucket"] == rarest:
+            by_person.setdefault(p["name"], []).append(p["prompt"])
+    people = rng.sample(sorted(by_person), min(len(by_person), n // 2))
+    prompts = [rng.choice(by_person[name]) for name in people]
     dd = open_data(data)
     tok = dd.tokenizer()
     for shard in dd.shards("val"):

@@ -1,0 +1,58 @@
+"""`memlm demo` pieces that run in seconds: the cascade prompts and what --redo starts over.
+
+The whole demo (≈9 minutes on 2 cores) is measured by hand (README Results), not in CI."""
+import json
+import os
+
+import pytest
+
+from data.shards import prepare
+from train import cmd_demo
+
+
+@pytest.fixture(scope="module")
+def mixed_data(tmp_path_factory):
+    data = str(tmp_path_factory.mktemp("demo") / "data")
+    prepare("bios:1,wiki-leads:1", data, vocab_size=512, val_fraction=0.2, window_tokens=64, max_docs=400,
+            progress=False, log=lambda *a: None, n_people=40, top_docs=10)
+    return data
+
+
+def test_demo_prompts(mixed_data):
+    with open(os.path.join(mixed_data, "bios", "probes.jsonl")) as f:
+        probes = [json.loads(line) for line in f]
+    rarest = {p["prompt"] for p in probes if p["bucket"] == min(q["bucket"] for q in probes)}
+    prompts = cmd_demo._demo_prompts(mixed_data, 6, seed=0)
+    assert len(prompts) == 6
+    # half: probe prompts of rarest-bucket people (the next word is a rare fact), distinct people
+    assert all(p in rarest for p in prompts[:3]) and len({p.split(" was ")[0] for p in prompts[:3]}) == 3
+    # half: openings of validation Wikipedia leads, never bios text
+    assert all(p not in rarest and 0 < len(p.split()) <= 8 for p in prompts[3:])
+    assert cmd_demo._demo_prompts(mixed_data, 6, seed=0) == prompts  # deterministic per seed
+    assert cmd_demo._demo_prompts(mixed_data, 6, seed=1)[:3] != prompts[:3]
+
+
+def _demo(tmp_path, *argv):
+    demo = cmd_demo.Demo(cmd_demo.build_parser().parse_args(["--out", str(tmp_path), "--size", "cpu", *argv]))
+    demo.calls = []
+    demo.memlm = lambda *a: demo.calls.append([str(x) for x in a])  # record instead of running
+    return demo
+
+
+def test_redo_starts_the_redone_stages_over(tmp_path):
+    """Without this a redone training stage would resume from its old final checkpoint and train nothing."""
+    for name in ("anchor", "slm"):
+        os.makedirs(tmp_path / "runs" / name / "checkpoints")
+    demo = _demo(tmp_path, "--redo", "slm")
+    demo.pretrain("anchor", 10)
+    demo.pretrain("slm", 10)
+    assert (tmp_path / "runs" / "anchor" / "checkpoints").is_dir()  # before the redone stage: kept
+    assert not (tmp_path / "runs" / "slm").exists()                 # redone: starts over
+    assert demo.calls[1][:1] == ["pretrain"] and "name=slm" in demo.calls[1]
+
+    demo = _demo(tmp_path, "--redo", "cluster")
+    demo.stage_cluster()
+    assert "--refit" in demo.calls[0]
+    demo = _demo(tmp_path)  # a plain re-run reuses the cached router
+    demo.stage_cluster()
+    assert "--refit" not in demo.calls[0]
