@@ -60,6 +60,7 @@ class TrainMonitor(L.Callback):
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops  # per device
+        self._peak_remeasured = False
         self.ckpt_dir = ckpt_dir
         self._acc = None
         self._n = 0
@@ -105,6 +106,14 @@ class TrainMonitor(L.Callback):
         mfu = None
         if self.flops_per_token and self.peak_flops:
             mfu = self.flops_per_token * tok_s / (self.peak_flops * trainer.world_size)
+            if mfu > 1 and pl_module.device.type == "cpu" and not self._peak_remeasured:
+                # the CPU peak was measured while other jobs loaded the cores: measure it once more
+                from train.flops import measure_cpu_peak
+
+                self._peak_remeasured = True
+                dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
+                self.peak_flops = measure_cpu_peak(dtype, refresh=True)
+                mfu = self.flops_per_token * tok_s / (self.peak_flops * trainer.world_size)
         done = step - self._step_start
         eta = (now - self._t_start) / done * (max_steps - step) if done else float("nan")
         opt = trainer.optimizers[0]
