@@ -223,9 +223,11 @@ class Anchor(nn.Module):
         return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
 
     # ---- forward ----
-    def _rope(self, pos: torch.Tensor):
-        if int(pos.max()) >= self.rope_cos.shape[0]:  # longer than max_seq_len: grow the table
-            cos, sin = rope_cache(2 * int(pos.max()) + 1, self.config.head_dim, self.config.rope_base,
+    def _rope(self, pos: torch.Tensor, max_pos: int):
+        """cos/sin at `pos`; `max_pos` (a Python int >= pos.max()) avoids reading pos back from the device,
+        a host sync per step and a graph break under torch.compile."""
+        if max_pos >= self.rope_cos.shape[0]:  # longer than max_seq_len: grow the table
+            cos, sin = rope_cache(2 * max_pos + 1, self.config.head_dim, self.config.rope_base,
                                   self.rope_cos.device)
             self.rope_cos, self.rope_sin = cos.to(self.rope_cos.dtype), sin.to(self.rope_sin.dtype)
         return self.rope_cos[pos], self.rope_sin[pos]
@@ -246,11 +248,11 @@ class Anchor(nn.Module):
             doc_id, pos = doc_positions(doc_lens.to(device), T)
             causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
             mask = ((doc_id[:, :, None] == doc_id[:, None, :]) & causal)[:, None]  # [B,1,T,T], True = attend
-            cos, sin = self._rope(pos)
+            cos, sin = self._rope(pos, T - 1)  # positions within a document are < T
             cos, sin = cos[:, None], sin[:, None]  # [B,1,T,hd]
         else:
             pos = torch.arange(start_pos, start_pos + T, device=device)
-            cos, sin = self._rope(pos)
+            cos, sin = self._rope(pos, start_pos + T - 1)
             if start_pos == 0:
                 is_causal = T > 1
             elif T > 1:  # a chunk after a cached prefix: query i sees keys 0 .. start_pos + i

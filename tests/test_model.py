@@ -198,3 +198,19 @@ def test_memory_hook_with_real_kernel():
     with torch.no_grad():
         torch.testing.assert_close(f(x, mem), _ref_memory_ffn(x, f.w1.weight, f.w2.weight, f.w3.weight, *mem),
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_forward_traces_without_graph_breaks():
+    """torch.compile sees one graph for a packed batch and for a cached decode step (no host syncs)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, max_seq_len=16)
+    model = Anchor(cfg).eval()
+    x = torch.randint(0, 64, (2, 12))
+    doc_lens = torch.tensor([[5, 7], [12, 0]])
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(model)(x, doc_lens=doc_lens).graph_break_count == 0
+    cache = KVCache(cfg, 2, 16)
+    with torch.no_grad():
+        model(x[:, :8], kv_cache=cache)
+        assert torch._dynamo.explain(model)(x[:, 8:9], kv_cache=cache, start_pos=8).graph_break_count == 0
+    torch._dynamo.reset()
