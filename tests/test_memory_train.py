@@ -199,7 +199,10 @@ def test_eval_json_structure(runs, tmp_path):
     assert eval_main([runs["memory"], "--data", runs["data"], "--out", out, "--val-batches", "3",
                       "--probes-per-bucket", "4", "--seed", "1", "--batch-size", "2"]) == 0
     ev = json.load(open(os.path.join(out, "eval.json")))
-    assert set(ev) == {"run", "data", "val", "per_cluster", "probes"}
+    assert set(ev) == {"run", "data", "val", "per_cluster", "probes", "probe_routing"}
+    assert set(ev["probe_routing"]) == set(ev["probes"]["fetched"])
+    assert all(0 <= r["share"] <= 1 and r["n"] == ev["probes"]["fetched"][b]["n"]
+               for b, r in ev["probe_routing"].items())
     assert set(ev["val"]) == set(ev["per_cluster"]) == set(ev["probes"]) == {"fetched", "generic", "anchor"}
     for m, v in ev["val"].items():
         assert set(v) == {"loss", "ppl", "tokens"} and v["tokens"] > 0
@@ -219,6 +222,17 @@ def test_eval_json_structure(runs, tmp_path):
                       "--probes-per-bucket", "2", "--batch-size", "2"]) == 0
     ev2 = json.load(open(os.path.join(out2, "eval.json")))
     assert set(ev2["val"]) == set(ev2["probes"]) == {"anchor"} and ev2["per_cluster"]["anchor"]
+
+
+def test_probe_routing_share():
+    from train.cmd_eval import probe_routing
+
+    leaves = {7: {(0, 1), (2, 3)}, 8: {(1, 1)}}
+    probes = [{"person": 7, "bucket": 0}, {"person": 7, "bucket": 0}, {"person": 8, "bucket": 1},
+              {"person": 9, "bucket": 1}]  # person 9: no training window
+    routed = [[0, 1], [1, 1], [1, 1], [1, 1]]
+    assert probe_routing(probes, routed, leaves) == {"bucket_0": {"share": 0.5, "n": 2},
+                                                     "bucket_1": {"share": 0.5, "n": 2}}
 
 
 # ---- memlm export-hf --path -----------------------------------------------------------------------

@@ -29,6 +29,7 @@ import random
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -177,6 +178,30 @@ def cluster_table(ev: dict) -> str:
     return "\n".join(lines)
 
 
+def person_leaves(data) -> dict[int, set[tuple]]:
+    """Bios person id -> the cluster paths (leaves) of that person's training windows."""
+    from data.bios import person_of
+
+    leaves: dict[int, set[tuple]] = {}
+    for sh in data.shards("train"):
+        paths = np.asarray(sh.paths)
+        for i, doc in enumerate(sh.docs):
+            person = person_of(doc["doc_id"])
+            if person is not None:
+                leaves.setdefault(person, set()).add(tuple(paths[i].tolist()))
+    return leaves
+
+
+def probe_routing(probes: list[dict], routed, leaves: dict[int, set[tuple]]) -> dict:
+    """Per bucket: the share of probes whose prompt is routed to a leaf holding at least one training
+    window of the probe's person. Fetched memory can only help a probe routed to such a leaf."""
+    hits: dict[str, list[bool]] = {}
+    for p, path in zip(probes, routed):
+        hit = tuple(np.asarray(path).tolist()) in leaves.get(p["person"], ())
+        hits.setdefault(f"bucket_{p['bucket']}", []).append(hit)
+    return {b: {"share": sum(h) / len(h), "n": len(h)} for b, h in sorted(hits.items())}
+
+
 def write_json(path: str, obj) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -234,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                                 device)
 
     probes_res: dict = {}
+    routing: dict = {}
     probes_file = os.path.join(args.data, "bios", "probes.jsonl")
     if os.path.isfile(probes_file) and args.probes_per_bucket > 0:
         probes = sample_probes(probes_file, args.probes_per_bucket, args.seed)
@@ -244,10 +270,13 @@ def main(argv: list[str] | None = None) -> int:
             t1 = time.time()
             paths = router.route([p["prompt"] for p in probes])
             print(f"memlm eval: routed {len(probes)} probe prompts in {time.time() - t1:.1f}s")
+            routing = probe_routing(probes, paths, person_leaves(data))
+            print("memlm eval: probes routed to a leaf holding the person's training windows: " + ", ".join(
+                f"{b} {r['share']:.2f}" for b, r in routing.items()))
         probes_res = eval_probes(model, tokenizer, probes, modes, paths, device)
 
     ev = {"run": os.path.abspath(step_dir), "data": os.path.abspath(args.data), "val": val,
-          "per_cluster": per_cluster, "probes": probes_res}
+          "per_cluster": per_cluster, "probes": probes_res, "probe_routing": routing}
     out = args.out or os.path.join(args.run, "eval")
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "eval.json"), ev)

@@ -378,6 +378,10 @@ def memory_tables(ev: dict[str, dict], runs: dict[str, str]) -> tuple[str, str, 
             verdict = "reproduced (fetched higher)" if fa > ga else ("tie" if fa == ga else "NOT reproduced")
             checks.append(f"- fetched vs generic, probe accuracy {b}: {fa:.3f} vs {ga:.3f} ({round(fa * n)}/{n} vs "
                           f"{round(ga * n)}/{n} probes) -> {verdict}")
+    routing = (ev.get("memory") or {}).get("probe_routing") or {}
+    if routing:
+        checks.append("- probes whose prompt is routed to a leaf holding a training window of the person (fetched "
+                      "memory can only help those): " + ", ".join(f"{b} {r['share']:.2f}" for b, r in routing.items()))
     a = vals.get("anchor (tiny), A+M steps")
     if f and a and f[0] and a[0]:
         checks.append(f"- anchor + fetched memory vs anchor-only with the same tokens, validation perplexity: "
