@@ -21,13 +21,14 @@ def mixed_data(tmp_path_factory):
 def test_demo_prompts(mixed_data):
     with open(os.path.join(mixed_data, "bios", "probes.jsonl")) as f:
         probes = [json.loads(line) for line in f]
-    rarest = {p["prompt"] for p in probes if p["bucket"] == min(q["bucket"] for q in probes)}
+    rarest = {(p["prompt"], p["answer"].strip()) for p in probes if p["bucket"] == min(q["bucket"] for q in probes)}
     prompts = cmd_demo._demo_prompts(mixed_data, 6, seed=0)
     assert len(prompts) == 6
     # half: probe prompts of rarest-bucket people (the next word is a rare fact), distinct people
-    assert all(p in rarest for p in prompts[:3]) and len({p.split(" was ")[0] for p in prompts[:3]}) == 3
-    # half: openings of validation Wikipedia leads, never bios text
-    assert all(p not in rarest and 0 < len(p.split()) <= 8 for p in prompts[3:])
+    # (with their knowledge-base answers)
+    assert all(p in rarest for p in prompts[:3]) and len({p[0].split(" was ")[0] for p in prompts[:3]}) == 3
+    # half: openings of validation Wikipedia leads, never bios text, no answer
+    assert all(p not in rarest and a is None and 0 < len(p.split()) <= 8 for p, a in prompts[3:])
     assert cmd_demo._demo_prompts(mixed_data, 6, seed=0) == prompts  # deterministic per seed
     assert cmd_demo._demo_prompts(mixed_data, 6, seed=1)[:3] != prompts[:3]
 

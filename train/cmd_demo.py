@@ -175,16 +175,16 @@ class Demo:
     def stage_cascade(self):
         from train.cmd_cascade import load_cascade
 
-        prompts = _demo_prompts(self.data, CASCADE_PROMPTS, self.args.seed)
+        prompts, answers = zip(*_demo_prompts(self.data, CASCADE_PROMPTS, self.args.seed))
         tau = self.size.cascade_tau
         self.stages.commands.append(f"memlm cascade --slm {os.path.join(self.runs, 'slm')} --tau {tau} --stop ." + "".join(
             f" --prompt {p!r}" for p in prompts))
         cascade = load_cascade(os.path.join(self.runs, "slm"), self.args.large, tau=tau)
         outputs = []
-        for prompt in prompts:
+        for prompt, answer in zip(prompts, answers):
             o = cascade.generate(prompt, max_new_tokens=40, stop=".")  # one sentence each
-            print(f"  {o.marked()!r}  (calls: {o.calls})", flush=True)
-            outputs.append(o.to_dict())
+            print(f"  {o.marked()!r}  (calls: {o.calls}" + (f"; truth: {answer}" if answer else "") + ")", flush=True)
+            outputs.append({**o.to_dict(), "answer": answer})
         return {"outputs": outputs}
 
     def stage_report(self):
@@ -207,8 +207,8 @@ class Demo:
         print(f"\nmemlm demo: finished in {total:.1f} min -> {os.path.join(self.out, 'report.md')}")
 
 
-def _demo_prompts(data: str, n: int, seed: int) -> list[str]:
-    """Half probe prompts of people of the rarest bucket ("<Name> was born in the city of"), where the next
+def _demo_prompts(data: str, n: int, seed: int) -> list[tuple[str, str | None]]:
+    """(prompt, knowledge-base answer or None): half probe prompts of people of the rarest bucket ("<Name> was born in the city of"), where the next
     word is a fact the SLM saw 1-3 times, half openings of validation Wikipedia leads (open-domain
     entities): where the SLM should delegate."""
     import random
@@ -220,12 +220,12 @@ def _demo_prompts(data: str, n: int, seed: int) -> list[str]:
     with open(os.path.join(data, "bios", "probes.jsonl")) as f:
         probes = [json.loads(line) for line in f]
     rarest = min(q["bucket"] for q in probes)
-    by_person: dict[str, list[str]] = {}
+    by_person: dict[str, list[tuple[str, str]]] = {}
     for p in probes:
         if p["bucket"] == rarest:
-            by_person.setdefault(p["name"], []).append(p["prompt"])
+            by_person.setdefault(p["name"], []).append((p["prompt"], p["answer"].strip()))
     people = rng.sample(sorted(by_person), min(len(by_person), n // 2))
-    prompts = [rng.choice(by_person[name]) for name in people]
+    prompts: list[tuple[str, str | None]] = [rng.choice(by_person[name]) for name in people]
     dd = open_data(data)
     tok = dd.tokenizer()
     for shard in dd.shards("val"):
@@ -235,7 +235,7 @@ def _demo_prompts(data: str, n: int, seed: int) -> list[str]:
                 return prompts
             if person_of(doc["doc_id"]) is None and doc.get("chunk", 0) == 0:
                 text = tok.decode(shard.tokens[windows[i]:windows[i + 1]].tolist(), skip_special_tokens=True)
-                prompts.append(" ".join(text.split()[:8]))
+                prompts.append((" ".join(text.split()[:8]), None))
     return prompts
 
 

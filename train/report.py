@@ -154,11 +154,14 @@ def write_demo_report(out: str, runs: str, info: dict, commands: list[str], size
     outs = (info.get("cascade") or {}).get("outputs")
     if outs:
         md += ["## Cascade with the large model", "",
-               "The SLM writes; where it emits `<CALL>` the large model finishes the word (⟦marked⟧).", "",
-               "| prompt | output | calls | SLM tokens | large tokens |", "|---|---|---|---|---|"]
+               "The SLM writes; where it emits `<CALL>` the large model finishes the word (⟦marked⟧). For bios "
+               "prompts, *truth* is the knowledge base's answer (SmolLM2 does not know these synthetic people: the "
+               "calls show where the SLM delegates).", "",
+               "| prompt | output | truth | calls | SLM tokens | large tokens |", "|---|---|---|---|---|---|"]
         for o in outs:
             text = o["marked"][len(o["prompt"]):].replace("|", "\\|").replace("\n", " ")
-            md.append(f"| {o['prompt']} | {text} | {o['calls']} | {o['slm_tokens']} | {o['large_tokens']} |")
+            md.append(f"| {o['prompt']} | {text} | {o.get('answer') or '—'} | {o['calls']} | {o['slm_tokens']} | "
+                      f"{o['large_tokens']} |")
         md.append("")
     md += ["## Commands", "", "Each stage is one `memlm` command; re-run any of them by hand:", "", "```"]
     md += commands + ["```", ""]
