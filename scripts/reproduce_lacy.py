@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 
@@ -177,17 +176,11 @@ class LacyRepro:
 
     # ---- driver -----------------------------------------------------------------------------
     def run(self) -> None:
-        if self.args.fresh and os.path.isdir(self.out) and not self.args.dry_run:
-            shutil.rmtree(self.out)
-        plan = self.plan()
-        self.stages.pin({"size": dataclasses.asdict(self.size), "rules": self.rules, "seed": self.args.seed,
-                         "call_rate": self.args.call_rate})
-        print(f"reproduce_lacy: size {self.size_name} x{self.args.scale}, rules {self.rules}, call rate "
-              f"{self.args.call_rate}, {len(plan)} stages -> {self.out}" + (" (dry run)" if self.args.dry_run else ""),
-              flush=True)
-        self.stages.run_plan(plan)
-        if not self.args.dry_run:
-            print(f"\nreproduce_lacy: done -> {os.path.join(self.out, 'report.md')}")
+        settings = {"size": dataclasses.asdict(self.size), "rules": self.rules, "seed": self.args.seed,
+                    "call_rate": self.args.call_rate}
+        self.stages.run_job("reproduce_lacy", self.plan(), settings, fresh=self.args.fresh,
+                            summary=f"size {self.size_name} x{self.args.scale}, rules {self.rules}, "
+                                    f"call rate {self.args.call_rate}")
 
 
 def main(argv: list[str] | None = None) -> int:

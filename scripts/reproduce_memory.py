@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 
@@ -196,16 +195,10 @@ class MemoryRepro:
 
     # ---- driver -----------------------------------------------------------------------------
     def run(self) -> None:
-        if self.args.fresh and os.path.isdir(self.out) and not self.args.dry_run:
-            shutil.rmtree(self.out)
-        plan = self.plan()
-        self.stages.pin({"size": dataclasses.asdict(self.size), "corpora": self.corpora, "seed": self.args.seed,
-                         "ablation": not self.args.no_ablation})
-        print(f"reproduce_memory: size {self.size_name} x{self.args.scale}, corpora {self.corpora}, "
-              f"{len(plan)} stages -> {self.out}" + (" (dry run)" if self.args.dry_run else ""), flush=True)
-        self.stages.run_plan(plan)
-        if not self.args.dry_run:
-            print(f"\nreproduce_memory: done -> {os.path.join(self.out, 'report.md')}")
+        settings = {"size": dataclasses.asdict(self.size), "corpora": self.corpora, "seed": self.args.seed,
+                    "ablation": not self.args.no_ablation}
+        self.stages.run_job("reproduce_memory", self.plan(), settings, fresh=self.args.fresh,
+                            summary=f"size {self.size_name} x{self.args.scale}, corpora {self.corpora}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,12 +41,8 @@ def make_run(run_dir, anchor, tok_dir):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny shapes gain nothing from threads; on a loaded 2-core machine 2 threads made steps 15x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    pass
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,9 @@ def _args(data, runs, name, steps, *extra):
     return ["--config", RECIPE] + [f"{k}={v}" for k, v in kv.items()] + list(extra)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread):
+    pass
 
 
 @pytest.fixture(scope="module")

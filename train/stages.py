@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from typing import Callable
 
@@ -106,6 +107,17 @@ class StageRunner:
                 self.run(stage, fn, label=label, force=force)
             if stage == until:
                 break
+
+    def run_job(self, prog: str, plan: list, settings: dict, summary: str, fresh: bool = False) -> None:
+        """A whole reproduction script: --fresh, pin its settings, run every stage, say where the report is."""
+        if fresh and os.path.isdir(self.out) and not self.dry_run:
+            shutil.rmtree(self.out)
+        self.pin(settings)
+        print(f"{prog}: {summary}, {len(plan)} stages -> {short_path(self.out)}"
+              + (" (dry run)" if self.dry_run else ""), flush=True)
+        self.run_plan(plan)
+        if not self.dry_run:
+            print(f"\n{prog}: done -> {short_path(os.path.join(self.out, 'report.md'))}")
 
     def all_commands(self, stages: list[str]) -> list[str]:
         cmds: list[str] = []
