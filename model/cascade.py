@@ -338,6 +338,7 @@ class Cascade:
         from model.model import sample
 
         out = CascadeOutput(prompt=prompt, text=prompt)
+        ends = lambda t: bool(stop) and t[len(prompt):].rstrip().endswith(stop)  # noqa: E731
         if not prompt:
             raise CascadeError("Cascade.generate: empty prompt")
         t0 = time.perf_counter()
@@ -370,7 +371,7 @@ class Cascade:
                     text += piece
                     ids = self._encode(text)  # text-level hand-off: re-encode with the SLM's tokenizer
                     base, n_base = text, len(ids)
-                    if stop and text[len(prompt):].rstrip().endswith(stop):
+                    if ends(text):
                         out.stopped = "stop"
                         break
                     continue
@@ -385,7 +386,7 @@ class Cascade:
             ids.append(nxt)
             out.slm_tokens += 1
             text = base + self._decode(ids[n_base:])
-            if stop and text[len(prompt):].rstrip().endswith(stop):
+            if ends(text):
                 out.stopped = "stop"
                 break
         out.text, out.slm_seconds, out.large_seconds = text, slm_time, large_time

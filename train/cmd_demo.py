@@ -177,8 +177,8 @@ class Demo:
 
         prompts, answers = zip(*_demo_prompts(self.data, CASCADE_PROMPTS, self.args.seed))
         tau = self.size.cascade_tau
-        self.stages.commands.append(f"memlm cascade --slm {os.path.join(self.runs, 'slm')} --tau {tau} --stop ." + "".join(
-            f" --prompt {p!r}" for p in prompts))
+        self.stages.commands.append(f"memlm cascade --slm {os.path.join(self.runs, 'slm')} --tau {tau} --stop ."
+                                    + "".join(f" --prompt {p!r}" for p in prompts))
         cascade = load_cascade(os.path.join(self.runs, "slm"), self.args.large, tau=tau)
         outputs = []
         for prompt, answer in zip(prompts, answers):
@@ -208,9 +208,9 @@ class Demo:
 
 
 def _demo_prompts(data: str, n: int, seed: int) -> list[tuple[str, str | None]]:
-    """(prompt, knowledge-base answer or None): half probe prompts of people of the rarest bucket ("<Name> was born in the city of"), where the next
-    word is a fact the SLM saw 1-3 times, half openings of validation Wikipedia leads (open-domain
-    entities): where the SLM should delegate."""
+    """(prompt, knowledge-base answer or None): half probe prompts of people of the rarest bucket
+    ("<Name> was born in the city of"), where the next word is a fact the SLM saw 1-3 times, half
+    openings of validation Wikipedia leads (open-domain entities): where the SLM should delegate."""
     import random
 
     from data.bios import person_of
