@@ -1,0 +1,300 @@
+"""Crash-safe file output: the one place memlm writes files and directories from.
+
+A killed process (SIGKILL, OOM, a pre-empted node) must never leave a half-written file where a
+complete one was expected, and no command may delete what it did not create. So:
+
+- Files: `atomic_write`, `atomic_write_json`, `atomic_file` (a file object) and `atomic_path` (a path
+  for writers that take a file name, e.g. safetensors' `save_file`) write a temporary sibling and
+  `os.replace` it over the target: readers see the old file or the new one, never a part.
+- Directories: `atomic_dir(path, kind)` builds a directory under a hidden temporary sibling, writes
+  memlm's marker `.memlm.json` (its kind and the size of every file) **last**, then renames it into
+  place. A directory memlm wrote is complete iff its marker exists and every file has the size the
+  marker recorded (`verify_dir`); a truncated or half-deleted directory never counts as complete.
+- Replacing: an existing target is replaced only when the caller passes `replace=True` (the user gave
+  an explicit flag) *and* the target carries memlm's marker of the same kind, or is empty. The working
+  directory, its parents, the home directory and `/` are never a target. `remove_dir` likewise deletes
+  only a marked directory of the given kind: it renames it away first, so a kill halfway through leaves
+  no directory under the old name.
+- Append-only logs (metrics.jsonl): `read_jsonl` drops a torn last line (a kill mid-write);
+  `JsonlAppender` repairs such a tail before it appends, so new rows never glue onto a torn one.
+
+Temporary and trash siblings are named `.<name>.<tmp|old|del>-<pid>-<hex>`; `remove_leftovers` deletes
+exactly those, nothing else. Durability against power loss (fsync) is not attempted.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import re
+import shutil
+import uuid
+from typing import Any, Iterable, Iterator
+
+from model.errors import CheckpointError, DataError, OutputExistsError
+
+MARKER = ".memlm.json"
+_LEFTOVER = re.compile(r"^\..+\.(tmp|old|del)-\d+-[0-9a-f]{8}$")
+
+
+def _sibling(path: str, tag: str) -> str:
+    parent, name = os.path.split(os.path.abspath(path))
+    return os.path.join(parent, f".{name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yield a temporary path beside `path`; when the block succeeds it replaces `path`, when it raises
+    the temporary file is removed and `path` is untouched. The temporary name keeps `path`'s suffix, so
+    writers that add an extension (np.save adds `.npy`) write exactly there."""
+    parent, name = os.path.split(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    root, ext = os.path.splitext(name)
+    tmp = os.path.join(parent, f".{root}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{ext}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "w", encoding: str | None = "utf-8"):
+    """`with atomic_file(p) as f: ...` writes `p` atomically (text mode by default, "wb" for bytes)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f
+
+
+def atomic_write(path: str, data: bytes | str) -> None:
+    """Write `data` (str as UTF-8) to `path` atomically."""
+    with atomic_file(path, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def atomic_write_json(path: str, obj: Any, indent: int | None = 1, **kw) -> None:
+    """`json.dump` to `path` atomically (non-JSON values such as numpy scalars go through `str`)."""
+    atomic_write(path, json.dumps(obj, indent=indent, default=str, **kw) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# directories
+
+def read_marker(path: str) -> dict | None:
+    """The marker of a directory memlm wrote (kind, files, created), or None (absent or unreadable)."""
+    try:
+        with open(os.path.join(path, MARKER), encoding="utf-8") as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def write_marker(path: str, kind: str, meta: dict | None = None) -> dict:
+    """Write the marker of directory `path` (call it last: it records every file's size, and its presence
+    means "complete")."""
+    files = {}
+    for root, dirs, names in os.walk(path):
+        dirs.sort()
+        for name in sorted(names):
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, path)
+            if rel != MARKER:
+                files[rel] = os.path.getsize(full)
+    marker = {"kind": kind, "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "files": files, **(meta or {})}
+    atomic_write_json(os.path.join(path, MARKER), marker)
+    return marker
+
+
+def verify_dir(path: str, kind: str | None = None) -> dict:
+    """Check that `path` is a complete directory memlm wrote (of `kind`, when given): marker present, every
+    recorded file present with its recorded size. Returns the marker; raises CheckpointError naming the
+    first missing or truncated file otherwise."""
+    marker = read_marker(path)
+    if marker is None:
+        raise CheckpointError(f"{path}: incomplete (no {MARKER} marker: it was not finished, or was being "
+                              "deleted); use another one")
+    if kind is not None and marker.get("kind") != kind:
+        raise CheckpointError(f"{path}: is a memlm {marker.get('kind')!r} directory, expected {kind!r}")
+    for rel, size in (marker.get("files") or {}).items():
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            raise CheckpointError(f"{full}: missing (the directory is damaged); use another one")
+        have = os.path.getsize(full)
+        if have != size:
+            raise CheckpointError(f"{full}: {have} bytes, {size} expected (truncated or damaged); "
+                                  "use another one")
+    return marker
+
+
+def _protected(path: str) -> str | None:
+    """Why `path` may never be replaced or removed, or None."""
+    real = os.path.realpath(path)
+    cwd = os.path.realpath(os.getcwd())
+    if real == cwd or cwd.startswith(real.rstrip(os.sep) + os.sep):
+        return "it is the working directory or one of its parents"
+    if real in (os.path.realpath(os.path.expanduser("~")), os.path.realpath(os.sep)):
+        return "it is the home or root directory"
+    return None
+
+
+def check_output_dir(path: str, kind: str, replace: bool = False, flag: str = "--force") -> bool:
+    """Whether writing directory `path` (of `kind`) replaces an existing one; raises OutputExistsError when
+    memlm may not: a file is there, a protected directory, a directory memlm did not write as `kind`, or
+    memlm's own output without `replace`. An empty directory may always be used."""
+    if not os.path.lexists(path):
+        return False
+    if not os.path.isdir(path) or os.path.islink(path):
+        raise OutputExistsError(f"{path}: exists and is not a directory; choose another output path")
+    why = _protected(path)
+    if why:
+        raise OutputExistsError(f"{path}: {why}; choose a new output directory")
+    if not os.listdir(path):
+        return True
+    marker = read_marker(path)
+    if marker is None or marker.get("kind") != kind:
+        what = f"a memlm {marker.get('kind')!r} directory" if marker else "files memlm did not write"
+        raise OutputExistsError(f"{path}: exists and holds {what}; memlm only replaces its own {kind} output: "
+                                "choose a new output directory")
+    if not replace:
+        raise OutputExistsError(f"{path}: exists (an earlier {kind}); pass {flag} to replace it, or choose "
+                                "a new output directory")
+    return True
+
+
+def publish_dir(tmp: str, path: str) -> None:
+    """Move the finished directory `tmp` to `path`, replacing an existing `path` (already checked by the
+    caller): the old one is renamed away first and deleted after, so `path` is always whole."""
+    if os.path.lexists(path):
+        old = _sibling(path, "old")
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str, kind: str, *, replace: bool = False, flag: str = "--force",
+               meta: dict | None = None) -> Iterator[str]:
+    """Yield a temporary directory to fill; on success write the marker (kind, file sizes, `meta`) and
+    move it to `path`. On error the temporary directory is removed and `path` is untouched. See
+    `check_output_dir` for when an existing `path` may be replaced (`replace` = the user's `flag`)."""
+    check_output_dir(path, kind, replace, flag)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = _sibling(path, "tmp")
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        write_marker(tmp, kind, meta)
+        publish_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_dir(path: str, kind: str) -> None:
+    """Delete a directory memlm wrote as `kind` (refused otherwise, with OutputExistsError). It is renamed
+    to a hidden sibling first: a kill halfway leaves only a leftover that `remove_leftovers` deletes."""
+    why = _protected(path)
+    marker = read_marker(path)
+    if why or marker is None or marker.get("kind") != kind:
+        raise OutputExistsError(f"{path}: memlm did not write it as {kind} output ({why or 'no matching marker'}); "
+                                "not deleting it")
+    trash = _sibling(path, "del")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_leftovers(parent: str) -> list[str]:
+    """Delete the temporary / trash siblings this module leaves when a process is killed mid-write
+    (`.<name>.tmp-…`, `.old-…`, `.del-…` in `parent`); nothing else. Returns what was removed. Call it only
+    where no other live process of the same job can be writing."""
+    removed = []
+    if not os.path.isdir(parent):
+        return removed
+    for name in os.listdir(parent):
+        if _LEFTOVER.match(name):
+            full = os.path.join(parent, name)
+            if os.path.isdir(full) and not os.path.islink(full):
+                shutil.rmtree(full, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(full)
+            removed.append(full)
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# append-only JSON lines
+
+def _parse_jsonl(data: bytes, path: str) -> tuple[list[dict], int]:
+    """(rows, bytes of the valid prefix). A last line without its newline that does not parse is torn."""
+    rows, good = [], 0
+    lines = data.split(b"\n")
+    offset = 0
+    for i, line in enumerate(lines):
+        last = i == len(lines) - 1  # no newline after it (b"" when the file ends with one)
+        end = offset + len(line) + (0 if last else 1)
+        if line.strip():
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as e:
+                if last:
+                    return rows, good  # torn by a kill mid-write: drop it
+                raise DataError(f"{path}:{i + 1}: not a JSON object line ({e}); fix or delete that line") from None
+            rows.append(row)
+        good = end
+        offset = end
+    return rows, good
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Rows of a JSON-lines log; a torn last line is dropped, a bad line elsewhere raises DataError
+    naming file and line. A missing file has no rows."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    return _parse_jsonl(data, path)[0]
+
+
+def rewrite_jsonl(path: str, rows: Iterable[dict]) -> None:
+    """Replace a JSON-lines file atomically (e.g. drop rows logged after the checkpoint a run resumes from)."""
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+class JsonlAppender:
+    """Append rows to a JSON-lines log, one `write` per row. On open, a torn tail left by a killed writer is
+    cut off (and a complete last row missing its newline gets one), so rows never glue together."""
+
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                data = f.read()
+            _, good = _parse_jsonl(data, path)
+            if good != len(data) or (data and not data.endswith(b"\n")):
+                fixed = data[:good]
+                if fixed and not fixed.endswith(b"\n"):
+                    fixed += b"\n"
+                atomic_write(path, fixed)
+
+    def append(self, row: dict) -> None:
+        line = (json.dumps(row) + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
