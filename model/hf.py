@@ -11,7 +11,6 @@ transformers is imported lazily: `import model` stays light.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import tempfile

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .loss import lm_loss
 
 # enable_gqa lets SDPA broadcast K/V heads without a copy (torch >= 2.5); older torch gets repeat_interleave.
 try:
@@ -263,13 +264,7 @@ class Anchor(nn.Module):
             x = layer(x, cos, sin, mask, is_causal, kv_cache, start_pos, None if memory is None else memory[i])
         return self.lm_head(self.norm(x)).float()
 
-    @staticmethod
-    def loss(logits, labels):
-        """Mean cross-entropy over labels != -100 (0 when a batch has no target; no host sync)."""
-        logits = logits.reshape(-1, logits.shape[-1]).float()
-        labels = labels.reshape(-1)
-        total = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
-        return total / (labels != -100).sum().clamp(min=1)
+    loss = staticmethod(lm_loss)  # mean cross-entropy over targets (model/loss.py)
 
     # ---- generation ----
     @torch.no_grad()

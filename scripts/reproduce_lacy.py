@@ -13,7 +13,7 @@ On `bios` (synthetic biographies with an exact knowledge base):
 4. one SLM per rule: the reference trained the same number of further steps with `data.calls=calls_<rule>`;
 5. `memlm factscore`: each SLM in a cascade with the large model, each SLM alone (<CALL> suppressed) and the
    large model alone, on the same people (N per frequency bucket).
-Writes <out>/report.md (tables + PNGs); re-running reuses finished stages (train.stages.StageRunner).
+Writes <out>/report.md (tables + PNGs); re-running reuses finished stages (train.experiments.stages.StageRunner).
 
 Call rate: 0.10 by default. About 30% of bios tokens are factual (spaCy PROPN/NUM/entities); an answer
 ("the University of Tokyo", "June 16, 1993") spans several tokens, and at 0.05 the rules delegate little more
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from train.stages import StageRunner, recipe, short_path  # noqa: E402
+from train.experiments.stages import StageRunner, recipe, short_path  # noqa: E402
 
 RULES = ("lacy", "loss", "rho", "random", "none")
 
@@ -165,7 +165,7 @@ class LacyRepro:
                    "--seed", self.args.seed, "--out", os.path.join(self.out, "factscore"))
 
     def stage_report(self):
-        from train.report import write_lacy_report
+        from train.experiments.report import write_lacy_report
 
         stages = [name for name, _ in self.plan() if name != "report"]
         seconds = {st: (self.stages.done(st) or {}).get("_seconds", 0.0) for st in stages}

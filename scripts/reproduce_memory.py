@@ -14,7 +14,7 @@ Per corpus, every model sees the same number of training tokens:
 - placement ablation: memories in the last 2 vs the first 2 of the anchor's 4 layers (M steps each).
 Reported: validation perplexity and probe accuracy per frequency bucket (bios), a Figure-1 analogue PNG,
 loss curves. Writes <out>/report.md; every stage is one `memlm` command and re-running reuses finished
-stages (train.stages.StageRunner).
+stages (train.experiments.stages.StageRunner).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from train.stages import StageRunner, recipe, short_path  # noqa: E402
+from train.experiments.stages import StageRunner, recipe, short_path  # noqa: E402
 
 CORPORA = ("bios", "wiki-leads")
 
@@ -182,7 +182,7 @@ class MemoryRepro:
                    *modes)
 
     def stage_report(self):
-        from train.report import write_memory_report
+        from train.experiments.report import write_memory_report
 
         corpora = {c: {"runs": {m: self.run_dir(c, m) for m in self.models()},
                        "evals": {m: os.path.join(self.eval_dir(c, m), "eval.json") for m in self.models() if m != "anchor"}}

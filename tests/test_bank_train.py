@@ -39,7 +39,7 @@ def _fake_clustered(src: str, dst: str, k: int = 2, levels: int = 2) -> str:
 
 
 def test_bank_info_reports_sizes_touched_rows_and_tokens(tmp_path, capsys):
-    from train.cmd_bank_info import main
+    from train.commands.bank_info import main
 
     mem, lm, bank = setup(str(tmp_path / "live"))
     dense, dense_opt, bank_opt = make_optimizers(lm, bank)

@@ -34,7 +34,7 @@ def data_dir(tmp_path_factory):
 def test_cluster_writes_paths_and_router(data_dir, capsys):
     from data.shards import open_data
     from memory.router import Router
-    from train.cmd_cluster import EMB, main, window_texts
+    from train.commands.cluster import EMB, main, window_texts
 
     assert main([data_dir, "--levels", "2", "--k", "2", "--batch-size", "8"]) == 0
     dd = open_data(data_dir)
@@ -70,7 +70,7 @@ def test_cluster_writes_paths_and_router(data_dir, capsys):
 
 
 def test_cluster_bad_input(tmp_path, data_dir):
-    from train.cmd_cluster import main
+    from train.commands.cluster import main
 
     with pytest.raises(SystemExit, match=r"memlm cluster: .*manifest"):
         main([str(tmp_path)])

@@ -9,7 +9,7 @@ import pytest
 from data.corpora import CorpusError, load_corpus
 from data.shards import ShardError, open_data, prepare
 from data.tokenizer import CALL, TokenizerError, load_tokenizer, tokenizer_hash
-from train import cmd_prepare
+from train.commands import prepare as cmd_prepare
 
 BIOS_KW = dict(n_people=150, top_docs=60)
 

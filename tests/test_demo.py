@@ -7,7 +7,8 @@ import os
 import pytest
 
 from data.shards import prepare
-from train import cmd_demo
+from train.commands import demo as cmd_demo
+from train.experiments import demo as demo_lib
 
 
 @pytest.fixture(scope="module")
@@ -22,19 +23,19 @@ def test_demo_prompts(mixed_data):
     with open(os.path.join(mixed_data, "bios", "probes.jsonl")) as f:
         probes = [json.loads(line) for line in f]
     rarest = {(p["prompt"], p["answer"].strip()) for p in probes if p["bucket"] == min(q["bucket"] for q in probes)}
-    prompts = cmd_demo._demo_prompts(mixed_data, 6, seed=0)
+    prompts = demo_lib._demo_prompts(mixed_data, 6, seed=0)
     assert len(prompts) == 6
     # half: probe prompts of rarest-bucket people (the next word is a rare fact), distinct people
     # (with their knowledge-base answers)
     assert all(p in rarest for p in prompts[:3]) and len({p[0].split(" was ")[0] for p in prompts[:3]}) == 3
     # half: openings of validation Wikipedia leads, never bios text, no answer
     assert all(p not in rarest and a is None and 0 < len(p.split()) <= 8 for p, a in prompts[3:])
-    assert cmd_demo._demo_prompts(mixed_data, 6, seed=0) == prompts  # deterministic per seed
-    assert cmd_demo._demo_prompts(mixed_data, 6, seed=1)[:3] != prompts[:3]
+    assert demo_lib._demo_prompts(mixed_data, 6, seed=0) == prompts  # deterministic per seed
+    assert demo_lib._demo_prompts(mixed_data, 6, seed=1)[:3] != prompts[:3]
 
 
 def _demo(tmp_path, *argv):
-    demo = cmd_demo.Demo(cmd_demo.build_parser().parse_args(["--out", str(tmp_path), "--size", "cpu", *argv]))
+    demo = demo_lib.Demo(cmd_demo.build_parser().parse_args(["--out", str(tmp_path), "--size", "cpu", *argv]))
     demo.calls = []
     demo.memlm = lambda *a: demo.calls.append([str(x) for x in a])  # record instead of running
     return demo

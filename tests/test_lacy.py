@@ -11,10 +11,10 @@ from data.selection import SelectionError, call_id
 from data.shards import open_data, prepare
 from data.tagging import flag_offsets, flag_text, load_spacy
 from data.tokenizer import CALL, train_tokenizer
-from model.cascade import Cascade, CascadeError, LargeModel, MemlmLargeModel, load_large, word_end
+from train.lacy.cascade import Cascade, CascadeError, LargeModel, MemlmLargeModel, load_large, word_end
 from model.config import ModelConfig
 from model.model import Anchor
-from train import cmd_score, cmd_select, cmd_tag
+from train.commands import score as cmd_score, select as cmd_select, tag as cmd_tag
 
 RATE = 0.05
 
@@ -450,7 +450,7 @@ def test_fact_parser_and_leakage():
 def test_factscore_command_end_to_end(bios, tmp_path):
     """Tiny random SLM + a tiny HF directory as the large model: the command writes JSON + PNG."""
     from model.hf import export_llama
-    from train import cmd_factscore
+    from train.commands import factscore as cmd_factscore
     from train.checkpoint import load_run
 
     model, tok, _, _ = load_run(bios["runs"]["large"])

@@ -39,7 +39,7 @@ def _one_thread(one_thread):
 @pytest.fixture(scope="module")
 def clustered(bios_data, tmp_path_factory):
     """A private copy of the shared bios data, clustered (2 levels, k=2) with MiniLM."""
-    from train.cmd_cluster import main
+    from train.commands.cluster import main
 
     out = str(tmp_path_factory.mktemp("memtrain") / "data")
     shutil.copytree(bios_data, out)
@@ -145,7 +145,7 @@ def test_memory_checkpoint_has_router_and_load_run(runs):
 
 def test_memory_checkpoint_without_router_errors(runs, tmp_path):
     from train.checkpoint import load_run
-    from train.cmd_eval import main as eval_main
+    from train.commands.eval import main as eval_main
 
     step = str(tmp_path / "step-0000010")
     shutil.copytree(_step(runs["memory"]), step)
@@ -190,7 +190,7 @@ def test_init_from_memory_run_cotrain(runs):
 
 # ---- memlm eval ---------------------------------------------------------------------------------
 def test_eval_json_structure(runs, tmp_path):
-    from train.cmd_eval import main as eval_main
+    from train.commands.eval import main as eval_main
 
     out = str(tmp_path / "ev")
     assert eval_main([runs["memory"], "--data", runs["data"], "--out", out, "--val-batches", "3",
@@ -222,7 +222,7 @@ def test_eval_json_structure(runs, tmp_path):
 
 
 def test_probe_routing_share():
-    from train.cmd_eval import probe_routing
+    from train.evaluation.memory_eval import probe_routing
 
     leaves = {7: {(0, 1), (2, 3)}, 8: {(1, 1)}}
     probes = [{"person": 7, "bucket": 0}, {"person": 7, "bucket": 0}, {"person": 8, "bucket": 1},
@@ -237,7 +237,7 @@ def test_export_hf_path_matches_fetched_logits(runs, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from train.checkpoint import load_run
-    from train.cmd_export_hf import main as export_main
+    from train.commands.export_hf import main as export_main
 
     out = str(tmp_path / "hf")
     assert export_main([runs["memory"], "--path", "1,0", "--out", out]) == 0
@@ -274,7 +274,7 @@ def test_e2e_fetched_beats_generic(tmp_path_factory):
     import time
 
     from train.cli import main as memlm
-    from train.report import eval_table
+    from train.experiments.report import eval_table
 
     e = E2E
     root = os.environ.get("MEMLM_E2E_DIR") or str(tmp_path_factory.mktemp("e2e"))

@@ -145,7 +145,7 @@ def test_export_hf_matches_logits(smoke_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from train.checkpoint import load_run
-    from train.cmd_export_hf import main as export_main
+    from train.commands.export_hf import main as export_main
 
     out = str(tmp_path / "hf")
     assert export_main([smoke_run["run_dir"], "--out", out]) == 0

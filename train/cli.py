@@ -1,29 +1,109 @@
-"""The `memlm` console script: one subcommand per job, each a module `train.cmd_<name>` with main(argv)."""
+"""The `memlm` console script: one subcommand per job, each a module `train.commands.<name>` (or
+`train.pretrain`) with `build_parser()` and `main(argv)`.
+
+This is the one place where errors reach the user: a `model.errors.MemlmError` raised anywhere below
+becomes one line `memlm <command>: <message>` on stderr and exit code 2; a bad flag likewise (the
+`ArgumentParser` here prints one line instead of argparse's usage block). `--debug` (anywhere on the
+command line) or `MEMLM_DEBUG=1` shows the traceback instead.
+"""
 from __future__ import annotations
 
+import argparse
 import importlib
+import os
 import sys
+from typing import Callable
 
 # name -> (module, one-line help). Modules are imported lazily so `memlm --help` stays fast.
 COMMANDS = {
-    "demo": ("train.cmd_demo", "end-to-end demo on built-in data (the README's main job)"),
-    "prepare": ("train.cmd_prepare", "build a corpus, train/load a tokenizer, write token shards"),
-    "pretrain": ("train.pretrain", "pretrain an anchor (or train memories) with Lightning"),
-    "export-hf": ("train.cmd_export_hf", "export a run to a transformers LlamaForCausalLM directory"),
-    "cluster": ("train.cmd_cluster", "embed windows with MiniLM, fit the k-means tree, store paths"),
-    "eval": ("train.cmd_eval", "validation loss / probes for fetched, generic and anchor-only"),
-    "tag": ("train.cmd_tag", "spaCy factual flags per token (LaCy signal)"),
-    "score": ("train.cmd_score", "per-token loss of a reference model over the shards"),
-    "select": ("train.cmd_select", "choose <CALL> positions with a rule at a target call rate"),
-    "cascade": ("train.cmd_cascade", "generate with an SLM that delegates <CALL> to a larger model"),
-    "factscore": ("train.cmd_factscore", "FactScore of the cascade on the bios knowledge base"),
-    "bank-info": ("train.cmd_bank_info", "sizes and usage of a run's memory bank"),
+    "demo": ("train.commands.demo", "end-to-end demo on built-in data (the README's main job)"),
+    "prepare": ("train.commands.prepare", "build a corpus, train/load a tokenizer, write token shards"),
+    "pretrain": ("train.pretrain", "pretrain an anchor (or train memories) with Lightning Fabric"),
+    "export-hf": ("train.commands.export_hf", "export a run to a transformers LlamaForCausalLM directory"),
+    "cluster": ("train.commands.cluster", "embed windows with MiniLM, fit the k-means tree, store paths"),
+    "eval": ("train.commands.eval", "validation loss / probes for fetched, generic and anchor-only"),
+    "tag": ("train.commands.tag", "spaCy factual flags per token (LaCy signal)"),
+    "score": ("train.commands.score", "per-token loss of a reference model over the shards"),
+    "select": ("train.commands.select", "choose <CALL> positions with a rule at a target call rate"),
+    "cascade": ("train.commands.cascade", "generate with an SLM that delegates <CALL> to a larger model"),
+    "factscore": ("train.commands.factscore", "FactScore of the cascade on the bios knowledge base"),
+    "bank-info": ("train.commands.bank_info", "sizes and usage of a run's memory bank"),
     "bench-kernels": ("scripts.bench_kernels", "benchmark the fused memory-FFN kernel (GPU)"),
 }
 
+EXIT_USER_ERROR = 2
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error: `memlm score: --batch-size: must be an integer >= 1, got '0' (see
+    memlm score --help)` and exit code 2, instead of the usage block."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: {_one_line(message)} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def _number(kind: type, low=None, high=None, low_open: bool = False, high_open: bool = False):
+    """An argparse `type=` that parses `kind` and checks the interval (the message names the bound)."""
+    bounds = []
+    if low is not None:
+        bounds.append(f"> {low}" if low_open else f">= {low}")
+    if high is not None:
+        bounds.append(f"< {high}" if high_open else f"<= {high}")
+    what = ("an integer" if kind is int else "a number") + (" " + " and ".join(bounds) if bounds else "")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        bad = value != value or (low is not None and (value <= low if low_open else value < low)) or \
+            (high is not None and (value >= high if high_open else value > high))
+        if bad:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, 1)
+nonnegative_int = _number(int, 0)
+positive_float = _number(float, 0, low_open=True)
+nonnegative_float = _number(float, 0)
+probability = _number(float, 0, 1)  # [0, 1]
+rate = _number(float, 0, 1, low_open=True)  # (0, 1]
+
+
+def run_command(prog: str, main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
+    """Run a command's `main(argv)`: MemlmError -> one line on stderr, exit code 2 (traceback with --debug
+    or MEMLM_DEBUG=1); Ctrl-C -> exit code 130."""
+    from model.errors import MemlmError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("MEMLM_DEBUG", "") not in ("", "0") or "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return int(main(argv) or 0)
+    except MemlmError as e:
+        if debug:
+            raise
+        print(f"{prog}: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
 
 def _usage() -> str:
-    lines = ["usage: memlm <command> [options]   (memlm <command> --help for its options)", "", "commands:"]
+    lines = ["usage: memlm <command> [options] [--debug]   (memlm <command> --help for its options)", "",
+             "commands:"]
     lines += [f"  {name:<14} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -35,10 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"memlm: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
+        print(f"memlm: unknown command {name!r}; run `memlm --help` for the list", file=sys.stderr)
+        return EXIT_USER_ERROR
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    return run_command(f"memlm {name}", module.main, rest)
 
 
 if __name__ == "__main__":

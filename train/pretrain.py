@@ -11,7 +11,6 @@ twice. Config: a YAML recipe plus dotted overrides (`optim.lr=3e-4`); see train/
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -253,4 +252,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from train.cli import run_command
+
+    sys.exit(run_command("memlm pretrain", main))

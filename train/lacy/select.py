@@ -8,30 +8,14 @@ Signals: "loss_<--loss>" (memlm score), "loss_<--loss-large>" (rho), "factual" (
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 import numpy as np
 
-from data.selection import (RULES, SelectionError, SplitSignals, call_id, eligible_mask, read_array,
-                            render_marked, select, shard_label, shards_of)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="memlm select", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("data", help="data dir written by `memlm prepare` (tagged / scored as the rule needs)")
-    p.add_argument("--rule", required=True, choices=RULES, help="selection rule")
-    p.add_argument("--call-rate", type=float, default=0.05, help="share of all tokens to delegate (0.05 = 5%%)")
-    p.add_argument("--seed", type=int, default=0, help="seed for random selection and tie-breaking")
-    p.add_argument("--splits", default="train,val", help="comma-separated splits (missing ones are skipped)")
-    p.add_argument("--loss", default="ref", help="reference loss array name suffix (loss_<name>)")
-    p.add_argument("--loss-large", default="large", help="large-model loss array suffix for rule rho")
-    p.add_argument("--name", default=None, help="output array name (default calls_<rule>)")
-    p.add_argument("--examples", type=int, default=5, help="example windows rendered in the summary")
-    return p
+from data.selection import (SelectionError, SplitSignals, call_id, eligible_mask, read_array,
+                            render_marked, select, shards_of)
 
 
 def _signals(dd, shards, rule: str, args, special) -> tuple[SplitSignals, list[int]]:
@@ -139,16 +123,3 @@ def run(args) -> dict:
     _write_atomic(os.path.join(out_dir, f"{name}.md"), _markdown(summary))
     print(f"wrote array {name!r} and {os.path.join(out_dir, name)}.{{json,md}}")
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError) as e:  # SelectionError, TokenizerError, bad manifest
-        raise SystemExit(f"memlm select: {e}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

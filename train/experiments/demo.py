@@ -12,15 +12,13 @@ pretraining) -> memory (memories with the anchor frozen) -> eval (fetched / gene
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 
-from train.stages import StageRunner, recipe
+from train.experiments.stages import StageRunner, recipe
 
 STAGES = ["data", "cluster", "anchor", "memory", "eval", "lacy", "slm", "cascade", "report"]
 
@@ -62,22 +60,6 @@ SIZES = {
                     memory_lr=2e-3,
                     call_rate=0.10, cascade_tau=0.2, eval_batches=64, probes_per_bucket=200),
 }
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="memlm demo", description=__doc__.split("\n\n")[0] + " Stages: "
-                                + ", ".join(STAGES) + ".")
-    p.add_argument("--out", default="runs/demo", help="demo directory (default runs/demo)")
-    p.add_argument("--size", choices=["auto", *SIZES], default="auto",
-                   help="auto: gpu when CUDA is available, else cpu (fits 15 minutes on 2 cores)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the corpus, the clustering and the training runs")
-    p.add_argument("--large", default=None,
-                   help="large model of the cascade: a transformers dir or memlm run (default: SmolLM2-135M)")
-    p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every training-step count")
-    p.add_argument("--fresh", action="store_true", help="delete the demo directory first")
-    p.add_argument("--redo", choices=STAGES, default=None, help="redo this stage and every stage after it")
-    p.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
-    return p
 
 
 class Demo:
@@ -173,7 +155,7 @@ class Demo:
         return {"run": run}
 
     def stage_cascade(self):
-        from train.cmd_cascade import load_cascade
+        from train.commands.cascade import load_cascade
 
         prompts, answers = zip(*_demo_prompts(self.data, CASCADE_PROMPTS, self.args.seed))
         tau = self.size.cascade_tau
@@ -188,7 +170,7 @@ class Demo:
         return {"outputs": outputs}
 
     def stage_report(self):
-        from train.report import write_demo_report
+        from train.experiments.report import write_demo_report
 
         info = {stage: self.stages.done(stage) for stage in STAGES[:-1]}
         path = write_demo_report(self.out, self.runs, info, self.stages.all_commands(STAGES[:-1]),
@@ -237,13 +219,3 @@ def _demo_prompts(data: str, n: int, seed: int) -> list[tuple[str, str | None]]:
                 text = tok.decode(shard.tokens[windows[i]:windows[i + 1]].tolist(), skip_special_tokens=True)
                 prompts.append((" ".join(text.split()[:8]), None))
     return prompts
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    Demo(args).run()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_cascade(slm_path: str, large_path: str | None, device: str = "cpu", tau=None, mode="fetched",
                  max_word_tokens: int = 8, allow_calls: bool = True):
-    from model.cascade import Cascade, CascadeError, load_large
+    from train.lacy.cascade import Cascade, CascadeError, load_large
     from train.checkpoint import load_run
 
     try:
@@ -53,7 +53,7 @@ def load_cascade(slm_path: str, large_path: str | None, device: str = "cpu", tau
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from model.cascade import CascadeError
+    from train.lacy.cascade import CascadeError
 
     try:
         cascade = load_cascade(args.slm, args.large, args.device, args.tau, args.mode, args.max_word_tokens,

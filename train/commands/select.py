@@ -1,0 +1,44 @@
+"""`memlm select DATA --rule lacy|loss|rho|random|none --call-rate 0.05`: choose the <CALL> positions.
+
+Writes the uint8 array "calls_<rule>" per shard (1 = this token is delegated: the target predicting it
+becomes <CALL>; train with `calls=calls_<rule>`), and a summary DATA/selection/calls_<rule>.{json,md}:
+achieved rate per split, threshold, share of delegated tokens that are factual, and examples with the
+delegated tokens marked [[like this]]. Each split is calibrated on its own to the same rate.
+Signals: "loss_<--loss>" (memlm score), "loss_<--loss-large>" (rho), "factual" (memlm tag).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from data.selection import (RULES)
+
+from train.lacy.select import run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memlm select", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", help="data dir written by `memlm prepare` (tagged / scored as the rule needs)")
+    p.add_argument("--rule", required=True, choices=RULES, help="selection rule")
+    p.add_argument("--call-rate", type=float, default=0.05, help="share of all tokens to delegate (0.05 = 5%%)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random selection and tie-breaking")
+    p.add_argument("--splits", default="train,val", help="comma-separated splits (missing ones are skipped)")
+    p.add_argument("--loss", default="ref", help="reference loss array name suffix (loss_<name>)")
+    p.add_argument("--loss-large", default="large", help="large-model loss array suffix for rule rho")
+    p.add_argument("--name", default=None, help="output array name (default calls_<rule>)")
+    p.add_argument("--examples", type=int, default=5, help="example windows rendered in the summary")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as e:  # SelectionError, TokenizerError, bad manifest
+        raise SystemExit(f"memlm select: {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

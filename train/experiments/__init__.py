@@ -1,0 +1,1 @@
+"""Orchestration: resumable stage runner, the end-to-end demo, reproduction experiments and their reports."""
