@@ -165,7 +165,7 @@ class LacyRepro:
                    "--seed", self.args.seed, "--out", os.path.join(self.out, "factscore"))
 
     def stage_report(self):
-        from train.experiments.report import write_lacy_report
+        from train.experiments.lacy_report import write_lacy_report
 
         stages = [name for name, _ in self.plan() if name != "report"]
         seconds = {st: (self.stages.done(st) or {}).get("_seconds", 0.0) for st in stages}

@@ -182,7 +182,7 @@ class MemoryRepro:
                    *modes)
 
     def stage_report(self):
-        from train.experiments.report import write_memory_report
+        from train.experiments.memory_report import write_memory_report
 
         corpora = {c: {"runs": {m: self.run_dir(c, m) for m in self.models()},
                        "evals": {m: os.path.join(self.eval_dir(c, m), "eval.json") for m in self.models() if m != "anchor"}}

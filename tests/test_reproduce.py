@@ -78,7 +78,8 @@ def test_settings_pinned(tmp_path):
 
 
 def test_memory_tables_from_eval_json(tmp_path):
-    from train.experiments.report import factscore_table, memory_tables, plot_bucket_accuracy
+    from train.experiments.lacy_report import factscore_table
+    from train.experiments.memory_report import memory_tables, plot_bucket_accuracy
 
     probes = lambda a0, a1: {"bucket_0": {"acc": a0, "n": 10}, "bucket_1": {"acc": a1, "n": 10}}  # noqa: E731
     ev = {"anchor-cont": {"val": {"anchor": {"loss": 2.0, "ppl": 7.39}}, "probes": {"anchor": probes(0.1, 0.2)}},
