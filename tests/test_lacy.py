@@ -27,7 +27,8 @@ def tiny_cfg(vocab_size, **kw):
 
 def make_run(run_dir, anchor, tok_dir):
     """A memlm run dir (one checkpoint) written without Lightning, loadable by train.checkpoint.load_run."""
-    from train.checkpoint import save_weights
+    from model.atomic import write_marker
+    from model.weights import save_weights
     from train.config import RunConfig, save_config
 
     step = os.path.join(run_dir, "checkpoints", "step-0000001")
@@ -37,6 +38,7 @@ def make_run(run_dir, anchor, tok_dir):
     with open(os.path.join(step, "meta.json"), "w") as f:
         json.dump({"step": 1}, f)
     shutil.copytree(tok_dir, os.path.join(step, "tokenizer"))
+    write_marker(step, "checkpoint")  # complete: the marker goes in last
     return str(run_dir)
 
 
