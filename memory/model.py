@@ -27,7 +27,7 @@ MODES = ("fetched", "generic", "anchor")
 
 class MemoryLM(LanguageModel):
     """model.interface.LanguageModel with memory: `anchor` (the decoder), `bank` (memory.bank.Bank),
-    `mem_cfg`, `router` (routes prompts at inference; None while training)."""
+    `mem_cfg`, `router` (routes prompts at inference; a training run copies it into every checkpoint)."""
 
     has_memory = True
     modes = MODES

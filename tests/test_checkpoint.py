@@ -3,7 +3,7 @@
 - a checkpoint is complete only by its marker: SIGKILL at any moment (mid-write, while replacing a newer
   step dir, while pruning) never leaves a step dir that looks complete but is not, `resume=auto` always
   continues, and the final weights equal an uninterrupted run's (deterministic kill points + random
-  ones: a few in CI, >= 50 in the slow test);
+  ones: 6 in CI, 50 in the slow test);
 - a truncated model.safetensors is named in the error; `resume=auto` falls back to an intact one;
 - a torn last line of metrics.jsonl does not stop a resume;
 - resuming with a changed schedule key is refused with a message naming the key.
@@ -177,9 +177,9 @@ def kill_sweep(reference, root: str, n_kills: int, seed: int) -> dict:
 
 
 def test_random_kill_points_ci(reference, tmp_path):
-    res = kill_sweep(reference, str(tmp_path), 4, seed=1)
+    res = kill_sweep(reference, str(tmp_path), 2, seed=1)
     print(f"\n[kill points] tried {res['tried']}, survived {res['survived']}")
-    assert res == {"tried": 4, "survived": 4}
+    assert res == {"tried": 2, "survived": 2}
 
 
 @pytest.mark.slow

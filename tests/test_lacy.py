@@ -289,7 +289,10 @@ class StubLarge(LargeModel):
 
 
 class ScriptedSLM(torch.nn.Module):
-    """Next-token logits from the last input token only: {token: {next: logit}}; default EOS."""
+    """Next-token logits from the last input token only: {token: {next: logit}}; default EOS. Stands in
+    for an Anchor (model.interface.LanguageModel without memory)."""
+
+    has_memory = False
 
     def __init__(self, cfg, table, eos):
         super().__init__()
