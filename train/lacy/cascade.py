@@ -144,8 +144,7 @@ class HFLargeModel(_TokenLM):
                 raise CascadeError("HFLargeModel: a model object needs its tokenizer")
             name = type(model).__name__
         super().__init__(tokenizer, max_word_tokens, name)
-        self.model = model.to(device).eval()
-        self.device = device
+        self.model, self.device = model.to(device).eval(), device
         self.max_len = int(getattr(model.config, "max_position_embeddings", 2048))
         self._past = None
 
@@ -194,22 +193,17 @@ class _AnchorStepper:
         self.cached = list(ids)
         return logits.float()
 
-    def reset(self, memory=None):
-        self.memory, self.cached = memory, []
-
 
 def _anchor_and_memory(model, text: str | None, router=None, mode: str = "fetched"):
     """(anchor, per-layer memory list|None) for an Anchor or a MemoryLM (routing `text` for fetched)."""
     if not model.has_memory:
         return model, None
-    if mode == "fetched":
-        router = router if router is not None else model.router
-        if router is None:
-            raise CascadeError("memory SLM: no router to route the prompt (load the run with its router, "
-                               "or use mode='generic')")
-        path = torch.as_tensor(router.route([text]), dtype=torch.long)
-        return model.anchor, model.memory(path.to(next(model.parameters()).device), "fetched")
-    return model.anchor, model.memory(None, mode, batch_size=1, device=next(model.parameters()).device)
+    device, router = next(model.parameters()).device, router if router is not None else model.router
+    if mode == "fetched" and router is None:
+        raise CascadeError("memory SLM: no router to route the prompt (load the run with its router, "
+                           "or use mode='generic')")
+    path = torch.as_tensor(router.route([text]), dtype=torch.long, device=device) if mode == "fetched" else None
+    return model.anchor, model.memory(path, mode, batch_size=1, device=device)
 
 
 class MemlmLargeModel(_TokenLM):
