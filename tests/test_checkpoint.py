@@ -68,12 +68,12 @@ def _assert_no_false_complete(run_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def reference(bios_data, tmp_path_factory):  # noqa: F811
-    """An uninterrupted run (subprocess, like the victims) and how long its training part takes."""
+    """An uninterrupted run (a subprocess, like the victims) and how long it takes from the start of training."""
     runs = str(tmp_path_factory.mktemp("ref"))
+    victim = _Victim(_args(bios_data, runs, "ref"))
+    victim.started.wait(timeout=300)
     t = time.time()
-    p = subprocess.run([sys.executable, "-m", "train.pretrain", *_args(bios_data, runs, "ref")], cwd=ROOT,
-                       env=_env(), capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert victim.p.wait(timeout=600) == 0, "".join(victim.out)[-3000:]
     return {"weights": _final_weights(os.path.join(runs, "ref")), "seconds": time.time() - t, "data": bios_data}
 
 
@@ -119,6 +119,15 @@ def test_case_e2_kill_while_replacing_a_newer_checkpoint(reference, tmp_path, po
 
 
 # ---- random kill points -----------------------------------------------------------------------
+def _state(run: str) -> str:
+    """What a kill left: the newest checkpoint and any leftovers of the interrupted save."""
+    d = os.path.join(run, "checkpoints")
+    names = sorted(os.listdir(d)) if os.path.isdir(d) else []
+    steps = [n for n in names if n.startswith("step-") and not n.endswith(".tmp")]
+    extra = [n.split("-")[0] if n.startswith(".") else n for n in names if n.startswith(".") or n.endswith(".tmp")]
+    return f"newest {steps[-1] if steps else None}, leftovers {extra}"
+
+
 class _Victim:
     """A training subprocess killed with SIGKILL `delay` seconds after it starts training."""
 
@@ -153,26 +162,31 @@ def kill_sweep(reference, root: str, n_kills: int, seed: int) -> dict:
     killed at random, then continued with resume=auto. After every kill no step dir is falsely complete;
     every continuation ends with the reference's final weights. Returns the counts."""
     rng = random.Random(seed)
-    span = max(1.0, reference["seconds"] - 6.0)  # the training part of a run (startup is ~6 s)
+    span = reference["seconds"]  # from the start of training to the exit
     args = _args(reference["data"], root, "v", **{"checkpoint.keep_last_k": 0})
     run = os.path.join(root, "v")
     tried = survived = 0
     phase1 = n_kills // 2
     while tried < phase1:
-        if _Victim(args).kill_after(rng.uniform(0, span)):
+        delay = rng.uniform(0, span)
+        if _Victim(args).kill_after(delay):
             tried += 1
             _assert_no_false_complete(run)
             survived += 1
+            print(f"[kill {tried}] {delay:.2f}s into training: {_state(run)}", flush=True)
     _finish(args)
     assert _same(_final_weights(run), reference["weights"])
     while tried < n_kills:
         start = rng.choice([2, 6, 12])
-        if _Victim(args + [f"checkpoint.resume={run}/checkpoints/step-{start:07d}"]).kill_after(rng.uniform(0, span)):
+        delay = rng.uniform(0, span)
+        if _Victim(args + [f"checkpoint.resume={run}/checkpoints/step-{start:07d}"]).kill_after(delay):
             tried += 1
             _assert_no_false_complete(run)
+            state = _state(run)
             _finish(args)  # resume=auto continues from the newest intact checkpoint
             assert _same(_final_weights(run), reference["weights"])
             survived += 1
+            print(f"[kill {tried}] resumed from step {start}, {delay:.2f}s into training: {state}", flush=True)
     return {"tried": tried, "survived": survived}
 
 

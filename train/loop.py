@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from lightning.fabric.strategies import FSDPStrategy
 
 from model.atomic import JsonlAppender
 from model.errors import TrainingError
@@ -83,10 +84,7 @@ def fit(fabric, cfg: RunConfig, model, optimizers: Optimizers, train_loader, val
         # ---- log (the only host syncs of a step happen here, every log_every steps)
         if state.step % t.log_every == 0 or last:
             _stop_if_not_finite(bad_step, checkpointer)
-            loss = shares[0]
-            for s in shares[1:]:
-                loss = loss + s
-            loss = _all_reduce(loss / len(shares))
+            loss = _all_reduce(sum(shares[1:], shares[0]) / len(shares))  # mean over micro-batches, sum over ranks
             progress.train_row(state.step, float(loss.item()), optimizers.lr, float(grad_norm.item()))
         # ---- validate
         if t.val_every > 0 and state.step % t.val_every == 0:
@@ -102,8 +100,6 @@ def fit(fabric, cfg: RunConfig, model, optimizers: Optimizers, train_loader, val
 def clip_gradients(fabric, model, optimizers: Optimizers, max_norm: float) -> torch.Tensor:
     """Scale the gradients to a global norm <= max_norm (inf: only measure); returns the norm before
     clipping (float32 scalar). With a sparse bank the norm covers the fetched rows too (all ranks)."""
-    from lightning.fabric.strategies import FSDPStrategy
-
     if isinstance(fabric.strategy, FSDPStrategy):  # the norm over every rank's shards
         return fabric.clip_gradients(model, optimizers.dense, max_norm=max_norm).float()
     fabric.strategy.precision.unscale_gradients(optimizers.dense)  # 16-mixed: undo the loss scale (else no-op)
