@@ -278,3 +278,17 @@ def test_case_v3_changed_memory_lr_is_refused(bios_data, tmp_path):  # noqa: F81
     assert main(args) == 0
     with pytest.raises(ConfigError, match=r"memory\.lr=0\.02 but the checkpoint .* memory\.lr=0\.01"):
         main(args + ["memory.lr=0.02"])
+
+
+def test_only_damaged_checkpoints_is_an_error_not_a_restart(short_run):
+    """A run whose checkpoints are all damaged (or written before the marker existed) is not silently
+    restarted over them."""
+    from model.errors import CheckpointError
+    from train.pretrain import main
+
+    ckpts = os.path.join(short_run["run"], "checkpoints")
+    for name in os.listdir(ckpts):
+        os.remove(os.path.join(ckpts, name, ".memlm.json"))
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint to resume from .*step-0000006: incomplete"):
+        main(short_run["args"])
+    assert sorted(os.listdir(ckpts)) == ["step-0000002", "step-0000004", "step-0000006"]

@@ -116,8 +116,9 @@ def find_step_dir(path: str, fall_back: bool = False, log: Callable[[str], None]
 
 def choose_resume(cfg: RunConfig, log: Callable[[str], None]) -> str | None:
     """The step dir a run continues from per checkpoint.resume, or None for a fresh start: "auto" takes
-    the newest intact checkpoint (saying which damaged ones it skips), "none" refuses a run that has one,
-    a path must be an intact checkpoint or a run with one."""
+    the newest intact checkpoint (saying which damaged ones it skips; none intact but some damaged is an
+    error, so a run is never silently restarted over them), "none" refuses a run that has one, a path
+    must be an intact checkpoint or a run with one."""
     r = cfg.checkpoint.resume
     if r not in ("auto", "none"):
         return find_step_dir(r, fall_back=True, log=log)
@@ -127,8 +128,11 @@ def choose_resume(cfg: RunConfig, log: Callable[[str], None]) -> str | None:
             raise ConfigError(f"checkpoint.resume=none but {cfg.run_dir} has checkpoints ({found}); continue it "
                               "with checkpoint.resume=auto, or choose another name=")
         return None
+    if skipped and found is None:  # never start over a run whose checkpoints are all damaged
+        raise CheckpointError(f"{cfg.run_dir}: no intact checkpoint to resume from ({skipped[0][1]}); move the "
+                              "damaged step dirs away, or start another run (name=...)")
     for bad, why in skipped:
-        log(f"skipping damaged checkpoint {bad} ({why}); resuming from {found or 'scratch'}")
+        log(f"skipping damaged checkpoint {bad} ({why}); resuming from {found}")
     return found
 
 
