@@ -19,12 +19,20 @@ from torch import nn
 
 from memory.bank import Bank, FetchedBlocks, ResidentBank
 from memory.config import MemoryConfig
+from model.interface import LanguageModel
 from model.model import Anchor
 
 MODES = ("fetched", "generic", "anchor")
 
 
-class MemoryLM(nn.Module):
+class MemoryLM(LanguageModel):
+    """model.interface.LanguageModel with memory: `anchor` (the decoder), `bank` (memory.bank.Bank),
+    `mem_cfg`, `router` (routes prompts at inference; a training run copies it into every checkpoint)."""
+
+    has_memory = True
+    modes = MODES
+    default_mode = "fetched"
+
     def __init__(self, anchor: Anchor, mem_cfg: MemoryConfig, bank: Bank | None = None, router=None):
         super().__init__()
         self.anchor = anchor
@@ -48,8 +56,7 @@ class MemoryLM(nn.Module):
     def memory(self, mem_path: torch.Tensor | None, mode: str = "fetched", batch_size: int | None = None,
                device=None) -> FetchedBlocks | None:
         """The per-layer memory list for a batch (None for mode "anchor")."""
-        if mode not in MODES:
-            raise ValueError(f"MemoryLM: unknown mode {mode!r}; valid: {', '.join(MODES)}")
+        mode = self.resolve_mode(mode)
         if mode == "anchor":
             return None
         dtype = next(self.anchor.parameters()).dtype
@@ -66,22 +73,28 @@ class MemoryLM(nn.Module):
             use_generic = torch.rand(mem_path.shape[0]) < p
         return self.bank.fetch(mem_path, use_generic, dtype=dtype)
 
-    def forward(self, input_ids, doc_lens=None, mem_path=None, mode: str = "fetched", kv_cache=None,
+    def forward(self, input_ids, doc_lens=None, mem_path=None, mode: str | None = None, kv_cache=None,
                 start_pos: int = 0, memory=None):
-        """logits [B,T,V] float32. `memory` (a list from `self.memory`) overrides mem_path/mode."""
+        """logits [B,T,V] float32. mode: "fetched" (default: mem_path [B, L] int64 needed), "generic",
+        "anchor". `memory` (a list from `self.memory`) overrides mem_path/mode."""
         if memory is None:
             if mem_path is not None:
                 mem_path = mem_path.to(input_ids.device)
             memory = self.memory(mem_path, mode, batch_size=input_ids.shape[0], device=input_ids.device)
         return self.anchor(input_ids, doc_lens=doc_lens, memory=memory, kv_cache=kv_cache, start_pos=start_pos)
 
-    loss = staticmethod(Anchor.loss)
-
     @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens: int, mem_path=None, texts: list[str] | None = None,
-                 mode: str = "fetched", **kwargs):
+    def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, eos_id: int | None = None, *, mem_path=None, mode: str | None = None,
+                 texts: list[str] | None = None, memory=None, kv_cache: bool = True,
+                 generator: torch.Generator | None = None):
         """Anchor.generate with the row's memory. In mode "fetched" give mem_path [B, L], or texts (one per
-        row) to route with the attached router. kwargs: temperature, top_k, top_p, eos_id, generator."""
+        row) to route with the attached router; `memory` (from `self.memory`) overrides both."""
+        mode = self.resolve_mode(mode)
+        kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, kv_cache=kv_cache,
+                      generator=generator)
+        if memory is not None:
+            return self.anchor.generate(input_ids, max_new_tokens, memory=memory, **kwargs)
         if mode == "fetched" and mem_path is None:
             if texts is None or self.router is None:
                 raise ValueError("MemoryLM.generate: mode 'fetched' needs mem_path, or texts and a router")
@@ -101,7 +114,8 @@ class MemoryLM(nn.Module):
         """Extra FFN units per token, summed over memory layers (what FLOPs/MFU count, never the bank)."""
         return len(self.bank.layer_ids) * self.bank.R
 
-    def flops_per_token(self, seq_len: int, mode: str = "fetched") -> float:
+    def flops_per_token(self, seq_len: int, mode: str | None = None) -> float:
+        mode = self.resolve_mode(mode)
         return self.anchor.flops_per_token(seq_len, extra_ffn_units=0 if mode == "anchor" else self.memory_units())
 
     def num_params(self, group: str = "all") -> int:
@@ -127,10 +141,12 @@ class MemoryLM(nn.Module):
         """Phase 2 of the paper: train the memories only."""
         self.anchor.requires_grad_(not frozen)
 
-    def param_groups(self, anchor_lr: float, anchor_wd: float, memory_lr: float | None = None,
+    def param_groups(self, lr: float, weight_decay: float, memory_lr: float | None = None,
                      memory_wd: float | None = None) -> list[dict]:
         """Optimizer groups (trainable parameters only), each with 'name', 'lr', 'weight_decay' and
-        'min_lr' for the memory (its own cosine floor). Norm weights (1-D) get no weight decay."""
+        'min_lr' for the memory (its own cosine floor). Norm weights (1-D) get no weight decay. lr /
+        weight_decay: the anchor's; memory_lr / memory_wd default to the memory config's."""
+        anchor_lr, anchor_wd = lr, weight_decay
         memory_lr = self.mem_cfg.lr if memory_lr is None else memory_lr
         memory_wd = self.mem_cfg.weight_decay if memory_wd is None else memory_wd
         decay, no_decay = [], []

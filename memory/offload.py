@@ -215,6 +215,8 @@ class OffloadedBank(Bank):
     torch.distributed process group when initialised, else 0/1). prefetch_workers: 0 disables prefetch.
     """
 
+    sparse = True
+
     def __init__(self, mem_cfg: MemoryConfig, model_cfg, storage: str = "host", path: str | None = None,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, prefetch_workers: int = 1,
                  shard_bytes: int = 64 << 20):
@@ -499,6 +501,9 @@ class OffloadedBank(Bank):
         self.uid, self.save_seq = meta["uid"], int(meta["save_seq"])
         self.last_checkpoint = bank_dir
 
+    def has_checkpoint(self, step_dir: str) -> bool:
+        return os.path.isfile(os.path.join(self.checkpoint_dir(step_dir), "index.json"))
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
@@ -518,7 +523,7 @@ def make_bank(mem_cfg: MemoryConfig, model_cfg, live_dir: str | None = None) -> 
     private temp dir, removed with the bank, when None, e.g. for inference). Seeded by torch's RNG."""
     from memory.bank import ResidentBank
 
-    storage = getattr(mem_cfg, "storage", "resident")
+    storage = mem_cfg.storage
     if storage not in STORAGES:
         raise ValueError(f"MemoryConfig.storage={storage!r}: expected one of {', '.join(STORAGES)}")
     if storage == "resident":
@@ -528,8 +533,8 @@ def make_bank(mem_cfg: MemoryConfig, model_cfg, live_dir: str | None = None) -> 
         live_dir = tmp = tempfile.mkdtemp(prefix="memlm-bank-")
     seed = int(torch.randint(0, 2 ** 62, (1,)).item())  # from the caller's seeded RNG: same on every rank
     bank = OffloadedBank(mem_cfg, model_cfg, storage=storage, path=live_dir, seed=seed,
-                         prefetch_workers=1 if getattr(mem_cfg, "prefetch", True) else 0,
-                         shard_bytes=int(getattr(mem_cfg, "shard_mb", 64)) << 20)
+                         prefetch_workers=1 if mem_cfg.prefetch else 0,
+                         shard_bytes=int(mem_cfg.shard_mb) << 20)
     if tmp is not None:
         weakref.finalize(bank, shutil.rmtree, tmp, True)
     return bank

@@ -22,6 +22,21 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from model.atomic import atomic_write
+from model.errors import ConfigError, check_range
+
+# Allowed values of every numeric field (checked before anything derives from them, so n_head=0 is a
+# ConfigError naming `model.n_head`, not a ZeroDivisionError).
+FIELD_RANGES: dict[str, dict] = {
+    "vocab_size": dict(min=1), "n_layer": dict(min=1), "n_embd": dict(min=1), "n_head": dict(min=1),
+    "n_kv_head": dict(min=1), "head_dim": dict(min=2), "ffn_hidden": dict(min=1),
+    "rope_base": dict(min=1.0, min_open=True), "norm_eps": dict(min=0.0, min_open=True),
+    "max_seq_len": dict(min=1), "init_std": dict(min=0.0),
+}
+# Fields that do not change what the weights mean: the rest must agree between a checkpoint and a config
+# that loads it (ModelConfig.differences).
+NON_ARCHITECTURE = ("name", "vocab_size", "init_std")
+
 
 @dataclass
 class ModelConfig:
@@ -41,18 +56,21 @@ class ModelConfig:
     name: str = field(default="custom")
 
     def __post_init__(self):
+        for key, bounds in FIELD_RANGES.items():
+            value = getattr(self, key)
+            if value is not None:
+                check_range(f"model.{key}", value, **bounds)
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
             if self.n_embd % self.n_head:
-                raise ValueError(
-                    f"ModelConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}; set head_dim"
-                )
+                raise ConfigError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
+                                  "set model.head_dim")
             self.head_dim = self.n_embd // self.n_head
         if self.n_head % self.n_kv_head:
-            raise ValueError(f"ModelConfig: n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+            raise ConfigError(f"model.n_head={self.n_head} must be a multiple of model.n_kv_head={self.n_kv_head}")
         if self.head_dim % 2:
-            raise ValueError(f"ModelConfig: head_dim={self.head_dim} must be even for RoPE")
+            raise ConfigError(f"model.head_dim={self.head_dim} must be even (RoPE rotates pairs)")
 
     # ---- lookup ----
     @classmethod
@@ -72,6 +90,11 @@ class ModelConfig:
             changes["n_kv_head"] = None
         return dataclasses.replace(self, **changes)
 
+    def differences(self, other: "ModelConfig", ignore=NON_ARCHITECTURE) -> list[tuple[str, object, object]]:
+        """[(field, self's value, other's value)] for every architecture field that differs."""
+        return [(f.name, getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self)
+                if f.name not in ignore and getattr(self, f.name) != getattr(other, f.name)]
+
     # ---- (de)serialisation ----
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -89,10 +112,7 @@ class ModelConfig:
     def to_yaml(self, path: str | os.PathLike | None = None) -> str:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:
-            tmp = f"{path}.tmp"
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
+            atomic_write(str(path), text)
         return text
 
     @classmethod

@@ -27,6 +27,10 @@ class CheckpointError(MemlmError, ValueError):
     """A missing, incomplete or damaged run / checkpoint / export; the message names the directory or file."""
 
 
+class TrainingError(MemlmError, RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message names the step and the last good checkpoint."""
+
+
 class OutputExistsError(MemlmError, FileExistsError):
     """An output path exists and memlm may not replace it (it did not create it, or it is a run or the
     working directory); the message names the path and the flag that allows replacing memlm's own output."""

@@ -2,7 +2,7 @@
 
 RMSNorm, RoPE (Llama's rotate_half convention, so weights move to/from HF Llama unchanged), grouped-query
 attention through F.scaled_dot_product_attention with a block-causal mask per packed document, optional
-QK-norm, SwiGLU FFN with a memory hook, optional tied embeddings, no biases anywhere.
+QK-norm, SwiGLU FFN that can add fetched memory units, optional tied embeddings, no biases anywhere.
 
 Packed rows: `doc_lens [B, max_docs]` gives the lengths of the documents packed in each row (left-aligned,
 zero padded, each row sums to T). A token attends only to earlier tokens of its own document, and RoPE
@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .loss import lm_loss
+from .interface import LanguageModel
 
 # enable_gqa lets SDPA broadcast K/V heads without a copy (torch >= 2.5); older torch gets repeat_interleave.
 try:
@@ -150,7 +150,7 @@ class SwiGLU(nn.Module):
     def forward(self, x, memory: MemoryBlock | None = None):
         if memory is None:
             return self.w3(F.silu(self.w1(x)) * self.w2(x))
-        # The memory hook: extra SwiGLU units per row, fused with the anchor FFN by the kernel dispatch.
+        # Fetched memory: extra SwiGLU units per row, fused with the anchor FFN by the kernel dispatch.
         # Imported lazily so the plain anchor never needs kernels/ (nor Triton).
         from kernels import memory_ffn
 
@@ -171,7 +171,11 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x), memory)
 
 
-class Anchor(nn.Module):
+class Anchor(LanguageModel):
+    """The decoder (see the module docstring). Implements model.interface.LanguageModel without memory:
+    `mem_path` is accepted and ignored, the only mode is "anchor". The memory model (memory/model.py)
+    runs its fetched blocks through `forward(..., memory=...)`."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = cfg = config
@@ -213,12 +217,25 @@ class Anchor(nn.Module):
             return total - emb
         raise ValueError(f"num_params: unknown group {group!r}; valid: all, embedding, non_embedding")
 
-    def flops_per_token(self, seq_len: int, extra_ffn_units: int = 0) -> float:
+    def param_groups(self, lr: float, weight_decay: float, memory_lr: float | None = None,
+                     memory_wd: float | None = None) -> list[dict]:
+        """AdamW groups (nanoGPT rule): 2-D+ weights decay (the tied embedding too), 1-D norms do not.
+        Frozen parameters are left out; memory_lr/memory_wd do not apply (no memory)."""
+        decay, no_decay = [], []
+        for p in self.parameters():  # parameters() dedups the tied head
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [{"name": "anchor", "params": decay, "lr": lr, "weight_decay": weight_decay},
+                  {"name": "anchor_no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
+    def flops_per_token(self, seq_len: int, mode: str | None = None, *, extra_ffn_units: int = 0) -> float:
         """Training FLOPs (forward + backward) per token, PaLM/nanoGPT convention:
         6 * N  with N = the parameters used in matmuls (non-embedding + the LM head; the input embedding is a
         lookup) + 3 * n_embd * extra_ffn_units (memory units fetched, summed over all memory layers),
         + 12 * n_layer * n_head * head_dim * seq_len for attention scores and values (full T x T, i.e. the
         causal / document mask savings are not subtracted)."""
+        self.resolve_mode(mode)
         cfg = self.config
         n = self.num_params("non_embedding") + cfg.vocab_size * cfg.n_embd + 3 * cfg.n_embd * extra_ffn_units
         return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
@@ -233,10 +250,13 @@ class Anchor(nn.Module):
             self.rope_cos, self.rope_sin = cos.to(self.rope_cos.dtype), sin.to(self.rope_sin.dtype)
         return self.rope_cos[pos], self.rope_sin[pos]
 
-    def forward(self, input_ids, doc_lens=None, memory=None, kv_cache: KVCache | None = None, start_pos: int = 0):
+    def forward(self, input_ids, doc_lens=None, mem_path=None, mode: str | None = None,
+                kv_cache: KVCache | None = None, start_pos: int = 0, memory=None):
         """input_ids [B,T] -> logits [B,T,V] float32.
         doc_lens [B,D]: packed documents (block-causal mask, per-document positions); None = one document.
-        memory: None or a list (len n_layer) of MemoryBlock|None. kv_cache/start_pos: incremental decoding."""
+        mem_path: ignored (no memory); mode: None or "anchor". memory: None or a list (len n_layer) of
+        MemoryBlock|None (what the memory model fetched). kv_cache/start_pos: incremental decoding."""
+        self.resolve_mode(mode)
         cfg = self.config
         B, T = input_ids.shape
         if memory is not None and len(memory) != cfg.n_layer:
@@ -264,16 +284,17 @@ class Anchor(nn.Module):
             x = layer(x, cos, sin, mask, is_causal, kv_cache, start_pos, None if memory is None else memory[i])
         return self.lm_head(self.norm(x)).float()
 
-    loss = staticmethod(lm_loss)  # mean cross-entropy over targets (model/loss.py)
-
     # ---- generation ----
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, eos_id: int | None = None, memory=None, kv_cache: bool = True,
+                 top_p: float | None = None, eos_id: int | None = None, *, mem_path=None, mode: str | None = None,
+                 texts: list[str] | None = None, memory=None, kv_cache: bool = True,
                  generator: torch.Generator | None = None):
         """Continue input_ids [B,T0] (rows of equal length, no padding) by max_new_tokens.
         temperature 0 = greedy; else sampling with optional top_k / top_p. Rows that emitted eos_id keep
-        emitting it; stops early when all rows did. `memory` is passed to every forward step."""
+        emitting it; stops early when all rows did. `memory` (fetched by the memory model) is passed to
+        every forward step; mem_path/texts are ignored (no memory)."""
+        self.resolve_mode(mode)
         B, T0 = input_ids.shape
         cache = None
         if kv_cache:

@@ -1,10 +1,11 @@
-"""Lightning training loop vs a bare PyTorch loop: same model, batches, optimizer, schedule, clipping.
+"""memlm's training loop (train/loop.py on Lightning Fabric) vs a bare PyTorch loop: same model, batches,
+optimizer, schedule, clipping, measured side by side in one process.
 
     python scripts/bench_train.py                       # tiny preset on CPU (prepares a small bios dir)
     python scripts/bench_train.py --data data/bios --steps 60
     python scripts/bench_train.py --presets tiny,160m   # on a GPU: also the paper's 160M anchor
 
-Prints tokens/s, MFU and the Lightning overhead (target <= 5%). Timing skips the first `--warmup` steps.
+Prints tokens/s, MFU and the loop's overhead (target <= 3%). Timing skips the first `--warmup` steps.
 """
 from __future__ import annotations
 
@@ -21,12 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def bare_loop(cfg, steps: int, warmup: int) -> tuple[float, float]:
     """(tokens per wall second, tokens per CPU second) of a plain loop: DataLoader over the same PackedDataset, AdamW groups, LambdaLR, clip."""
     import torch
-    import torch.nn.functional as F
-    from torch.utils.data import DataLoader
 
-    from train.build import build_model, param_groups
-    from train.data_adapter import make_dataset
-    from train.lit import _GroupSchedule
+    from model.loss import nll_sum
+    from train.build import GroupSchedule, build_model, make_loader
 
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
@@ -34,12 +32,11 @@ def bare_loop(cfg, steps: int, warmup: int) -> tuple[float, float]:
     if cfg.trainer.compile:
         model.compile()
     o = cfg.optim
-    opt = torch.optim.AdamW(param_groups(model, cfg), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+    opt = torch.optim.AdamW(model.param_groups(o.lr, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                             fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, [_GroupSchedule(g["lr"], o.min_lr, o.warmup_steps, steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [GroupSchedule(g["lr"], o.min_lr, o.warmup_steps, steps)
                                                     for g in opt.param_groups])
-    loader = DataLoader(make_dataset(cfg, "train", 0, 1), batch_size=None, num_workers=cfg.data.num_workers,
-                        pin_memory=cuda)
+    loader = make_loader(cfg, "train", 0, 1)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     it = iter(loader)
     t0 = None
@@ -52,36 +49,35 @@ def bare_loop(cfg, steps: int, warmup: int) -> tuple[float, float]:
             batch = {k: v.to(dev, non_blocking=True) for k, v in next(it).items()}
             with amp:
                 logits = model(batch["input_ids"], doc_lens=batch["doc_lens"])
-            labels = batch["labels"]
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                                   ignore_index=-100, reduction="sum") / (labels != -100).sum().clamp(min=1)
+            total, count = nll_sum(logits, batch["labels"])
+            loss = total / count.clamp(min=1)
             (loss / o.accumulate).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip, foreach=True)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         if step % cfg.trainer.log_every == 0:
-            loss.item()  # the same host sync the Lightning loop does at log steps
+            loss.item()  # the same host sync train/loop.py does at log steps
     if cuda:
         torch.cuda.synchronize()
     tokens = (steps - warmup) * cfg.data.batch_size * cfg.data.seq_len * o.accumulate
     return tokens / (time.perf_counter() - t0), tokens / (time.process_time() - c0)
 
 
-def lightning_loop(cfg, steps: int, warmup: int) -> tuple[float, float]:
-    """The same for the real `memlm pretrain` path (callbacks, metrics.jsonl; final checkpoint excluded).
-    CPU seconds come from metrics rows stamped with process_time (bench-only wrapper)."""
-    from train import callbacks
+def memlm_loop(cfg, steps: int, warmup: int) -> tuple[float, float]:
+    """The same for the real `memlm pretrain` path (train.pretrain.run: Fabric, train/loop.py, metrics.jsonl,
+    progress line; the final checkpoint comes after the last timed row). CPU seconds come from metrics rows
+    stamped with process_time (a bench-only wrapper)."""
+    from train import loop
     from train.pretrain import run
 
-    write = callbacks.TrainMonitor._write
-    if not getattr(write, "_bench", False):
-        def stamped(self, trainer, row):
+    write = loop.Progress._write
+    if write.__name__ != "stamped":
+        def stamped(self, row):
             row["cpu_time"] = time.process_time()
-            return write(self, trainer, row)
+            return write(self, row)
 
-        stamped._bench = True
-        callbacks.TrainMonitor._write = stamped
+        loop.Progress._write = stamped
     run(cfg)
     with open(os.path.join(cfg.run_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if '"loss"' in line]
@@ -95,10 +91,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="prepared data dir (default: a small bios dir in a temp folder)")
     p.add_argument("--presets", default=None, help="comma list (default: tiny; tiny,160m with CUDA)")
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=80, help="optimizer steps per run (80: rounds differ by ~2%% on a quiet CPU)")
     p.add_argument("--warmup", type=int, default=10, help="steps excluded from timing")
     p.add_argument("--rounds", type=int, default=5,
-                   help="rounds of (bare, Lightning) in alternating order; medians are reported (robust to a "
+                   help="rounds of (bare, memlm) in alternating order; medians are reported (robust to a "
                         "shared, noisy machine)")
     args = p.parse_args(argv)
 
@@ -119,6 +115,8 @@ def main(argv=None) -> int:
         data = os.path.join(tmp, "bios")
         prepare("bios", data, vocab_size=2048, val_fraction=0.05, window_tokens=2048, progress=False,
                 log=lambda *a, **k: None, n_people=400)
+    import dataclasses
+
     from data.shards import open_data
 
     vocab = open_data(data).vocab_size
@@ -132,10 +130,8 @@ def main(argv=None) -> int:
                 f"runs_dir={tmp}/runs", "trainer.deterministic=false", f"optim.warmup_steps={args.warmup}",
                 f"model.max_seq_len={max(seq, 256)}"]
         cfg0 = load_config(os.path.join(os.path.dirname(__file__), "..", "train", "recipes", "tiny-cpu.yaml"), over)
-        from train.build import model_config_for_data
-
-        cfg0 = model_config_for_data(cfg0, vocab)
-        import dataclasses
+        cfg0 = dataclasses.replace(cfg0, model=dataclasses.replace(cfg0.model, vocab_size=vocab),
+                                   data=dataclasses.replace(cfg0.data, by_leaf=False))
         import statistics
 
         bare, lit = [], []  # (wall, cpu) tokens/s per round
@@ -143,12 +139,12 @@ def main(argv=None) -> int:
             cfg = dataclasses.replace(cfg0, name=f"bench-{preset}-{r}")
             if r % 2 == 0:
                 bare.append(bare_loop(cfg0, args.steps, args.warmup))
-                lit.append(lightning_loop(cfg, args.steps, args.warmup))
+                lit.append(memlm_loop(cfg, args.steps, args.warmup))
             else:
-                lit.append(lightning_loop(cfg, args.steps, args.warmup))
+                lit.append(memlm_loop(cfg, args.steps, args.warmup))
                 bare.append(bare_loop(cfg0, args.steps, args.warmup))
             print(f"[bench] {preset} round {r}: bare {bare[-1][0]:,.0f} tok/s ({bare[-1][1]:,.0f} per CPU-s), "
-                  f"lightning {lit[-1][0]:,.0f} tok/s ({lit[-1][1]:,.0f} per CPU-s)", flush=True)
+                  f"memlm {lit[-1][0]:,.0f} tok/s ({lit[-1][1]:,.0f} per CPU-s)", flush=True)
         med = statistics.median
         best_bare, best_lit = med([b[0] for b in bare]), med([x[0] for x in lit])
         cpu_bare, cpu_lit = med([b[1] for b in bare]), med([x[1] for x in lit])
@@ -157,14 +153,14 @@ def main(argv=None) -> int:
         from model.model import Anchor
 
         fpt = Anchor(cfg0.model).flops_per_token(seq)
-        for loop, tps, cps in (("bare torch", best_bare, cpu_bare), ("lightning", best_lit, cpu_lit)):
+        for loop, tps, cps in (("bare torch", best_bare, cpu_bare), ("memlm fit", best_lit, cpu_lit)):
             mfu = f"{100 * fpt * tps / peak:.1f}%" if peak else "n/a"
             rows.append((preset, loop, f"{tps:,.0f}", f"{cps:,.0f}", mfu))
         rows.append((preset, "overhead", f"{100 * overhead:+.1f}%", f"{100 * overhead_cpu:+.1f}%", ""))
     dev = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\ndevice: {dev}; peak used for MFU: {peak / 1e9:,.0f} GFLOP/s" if peak else f"\ndevice: {dev}; peak unknown")
     print(f"median of {args.rounds} rounds x {args.steps - args.warmup} timed steps; overhead = median over rounds "
-          "of 1 - lightning/bare")
+          "of 1 - memlm/bare")
     print("tokens/CPU-s (process time) is robust to other jobs sharing the machine; wall tokens/s is not")
     print(f"{'preset':<8} {'loop':<11} {'tokens/s':>10} {'tokens/CPU-s':>13} {'MFU':>7}")
     for preset, loop, tps, cps, mfu in rows:

@@ -73,13 +73,14 @@ def test_affine_dataset_gives_each_rank_its_own_subtrees(tmp_path, bios_data):  
     assert seen[0] and seen[1] and not seen[0] & seen[1]
 
 
-def _pretrain(data, runs, name, steps, every, rc=0, **env_extra):
+def _pretrain(data, runs, name, steps, every, rc=0, *extra):
     kv = {"data.path": data, "runs_dir": runs, "name": name, "trainer.max_steps": steps, "data.seq_len": 64,
           "data.batch_size": 4, "data.by_leaf": True, "optim.warmup_steps": 2, "trainer.log_every": 1,
           "trainer.val_every": 0, "checkpoint.every": every, "logging.logger": "none", "trainer.deterministic": True,
           "memory.k": 2, "memory.widths": "[8,4]", "memory.storage": "mmap", "memory.shard_mb": 1}
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT, **env_extra)
-    p = subprocess.run([sys.executable, "-m", "train.pretrain", "--config", RECIPE, *[f"{k}={v}" for k, v in kv.items()]],
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT)
+    p = subprocess.run([sys.executable, "-m", "train.pretrain", "--config", RECIPE,
+                        *[f"{k}={v}" for k, v in kv.items()], *extra],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == rc, p.stdout[-3000:] + p.stderr[-3000:]
     with open(os.path.join(runs, name, "metrics.jsonl")) as f:
@@ -92,12 +93,13 @@ def test_pretrain_with_mmap_bank_checkpoints_and_resumes_exactly(tmp_path, bios_
     data = _fake_clustered(bios_data, str(tmp_path / "data"))
     runs = str(tmp_path / "runs")
     straight = _pretrain(data, runs, "a", 4, 4)
-    # hard kill right after the step-2 checkpoint (train/callbacks.py test hook), then resume from it
-    _pretrain(data, runs, "b", 4, 2, rc=-9, MEMLM_TEST_SIGKILL_AFTER_CKPT="2")
-    resumed = _pretrain(data, runs, "b", 4, 2)  # bank rows + AdamW state come back from step-2/bank/
+    _pretrain(data, runs, "b", 4, 2)
+    # again from the step-2 checkpoint: bank rows + AdamW state come back from step-2/bank/, and step-4
+    # (whose bank shards are hard links into step-2's) is replaced by a new one
+    resumed = _pretrain(data, runs, "b", 4, 2, 0, f"checkpoint.resume={runs}/b/checkpoints/step-0000002")
     for step in (3, 4):
         assert resumed[step] == straight[step], (step, resumed, straight)
-    from train.checkpoint import read_weights
+    from model.weights import read_weights
 
     wa = read_weights(os.path.join(runs, "a", "checkpoints", "step-0000004", "model.safetensors"))
     wb = read_weights(os.path.join(runs, "b", "checkpoints", "step-0000004", "model.safetensors"))

@@ -39,3 +39,58 @@ def test_import_model_does_not_import_lightning():
             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('lightning', 'pytorch_lightning', 'lightning_fabric', 'transformers'))))")
     assert json.loads(_run(code)) == []
+
+
+def _imports(path: str) -> set[str]:
+    """Top-level package names a Python file imports (anywhere in it: lazy imports count)."""
+    import ast
+
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+# Layers point down: kernels <- model <- memory; data uses model's leaf modules; train/ is on top.
+FORBIDDEN = {"kernels": {"model", "memory", "data", "train", "lightning", "pytorch_lightning", "lightning_fabric"},
+             "model": {"memory", "data", "train", "lightning", "pytorch_lightning", "lightning_fabric"},
+             "memory": {"data", "train", "lightning", "pytorch_lightning", "lightning_fabric"},
+             "data": {"memory", "train", "kernels", "lightning", "pytorch_lightning", "lightning_fabric"}}
+
+
+def test_lower_layers_never_import_train_or_lightning():
+    bad = []
+    for pkg, forbidden in FORBIDDEN.items():
+        for root, _, files in os.walk(os.path.join(ROOT, pkg)):
+            for name in files:
+                if name.endswith(".py"):
+                    path = os.path.join(root, name)
+                    hit = _imports(path) & forbidden
+                    if hit:
+                        bad.append(f"{os.path.relpath(path, ROOT)} imports {sorted(hit)}")
+    assert not bad, bad
+
+
+def test_no_capability_probing_with_hasattr():
+    """memlm's own objects declare what callers use (model.interface.LanguageModel, memory.bank.Bank):
+    no hasattr() in train/ and model/; the two left elsewhere probe foreign objects (a transformers config,
+    the mmap module)."""
+    import re
+
+    found = []
+    for pkg in ("train", "model", "memory"):
+        for root, _, files in os.walk(os.path.join(ROOT, pkg)):
+            for name in files:
+                if name.endswith(".py"):
+                    path = os.path.join(root, name)
+                    with open(path, encoding="utf-8") as f:
+                        for i, line in enumerate(f, 1):
+                            if re.search(r"\bhasattr\(", line):
+                                found.append(f"{os.path.relpath(path, ROOT)}:{i}: {line.strip()}")
+    allowed = ("hasattr(config, \"quantization_config\")", "hasattr(mmap, \"MADV_NOHUGEPAGE\")")
+    assert [f for f in found if not any(a in f for a in allowed)] == []

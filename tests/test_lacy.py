@@ -27,7 +27,8 @@ def tiny_cfg(vocab_size, **kw):
 
 def make_run(run_dir, anchor, tok_dir):
     """A memlm run dir (one checkpoint) written without Lightning, loadable by train.checkpoint.load_run."""
-    from train.checkpoint import save_weights
+    from model.atomic import write_marker
+    from model.weights import save_weights
     from train.config import RunConfig, save_config
 
     step = os.path.join(run_dir, "checkpoints", "step-0000001")
@@ -37,6 +38,7 @@ def make_run(run_dir, anchor, tok_dir):
     with open(os.path.join(step, "meta.json"), "w") as f:
         json.dump({"step": 1}, f)
     shutil.copytree(tok_dir, os.path.join(step, "tokenizer"))
+    write_marker(step, "checkpoint")  # complete: the marker goes in last
     return str(run_dir)
 
 
@@ -287,7 +289,10 @@ class StubLarge(LargeModel):
 
 
 class ScriptedSLM(torch.nn.Module):
-    """Next-token logits from the last input token only: {token: {next: logit}}; default EOS."""
+    """Next-token logits from the last input token only: {token: {next: logit}}; default EOS. Stands in
+    for an Anchor (model.interface.LanguageModel without memory)."""
+
+    has_memory = False
 
     def __init__(self, cfg, table, eos):
         super().__init__()

@@ -141,11 +141,11 @@ def test_generic_prob_replaces_rows_reproducibly():
 
 def test_freeze_and_param_groups():
     mlm = make()
-    groups = {g["name"]: g for g in mlm.param_groups(anchor_lr=1e-3, anchor_wd=0.1)}
+    groups = {g["name"]: g for g in mlm.param_groups(lr=1e-3, weight_decay=0.1)}
     assert set(groups) == {"anchor", "anchor_no_decay", "memory"}
     assert groups["memory"]["lr"] == 1e-4 and groups["memory"]["weight_decay"] == 1e-3
     mlm.freeze_anchor()
-    groups = mlm.param_groups(anchor_lr=1e-3, anchor_wd=0.1)
+    groups = mlm.param_groups(lr=1e-3, weight_decay=0.1)
     assert [g["name"] for g in groups] == ["memory"]
     n_mem = sum(p.numel() for p in groups[0]["params"])
     assert n_mem == mlm.num_params("memory")

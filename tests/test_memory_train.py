@@ -77,41 +77,36 @@ def test_memory_config_overrides():
     m = cfg.memory
     assert (m.k, m.widths, m.layers, m.freeze_anchor) == (4, (32, 16), "last:2", True)
     assert m.lr == 1e-3  # from the preset
-    assert cfg.data.by_leaf is None  # auto: resolved by train.pretrain
+    assert cfg.data.by_leaf is None  # auto: on for memory runs (train.build.resolve_run; config.yaml below)
     with pytest.raises(ConfigError, match="memory.preset"):
         load_config(RECIPE, ["memory.preset=nope"])
     with pytest.raises(ConfigError, match=r"memory\.widthz"):
         load_config(RECIPE, ["memory.preset=tiny", "memory.widthz=[1]"])
     with pytest.raises(ConfigError, match="widths"):
         load_config(RECIPE, ["memory.widths=[4,-1]"])
-    from train.memory_run import resolve_by_leaf
-
-    assert resolve_by_leaf(cfg).data.by_leaf is True
-    assert resolve_by_leaf(load_config(RECIPE, [])).data.by_leaf is False
-    assert resolve_by_leaf(load_config(RECIPE, ["memory.preset=tiny", "data.by_leaf=false"])).data.by_leaf is False
 
 
 def test_param_groups_frozen_and_cotrain():
-    from train.build import build_model, param_groups
+    from train.build import build_model
     from train.config import load_config
 
     over = ["model.n_layer=2", "model.vocab_size=64", *MEM]
     cfg = load_config(RECIPE, over + ["memory.freeze_anchor=true"])
     model = build_model(cfg)
-    groups = param_groups(model, cfg)
+    groups = model.param_groups(cfg.optim.lr, cfg.optim.weight_decay)
     assert [g["name"] for g in groups] == ["memory"]
     g = groups[0]
     assert (g["lr"], g["min_lr"], g["weight_decay"]) == (1e-2, 1e-3, cfg.memory.weight_decay)
     assert not any(p.requires_grad for p in model.anchor.parameters())
     cfg = load_config(RECIPE, over)  # co-training: anchor groups keep the anchor's lr / wd
-    names = {g["name"]: g for g in param_groups(build_model(cfg), cfg)}
+    names = {g["name"]: g for g in build_model(cfg).param_groups(cfg.optim.lr, cfg.optim.weight_decay)}
     assert set(names) == {"anchor", "anchor_no_decay", "memory"}
     assert names["anchor"]["lr"] == cfg.optim.lr and names["anchor"]["weight_decay"] == cfg.optim.weight_decay
 
 
 # ---- the two-phase run ------------------------------------------------------------------------
 def test_frozen_anchor_unchanged_memory_trained(runs):
-    from train.checkpoint import read_weights
+    from model.weights import read_weights
 
     a = read_weights(os.path.join(_step(runs["anchor"]), "model.safetensors"))
     m = read_weights(os.path.join(_step(runs["memory"]), "model.safetensors"))
@@ -125,6 +120,8 @@ def test_frozen_anchor_unchanged_memory_trained(runs):
     with open(os.path.join(runs["memory"], "config.yaml")) as f:
         text = f.read()
     assert "by_leaf: true" in text and "freeze_anchor: true" in text
+    with open(os.path.join(runs["anchor"], "config.yaml")) as f:
+        assert "by_leaf: false" in f.read()  # auto: off without memory
 
 
 def test_memory_checkpoint_has_router_and_load_run(runs):
@@ -144,6 +141,8 @@ def test_memory_checkpoint_has_router_and_load_run(runs):
 
 
 def test_memory_checkpoint_without_router_errors(runs, tmp_path):
+    from model.atomic import write_marker
+    from model.errors import CheckpointError
     from train.checkpoint import load_run
     from train.commands.eval import main as eval_main
 
@@ -151,37 +150,42 @@ def test_memory_checkpoint_without_router_errors(runs, tmp_path):
     shutil.copytree(_step(runs["memory"]), step)
     for f in ("router.json", "router.safetensors"):
         os.remove(os.path.join(step, f))
-    with pytest.raises(FileNotFoundError, match=r"step-0000010.*without its router"):
+    with pytest.raises(CheckpointError, match=r"router\.json: missing"):  # the marker lists it: damaged
         load_run(step)
-    with pytest.raises(SystemExit, match="without its router"):
+    write_marker(step, "checkpoint")  # a complete checkpoint written without a router
+    with pytest.raises(CheckpointError, match=r"step-0000010.*without its router"):
+        load_run(step)
+    with pytest.raises(CheckpointError, match="without its router"):
         eval_main([step, "--data", runs["data"]])
 
 
 def test_levels_mismatch_and_missing_paths_error(runs, bios_data, tmp_path):
+    from model.errors import MemlmError
     from train.pretrain import main
 
     anchor = runs["anchor"]
-    with pytest.raises(SystemExit, match=r"n_levels=2.*memory\.widths=\[8, 4, 2\] has 3 levels"):
+    with pytest.raises(MemlmError, match=r"n_levels=2.*memory\.widths=\[8, 4, 2\] has 3 levels"):
         main(_args(runs["data"], str(tmp_path), "bad", 2, f"init_from={anchor}", "memory.preset=tiny",
                    "memory.k=2", "memory.widths=[8,4,2]"))
-    with pytest.raises(SystemExit, match=r"router\.json.*k=4"):  # the data's router has k=2
+    with pytest.raises(MemlmError, match=r"router\.json.*k=4"):  # the data's router has k=2
         main(_args(runs["data"], str(tmp_path), "bad", 2, "memory.preset=tiny", "memory.k=4"))
     # the shared bios data is not clustered
-    with pytest.raises(SystemExit, match=r"no cluster paths.*memlm cluster"):
+    with pytest.raises(MemlmError, match=r"no cluster paths.*memlm cluster"):
         main(_args(bios_data, str(tmp_path), "bad", 2, "memory.preset=tiny"))
-    with pytest.raises(SystemExit, match=r"memory config vs model.*n_layer=4"):
+    with pytest.raises(MemlmError, match=r"memory config vs model.*n_layer=4"):
         main(_args(runs["data"], str(tmp_path), "bad", 2, *MEM, "memory.layers=[0,9]"))
 
 
 def test_init_from_memory_run_cotrain(runs):
     """Phase 3: init_from a memory run loads its anchor and bank (and trains both)."""
-    from train.build import build_model
-    from train.checkpoint import read_weights
+    from model.weights import read_weights
+    from train.build import build_model, resolve_init_from
     from train.config import load_config
 
     cfg = load_config(RECIPE, [f"init_from={runs['memory']}", *MEM])
-    cfg = __import__("dataclasses").replace(cfg, model=load_config(os.path.join(runs["memory"], "config.yaml")).model)
-    model = build_model(cfg)
+    init = resolve_init_from(runs["memory"])
+    cfg = __import__("dataclasses").replace(cfg, model=init.model)
+    model = build_model(cfg, init)
     sd = read_weights(os.path.join(_step(runs["memory"]), "model.safetensors"))
     for k, v in model.state_dict().items():
         assert torch.equal(v, sd[k]), k

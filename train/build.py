@@ -1,19 +1,98 @@
-"""Model construction and optimizer parameter groups, shared by training and inference commands.
+"""What a training run is built from: its data, the model (fresh or `init_from`), the optimizers and
+their schedule, and the data loaders. No Lightning here (inference and evaluation import it too).
 
-No Lightning here (inference commands import this). The memory helper extends `build_model` /
-`param_groups` for `cfg.memory` (MemoryLM around the anchor, its own LR/WD group).
+    data = open_training_data(cfg)
+    cfg, init, router = resolve_run(cfg, data)        # vocab, by_leaf, init_from and memory checks
+    model = build_model(cfg, init)                    # a model.interface.LanguageModel
+    opt = Optimizers(model, cfg, world_size)          # dense AdamW + schedule (+ sparse bank AdamW)
+    loader = make_loader(cfg, "train", rank, world_size, start_batch=0)
+
+Every inconsistency between the config, the data and an init_from source is a ConfigError / DataError
+that names both sides, raised before any training starts.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 
+from memory.config import MemoryConfig
 from model.config import ModelConfig
+from model.errors import CheckpointError, ConfigError, DataError, MemlmError
+from model.interface import LanguageModel
 from model.model import Anchor
+from model.weights import read_weights
+from train.config import RunConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+def open_training_data(cfg: RunConfig):
+    """The data dir of `data.path` (data.shards.DataDir); errors name the key and the directory."""
+    from data.shards import open_data
+
+    if not cfg.data.path:
+        raise ConfigError("data.path is not set: give a data directory written by `memlm prepare` (data.path=DIR)")
+    try:
+        return open_data(cfg.data.path)
+    except MemlmError:
+        raise
+    except (FileNotFoundError, ValueError) as e:
+        raise DataError(f"data.path={cfg.data.path}: {e}") from None
+
+
+def check_cluster_paths(data, mem_cfg: MemoryConfig) -> int:
+    """The data's number of cluster levels; DataError when the shards lack cluster paths or their depth
+    differs from the bank's (memory.widths)."""
+    widths = tuple(mem_cfg.widths)
+    cluster_cmd = f"memlm cluster {data.path} --levels {len(widths)} --k {mem_cfg.k}"
+    missing = [f"{split}/{sh.name}" for split in ("train", "val") if split in data.manifest["splits"]
+               for sh in data.shards(split) if not sh.has_array("paths")]
+    n_levels = data.n_levels or 0
+    if not n_levels or missing:
+        what = f"shards {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} have" if missing else \
+            "the manifest has"
+        raise DataError(f"{data.path}: memory is on but {what} no cluster paths (*.paths.npy / n_levels); "
+                        f"run `{cluster_cmd}` first")
+    if n_levels != len(widths):
+        raise DataError(f"{data.manifest_path}: the data is clustered into n_levels={n_levels} but "
+                        f"memory.widths={list(widths)} has {len(widths)} levels; give memory.widths {n_levels} "
+                        f"entries, or re-cluster with `{cluster_cmd} --refit`")
+    return n_levels
+
+
+def load_data_router(data, mem_cfg: MemoryConfig):
+    """The data's router (DATA/router.*), checked against the bank's depth and branching."""
+    from memory.router import Router
+
+    where = os.path.join(data.path, "router.json")
+    if not Router.exists(data.path):
+        raise DataError(f"{where}: not found; memory runs need the data's router (it is copied into every "
+                        f"checkpoint): run `memlm cluster {data.path}`")
+    router = Router.load(data.path)
+    try:
+        router.check_bank(mem_cfg)
+    except ValueError as e:
+        raise ConfigError(f"{where} vs the memory config: {e}") from None
+    return router
+
+
+# ---------------------------------------------------------------------------------------------
+# the run's model config: from the data's vocabulary, or from init_from
+
+@dataclass
+class InitSource:
+    """Where `init_from` points: kind "hf" (a transformers Llama directory) or "run" (a memlm step dir)."""
+    kind: str
+    path: str
+    model: ModelConfig
+    tokenizer_dir: str | None
+    step_dir: str | None = None
 
 
 def is_hf_dir(path: str) -> bool:
@@ -24,59 +103,110 @@ def is_hf_dir(path: str) -> bool:
         return json.load(f).get("model_type") is not None
 
 
-def resolve_init_from(cfg) -> tuple[ModelConfig, str]:
-    """The model config an `init_from` source dictates, and its kind ("hf" or "anchor")."""
-    src = cfg.init_from
-    if not os.path.exists(src):
-        raise SystemExit(f"memlm pretrain: init_from {src}: no such file or directory")
-    if is_hf_dir(src):
+def resolve_init_from(path: str) -> InitSource:
+    """The model an `init_from` path holds; CheckpointError/ConfigError naming the path otherwise."""
+    if not os.path.exists(path):
+        raise ConfigError(f"init_from={path}: no such file or directory")
+    if is_hf_dir(path):
         from transformers import AutoConfig
 
         from model.hf import config_from_llama
 
-        mc = config_from_llama(AutoConfig.from_pretrained(src), os.path.basename(os.path.normpath(src)))
-        return mc, "hf"
+        mc = config_from_llama(AutoConfig.from_pretrained(path), os.path.basename(os.path.normpath(path)))
+        return InitSource("hf", path, mc, path)
     from train.checkpoint import find_step_dir, read_run_config
 
-    step_dir = find_step_dir(src)
-    return read_run_config(step_dir).model, "anchor"
+    step_dir = find_step_dir(path)
+    tok = os.path.join(step_dir, "tokenizer")
+    return InitSource("run", path, read_run_config(step_dir).model, tok if os.path.isdir(tok) else None, step_dir)
 
 
-def build_model(cfg) -> nn.Module:
-    """The nn.Module trained by `cfg`: an Anchor (from scratch or `init_from`), or, with `cfg.memory`,
-    the memory model wrapping it (hook for the memory helper)."""
-    torch.manual_seed(cfg.seed)  # identical init on every rank and every relaunch
-    kind, init_sd = None, {}
+def _check_init_model(cfg: RunConfig, src: InitSource) -> None:
+    """The config's model section must describe the source's model (its preset or the same fields)."""
+    diff = cfg.model.differences(src.model)
+    if diff:
+        pairs = "; ".join(f"model.{k}={a} here, {b} in the source" for k, a, b in diff[:4])
+        raise ConfigError(f"init_from={src.path}: the model section differs from the model it starts from "
+                          f"({pairs}); set model.preset to the source's preset ({src.model.name}) or drop the "
+                          "differing model.* keys")
+
+
+def _check_init_tokenizer(data, src: InitSource) -> None:
+    """Every token of the source's vocabulary must have the same id in the data's tokenizer."""
+    if src.tokenizer_dir is None:
+        return
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(src.tokenizer_dir).get_vocab()
+    ours = data.tokenizer().get_vocab()
+    bad = [t for t, i in theirs.items() if ours.get(t) != i]
+    if bad:
+        raise ConfigError(f"init_from={src.path}: its tokenizer ({src.tokenizer_dir}) differs from the data's "
+                          f"({data.tokenizer_dir}): {len(bad)} of its tokens have another id (e.g. {bad[0]!r}); "
+                          "prepare the data with the source's tokenizer (memlm prepare --tokenizer DIR)")
+
+
+def resolve_run(cfg: RunConfig, data) -> tuple[RunConfig, InitSource | None, object]:
+    """(cfg with model.vocab_size and data.by_leaf resolved, the init_from source or None, the data's router
+    for memory runs or None). The model covers the data's vocabulary; memory runs need cluster paths of
+    the bank's depth and the data's router."""
+    vocab = int(data.vocab_size)
+    init = None
     if cfg.init_from:
-        _, kind = resolve_init_from(cfg)
-        if kind == "hf":
-            from model.hf import import_llama
+        init = resolve_init_from(cfg.init_from)
+        _check_init_model(cfg, init)
+        if init.model.vocab_size < vocab:
+            raise ConfigError(f"init_from={cfg.init_from}: its vocab_size {init.model.vocab_size} is smaller than "
+                              f"the data tokenizer's {vocab} ({cfg.data.path})")
+        _check_init_tokenizer(data, init)
+        cfg = dataclasses.replace(cfg, model=init.model)
+    elif cfg.model.vocab_size != vocab:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+    if cfg.data.by_leaf is None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, by_leaf=cfg.memory is not None))
+    router = None
+    if cfg.memory is not None:
+        try:
+            cfg.memory.validate(cfg.model)
+        except ValueError as e:
+            raise ConfigError(f"memory config vs model: {e}") from None
+        check_cluster_paths(data, cfg.memory)
+        router = load_data_router(data, cfg.memory)
+    return cfg, init, router
 
-            anchor, _ = import_llama(cfg.init_from)
-        else:
-            anchor = Anchor(cfg.model)
-            init_sd = _init_weights(cfg, anchor)  # memory runs as source: anchor part now, bank below (issue 5)
+
+# ---------------------------------------------------------------------------------------------
+# the model
+
+def build_model(cfg: RunConfig, init: InitSource | None = None, live_dir: str | None = None) -> LanguageModel:
+    """The model `cfg` trains: an Anchor, or with `cfg.memory` a MemoryLM around it; weights from `init`
+    when given (an anchor run, a memory run: anchor and bank, or a HF Llama). Seeded by cfg.seed, so every
+    rank and every relaunch builds the same initial weights. live_dir: where an mmap bank keeps its rows."""
+    torch.manual_seed(cfg.seed)
+    bank_sd = {}
+    if init is not None and init.kind == "hf":
+        from model.hf import import_llama
+
+        anchor, _ = import_llama(init.path)
     else:
         anchor = Anchor(cfg.model)
-    if cfg.memory is not None:
-        # live files of an offloaded mmap bank (issue "scale"): the run's scratch dir, per rank
-        live = getattr(cfg.memory, "bank_dir", None) or os.path.join(cfg.run_dir, "bank_live")
-        model = build_memory_model(anchor, cfg, live_dir=live)
-        if cfg.init_from and kind == "anchor" and init_sd.get("bank"):
-            _load_init_bank(cfg, model, init_sd["bank"])
-        if getattr(cfg.memory, "freeze_anchor", False):  # phase 2: only the memories train
-            model.freeze_anchor(True)
-        return model
-    return anchor
+        if init is not None:
+            bank_sd = _load_init_anchor(anchor, os.path.join(init.step_dir, "model.safetensors"))
+    if cfg.memory is None:
+        return anchor
+    from memory.model import MemoryLM
+    from memory.offload import make_bank
+
+    model = MemoryLM(anchor, cfg.memory, bank=make_bank(cfg.memory, anchor.config, live_dir))
+    if bank_sd:
+        _load_init_bank(cfg, model, bank_sd)
+    model.freeze_anchor(cfg.memory.freeze_anchor)  # phase 2 of the paper: only the memories train
+    return model
 
 
-def _init_weights(cfg, anchor: Anchor) -> dict:
-    """Load init_from's anchor weights into `anchor` (issue 5). The source may be an anchor run or a memory
-    run (phase 3, co-training after phase 2): its state then has 'anchor.*' and 'bank.*' keys. Returns
-    {"bank": bank state dict or {}}."""
-    from train.checkpoint import find_step_dir, read_weights
-
-    path = os.path.join(find_step_dir(cfg.init_from), "model.safetensors")
+def _load_init_anchor(anchor: Anchor, path: str) -> dict:
+    """Load the anchor weights of an init_from checkpoint; a memory run's file also holds 'bank.*' keys,
+    returned (prefix removed) for the bank."""
     sd = read_weights(path)
     bank = {}
     if any(k.startswith("anchor.") for k in sd):
@@ -84,67 +214,140 @@ def _init_weights(cfg, anchor: Anchor) -> dict:
         sd = {k[len("anchor."):]: v for k, v in sd.items() if k.startswith("anchor.")}
     missing, unexpected = anchor.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise SystemExit(f"memlm pretrain: init_from {path}: weights do not match the model: missing "
-                         f"{missing[:5]}, unexpected {unexpected[:5]}")
-    return {"bank": bank}
+        raise CheckpointError(f"init_from {path}: weights do not match the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    return bank
 
 
-def _load_init_bank(cfg, model, bank_sd: dict) -> None:
-    """Bank weights of an init_from memory run; its memory shape must match this run's memory config."""
-    bank = model.bank
-    if not hasattr(bank, "load_state_dict") or getattr(cfg.memory, "storage", "resident") != "resident":
-        raise SystemExit(f"memlm pretrain: init_from {cfg.init_from}: continuing a memory run into an "
-                         "offloaded bank is not supported; use memory.storage=resident")
-    want = {k: tuple(v.shape) for k, v in bank.state_dict().items()}
+def _load_init_bank(cfg: RunConfig, model, bank_sd: dict) -> None:
+    """Bank weights of an init_from memory run; its shape must match this run's memory config."""
+    if cfg.memory.storage != "resident":
+        raise ConfigError(f"init_from={cfg.init_from}: continuing a memory run into an offloaded bank is not "
+                          "supported; use memory.storage=resident")
+    want = {k: tuple(v.shape) for k, v in model.bank.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in bank_sd.items()}
     if want != have:
-        raise SystemExit(f"memlm pretrain: init_from {cfg.init_from}: its memory bank {have} does not match "
-                         f"this run's memory config (k={cfg.memory.k}, widths={list(cfg.memory.widths)}, "
-                         f"layers={cfg.memory.layers}): {want}")
-    bank.load_state_dict(bank_sd)
+        raise ConfigError(f"init_from={cfg.init_from}: its memory bank {have} does not match this run's memory "
+                          f"config (k={cfg.memory.k}, widths={list(cfg.memory.widths)}, "
+                          f"layers={cfg.memory.layers}): {want}")
+    model.bank.load_state_dict(bank_sd)
 
 
-def build_memory_model(anchor: Anchor, cfg, live_dir: str | None = None) -> nn.Module:
-    """Hook: wrap the anchor with its memory (memory helper). The bank follows cfg.memory.storage
-    (resident / host / mmap, memory.offload.make_bank); live_dir: where an mmap bank keeps its live rows
-    (None: a private temp dir, as for inference)."""
-    from memory.model import MemoryLM
-    from memory.offload import make_bank
+# ---------------------------------------------------------------------------------------------
+# optimizers and schedule
 
-    return MemoryLM(anchor, cfg.memory, bank=make_bank(cfg.memory, anchor.config, live_dir))
-
-
-def param_groups(model: nn.Module, cfg) -> list[dict]:
-    """AdamW groups, nanoGPT rule: 2D+ weights decay, 1D tensors (norms) don't. The tied embedding
-    is a 2D weight and decays like in nanoGPT. Parameters with requires_grad=False are left out.
-    A group may carry its own "min_lr" (the cosine floor); the scheduler honours it per group."""
-    if cfg.memory is not None:
-        return memory_param_groups(model, cfg)
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():  # dedups tied weights
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": cfg.optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+def lr_factor(step: int, lr: float, min_lr: float, warmup: int, max_steps: int) -> float:
+    """Multiplier of `lr` at optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if lr <= 0:
+        return 1.0
+    span = max(1, max_steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    floor = min_lr / lr
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def model_config_for_data(cfg, vocab_size: int):
-    """Fit model.vocab_size to the data's tokenizer: the model must cover every token id."""
-    if cfg.init_from:
-        mc, _ = resolve_init_from(cfg)
-        if mc.vocab_size < vocab_size:
-            raise SystemExit(f"memlm pretrain: init_from {cfg.init_from}: vocab_size {mc.vocab_size} is smaller "
-                             f"than the data tokenizer's {vocab_size}")
-        return dataclasses.replace(cfg, model=mc)
-    if cfg.model.vocab_size != vocab_size:
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
-    return cfg
+class GroupSchedule:
+    """The LR multiplier of one parameter group (a callable object: LambdaLR saves its fields)."""
+
+    def __init__(self, lr: float, min_lr: float, warmup: int, max_steps: int):
+        self.lr, self.min_lr, self.warmup, self.max_steps = lr, min_lr, warmup, max_steps
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, self.lr, self.min_lr, self.warmup, self.max_steps)
 
 
-def memory_param_groups(model: nn.Module, cfg) -> list[dict]:
-    """Hook (memory helper): anchor groups + memory groups with their own lr / weight_decay / min_lr."""
-    return model.param_groups(anchor_lr=cfg.optim.lr, anchor_wd=cfg.optim.weight_decay,
-                              memory_lr=cfg.memory.lr)
+class Optimizers:
+    """The dense AdamW (fused) with its per-group schedule, and for a sparse (offloaded) bank the lazy
+    AdamW over its fetched rows (memory/sparse_adam.py), stepped together. A group's cosine floor is its
+    own "min_lr" (memory) or optim.min_lr scaled to the group's lr."""
+
+    def __init__(self, model: LanguageModel, cfg: RunConfig, world_size: int = 1, wrap=None):
+        """wrap: Fabric's setup_optimizers (its step applies the precision plugin, e.g. the 16-bit loss
+        scale); None steps the optimizer directly."""
+        o = cfg.optim
+        groups = model.param_groups(o.lr, o.weight_decay)
+        # fused AdamW: CUDA, and CPU too (torch >= 2.4; the per-tensor loop costs ~40% of a tiny step)
+        self.dense = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                                       fused=True)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.dense, [
+            GroupSchedule(g["lr"], g.get("min_lr", o.min_lr * g["lr"] / o.lr if o.lr else o.min_lr),
+                          o.warmup_steps, cfg.trainer.max_steps) for g in self.dense.param_groups])
+        self._dense_step = (wrap(self.dense) if wrap is not None else self.dense).step
+        self.bank = None
+        if model.has_memory and model.bank.sparse:
+            from memory.sparse_adam import SparseBankOptimizer
+
+            m = cfg.memory
+            # each rank owns its rows: divide by world size as DDP averages the dense gradients
+            self.bank = SparseBankOptimizer(model.bank, lr=m.lr, betas=tuple(o.betas), eps=o.eps,
+                                            weight_decay=m.weight_decay, grad_divisor=world_size)
+
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.dense.param_groups for p in g["params"]]
+
+    @property
+    def lr(self) -> float:
+        """The first group's current learning rate (what the progress line shows)."""
+        return self.dense.param_groups[0]["lr"]
+
+    def step(self) -> None:
+        """Dense step, then the bank rows at the memory group's scheduled lr, then the schedule."""
+        self._dense_step()
+        if self.bank is not None:
+            # looked up each step: load_state_dict replaces the optimizer's group dicts
+            memory = [g for g in self.dense.param_groups if g["name"] == "memory"]
+            if memory:
+                self.bank.param_groups[0]["lr"] = memory[0]["lr"]
+            self.bank.step()
+        self.schedule.step()
+        self.dense.zero_grad(set_to_none=True)
+
+    def state_dict(self, dense: dict | None = None) -> dict:
+        """{"dense", "schedule", "bank"}; `dense` replaces the dense optimizer's own (FSDP: a gathered one)."""
+        return {"dense": self.dense.state_dict() if dense is None else dense, "schedule": self.schedule.state_dict(),
+                "bank": None if self.bank is None else self.bank.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.dense.load_state_dict(sd["dense"])
+        self.schedule.load_state_dict(sd["schedule"])
+        if self.bank is not None and sd.get("bank") is not None:
+            self.bank.load_state_dict(sd["bank"])
+
+
+# ---------------------------------------------------------------------------------------------
+# data loaders
+
+def make_loader(cfg: RunConfig, split: str, rank: int, world_size: int, start_batch: int = 0, bank=None):
+    """Train: endless batches of this rank after `start_batch` micro-batches (the resume position).
+    Val: one pass from the split's start (the same rows at every validation). With a sparse bank the train
+    loader hands the next batch's cluster paths to `bank.prefetch` one batch ahead. Batches are dicts of
+    CPU tensors (data/loader.py: input_ids/labels [B, T] int64, doc_lens [B, D], mem_path [B, L])."""
+    from torch.utils.data import DataLoader
+
+    from data.loader import PackedDataset
+
+    d, train = cfg.data, split == "train"
+    cls = PackedDataset
+    if world_size > 1 and cfg.memory is not None and cfg.memory.storage != "resident":
+        # offloaded banks are not replicated: each rank gets rows of the subtrees it stores (data/affine.py)
+        from data.affine import AffinePackedDataset as cls
+    try:
+        ds = cls(d.path, split, seq_len=d.seq_len, batch_size=d.batch_size, seed=cfg.seed, rank=rank,
+                 world_size=world_size, calls=d.calls, by_leaf=d.by_leaf, shuffle=train, infinite=train)
+    except MemlmError:
+        raise
+    except (FileNotFoundError, ValueError) as e:
+        raise DataError(f"data.path={d.path}: {e}") from None
+    if start_batch:
+        ds.load_state_dict(ds.state_at(start_batch))
+    # a private generator: creating a DataLoader iterator must not draw from the global RNG (the
+    # generic-block draws use it, and exact resume restores it)
+    loader = DataLoader(ds, batch_size=None, num_workers=d.num_workers, pin_memory=torch.cuda.is_available(),
+                        generator=torch.Generator().manual_seed(cfg.seed + rank))
+    if train and bank is not None and bank.sparse:
+        from memory.offload import PrefetchingLoader
+
+        loader = PrefetchingLoader(loader, bank)
+    return loader

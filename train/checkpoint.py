@@ -1,116 +1,180 @@
-"""Run checkpoints on disk, and loading a run for inference.
+"""Run checkpoints: one `Checkpointer` owns every piece of state a run resumes from, keyed by component
+(torchtitan's checkpointer habit), and `load_run` loads a checkpoint for inference.
 
     runs/<name>/checkpoints/step-0000020/
-        model.safetensors       weights (tied tensors stored once; metadata "tied" names the aliases)
-        optimizer.pt            Lightning's checkpoint without the weights: optimizer, LR scheduler, loop state
-        data_state_rank{r}.json per-rank data position (batches consumed) + the dataset's own state
-        rng_rank{r}.pt          torch / numpy / python RNG states of rank r
-        config.yaml meta.json tokenizer/   (+ router.*, bank/ written by the memory code)
+        model.safetensors        "model"      weights (model/weights.py; tied tensors stored once)
+        optimizer.pt             "optimizer"  dense AdamW, LR schedule, sparse bank optimizer, step
+        bank/                    "bank"       an offloaded bank's rows + AdamW state (memory/bank_io.py)
+        data_state_rank{r}.json  "data"       rank r's position: micro-batches consumed
+        rng_rank{r}.pt           "rng"        rank r's torch / numpy / python (/ CUDA) RNG states
+        config.yaml tokenizer/   "run files"  the resolved config, the data's tokenizer,
+        router.*                              and for memory runs the router (routes prompts at inference)
+        meta.json                             step, tokens seen, validation, versions
+        .memlm.json                           the marker, written last (model/atomic.py)
 
-A step dir is written as `step-XXXXXXX.tmp` and renamed when complete, so a crash mid-write leaves
-the previous checkpoint as the newest complete one. This module does not import Lightning.
+Crash safety. A checkpoint is complete iff its marker exists and every file has the size the marker
+records (`model.atomic.verify_dir`); a truncated or half-deleted directory never counts. It is written
+as `step-N.tmp` (every rank writes its own files into it), the marker goes in last, and it is renamed
+to `step-N`. An existing `step-N` (a newer checkpoint of a run resumed from an older step) is renamed
+away before the new one takes its name, and old checkpoints are pruned by renaming them away first,
+so a kill at any moment leaves each `step-N` either whole or absent. `resume=auto` takes the newest
+intact checkpoint and names any newer damaged one it skips.
+
+Resume is exact, and refuses a config that would continue another run: the model section, and the keys
+the optimizer state, the schedule and the data position were built from (RESUME_KEYS), must equal the
+checkpoint's; the error names the key. This module does not import Lightning.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import random
 import re
 import shutil
+import time
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from model.atomic import (atomic_write_json, publish_dir, read_marker, remove_dir, remove_leftovers,
+                          verify_dir, write_marker)
+from model.errors import CheckpointError, ConfigError
+from model.weights import load_weights, read_weights, save_weights
+from train.config import RunConfig, get_key, load_config, save_config
+
+KIND = "checkpoint"  # the marker's kind
 STEP_RE = re.compile(r"^step-(\d{7,})$")
+TMP_RE = re.compile(r"^step-(\d{7,})\.tmp$")
+
+# What a checkpoint's optimizer state, schedule and data position were built from: resuming with another
+# value would silently continue another run (e.g. max_steps: the cosine would jump), so it is refused.
+RESUME_KEYS = ("seed", "trainer.max_steps", "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.weight_decay",
+               "optim.betas", "optim.eps", "optim.accumulate", "data.seq_len", "data.batch_size", "data.calls",
+               "data.by_leaf", "memory.lr", "memory.min_lr", "memory.weight_decay", "memory.storage")
 
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:07d}"
 
 
-def list_checkpoints(ckpt_dir: str) -> list[str]:
-    """Complete step dirs (no .tmp), oldest first."""
+# ---------------------------------------------------------------------------------------------
+# finding checkpoints
+
+def step_dirs(ckpt_dir: str) -> list[tuple[int, str]]:
+    """[(step, path)] of every `step-N` directory (complete or not), oldest first."""
     if not os.path.isdir(ckpt_dir):
         return []
-    found = []
-    for name in os.listdir(ckpt_dir):
-        m = STEP_RE.match(name)
-        if m and os.path.isfile(os.path.join(ckpt_dir, name, "meta.json")):
-            found.append((int(m.group(1)), os.path.join(ckpt_dir, name)))
-    return [p for _, p in sorted(found)]
+    found = [(int(m.group(1)), os.path.join(ckpt_dir, n)) for n in os.listdir(ckpt_dir) if (m := STEP_RE.match(n))]
+    return sorted(found)
 
 
-def latest_checkpoint(run_dir: str) -> str | None:
-    ckpts = list_checkpoints(os.path.join(run_dir, "checkpoints"))
-    return ckpts[-1] if ckpts else None
+def check_step_dir(path: str) -> str | None:
+    """None when `path` is a complete checkpoint, else why not (names the file)."""
+    try:
+        verify_dir(path, KIND)
+    except CheckpointError as e:
+        return str(e)
+    return None
 
 
-def find_step_dir(path: str) -> str:
-    """A step dir from a step dir, a run dir (newest checkpoint) or a run's checkpoints/ dir."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
-    if os.path.isfile(os.path.join(path, "model.safetensors")):
+def newest_intact(run_dir: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """(newest complete checkpoint of a run or None, [(newer damaged step dir, why)])."""
+    skipped = []
+    for _, path in reversed(step_dirs(os.path.join(run_dir, "checkpoints"))):
+        why = check_step_dir(path)
+        if why is None:
+            return path, skipped
+        skipped.append((path, why))
+    return None, skipped
+
+
+def find_step_dir(path: str, fall_back: bool = False, log: Callable[[str], None] | None = None) -> str:
+    """A complete step dir from a step dir, a run dir or a run's checkpoints/ dir (the newest). A damaged
+    newest checkpoint is a CheckpointError naming its file, unless `fall_back` (then the next intact one,
+    and `log` says which it skipped)."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint or run directory")
+    if STEP_RE.match(os.path.basename(os.path.normpath(path))) or read_marker(path) is not None:
+        why = check_step_dir(path)
+        if why:
+            raise CheckpointError(why)
         return path
-    for ckpt_dir in (os.path.join(path, "checkpoints"), path):
-        ckpts = list_checkpoints(ckpt_dir)
-        if ckpts:
-            return ckpts[-1]
-    raise FileNotFoundError(f"{path}: no complete checkpoint (step-XXXXXXX/ with meta.json) found")
+    run_dir = os.path.dirname(os.path.normpath(path)) if os.path.basename(os.path.normpath(path)) == "checkpoints" \
+        else path
+    found, skipped = newest_intact(run_dir)
+    if skipped and not fall_back:
+        raise CheckpointError(f"{skipped[0][1]} (or give an older checkpoint: {run_dir}/checkpoints/step-...)")
+    for bad, why in skipped:
+        if log is not None:
+            log(f"skipping damaged checkpoint {bad}: {why}")
+    if found is None:
+        raise CheckpointError(f"{path}: no complete checkpoint (checkpoints/step-XXXXXXX with its marker)")
+    return found
 
 
-def read_run_config(step_dir: str):
-    from train.config import load_config
+def choose_resume(cfg: RunConfig, log: Callable[[str], None]) -> str | None:
+    """The step dir a run continues from per checkpoint.resume, or None for a fresh start: "auto" takes
+    the newest intact checkpoint (saying which damaged ones it skips; none intact but some damaged is an
+    error, so a run is never silently restarted over them), "none" refuses a run that has one, a path
+    must be an intact checkpoint or a run with one."""
+    r = cfg.checkpoint.resume
+    if r not in ("auto", "none"):
+        return find_step_dir(r, fall_back=True, log=log)
+    found, skipped = newest_intact(cfg.run_dir)
+    if r == "none":
+        if found:
+            raise ConfigError(f"checkpoint.resume=none but {cfg.run_dir} has checkpoints ({found}); continue it "
+                              "with checkpoint.resume=auto, or choose another name=")
+        return None
+    if skipped and found is None:  # never start over a run whose checkpoints are all damaged
+        raise CheckpointError(f"{cfg.run_dir}: no intact checkpoint to resume from ({skipped[0][1]}); move the "
+                              "damaged step dirs away, or start another run (name=...)")
+    for bad, why in skipped:
+        log(f"skipping damaged checkpoint {bad} ({why}); resuming from {found}")
+    return found
 
+
+def read_run_config(step_dir: str) -> RunConfig:
     path = os.path.join(step_dir, "config.yaml")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{step_dir}: config.yaml missing")
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete")
     return load_config(path)
 
 
-# ---------------------------------------------------------------------------------------------
-# weights
+def read_step(step_dir: str) -> int:
+    with open(os.path.join(step_dir, "meta.json")) as f:
+        return int(json.load(f)["step"])
 
-def save_weights(state_dict: dict, path: str) -> None:
-    """safetensors refuses shared tensors: store each storage once, record aliases in metadata."""
-    tensors, tied, seen = {}, {}, {}
-    for k, v in state_dict.items():
-        key = (v.data_ptr(), v.dtype, tuple(v.shape), v.untyped_storage().nbytes()) if v.numel() else None
-        if key is not None and key in seen:
-            tied[k] = seen[key]
+
+def check_resume(saved: RunConfig, now: RunConfig, step_dir: str) -> None:
+    """ConfigError naming the first key whose change would make the resumed run another one."""
+    diff = saved.model.differences(now.model, ignore=("name",))
+    if diff:
+        k, a, b = diff[0]
+        raise ConfigError(f"model.{k}={b} but the checkpoint {step_dir} has {a}; resume with the same model "
+                          "settings, or start a new run (another name=) with init_from=" + step_dir)
+    if (saved.memory is None) != (now.memory is None):
+        raise ConfigError(f"memory: the checkpoint {step_dir} was {'a memory' if saved.memory else 'an anchor'} "
+                          "run; resume it with the same memory section, or start a new run with init_from")
+    for key in RESUME_KEYS:
+        if key.startswith("memory.") and now.memory is None:
             continue
-        if key is not None:
-            seen[key] = k
-        tensors[k] = v.detach().to("cpu").contiguous()
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata={"format": "pt", "tied": json.dumps(tied)})
-    os.replace(tmp, path)
-
-
-def read_weights(path: str) -> dict:
-    out = {}
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-        for k in f.keys():
-            out[k] = f.get_tensor(k)
-    for alias, src in json.loads(meta.get("tied", "{}")).items():
-        out[alias] = out[src]
-    return out
-
-
-def load_weights(module: torch.nn.Module, path: str, strict: bool = True) -> None:
-    sd = read_weights(path)
-    missing, unexpected = module.load_state_dict(sd, strict=False)
-    if strict and (missing or unexpected):
-        raise ValueError(f"{path}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        a, b = get_key(saved, key), get_key(now, key)
+        if a != b:
+            raise ConfigError(f"{key}={b} but the checkpoint {step_dir} was trained with {key}={a}; the optimizer "
+                              f"state, LR schedule and data position follow the saved value: resume with "
+                              f"{key}={a}, or start a new run (another name=) with init_from={step_dir}")
 
 
 # ---------------------------------------------------------------------------------------------
-# RNG and data state
+# RNG (saved as tensors and ints, so torch.load(weights_only=True) reads them)
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                        has_gauss, gauss], "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -118,50 +182,134 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
+# ---------------------------------------------------------------------------------------------
+# the checkpointer
 
+class Checkpointer:
+    """Saves and restores a training run's state by component (see the module docstring). Every rank
+    calls `save` and `load` (collectives inside); rank 0 writes the shared files.
 
-def read_data_state(step_dir: str, rank: int) -> dict | None:
-    path = os.path.join(step_dir, f"data_state_rank{rank}.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    model: the LanguageModel (unwrapped); optimizers: train.build.Optimizers; barrier: the process group's
+    barrier (a no-op for one process); state_dicts: () -> (model state dict, optimizer state dict), called
+    on every rank (full tensors on rank 0: FSDP gathers them); load_state(step_dir, optimizer state dict)
+    restores the model weights and the optimizers."""
 
+    def __init__(self, cfg: RunConfig, model, optimizers, rank: int, world_size: int, barrier: Callable[[], None],
+                 state_dicts: Callable[[], tuple[dict, dict]], load_state: Callable[[str, dict], None]):
+        self.cfg, self.model, self.optimizers = cfg, model, optimizers
+        self.rank, self.world_size, self.barrier = rank, world_size, barrier
+        self.state_dicts, self.load_state = state_dicts, load_state
+        self.ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
+        self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.optim.accumulate * world_size
 
-def prune(ckpt_dir: str, keep_last_k: int) -> None:
-    """Delete all but the newest keep_last_k complete checkpoints (0 keeps all)."""
-    if keep_last_k <= 0:
-        return
-    for old in list_checkpoints(ckpt_dir)[:-keep_last_k]:
-        shutil.rmtree(old, ignore_errors=True)
+    def remove_leftovers(self) -> None:
+        """Delete what a killed save left (rank 0, before any rank writes): `step-N.tmp` dirs and the hidden
+        temporary / renamed-away siblings of model/atomic.py."""
+        if self.rank != 0 or not os.path.isdir(self.ckpt_dir):
+            return
+        for name in os.listdir(self.ckpt_dir):
+            if TMP_RE.match(name):
+                shutil.rmtree(os.path.join(self.ckpt_dir, name), ignore_errors=True)
+        remove_leftovers(self.ckpt_dir)
 
+    # ---- save ---------------------------------------------------------------------------------
+    def save(self, step: int, val: dict | None = None) -> str:
+        """Write checkpoint `step` (all ranks), publish it, prune old ones; returns its path."""
+        final = os.path.join(self.ckpt_dir, step_dir_name(step))
+        tmp = final + ".tmp"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        self.barrier()
+        model_sd, optim_sd = self.state_dicts()
+        # every rank: its own files, and the bank's shards of the subtrees it owns (collective)
+        atomic_write_json(os.path.join(tmp, f"data_state_rank{self.rank}.json"), {
+            "rank": self.rank, "world_size": self.world_size, "step": step,
+            "batches": step * self.cfg.optim.accumulate})
+        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{self.rank}.pt"))
+        if self.model.has_memory:
+            self.model.bank.save_checkpoint(self.model.bank.checkpoint_dir(tmp))
+        if self.rank == 0:
+            save_weights(model_sd, os.path.join(tmp, "model.safetensors"))
+            torch.save({"step": step, **optim_sd}, os.path.join(tmp, "optimizer.pt"))
+            save_config(self.cfg, os.path.join(tmp, "config.yaml"))
+            src = os.path.join(self.cfg.data.path, "tokenizer")
+            if os.path.isdir(src):
+                shutil.copytree(src, os.path.join(tmp, "tokenizer"))
+            if self.model.has_memory and self.model.router is not None:
+                self.model.router.save(tmp)
+            atomic_write_json(os.path.join(tmp, "meta.json"), self._meta(step, val or {}))
+        self.barrier()  # every rank's files are in
+        if self.rank == 0:
+            write_marker(tmp, KIND, {"step": step})
+            publish_dir(tmp, final)
+            self.prune()
+        self.barrier()
+        return final
 
-def copy_tokenizer(src_data_dir: str | None, dst: str) -> None:
-    if not src_data_dir:
-        return
-    src = os.path.join(src_data_dir, "tokenizer")
-    if os.path.isdir(src):
-        shutil.copytree(src, dst, dirs_exist_ok=True)
+    def prune(self) -> None:
+        """Keep the newest checkpoint.keep_last_k complete checkpoints (0 keeps all)."""
+        k = self.cfg.checkpoint.keep_last_k
+        intact = [p for _, p in step_dirs(self.ckpt_dir) if check_step_dir(p) is None]
+        for old in intact[:-k] if k > 0 else []:
+            remove_dir(old, KIND)
+
+    def _meta(self, step: int, val: dict) -> dict:
+        import lightning
+
+        try:
+            from importlib.metadata import version
+
+            memlm_version = version("memlm")
+        except Exception:  # noqa: BLE001  (not installed: running from a checkout)
+            memlm_version = None
+        return {"step": step, "tokens_seen": step * self.tokens_per_step, "val_loss": val.get("val_loss"),
+                "val_bpb": val.get("val_bpb"), "world_size": self.world_size, "time": time.time(),
+                "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                "versions": {"torch": torch.__version__, "lightning": lightning.__version__, "memlm": memlm_version}}
+
+    # ---- load ---------------------------------------------------------------------------------
+    def load(self, step_dir: str) -> tuple[int, int]:
+        """Restore every component from `step_dir` (all ranks); returns (step, micro-batches this rank
+        consumed). Call it last before training: it also restores this rank's RNG."""
+        check_resume(read_run_config(step_dir), self.cfg, step_dir)
+        sd = torch.load(os.path.join(step_dir, "optimizer.pt"), map_location="cpu", weights_only=True)
+        self.load_state(step_dir, sd)
+        if self.model.has_memory and self.model.bank.has_checkpoint(step_dir):
+            self.model.bank.load_checkpoint(self.model.bank.checkpoint_dir(step_dir))
+        step = int(sd["step"])
+        batches = step * self.cfg.optim.accumulate
+        path = os.path.join(step_dir, f"data_state_rank{self.rank}.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                batches = int(json.load(f)["batches"])
+        rng = os.path.join(step_dir, f"rng_rank{self.rank}.pt")
+        if os.path.isfile(rng):  # another world size: rank r may have none (nothing random to replay then)
+            set_rng_state(torch.load(rng, weights_only=True))
+        return step, batches
 
 
 # ---------------------------------------------------------------------------------------------
 # inference
 
-def load_run(path: str, device: str | torch.device = "cpu"):
-    """(model, tokenizer, config, router|None) from a run dir or a step dir. The model is an Anchor, or
-    the memory model when the run trained memory; eval mode, on `device`."""
-    from train.build import build_memory_model
+class LoadedRun(NamedTuple):
+    model: Any           # model.interface.LanguageModel (Anchor or MemoryLM), eval mode
+    tokenizer: Any       # the run's tokenizer (None if the checkpoint has none)
+    config: RunConfig
+    router: Any          # memory runs: memory.router.Router (also model.router); else None
+
+
+def load_run(path: str, device: str | torch.device = "cpu") -> LoadedRun:
+    """The model of a run dir (its newest checkpoint) or a step dir, ready for inference on `device`.
+    CheckpointError naming the file when the checkpoint is damaged or incomplete."""
     from model.model import Anchor
 
     step_dir = find_step_dir(path)
@@ -169,30 +317,29 @@ def load_run(path: str, device: str | torch.device = "cpu"):
     anchor = Anchor(cfg.model)
     router = None
     if cfg.memory is None:
-        load_weights(anchor, os.path.join(step_dir, "model.safetensors"))
         model = anchor
-    else:  # memory runs: the memory code restores its bank / router (hook)
-        model = build_memory_model(anchor, cfg)
-        if hasattr(model, "load_checkpoint_files"):
-            model.load_checkpoint_files(step_dir)
-        else:
-            load_weights(model, os.path.join(step_dir, "model.safetensors"))
-        bank = getattr(model, "bank", None)
-        if hasattr(bank, "load_checkpoint") and os.path.isfile(os.path.join(step_dir, "bank", "index.json")):
-            bank.load_checkpoint(os.path.join(step_dir, "bank"))  # offloaded bank rows (memory/offload.py)
-        # issue 5: a memory checkpoint must carry its router (routes prompts at inference); check it fits the bank
+    else:
+        from memory.model import MemoryLM
+        from memory.offload import make_bank
         from memory.router import Router
 
+        model = MemoryLM(anchor, cfg.memory, bank=make_bank(cfg.memory, anchor.config, None))
         if not Router.exists(step_dir):
-            raise FileNotFoundError(f"{step_dir}: memory checkpoint without its router (router.json + "
-                                    "router.safetensors); copy DATA/router.* of the data it was trained on here")
+            raise CheckpointError(f"{step_dir}: memory checkpoint without its router (router.json + "
+                                  "router.safetensors); copy DATA/router.* of the data it was trained on here")
         router = Router.load(step_dir)
         router.check_bank(cfg.memory)
         model.router = router
+    load_weights(model, os.path.join(step_dir, "model.safetensors"))
+    if model.has_memory and model.bank.has_checkpoint(step_dir):
+        model.bank.load_checkpoint(model.bank.checkpoint_dir(step_dir))
     tokenizer = None
-    tok_dir = os.path.join(step_dir, "tokenizer")
-    if os.path.isdir(tok_dir):
+    if os.path.isdir(os.path.join(step_dir, "tokenizer")):
         from data.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(tok_dir)
-    return model.to(device).eval(), tokenizer, cfg, router
+        tokenizer = load_tokenizer(os.path.join(step_dir, "tokenizer"))
+    return LoadedRun(model.to(device).eval(), tokenizer, cfg, router)
+
+
+__all__ = ["Checkpointer", "LoadedRun", "load_run", "find_step_dir", "newest_intact", "read_run_config",
+           "read_weights", "save_weights", "check_resume", "step_dir_name"]

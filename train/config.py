@@ -2,14 +2,17 @@
 
     cfg = load_config("train/recipes/tiny-cpu.yaml", ["optim.lr=3e-4", "trainer.max_steps=20"])
 
-Unknown keys are an error that names the full dotted key (`optim.lrr`). The `model` section is a
-`model.config.ModelConfig`: `model.preset=<name>` picks a named preset, other `model.*` keys override
-its fields. The resolved config (every field, preset expanded) is saved as `runs/<name>/config.yaml`.
-This module never imports Lightning (inference commands read configs too).
+Unknown keys are an error that names the full dotted key (`optim.lrr`); so is every value out of its
+range (`data.batch_size=-2`), checked when the config is loaded, before any work starts (`RANGES`). The
+`model` section is a `model.config.ModelConfig`: `model.preset=<name>` picks a named preset, other
+`model.*` keys override its fields; `memory` likewise (`memory.config.MemoryConfig`, `memory.preset`).
+The resolved config (every field, presets expanded) is saved as `runs/<name>/config.yaml` and in every
+checkpoint. This module never imports Lightning (inference commands read configs too).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -18,75 +21,130 @@ from typing import Any, Optional
 
 import yaml
 
+from memory.config import MemoryConfig
+from model.atomic import atomic_write
+from model.config import FIELD_RANGES as MODEL_RANGES
+from model.config import ModelConfig
+from model.errors import ConfigError, check_range
 
-class ConfigError(ValueError):
-    """A bad config key or value; the message names the dotted key."""
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
 
 @dataclass
 class DataConfig:
-    path: Optional[str] = None  # a data dir written by `memlm prepare`
+    """The training data and how it is packed into rows (data/loader.py)."""
+
+    path: Optional[str] = None
+    """A data directory written by `memlm prepare` (required to train)."""
     seq_len: int = 256
-    batch_size: int = 8  # per rank, per micro-step
+    """Tokens per packed row."""
+    batch_size: int = 8
+    """Rows per micro-batch on each rank."""
     num_workers: int = 0
-    calls: Optional[str] = None  # name of a per-token calls array (e.g. "calls_lacy") -> <CALL> targets
-    # pack rows from windows of one cluster leaf; null = auto: on when the run has memory (issue 5)
+    """DataLoader worker processes per rank (0: batches are built in the training process)."""
+    calls: Optional[str] = None
+    """Per-token selection array (e.g. "calls_lacy" from `memlm select`): those targets become <CALL>."""
     by_leaf: Optional[bool] = None
+    """Pack each row from windows of one cluster leaf; null = on exactly when the run has memory."""
 
 
 @dataclass
 class OptimConfig:
+    """AdamW and its schedule: linear warmup, then cosine decay to min_lr."""
+
     lr: float = 3e-4
-    min_lr: float = 3e-5  # floor of the cosine decay
+    """Peak learning rate of the anchor."""
+    min_lr: float = 3e-5
+    """Floor of the cosine decay (reached at trainer.max_steps)."""
     warmup_steps: int = 100
-    weight_decay: float = 0.1  # applied to 2D weights only (nanoGPT); norms/biases/1D never decay
-    betas: tuple = (0.9, 0.95)
+    """Optimizer steps of linear warmup from lr/warmup_steps to lr."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay of 2-D weights (norms never decay)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW moment coefficients, each in [0, 1)."""
     eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 disables clipping (the norm is still measured)
-    accumulate: int = 1  # micro-batches per optimizer step
+    """AdamW denominator epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: never clip; the norm is still measured and logged)."""
+    accumulate: int = 1
+    """Micro-batches per optimizer step (gradient accumulation)."""
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 1000  # optimizer steps
-    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU; or any Lightning precision
-    strategy: str = "auto"  # auto: ddp when world > 1; "ddp" | "fsdp"
-    compile: bool = False  # torch.compile the model
-    val_every: int = 0  # optimizer steps between validations (0: never)
+    """Length, precision and parallelism of the run."""
+
+    max_steps: int = 1000
+    """Optimizer steps of the whole run (the cosine schedule ends here)."""
+    precision: str = "auto"
+    """auto (bf16-mixed on GPU, 32-true on CPU) or a Lightning precision: 32-true, bf16-mixed, 16-mixed, ..."""
+    strategy: str = "auto"
+    """auto (DDP when torchrun starts several processes), ddp or fsdp."""
+    compile: bool = False
+    """torch.compile the model."""
+    val_every: int = 0
+    """Optimizer steps between validations (0: never)."""
     val_batches: int = 8
+    """Validation micro-batches per rank at each validation (the same rows every time)."""
     log_every: int = 10
-    deterministic: bool = False  # bit-exact CPU runs (torch.use_deterministic_algorithms)
+    """Optimizer steps between metrics rows and progress lines."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms: bit-exact runs and resumes (on the same machine kind)."""
 
 
 @dataclass
 class LoggingConfig:
-    logger: str = "wandb"  # wandb | none   (metrics.jsonl is always written)
-    wandb_mode: str = "offline"  # offline | online | disabled
+    """Where metrics go besides runs/<name>/metrics.jsonl (always written)."""
+
+    logger: str = "wandb"
+    """wandb or none."""
+    wandb_mode: str = "offline"
+    """offline (sync later), online or disabled."""
     project: str = "memlm"
+    """wandb project name."""
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 500  # optimizer steps between checkpoints (0: only the final one)
-    keep_last_k: int = 3  # 0 keeps all
-    resume: str = "auto"  # auto (newest complete checkpoint of this run, if any) | none | PATH
+    """When checkpoints are written and which one a run resumes from."""
+
+    every: int = 500
+    """Optimizer steps between checkpoints (0: only the final one)."""
+    keep_last_k: int = 3
+    """Keep the newest k checkpoints (0 keeps all)."""
+    resume: str = "auto"
+    """auto (the newest intact checkpoint of this run, if any), none (refuse if there is one), or a path."""
 
 
 @dataclass
 class RunConfig:
+    """Everything one training run needs; saved as runs/<name>/config.yaml."""
+
     name: str = "run"
+    """Run name: the run lives in runs_dir/name."""
     runs_dir: str = "runs"
+    """Parent directory of runs."""
     seed: int = 1337
-    model: Any = None  # model.config.ModelConfig (filled from `preset` + overrides)
-    model_preset: Optional[str] = None  # the preset the model section started from (informative)
+    """Seed of the model init, the data order and the generic-block draws."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The anchor's architecture (model.preset + field overrides); vocab_size follows the data."""
+    model_preset: Optional[str] = None
+    """The preset the model section started from (informative; saved as model.preset)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Run length, precision, parallelism."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Loggers."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    init_from: Optional[str] = None  # anchor run/checkpoint dir or a HF Llama dir
-    # Hook for the memory section (memory.config.MemoryConfig); None trains a plain anchor.
-    memory: Any = None
+    """Checkpoints and resume."""
+    init_from: Optional[str] = None
+    """Start from these weights: a memlm run or step dir (anchor or memory run) or a HF Llama directory;
+    the model section must then describe that model."""
+    memory: Optional[MemoryConfig] = None
+    """Hierarchical memories (memory.preset + overrides); null trains a plain anchor."""
 
     @property
     def run_dir(self) -> str:
@@ -99,7 +157,7 @@ class RunConfig:
             if f.name == "model_preset":
                 continue
             if f.name == "model":
-                v = {"preset": self.model_preset, **_model_to_dict(v)}
+                v = {"preset": self.model_preset, **_plain(v.to_dict())}
             elif dataclasses.is_dataclass(v):
                 v = _plain(dataclasses.asdict(v))
             out[f.name] = v
@@ -110,23 +168,68 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------------------------------------
+# value checks: every numeric key has a range (tests/test_config.py checks that none is missing)
+
+RANGES: dict[str, dict] = {
+    "seed": dict(min=0, max=2**32 - 1),
+    "data.seq_len": dict(min=1), "data.batch_size": dict(min=1), "data.num_workers": dict(min=0),
+    "optim.lr": dict(min=0.0), "optim.min_lr": dict(min=0.0), "optim.warmup_steps": dict(min=0),
+    "optim.weight_decay": dict(min=0.0), "optim.betas": dict(min=0.0, max=1.0, max_open=True),
+    "optim.eps": dict(min=0.0, min_open=True), "optim.grad_clip": dict(min=0.0), "optim.accumulate": dict(min=1),
+    "trainer.max_steps": dict(min=1), "trainer.val_every": dict(min=0), "trainer.val_batches": dict(min=1),
+    "trainer.log_every": dict(min=1),
+    "checkpoint.every": dict(min=0), "checkpoint.keep_last_k": dict(min=0),
+    "memory.k": dict(min=1), "memory.widths": dict(min=0), "memory.generic_prob": dict(min=0.0, max=1.0),
+    "memory.init_std": dict(min=0.0), "memory.lr": dict(min=0.0), "memory.min_lr": dict(min=0.0),
+    "memory.weight_decay": dict(min=0.0), "memory.shard_mb": dict(min=1),
+    **{f"model.{k}": v for k, v in MODEL_RANGES.items()},
+}
+CHOICES: dict[str, tuple] = {
+    "trainer.precision": PRECISIONS, "trainer.strategy": ("auto", "ddp", "fsdp"),
+    "logging.logger": ("wandb", "none"), "logging.wandb_mode": ("offline", "online", "disabled"),
+    "memory.storage": ("resident", "host", "mmap"),
+}
+
+
+def get_key(cfg: RunConfig, key: str):
+    """The value of a dotted key, e.g. get_key(cfg, "optim.lr")."""
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _check_value(key: str, value) -> None:
+    for v in value if isinstance(value, tuple) else (value,):
+        if v is not None:
+            check_range(key, v, **RANGES[key])
+
+
+def check(cfg: RunConfig) -> RunConfig:
+    """Raise ConfigError naming the dotted key of the first value out of range (RANGES, CHOICES, and
+    min_lr <= lr); return cfg."""
+    for key in RANGES:
+        if not (key.startswith("memory.") and cfg.memory is None):
+            _check_value(key, get_key(cfg, key))
+    for key, allowed in CHOICES.items():
+        if not (key.startswith("memory.") and cfg.memory is None) and get_key(cfg, key) not in allowed:
+            raise ConfigError(f"{key}={get_key(cfg, key)!r}: expected one of {', '.join(allowed)}")
+    for section in ("optim", "memory"):
+        s = getattr(cfg, section)
+        if s is not None and s.min_lr > s.lr:
+            raise ConfigError(f"{section}.min_lr={s.min_lr} is above {section}.lr={s.lr}: the cosine decay "
+                              f"would rise; give {section}.min_lr <= {section}.lr")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
 # parsing
 
 def _plain(obj):
     """Tuples -> lists so that yaml.safe_dump writes plain YAML."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
-    return obj
-
-
-def _model_to_dict(mc) -> dict:
-    if mc is None:
-        return {}
-    if hasattr(mc, "to_dict"):
-        return _plain(mc.to_dict())
-    return _plain(dataclasses.asdict(mc))
+    return {k: _plain(v) for k, v in obj.items()} if isinstance(obj, dict) else obj
 
 
 def parse_value(text: str):
@@ -146,7 +249,7 @@ def parse_value(text: str):
 
 
 def _coerce(value, tp, key: str):
-    """Check/convert `value` to annotation `tp`; error names the key."""
+    """Check/convert `value` to annotation `tp`; the error names the key."""
     origin = typing.get_origin(tp)
     if tp is Any or tp is object:
         return value
@@ -159,38 +262,36 @@ def _coerce(value, tp, key: str):
             return value
         return _coerce(value, inner[0], key)
     if value is None:
-        raise ConfigError(f"config key {key!r}: null is not allowed here")
+        raise ConfigError(f"{key}: null is not allowed here")
     if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"config key {key!r}: expected true/false, got {value!r}")
+        if isinstance(value, bool) or (isinstance(value, str) and value.lower() in ("true", "false", "yes", "no")):
+            return value if isinstance(value, bool) else value.lower() in ("true", "yes")
+        raise ConfigError(f"{key}={value!r}: expected true or false")
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-            raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or int(value) != value:
+            raise ConfigError(f"{key}={value!r}: expected an integer")
         return int(value)
     if tp is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
+        if isinstance(value, str):  # "3e-4": YAML 1.1 reads it as a string
+            value = parse_value(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}={value!r}: expected a number")
         return float(value)
     if tp is str:
         if isinstance(value, (dict, list)):
-            raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}={value!r}: expected a string")
         return str(value)
     if tp is tuple or origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}={value!r}: expected a list")
         args = typing.get_args(tp)
         if args and args[-1] is Ellipsis:
             return tuple(_coerce(v, args[0], key) for v in value)
-        if tp is tuple:  # untyped tuples here are float pairs (betas)
-            return tuple(_coerce(v, float, key) for v in value)
+        if args:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}={list(value)}: expected {len(args)} values")
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
         return tuple(value)
     return value
 
@@ -198,7 +299,7 @@ def _coerce(value, tp, key: str):
 def _fill_dataclass(cls, values: dict, prefix: str, base=None):
     """Build `cls` from a dict, starting from `base` (or defaults); unknown keys -> ConfigError."""
     if not isinstance(values, dict):
-        raise ConfigError(f"config key {prefix!r}: expected a mapping, got {values!r}")
+        raise ConfigError(f"{prefix}: expected a mapping of keys, got {values!r}")
     obj = base if base is not None else cls()
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -213,57 +314,35 @@ def _fill_dataclass(cls, values: dict, prefix: str, base=None):
             updates[k] = _fill_dataclass(type(sub), v, full, base=sub)
         else:
             updates[k] = _coerce(v, hints.get(k, Any), full)
+            if full in RANGES:  # before the dataclass derives anything from it (e.g. k**level)
+                _check_value(full, updates[k])
     return dataclasses.replace(obj, **updates)
 
 
-def _build_model_config(section: dict | None, prefix: str = "model"):
-    """`model` section -> (ModelConfig, preset). preset first, then field overrides."""
-    from model.config import ModelConfig
-
+def _section(cls, section, name: str):
+    """A `model` / `memory` section -> (dataclass, preset name): the preset first, then field overrides.
+    The dataclass's own checks (e.g. divisibility) become ConfigErrors naming the section."""
     section = dict(section or {})
     preset = section.pop("preset", None)
-    if preset is not None:
-        try:
-            base = ModelConfig.from_name(preset)
-        except (KeyError, ValueError) as e:
-            raise ConfigError(f"config key 'model.preset': {e}") from None
-    else:
-        base = ModelConfig()
-    return _fill_dataclass(ModelConfig, section, prefix, base=base), preset
-
-
-def _build_memory_config(section):
-    """Hook: the memory section becomes memory.config.MemoryConfig (unknown keys -> error)."""
-    if section is None:
-        return None
-    from memory.config import MemoryConfig  # the memory helper's dataclass
-
-    if dataclasses.is_dataclass(section):
-        return section
-    # memory.preset=<name> starts from a named MemoryConfig preset; other memory.* keys override it (issue 5)
-    section = dict(section)
-    preset = section.pop("preset", None)
-    base = None
-    if preset is not None:
-        try:
-            base = MemoryConfig.from_name(str(preset))
-        except ValueError as e:
-            raise ConfigError(f"config key 'memory.preset': {e}") from None
     try:
-        return _fill_dataclass(MemoryConfig, section, "memory", base=base)
-    except ValueError as e:  # MemoryConfig.__post_init__ (e.g. a negative width)
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"config section 'memory': {e}") from None
+        base = cls.from_name(str(preset)) if preset is not None else cls()
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"{name}.preset: {e}") from None
+    try:
+        return _fill_dataclass(cls, section, name, base=base), preset
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{name}: {e}") from None
 
 
 def _set_dotted(tree: dict, key: str, value) -> None:
     parts = key.split(".")
     node = tree
     for p in parts[:-1]:
-        nxt = node.get(p)
-        if nxt is None:
-            nxt = node[p] = {}
+        if node.get(p) is None:
+            node[p] = {}
+        nxt = node[p]
         if not isinstance(nxt, dict):
             raise ConfigError(f"config key {key!r}: {p!r} is not a section")
         node = nxt
@@ -283,44 +362,39 @@ def parse_overrides(overrides: list[str]) -> dict:
 def _merge(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
 def from_dict(raw: dict) -> RunConfig:
+    """A checked RunConfig from a nested dict (a parsed YAML recipe with overrides merged in)."""
     raw = dict(raw or {})
-    model_section = raw.pop("model", None)
-    memory_section = raw.pop("memory", None)
-    raw.pop("model_preset", None)
+    model_section, memory_section, _ = raw.pop("model", None), raw.pop("memory", None), raw.pop("model_preset", None)
     cfg = _fill_dataclass(RunConfig, raw, "")
-    model_cfg, preset = _build_model_config(model_section)
-    return dataclasses.replace(cfg, model=model_cfg, model_preset=preset,
-                               memory=_build_memory_config(memory_section))
+    model_cfg, preset = _section(ModelConfig, model_section, "model")
+    memory_cfg = None if memory_section is None else _section(MemoryConfig, memory_section, "memory")[0]
+    return check(dataclasses.replace(cfg, model=model_cfg, model_preset=preset, memory=memory_cfg))
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """YAML recipe (optional) + dotted overrides -> RunConfig."""
+    """YAML recipe (optional) + dotted overrides -> a checked RunConfig; ConfigError names the file and key."""
     raw: dict = {}
     if path:
-        if not os.path.exists(path):
-            raise ConfigError(f"{path}: config file not found")
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a YAML mapping at the top level")
-    raw = _merge(raw, parse_overrides(overrides or []))
     try:
-        return from_dict(raw)
+        return from_dict(_merge(raw, parse_overrides(overrides or [])))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
 
 def save_config(cfg: RunConfig, path: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(cfg.to_yaml())
-    os.replace(tmp, path)
+    """Write the resolved config as YAML, atomically."""
+    atomic_write(path, cfg.to_yaml())

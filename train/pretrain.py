@@ -1,4 +1,4 @@
-"""Pretrain an anchor (or train memories) with Lightning. One entry for every launcher:
+"""Pretrain an anchor (or train memories) on Lightning Fabric. One entry for every launcher:
 
     python -m train.pretrain --config train/recipes/tiny-cpu.yaml data.path=data/bios trainer.max_steps=200
     memlm pretrain --config ...                                        (same thing)
@@ -6,12 +6,12 @@
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 -m train.pretrain ...
 
 Devices and nodes are derived from torchrun's environment (WORLD_SIZE, LOCAL_WORLD_SIZE), never typed
-twice. Config: a YAML recipe plus dotted overrides (`optim.lr=3e-4`); see train/config.py.
+twice. Config: a YAML recipe plus dotted overrides (`optim.lr=3e-4`); see train/config.py. `run(cfg)`
+checks everything (config, data, init_from, the checkpoint to resume) before it builds anything, then
+hands the pieces to train.loop.fit.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -22,12 +22,13 @@ os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 def _env_world() -> tuple[int, int, int, int]:
     """(world_size, local_world_size, num_nodes, rank) from torchrun's variables (1 process without them)."""
+    from model.errors import ConfigError
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    rank = int(os.environ.get("RANK", "0"))
     if world % local:
-        raise SystemExit(f"memlm pretrain: WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={local}")
-    return world, local, world // local, rank
+        raise ConfigError(f"WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={local} (torchrun's environment)")
+    return world, local, world // local, int(os.environ.get("RANK", "0"))
 
 
 def print0(*args, **kw):
@@ -35,214 +36,172 @@ def print0(*args, **kw):
         print(*args, **kw, flush=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser():
+    from train.cli import ArgumentParser
+
+    p = ArgumentParser(
         prog="memlm pretrain",
-        description="Pretrain an anchor with Lightning (python, torchrun single/multi-node). "
-                    "Overrides are dotted key=value pairs, e.g. optim.lr=3e-4 trainer.max_steps=200.")
+        description="Pretrain an anchor or train memories (python, torchrun single/multi-node). Overrides are "
+                    "dotted key=value pairs, e.g. optim.lr=3e-4 trainer.max_steps=200; every key is in "
+                    "train/config.py and `--print-config` shows the resolved values.")
     p.add_argument("--config", "-c", help="YAML recipe (e.g. train/recipes/tiny-cpu.yaml); defaults otherwise")
-    p.add_argument("overrides", nargs="*", help="dotted overrides key=value (unknown keys are an error)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides key=value (unknown keys and values out of range "
+                                               "are an error naming the key)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p
 
 
-def _resolve_resume(cfg) -> str | None:
-    """The step dir to resume from, or None for a fresh start."""
-    from train.checkpoint import find_step_dir, latest_checkpoint
-
-    r = cfg.checkpoint.resume
-    if r == "none":
-        if latest_checkpoint(cfg.run_dir):
-            raise SystemExit(f"memlm pretrain: {cfg.run_dir} already has checkpoints; continue it with "
-                             "checkpoint.resume=auto, or choose another name= (or delete the run)")
-        return None
-    if r == "auto":
-        return latest_checkpoint(cfg.run_dir)
-    if not os.path.exists(r):
-        raise SystemExit(f"memlm pretrain: checkpoint.resume={r}: no such checkpoint directory")
-    try:
-        return find_step_dir(r)
-    except FileNotFoundError as e:
-        raise SystemExit(f"memlm pretrain: checkpoint.resume: {e}") from None
-
-
-def _trim_metrics(path: str, step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from (a killed run may have logged past it)."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        rows = [line for line in f if line.strip()]
-    keep = [line for line in rows if json.loads(line).get("step", 0) <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
-
-
-def _precision(cfg, cuda: bool) -> str:
-    p = cfg.trainer.precision
-    if p == "auto":
-        return "bf16-mixed" if cuda else "32-true"
-    return p
-
-
-def _strategy(cfg, world: int):
-    s = cfg.trainer.strategy
-    if s == "auto":
-        return "ddp" if world > 1 else "auto"
-    if s == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        return FSDPStrategy(state_dict_type="full")
-    return s
-
-
-def run(cfg) -> dict:
-    """Train per `cfg`; returns a summary dict. Raises SystemExit with a message on user errors."""
-    import lightning as L
+def _fabric(cfg, world: int, local: int, num_nodes: int):
     import torch
+    from lightning.fabric import Fabric
 
-    from data.shards import open_data
-    from train.build import model_config_for_data
-    from train.callbacks import NonFiniteLossError, RunCheckpoint, TrainMonitor
-    from train.checkpoint import read_data_state, read_run_config
-    from train.config import save_config
-    from train.flops import device_peak_flops
-    from train.lit import LitLM, PackedDataModule
-
-    import warnings
-
-    # the val loader is sized on purpose (one pass); the train loader has no __len__ (endless)
-    warnings.filterwarnings("ignore", message=r".*IterableDataset` has `__len__` defined.*")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
-    world, local, num_nodes, rank = _env_world()
-    if not cfg.data.path:
-        raise SystemExit("memlm pretrain: data.path is not set (a data dir written by `memlm prepare`)")
-    try:
-        data = open_data(cfg.data.path)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"memlm pretrain: data.path={cfg.data.path}: {e}") from None
-    tokenizer = data.tokenizer()
-    cfg = model_config_for_data(cfg, int(data.vocab_size))
-    # memory runs (issue 5): by_leaf default, cluster paths / levels / router checks; the router goes into checkpoints
-    from train.memory_run import prepare_memory_run
-
-    cfg, router = prepare_memory_run(cfg, data)
-
-    resume_dir = _resolve_resume(cfg)
-    if resume_dir:
-        old = read_run_config(resume_dir)
-        if old.model.to_dict() != cfg.model.to_dict():
-            raise SystemExit(f"memlm pretrain: {resume_dir}: the checkpoint's model config differs from this "
-                             "config; resume with the same model.* settings")
-
-    run_dir = cfg.run_dir
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    start_step = 0
-    if resume_dir:
-        with open(os.path.join(resume_dir, "meta.json")) as f:
-            start_step = int(json.load(f)["step"])
-    if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        save_config(cfg, os.path.join(run_dir, "config.yaml"))
-        if resume_dir:
-            _trim_metrics(metrics_path, start_step)
-        elif os.path.exists(metrics_path):
-            os.remove(metrics_path)
-
-    if cfg.trainer.deterministic:
-        torch.use_deterministic_algorithms(True)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     cuda = torch.cuda.is_available()
-    precision = _precision(cfg, cuda)
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    module = LitLM(cfg, tokenizer=tokenizer)
-    if router is not None:  # memory run: MemoryLM.save_checkpoint_files copies it into each step dir
-        module.model.router = router
-    module.resume_dir = resume_dir
-    start_batch = 0
-    if resume_dir:
-        state = read_data_state(resume_dir, rank)
-        if state is not None and state.get("world_size") == world:
-            start_batch = int(state["batches"])
-        else:  # e.g. a different world size: the position in micro-batches per rank
-            start_batch = start_step * cfg.optim.accumulate
-    datamodule = PackedDataModule(cfg, start_batch=start_batch)
-
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.optim.accumulate * world
-    fpt = module.model.flops_per_token(cfg.data.seq_len) if hasattr(module.model, "flops_per_token") else None
-    peak = device_peak_flops("cuda" if cuda else "cpu", precision)
-    if peak is None:
-        print0("memlm pretrain: unknown device peak FLOP/s; MFU shows n/a")
-
-    logger = False
+    t = cfg.trainer
+    precision = ("bf16-mixed" if cuda else "32-true") if t.precision == "auto" else t.precision
+    strategy = ("ddp" if world > 1 else "auto") if t.strategy == "auto" else t.strategy
+    loggers = []
     if cfg.logging.logger == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
         os.environ.setdefault("WANDB_MODE", cfg.logging.wandb_mode)
-        logger = WandbLogger(project=cfg.logging.project, name=cfg.name, save_dir=run_dir,
-                             mode=cfg.logging.wandb_mode, config=cfg.to_dict())
-    elif cfg.logging.logger != "none":
-        raise SystemExit(f"memlm pretrain: logging.logger={cfg.logging.logger!r}: expected wandb or none")
+        loggers.append(WandbLogger(project=cfg.logging.project, name=cfg.name, save_dir=cfg.run_dir,
+                                   mode=cfg.logging.wandb_mode, config=cfg.to_dict()))
+    fabric = Fabric(accelerator="cuda" if cuda else "cpu", devices=local if world > 1 else 1, num_nodes=num_nodes,
+                    strategy=strategy, precision=precision, loggers=loggers)
+    fabric.launch()
+    return fabric, precision
 
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    callbacks = [TrainMonitor(cfg, metrics_path, tokens_per_step, fpt, peak, ckpt_dir),
-                 RunCheckpoint(cfg, run_dir, tokens_per_step)]
-    t = cfg.trainer
-    val_batches = t.val_batches if t.val_every > 0 else 0
-    trainer = L.Trainer(
-        accelerator="gpu" if cuda else "cpu",
-        devices=local if world > 1 else 1,
-        num_nodes=num_nodes,
-        strategy=_strategy(cfg, world),
-        precision=precision,
-        max_steps=t.max_steps,
-        accumulate_grad_batches=cfg.optim.accumulate,
-        gradient_clip_val=cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else None,
-        val_check_interval=(t.val_every * cfg.optim.accumulate) if t.val_every > 0 else None,
-        check_val_every_n_epoch=None,
-        limit_val_batches=val_batches,
-        num_sanity_val_steps=0,
-        logger=logger,
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        deterministic=t.deterministic,
-        log_every_n_steps=t.log_every,
-        default_root_dir=run_dir,
-    )
-    n_params = sum(p.numel() for p in module.model.parameters())
-    print0(f"memlm pretrain: run {run_dir} | {n_params / 1e6:.2f}M params | world {world} "
+
+def _prepare_run_dir(cfg, resume_step: int | None) -> None:
+    """Rank 0, before any rank writes: the run's config.yaml; metrics.jsonl cut back to the resumed step
+    (a killed run may have logged past its last checkpoint) or started afresh."""
+    from model.atomic import read_jsonl, rewrite_jsonl
+    from train.config import save_config
+
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+    metrics = os.path.join(cfg.run_dir, "metrics.jsonl")
+    if os.path.exists(metrics):
+        keep = [] if resume_step is None else [r for r in read_jsonl(metrics) if r.get("step", 0) <= resume_step]
+        rewrite_jsonl(metrics, keep)
+
+
+def run(cfg) -> dict:
+    """Train per `cfg`; returns {"run_dir", "step", "seconds"}. Raises MemlmError subclasses for every
+    user mistake (bad config, data, init_from, damaged checkpoint) and TrainingError for a nan/inf loss."""
+    import torch
+    from lightning.fabric.utilities.seed import seed_everything
+
+    from model.errors import ConfigError
+    from train import build, checkpoint, loop
+    from train.flops import device_peak_flops, measure_cpu_peak
+
+    world, local, num_nodes, rank = _env_world()
+    data = build.open_training_data(cfg)
+    tokenizer = data.tokenizer()
+    cfg, init, router = build.resolve_run(cfg, data)
+    if cfg.trainer.strategy == "fsdp" and (cfg.memory is not None or not torch.cuda.is_available()):
+        why = "memory runs train with ddp (FSDP does not shard the bank)" if cfg.memory is not None else \
+            "Lightning's FSDP needs GPUs; use trainer.strategy=ddp (or auto) on CPU"
+        raise ConfigError(f"trainer.strategy=fsdp: {why}")
+    resume_dir = checkpoint.choose_resume(cfg, log=lambda msg: print0(f"memlm pretrain: {msg}"))
+    if resume_dir:
+        checkpoint.check_resume(checkpoint.read_run_config(resume_dir), cfg, resume_dir)
+        start_step = checkpoint.read_step(resume_dir)
+
+    fabric, precision = _fabric(cfg, world, local, num_nodes)
+    if fabric.is_global_zero:
+        _prepare_run_dir(cfg, start_step if resume_dir else None)
+    if cfg.trainer.deterministic:
+        torch.use_deterministic_algorithms(True)
+    seed_everything(cfg.seed, workers=True, verbose=False)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    live_dir = None if cfg.memory is None else cfg.memory.bank_dir or os.path.join(cfg.run_dir, "bank_live")
+    model = build.build_model(cfg, init, live_dir)
+    if router is not None:  # memory runs: every checkpoint carries the router (routes prompts at inference)
+        model.router = router
+    if cfg.trainer.compile:
+        model.compile()
+    wrapped = fabric.setup_module(model)
+    optimizers = build.Optimizers(model, cfg, fabric.world_size, wrap=fabric.setup_optimizers)
+    ckpt = checkpoint.Checkpointer(cfg, model, optimizers, fabric.global_rank, fabric.world_size,
+                                   barrier=fabric.barrier, **_state_io(fabric, model, wrapped, optimizers))
+    ckpt.remove_leftovers()
+    fabric.barrier()
+    state = loop.TrainState()
+    batches = 0
+    if resume_dir:  # last before training: it restores this rank's RNG too
+        state.step, batches = ckpt.load(resume_dir)
+    bank = model.bank if model.has_memory else None
+    train_loader = build.make_loader(cfg, "train", fabric.global_rank, fabric.world_size, batches, bank=bank)
+    val_loader = build.make_loader(cfg, "val", fabric.global_rank, fabric.world_size) if cfg.trainer.val_every else None
+
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.optim.accumulate * fabric.world_size
+    cpu = fabric.device.type == "cpu"
+    peak = device_peak_flops(fabric.device, precision)
+    dtype = torch.bfloat16 if "bf16" in precision else torch.float32
+    progress = loop.Progress(fabric, os.path.join(cfg.run_dir, "metrics.jsonl"), cfg.trainer.max_steps, state.step,
+                             tokens_per_step, model.flops_per_token(cfg.data.seq_len), peak,
+                             remeasure_peak=(lambda: measure_cpu_peak(dtype, refresh=True)) if cpu else None)
+    if peak is None:
+        print0("memlm pretrain: unknown device peak FLOP/s; MFU shows n/a")
+    print0(f"memlm pretrain: run {cfg.run_dir} | {model.num_params() / 1e6:.2f}M params | world {fabric.world_size} "
            f"({num_nodes} node(s) x {local}) | {precision} | {tokens_per_step:,} tokens/step | "
-           + (f"resuming from {resume_dir} (step {start_step})" if resume_dir else "fresh start"))
+           + (f"resuming from {resume_dir} (step {state.step})" if resume_dir else "fresh start"))
     t0 = time.time()
     try:
-        trainer.fit(module, datamodule=datamodule,
-                    ckpt_path=os.path.join(resume_dir, "optimizer.pt") if resume_dir else None)
-    except NonFiniteLossError as e:
-        raise SystemExit(f"memlm pretrain: {e}") from None
+        loop.fit(fabric, cfg, wrapped, optimizers, train_loader, val_loader, ckpt, state, progress,
+                 loop.token_bytes(tokenizer, cfg.model.vocab_size))
+        for logger in fabric.loggers:
+            logger.finalize("success")
     finally:
-        if world > 1:
-            import torch.distributed as dist
+        if bank is not None:
+            bank.close()
+        import torch.distributed as dist
 
-            if dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()
-    return {"run_dir": run_dir, "step": trainer.global_step, "seconds": time.time() - t0}
+        if fabric.world_size > 1 and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return {"run_dir": cfg.run_dir, "step": state.step, "seconds": time.time() - t0}
+
+
+def _state_io(fabric, model, wrapped, optimizers) -> dict:
+    """How the Checkpointer reads and restores the model and optimizer state: the modules' own state
+    dicts, or under FSDP full (gathered) state dicts through torch.distributed.checkpoint."""
+    from model.weights import read_weights
+
+    from lightning.fabric.strategies import FSDPStrategy
+
+    if not isinstance(fabric.strategy, FSDPStrategy):
+        def load(step_dir: str, optim_sd: dict) -> None:
+            from model.weights import load_weights
+
+            load_weights(model, os.path.join(step_dir, "model.safetensors"))
+            optimizers.load_state_dict(optim_sd)
+
+        return {"state_dicts": lambda: (model.state_dict(), optimizers.state_dict()), "load_state": load}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    def state_dicts():
+        msd, osd = get_state_dict(wrapped, optimizers.dense, options=options)
+        return msd, {**optimizers.state_dict(dense=osd)}
+
+    def load_fsdp(step_dir: str, optim_sd: dict) -> None:
+        set_state_dict(wrapped, optimizers.dense, model_state_dict=read_weights(os.path.join(step_dir, "model.safetensors")),
+                       optim_state_dict=optim_sd["dense"], options=StateDictOptions(full_state_dict=True))
+        optimizers.schedule.load_state_dict(optim_sd["schedule"])
+
+    return {"state_dicts": state_dicts, "load_state": load_fsdp}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.config import ConfigError, load_config
+    from train.config import load_config
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        raise SystemExit(f"memlm pretrain: {e}") from None
+    cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(cfg.to_yaml())
         return 0

@@ -82,7 +82,7 @@ def resident_info(step_dir: str) -> dict:
         params = n * 3 * n_mem * r * d
         levels.append({"level": l + 1, "nodes": n, "width": r, "params": params, "weights_bytes": params * 4,
                        "with_adamw_bytes": params * 12})
-    return {"bank_dir": None, "storage": getattr(mem, "storage", "resident"), "k": mem.k, "widths": list(mem.widths),
+    return {"bank_dir": None, "storage": mem.storage, "k": mem.k, "widths": list(mem.widths),
             "memory_layers": mem.layer_ids(mc.n_layer), "d": d, "n_mem_layers": n_mem,
             "fetched_params": 3 * n_mem * d * sum(mem.widths), "levels": levels,
             "total": {"params": sum(l["params"] for l in levels), "nodes": sum(l["nodes"] for l in levels)}}

@@ -54,16 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from data.shards import open_data
     from data.tokenizer import tokenizer_hash
+    from train.build import check_cluster_paths
     from train.checkpoint import find_step_dir, load_run
-    from train.memory_run import check_data_paths
     from train.experiments.report import eval_table, plot_memory_eval
 
     t0 = time.time()
-    try:
-        step_dir = find_step_dir(args.run)
-        model, tokenizer, cfg, router = load_run(step_dir)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"memlm eval: {e}") from None
+    step_dir = find_step_dir(args.run)
+    model, tokenizer, cfg, router = load_run(step_dir)
     try:
         data = open_data(args.data)
     except (FileNotFoundError, ValueError) as e:
@@ -76,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device).eval()
 
-    is_mem = hasattr(model, "anchor")
+    is_mem = model.has_memory
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in ALL_MODES]
     if bad or not modes:
@@ -87,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"memlm eval: {step_dir} has no memory: evaluating mode 'anchor' only")
         modes = ["anchor"]
     if is_mem:
-        check_data_paths(data, model.mem_cfg, prog="memlm eval")
+        check_cluster_paths(data, model.mem_cfg)
         by_leaf = True
     else:  # anchor runs: rows by leaf (and per-cluster numbers) when the data is clustered
         by_leaf = bool(data.n_levels) and all(sh.has_array("paths") for sh in data.shards("val"))

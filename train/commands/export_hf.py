@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_path(text: str, model, where: str) -> list[int]:
-    """'1,2' -> [1, 2], checked against the bank's levels and branching (issue 5)."""
+    """'1,2' -> [1, 2], checked against the bank's levels and branching."""
     try:
         path = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
     except ValueError:
@@ -41,14 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     from model.hf import export_llama
     from train.checkpoint import find_step_dir, load_run
 
-    try:
-        step_dir = find_step_dir(args.run)
-    except FileNotFoundError as e:
-        raise SystemExit(f"memlm export-hf: {e}") from None
-    try:
-        model, tokenizer, cfg, _ = load_run(step_dir)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"memlm export-hf: {e}") from None
+    step_dir = find_step_dir(args.run)
+    model, tokenizer, cfg, _ = load_run(step_dir)
     if args.out:
         out_dir = args.out
     elif os.path.abspath(step_dir) == os.path.abspath(args.run):
@@ -56,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         out_dir = os.path.join(args.run, "hf")
     extra = None
-    if hasattr(model, "anchor"):  # memory run (issue 5): anchor + one path's fetched block = a wider dense Llama
+    if model.has_memory:  # anchor + one path's fetched block = a wider dense Llama
         if not args.path:
             mc = model.mem_cfg
             raise SystemExit(f"memlm export-hf: {step_dir}: a memory run exports anchor + one cluster path's "

@@ -47,8 +47,6 @@ def _stats(nats: float, n: int) -> dict:
 def _logits(model, batch, mode, device):
     ids = batch["input_ids"].to(device)
     doc_lens = batch["doc_lens"].to(device)
-    if mode == "anchor" and not hasattr(model, "anchor"):
-        return model(ids, doc_lens=doc_lens)
     return model(ids, doc_lens=doc_lens, mem_path=batch["mem_path"].to(device), mode=mode)
 
 
@@ -115,7 +113,7 @@ def eval_probes(model, tokenizer, probes, modes, paths, device, batch_size: int 
     for i, ids in enumerate(enc):
         groups.setdefault(len(ids), []).append(i)
     correct = {m: [False] * len(probes) for m in modes}
-    is_mem = hasattr(model, "anchor")
+    is_mem = model.has_memory
     for m in modes:
         for idx_all in groups.values():
             for s in range(0, len(idx_all), batch_size):

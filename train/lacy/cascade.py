@@ -144,8 +144,7 @@ class HFLargeModel(_TokenLM):
                 raise CascadeError("HFLargeModel: a model object needs its tokenizer")
             name = type(model).__name__
         super().__init__(tokenizer, max_word_tokens, name)
-        self.model = model.to(device).eval()
-        self.device = device
+        self.model, self.device = model.to(device).eval(), device
         self.max_len = int(getattr(model.config, "max_position_embeddings", 2048))
         self._past = None
 
@@ -194,22 +193,17 @@ class _AnchorStepper:
         self.cached = list(ids)
         return logits.float()
 
-    def reset(self, memory=None):
-        self.memory, self.cached = memory, []
-
 
 def _anchor_and_memory(model, text: str | None, router=None, mode: str = "fetched"):
     """(anchor, per-layer memory list|None) for an Anchor or a MemoryLM (routing `text` for fetched)."""
-    if not hasattr(model, "bank"):  # a plain Anchor
+    if not model.has_memory:
         return model, None
-    if mode == "fetched":
-        router = router if router is not None else getattr(model, "router", None)
-        if router is None:
-            raise CascadeError("memory SLM: no router to route the prompt (load the run with its router, "
-                               "or use mode='generic')")
-        path = torch.as_tensor(router.route([text]), dtype=torch.long)
-        return model.anchor, model.memory(path.to(next(model.parameters()).device), "fetched")
-    return model.anchor, model.memory(None, mode, batch_size=1, device=next(model.parameters()).device)
+    device, router = next(model.parameters()).device, router if router is not None else model.router
+    if mode == "fetched" and router is None:
+        raise CascadeError("memory SLM: no router to route the prompt (load the run with its router, "
+                           "or use mode='generic')")
+    path = torch.as_tensor(router.route([text]), dtype=torch.long, device=device) if mode == "fetched" else None
+    return model.anchor, model.memory(path, mode, batch_size=1, device=device)
 
 
 class MemlmLargeModel(_TokenLM):
@@ -251,7 +245,7 @@ def load_large(path: str | None = None, device: str = "cpu", max_word_tokens: in
     if not os.path.exists(path):
         raise CascadeError(f"{path}: large model path not found")
     if is_memlm_run(path):
-        from train.checkpoint import load_run  # lazy: model/ never imports train/ at module level
+        from train.checkpoint import load_run
 
         try:
             model, tok, _, router = load_run(path, device=device)
@@ -319,7 +313,7 @@ class Cascade:
         self.allow_calls = allow_calls
         if allow_calls and large is None:
             raise CascadeError("Cascade: no large model (pass one, or allow_calls=False for the SLM alone)")
-        if large is not None and not hasattr(large, "continue_word"):
+        if large is not None and not isinstance(large, LargeModel):
             large = HFLargeModel(large, large_tokenizer, device=device or "cpu", max_word_tokens=max_word_tokens)
         self.large = large
         self.stop_ids = {i for i in (slm_tokenizer.eos_token_id, slm_tokenizer.pad_token_id) if i is not None}
@@ -361,10 +355,10 @@ class Cascade:
             slm_time += time.perf_counter() - t
             if call and self.allow_calls:
                 t = time.perf_counter()
-                n0 = getattr(self.large, "n_tokens", 0)
+                n0 = self.large.n_tokens
                 piece = self.large.continue_word(text)
                 large_time += time.perf_counter() - t
-                out.large_tokens += getattr(self.large, "n_tokens", 0) - n0
+                out.large_tokens += self.large.n_tokens - n0
                 if piece and piece.strip():
                     out.spans.append((len(text), len(text) + len(piece)))
                     out.calls += 1

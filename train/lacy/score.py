@@ -41,12 +41,9 @@ class Scorer:
         else:
             from train.checkpoint import load_run
 
-            try:
-                self.model, tok, cfg, _ = load_run(path, device=device)
-            except FileNotFoundError as e:
-                raise SystemExit(f"memlm score: {path}: {e}")
+            self.model, tok, cfg, _ = load_run(path, device=device)
             self.max_len = int(cfg.model.max_seq_len)
-            self.memory = hasattr(self.model, "bank")
+            self.memory = self.model.has_memory
             self.kind = "memlm"
         if tok is not None and tokenizer_hash(tok) != want:
             raise SystemExit(f"memlm score: {path}: the model's tokenizer differs from the data's; per-token "
