@@ -13,13 +13,25 @@ of its level: for every memory layer, M1 and M2 ([r_l, d]) and M3 stored transpo
 
 A row is contiguous, which is what offloaded / memory-mapped banks (issue "scale") want.
 
-Interface. A bank implements two methods and inherits `fetch`:
+Interface. `Bank` (below) declares every operation the trainer, checkpointing and evaluation call on
+a bank, so callers never probe with hasattr. A bank implements two methods and inherits `fetch`:
     gather(node_ids: list[LongTensor [U] per level]) -> Tensor [U, n_mem_layers, 3, R, d]
     generic_block() -> Tensor [1, n_mem_layers, 3, R, d]
 `fetch(mem_path, use_generic)` finds the unique paths once, gathers them, appends the generic block
 (block U), and returns a `FetchedBlocks`: a list per model layer of `MemoryBlock | None`.
+The rest has neutral defaults (a resident bank's rows are ordinary parameters: the dense optimizer
+trains them and model.safetensors holds them); `memory.offload.OffloadedBank` overrides them:
+    sparse                       True: rows are trained by memory.sparse_adam.SparseBankOptimizer
+    row_grads() / clear_grads()  the fetched rows' gradients, for that optimizer
+    count_tokens(n_tokens)       target tokens per node of the last training fetch
+    prefetch(mem_path)           start reading a future batch's rows
+    save_checkpoint(bank_dir) / load_checkpoint(bank_dir) / has_checkpoint(step_dir)
+    close()                      stop background work, flush files
 """
 from __future__ import annotations
+
+import abc
+import os
 
 import torch
 from torch import nn
@@ -54,8 +66,14 @@ def node_ids(paths: torch.Tensor, k: int) -> list[torch.Tensor]:
     return ids
 
 
-class Bank(nn.Module):
-    """Base class of memory banks (resident now; offloaded / mmap banks implement the same)."""
+CHECKPOINT_SUBDIR = "bank"  # <step dir>/bank/: an offloaded bank's rows (memory/bank_io.py format)
+
+
+class Bank(nn.Module, abc.ABC):
+    """Base class of memory banks: ResidentBank (parameters on one device) and
+    memory.offload.OffloadedBank (rows in host memory or memory-mapped files)."""
+
+    sparse: bool = False  # True: the rows are trained by SparseBankOptimizer, not by the dense optimizer
 
     def __init__(self, mem_cfg: MemoryConfig, model_cfg):
         super().__init__()
@@ -69,13 +87,49 @@ class Bank(nn.Module):
         self.R = sum(self.widths)
 
     # ---- to implement ----------------------------------------------------------------------
+    @abc.abstractmethod
     def gather(self, ids: list[torch.Tensor]) -> torch.Tensor:
         """ids[l]: node ids [U] at level l+1 -> blocks [U, n_mem_layers, 3, R, d] (levels concatenated)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def generic_block(self) -> torch.Tensor:
         """The generic block [1, n_mem_layers, 3, R, d]."""
-        raise NotImplementedError
+
+    # ---- training, checkpoints, lifetime: neutral defaults (a resident bank needs none) -------
+    def row_grads(self) -> list:
+        """Gradients of the rows fetched since `clear_grads`, for SparseBankOptimizer:
+        [(key, row store, rows int64 [n] sorted global ids, grads fp32 [n, row_dim])]. [] when `sparse` is False."""
+        return []
+
+    def clear_grads(self) -> None:
+        """Forget the fetched rows' gradients (after the sparse optimizer step)."""
+
+    def count_tokens(self, n_tokens) -> None:
+        """Add the target tokens of the last training fetch to its nodes' counters.
+        n_tokens: int or [B] int (e.g. (labels != -100).sum(1))."""
+
+    def prefetch(self, mem_path: torch.Tensor) -> None:
+        """Start reading the rows of a future batch (mem_path [B, L] int64) in the background."""
+
+    def save_checkpoint(self, bank_dir: str) -> dict | None:
+        """Write the rows that model.safetensors does not hold into `bank_dir` (collective when distributed).
+        Returns counts of files written, or None when there is nothing to write (resident bank)."""
+        return None
+
+    def load_checkpoint(self, bank_dir: str) -> None:
+        """Replace the live rows by those of `bank_dir` (written by `save_checkpoint`)."""
+
+    def has_checkpoint(self, step_dir: str) -> bool:
+        """Whether the checkpoint `step_dir` holds rows for `load_checkpoint(step_dir/bank)`."""
+        return False
+
+    def close(self) -> None:
+        """Stop background work and flush files; the bank is not used afterwards."""
+
+    @staticmethod
+    def checkpoint_dir(step_dir: str) -> str:
+        """Where a checkpoint step dir keeps the bank's own files."""
+        return os.path.join(step_dir, CHECKPOINT_SUBDIR)
 
     # ---- shared logic ----------------------------------------------------------------------
     def check_paths(self, mem_path: torch.Tensor) -> None:

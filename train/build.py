@@ -106,10 +106,10 @@ def _load_init_bank(cfg, model, bank_sd: dict) -> None:
 
 def build_memory_model(anchor: Anchor, cfg, live_dir: str | None = None) -> nn.Module:
     """Hook: wrap the anchor with its memory (memory helper). The bank follows cfg.memory.storage
-    (resident / host / mmap, memory.offload.make_bank); live_dir: where an mmap bank keeps its live rows
+    (resident / host / mmap, memory.storage.make_bank); live_dir: where an mmap bank keeps its live rows
     (None: a private temp dir, as for inference)."""
     from memory.model import MemoryLM
-    from memory.offload import make_bank
+    from memory.storage import make_bank
 
     return MemoryLM(anchor, cfg.memory, bank=make_bank(cfg.memory, anchor.config, live_dir))
 

@@ -166,7 +166,7 @@ class LitLM(L.LightningModule):
                                   o.warmup_steps, self.cfg.trainer.max_steps) for g in opt.param_groups]
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
         bank = getattr(self.model, "bank", None)
-        if hasattr(bank, "row_grads"):  # offloaded bank (issue "scale"): its rows get the sparse lazy AdamW
+        if bank is not None and bank.sparse:  # offloaded bank: its rows get the sparse lazy AdamW
             from memory.sparse_adam import SparseBankOptimizer
 
             m = self.cfg.memory
@@ -245,8 +245,8 @@ class PackedDataModule(L.LightningDataModule):
         loader = self._loader(self.train_ds)
         model = getattr(self.trainer.lightning_module, "model", None) if self.trainer is not None else None
         bank = getattr(model, "bank", None)
-        if hasattr(bank, "prefetch"):  # offloaded bank: read the next batch's rows while this step runs
-            from memory.offload import PrefetchingLoader
+        if bank is not None and bank.sparse:  # offloaded bank: read the next batch's rows while this step runs
+            from memory.prefetch import PrefetchingLoader
 
             loader = PrefetchingLoader(loader, bank)
         return loader
