@@ -10,8 +10,10 @@ medians and minima reported (on a shared machine the minimum is the better estim
 resident bank both trained; "fwd+bwd" excludes the optimizer). Every row of the batch has its own
 path (the worst case: U = B unique blocks).
 
-Router: MiniLM embedding throughput (windows/s) on window-sized texts, greedy assignment (paths/s), and
-the time to fit a 3-level k=16 tree on 1M random unit vectors (384-d, all points used).
+Router: MiniLM embedding throughput (windows/s) on window-sized texts, the time to fit a 3-level k=16
+tree on 1M random unit vectors (384-d, all points used), and assignment (paths/s) before (the plain
+greedy descent, `Router.assign_reference`) and after (`Router.assign`, batched per level), interleaved
+in one run, with a check that the paths are identical.
 """
 from __future__ import annotations
 
@@ -118,19 +120,36 @@ def router_times(args) -> list[tuple[str, str]]:
             n_pieces = len(enc.tokenizer(texts[0], truncation=True, max_length=256)["input_ids"])
             rows.append(("embed (MiniLM, CPU)", f"{args.embed_windows / dt:,.0f} windows/s "
                                                 f"({n_pieces} word pieces each, batch {args.embed_batch})"))
+    router = None
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.fit_points, 384), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
     if not args.skip_fit:
-        rng = np.random.default_rng(0)
-        x = rng.standard_normal((args.fit_points, 384), dtype=np.float32)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
         t0 = time.perf_counter()
-        r = Router.fit(x, k=16, levels=3, seed=0)
+        router = Router.fit(x, k=16, levels=3, seed=0)
         dt = time.perf_counter() - t0
-        shares = ", ".join(f"{s['max_share']:.3f}" for s in r.meta["fit"])
+        shares = ", ".join(f"{s['max_share']:.3f}" for s in router.meta["fit"])
         rows.append((f"fit 3 levels x k=16 on {args.fit_points:,} x 384", f"{dt:.1f} s (max child share per level: {shares})"))
-        t0 = time.perf_counter()
-        r.assign(x)
-        dt = time.perf_counter() - t0
-        rows.append(("assign (greedy descent)", f"{args.fit_points / dt:,.0f} paths/s"))
+    if not args.skip_assign:
+        tree = "fitted tree"
+        if router is None:  # random unit centroids: assignment cost does not depend on the fit
+            cents = [rng.standard_normal((16 ** (l + 1), 384), dtype=np.float32) for l in range(3)]
+            router = Router([c / np.linalg.norm(c, axis=1, keepdims=True) for c in cents], k=16)
+            tree = "random tree"
+        best = {"reference": float("inf"), "batched": float("inf")}
+        for _ in range(args.rounds):  # interleaved, best of rounds: machine noise hits both
+            for name, fn in (("reference", router.assign_reference), ("batched", router.assign)):
+                t0 = time.perf_counter()
+                paths = fn(x)
+                best[name] = min(best[name], time.perf_counter() - t0)
+                if name == "reference":
+                    ref = paths
+        same = bool(np.array_equal(paths, ref))
+        n = args.fit_points
+        rows.append((f"assign before (greedy descent), {tree}", f"{n / best['reference']:,.0f} paths/s"))
+        rows.append((f"assign after (batched per level), {tree}",
+                     f"{n / best['batched']:,.0f} paths/s = {best['reference'] / best['batched']:.2f}x; "
+                     f"paths identical: {same} (best of {args.rounds} rounds)"))
     return rows
 
 
@@ -150,11 +169,13 @@ def main(argv=None) -> int:
     p.add_argument("--fit-points", type=int, default=1_000_000)
     p.add_argument("--skip-steps", action="store_true")
     p.add_argument("--skip-embed", action="store_true")
-    p.add_argument("--skip-fit", action="store_true")
-    p.add_argument("--skip-router", action="store_true", help="= --skip-embed --skip-fit")
+    p.add_argument("--skip-fit", action="store_true", help="time assignment on a random tree instead of a fitted one")
+    p.add_argument("--skip-assign", action="store_true")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of before/after timings (best kept)")
+    p.add_argument("--skip-router", action="store_true", help="= --skip-embed --skip-fit --skip-assign")
     args = p.parse_args(argv)
     if args.skip_router:
-        args.skip_embed = args.skip_fit = True
+        args.skip_embed = args.skip_fit = args.skip_assign = True
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
