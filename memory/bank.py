@@ -26,7 +26,7 @@ trains them and model.safetensors holds them); `memory.offload.OffloadedBank` ov
     count_tokens(n_tokens)       target tokens per node of the last training fetch
     prefetch(mem_path)           start reading a future batch's rows
     save_checkpoint(bank_dir) / load_checkpoint(bank_dir) / has_checkpoint(step_dir)
-    close()                      stop background work, flush files
+    close()                      stop background work
 """
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ class Bank(nn.Module, abc.ABC):
         return False
 
     def close(self) -> None:
-        """Stop background work and flush files; the bank is not used afterwards."""
+        """Stop background work (prefetch threads); the bank is not used afterwards."""
 
     @staticmethod
     def checkpoint_dir(step_dir: str) -> str:

@@ -199,10 +199,11 @@ class OffloadedBank(Bank):
         return self
 
     def flush(self) -> None:
+        """Write the dirty pages of a memory-mapped bank to its files (msync). Not needed for checkpoints
+        (they read the rows through the same page cache) nor at close (the live files are scratch)."""
         for s in self.stores:
-            for a in s.arrays.values():
-                if isinstance(a, np.memmap):
-                    a.flush()
+            if self.storage == "mmap":
+                bank_io.flush_mapped(s.arrays)
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def _meta(self) -> dict:
@@ -234,7 +235,6 @@ class OffloadedBank(Bank):
         Shards without a row changed since the previous save are hard-linked from it. Collective when
         distributed. Returns counts {"written", "linked", "skipped"}."""
         os.makedirs(bank_dir, exist_ok=True)
-        self.flush()
         prev = self._prev_dir(prev_dir)
         levels, counts = [], {"written": 0, "linked": 0, "skipped": 0}
         for s in self.stores:
@@ -294,5 +294,4 @@ class OffloadedBank(Bank):
 
     def close(self) -> None:
         self.prefetcher.close()
-        self.flush()
 

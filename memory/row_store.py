@@ -7,7 +7,7 @@ flattened, fp32. Beside the weights `w` every row has its optimizer state `exp_a
 
 - "host": anonymous zero mappings (untouched pages cost no RSS);
 - "mmap": one safetensors file per level (`<path>/level<l>.rank<r>-of-<w>.safetensors`, memory/bank_io.py)
-  opened with np.memmap, created sparse, so a bank (plus its optimizer state) larger than RAM works and
+  mapped with MADV_RANDOM, created sparse, so a bank (plus its optimizer state) larger than RAM works and
   costs disk only for rows that were ever updated.
 
 Lazy initialisation: a row that was never written (`init == 0`) reads as M1, M2 ~ N(0, init_std) drawn
@@ -102,7 +102,7 @@ class LevelStore:
             if os.path.exists(path):
                 os.unlink(path)  # never reuse: a live file is scratch state, checkpoints hold the truth
             bank_io.create_safetensors(path, self._specs(), {"level": self.level, "k": self.bank.k})
-            self.arrays, _ = bank_io.open_safetensors(path, "r+")
+            self.arrays, _ = bank_io.open_safetensors(path, "r+", random_access=True)
         self.dirty[:] = False
 
     def nbytes(self) -> int:
@@ -136,18 +136,28 @@ class LevelStore:
             out[i] = x.reshape(-1).numpy()
 
     def read_np(self, name: str, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows (global ids, sorted) of array `name` from the store; weights lazily initialised."""
+        """Rows (global ids, sorted) of fp32 array `name` ("w", "exp_avg", "exp_avg_sq") -> [len(rows), row_dim].
+
+        Only materialised rows are read from the store. A never-written row (`init == 0`) holds zeros
+        there: its weights are the lazy initialisation and its moments zero, produced without touching
+        the store, so a fresh row of a memory-mapped bank costs no page fault (reading a hole of a sparse
+        file allocates zero-filled page-cache pages) and no RSS."""
         loc = self.local(rows)
         arr = self.arrays[name]
         if out is None:
-            out = np.empty((len(rows),) + arr.shape[1:], arr.dtype)
-        np.take(arr, loc, axis=0, out=out)
+            out = np.empty((len(rows), self.row_dim), np.float32)
+        fresh = self.arrays["init"][loc] == 0
+        if not fresh.any():
+            np.take(arr, loc, axis=0, out=out)
+            return out
+        if not fresh.all():
+            out[~fresh] = np.take(arr, loc[~fresh], axis=0)
         if name == "w":
-            fresh = self.arrays["init"][loc] == 0
-            if fresh.any():
-                tmp = np.empty((int(fresh.sum()), self.row_dim), np.float32)
-                self.init_rows(rows[fresh], tmp)
-                out[fresh] = tmp
+            tmp = np.empty((int(fresh.sum()), self.row_dim), np.float32)
+            self.init_rows(rows[fresh], tmp)
+            out[fresh] = tmp
+        else:
+            out[fresh] = 0.0
         return out
 
     def read_range(self, name: str, a: int, b: int) -> np.ndarray:
