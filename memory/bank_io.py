@@ -40,6 +40,9 @@ import struct
 
 import numpy as np
 
+from model.atomic import atomic_file, atomic_write_json
+from model.errors import CheckpointError, ConfigError
+
 FORMAT = "memlm-bank"
 VERSION = 1
 # name -> (numpy dtype, per-row shape is [row_dim] (True) or scalar (False))
@@ -92,16 +95,16 @@ def open_safetensors(path: str, mode: str = "r", random_access: bool = False) ->
     cache, which for a bank's scattered rows (and for holes of a sparse file, zero-filled) costs time and
     RSS for pages nobody reads. Raises ValueError for a file that is not a complete safetensors file."""
     if mode not in ("r", "r+"):
-        raise ValueError(f"open_safetensors: mode must be 'r' or 'r+', got {mode!r}")
+        raise ConfigError(f"open_safetensors: mode must be 'r' or 'r+', got {mode!r}")
     with open(path, "rb" if mode == "r" else "r+b") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
         (n,) = struct.unpack("<Q", raw)
         try:
             head = json.loads(f.read(n))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
         size = os.fstat(f.fileno()).st_size
         mm = None
         if size > 8 + n:
@@ -113,7 +116,7 @@ def open_safetensors(path: str, mode: str = "r", random_access: bool = False) ->
     for name, t in head.items():
         a, b = t["data_offsets"]
         if 8 + n + b > size:
-            raise ValueError(f"{path}: tensor {name!r} ends at byte {8 + n + b} but the file has {size} bytes "
+            raise CheckpointError(f"{path}: tensor {name!r} ends at byte {8 + n + b} but the file has {size} bytes "
                              f"(truncated write?)")
         dtype = _NP_DTYPES[t["dtype"]]
         shape = tuple(t["shape"])
@@ -137,22 +140,17 @@ def flush_mapped(arrays: dict[str, np.ndarray]) -> None:
 
 
 def write_safetensors(path: str, arrays: dict[str, np.ndarray], metadata: dict | None = None) -> None:
-    """Write arrays as safetensors, streaming (no concatenated copy), atomically (tmp + os.replace)."""
+    """Write arrays as safetensors, streaming (no concatenated copy), atomically (model.atomic)."""
     specs = {k: (np.asarray(v).dtype, np.asarray(v).shape) for k, v in arrays.items()}
     header, _ = _header(specs, metadata)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_file(path, "wb") as f:
         f.write(header)
         for v in arrays.values():
             f.write(memoryview(np.ascontiguousarray(v)).cast("B"))
-    os.replace(tmp, path)
 
 
 def write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, indent=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,9 +185,9 @@ def read_index(bank_dir: str) -> dict:
     with open(path) as f:
         idx = json.load(f)
     if idx.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {idx.get('format')!r}, expected {FORMAT!r}")
+        raise CheckpointError(f"{path}: format {idx.get('format')!r}, expected {FORMAT!r}")
     if idx.get("version") != VERSION:
-        raise ValueError(f"{path}: version {idx.get('version')!r}, this memlm reads version {VERSION}")
+        raise CheckpointError(f"{path}: version {idx.get('version')!r}, this memlm reads version {VERSION}")
     return idx
 
 
@@ -256,10 +254,10 @@ def load_level_shards(bank_dir: str, level_entry: dict, tops: set | None):
         arrays, _ = open_safetensors(path, "r")
         rows = arrays.get("rows")
         if rows is None or rows.ndim != 1 or (len(rows) and (rows.min() < s["start"] or rows.max() >= s["stop"])):
-            raise ValueError(f"{path}: 'rows' missing or outside the shard's range [{s['start']}, {s['stop']})")
+            raise CheckpointError(f"{path}: 'rows' missing or outside the shard's range [{s['start']}, {s['stop']})")
         for name in ROW_ARRAYS:
             if name not in arrays or arrays[name].shape[0] != len(rows):
-                raise ValueError(f"{path}: array {name!r} missing or not {len(rows)} rows")
+                raise CheckpointError(f"{path}: array {name!r} missing or not {len(rows)} rows")
         yield s, arrays
 
 

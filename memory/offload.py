@@ -36,6 +36,7 @@ from memory.bank import Bank, node_ids
 from memory.config import MemoryConfig
 from memory.prefetch import RowPrefetcher
 from memory.row_store import LevelStore, owner_of
+from model.errors import CheckpointError, ConfigError
 
 
 class OffloadedBank(Bank):
@@ -53,17 +54,17 @@ class OffloadedBank(Bank):
                  shard_bytes: int = 64 << 20):
         super().__init__(mem_cfg, model_cfg)
         if storage not in ("host", "mmap"):
-            raise ValueError(f"OffloadedBank: storage must be 'host' or 'mmap', got {storage!r}")
+            raise ConfigError(f"OffloadedBank: storage must be 'host' or 'mmap', got {storage!r}")
         if storage == "mmap":
             if not path:
-                raise ValueError("OffloadedBank(storage='mmap') needs path=<directory for the bank files>")
+                raise ConfigError("OffloadedBank(storage='mmap') needs path=<directory for the bank files>")
             os.makedirs(path, exist_ok=True)
         if rank is None or world_size is None:  # the process group, else torchrun's env (before DDP starts)
             dist_on = dist.is_available() and dist.is_initialized()
             rank = dist.get_rank() if dist_on else int(os.environ.get("RANK", 0))
             world_size = dist.get_world_size() if dist_on else int(os.environ.get("WORLD_SIZE", 1))
         if not 0 <= rank < world_size:
-            raise ValueError(f"OffloadedBank: rank {rank} not in [0, world_size={world_size})")
+            raise ConfigError(f"OffloadedBank: rank {rank} not in [0, world_size={world_size})")
         self.storage, self.path, self.seed = storage, path, int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         self.owned_tops = [c for c in range(self.k) if owner_of(c, self.world_size) == self.rank]
@@ -274,7 +275,7 @@ class OffloadedBank(Bank):
         for key, mine in (("k", self.k), ("widths", list(self.widths)), ("layer_ids", list(self.layer_ids)),
                           ("d", self.d)):
             if meta.get(key) != mine:
-                raise ValueError(f"{bank_dir}/index.json: bank {key}={meta.get(key)} but this model's bank has "
+                raise CheckpointError(f"{bank_dir}/index.json: bank {key}={meta.get(key)} but this model's bank has "
                                  f"{key}={mine} (memory config / model config mismatch)")
         self.prefetcher.clear()
         tops = set(self.owned_tops)

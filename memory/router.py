@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from memory.embed import ENCODER, MAX_TOKENS, MiniLM
+from model.atomic import atomic_path, atomic_write_json
+from model.errors import CheckpointError, ConfigError, DataError
 
 SMALL_NODE = 20_000  # nodes with fewer points run k-means on one thread
 _ROWS = 128  # rows per assignment matmul (see Router.assign)
@@ -129,7 +131,7 @@ class Router:
         self.dim = int(self.centroids[0].shape[1]) if self.centroids else 0
         for l, c in enumerate(self.centroids):
             if c.shape != (self.k ** (l + 1), self.dim):
-                raise ValueError(f"router: level {l + 1} centroids have shape {c.shape}, expected "
+                raise CheckpointError(f"router: level {l + 1} centroids have shape {c.shape}, expected "
                                  f"({self.k ** (l + 1)}, {self.dim}) for k={self.k}")
         self.meta = dict(meta or {})
         self._encoder: MiniLM | None = None
@@ -194,7 +196,7 @@ class Router:
         Matmuls run on at most `_ROWS` rows: OpenBLAS then uses its small-matrix kernel (no packing copy;
         1M x 384 against 16 centroids: 0.20 s vs 0.29 s in one call, same float32 sums). Batches run on
         `workers` threads (default min(2, CPUs)); BLAS stays single-threaded. The products are those of
-        `assign_reference`, so are the paths (tested). Raises ValueError for vectors of the wrong shape.
+        `assign_reference`, so are the paths (tested). Raises DataError for vectors of the wrong shape.
         """
         x = self._check_vectors(x)
         n = x.shape[0]
@@ -288,7 +290,7 @@ class Router:
     def _check_vectors(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"router: vectors of shape {x.shape}, expected [n, {self.dim}]")
+            raise DataError(f"router: vectors of shape {x.shape}, expected [n, {self.dim}]")
         return x
 
     def encoder(self) -> MiniLM:
@@ -309,7 +311,7 @@ class Router:
     def check_bank(self, mem_cfg) -> None:
         """Raise if this tree cannot address the bank of `mem_cfg` (depth and branching must match)."""
         if self.levels != len(mem_cfg.widths) or self.k != mem_cfg.k:
-            raise ValueError(f"router has {self.levels} levels with k={self.k}, but the memory bank has "
+            raise ConfigError(f"router has {self.levels} levels with k={self.k}, but the memory bank has "
                              f"{len(mem_cfg.widths)} levels (widths={tuple(mem_cfg.widths)}) with k={mem_cfg.k}")
 
     # ---- save / load --------------------------------------------------------------------------
@@ -319,13 +321,10 @@ class Router:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         tensors = {f"centroids.level{l + 1}": c for l, c in enumerate(self.centroids)}
-        tmp = d / "router.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, d / "router.safetensors")
+        with atomic_path(str(d / "router.safetensors")) as tmp:
+            save_file(tensors, tmp)
         info = {"version": 1, "k": self.k, "levels": self.levels, "dim": self.dim, **self.meta}
-        tmp = d / "router.json.tmp"
-        tmp.write_text(json.dumps(info, indent=2) + "\n")
-        os.replace(tmp, d / "router.json")
+        atomic_write_json(str(d / "router.json"), info, indent=2)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Router":
@@ -339,13 +338,13 @@ class Router:
         info = json.loads(jp.read_text())
         for key in ("k", "levels"):
             if key not in info:
-                raise ValueError(f"router: {jp}: missing key {key!r}")
+                raise CheckpointError(f"router: {jp}: missing key {key!r}")
         tensors = load_file(str(sp))
         cents = []
         for l in range(info["levels"]):
             name = f"centroids.level{l + 1}"
             if name not in tensors:
-                raise ValueError(f"router: {sp}: missing tensor {name!r} (router.json says {info['levels']} levels)")
+                raise CheckpointError(f"router: {sp}: missing tensor {name!r} (router.json says {info['levels']} levels)")
             cents.append(tensors[name])
         meta = {k: v for k, v in info.items() if k not in ("version", "k", "levels", "dim")}
         return cls(cents, info["k"], meta)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from memory import bank_io
+from model.errors import DataError
 
 ROW_FLOATS = ("w", "exp_avg", "exp_avg_sq")  # the per-row fp32 arrays: weights + AdamW moments
 
@@ -114,7 +115,7 @@ class LevelStore:
         pos = self.top_pos[top]
         if (pos < 0).any():
             bad = int(rows[pos < 0][0])
-            raise ValueError(f"OffloadedBank: rank {self.bank.rank}/{self.bank.world_size} fetched level-{self.level} "
+            raise DataError(f"OffloadedBank: rank {self.bank.rank}/{self.bank.world_size} fetched level-{self.level} "
                              f"node {bad} of top-level cluster {bad // self.block}, owned by rank "
                              f"{owner_of(bad // self.block, self.bank.world_size)} (cluster-affine loading must give "
                              f"each rank only rows of its own subtrees: memory.row_store.affine_rows)")

@@ -10,6 +10,7 @@ import torch
 from memory.bank import Bank, ResidentBank
 from memory.config import MemoryConfig
 from memory.offload import OffloadedBank
+from model.errors import ConfigError
 
 STORAGES = ("resident", "host", "mmap")
 
@@ -18,10 +19,10 @@ def make_bank(mem_cfg: MemoryConfig, model_cfg, live_dir: str | None = None) -> 
     """The bank `mem_cfg.storage` asks for: ResidentBank ("resident"), or an OffloadedBank in host memory
     ("host") or memory-mapped files ("mmap") under `live_dir` (the run's scratch dir for the live rows; a
     private temp dir, removed with the bank, when None, e.g. for inference). Seeded by torch's RNG.
-    Raises ValueError for an unknown storage."""
+    Raises ConfigError for an unknown storage."""
     storage = mem_cfg.storage
     if storage not in STORAGES:
-        raise ValueError(f"MemoryConfig.storage={storage!r}: expected one of {', '.join(STORAGES)}")
+        raise ConfigError(f"MemoryConfig.storage={storage!r}: expected one of {', '.join(STORAGES)}")
     if storage == "resident":
         return ResidentBank(mem_cfg, model_cfg)
     tmp = None

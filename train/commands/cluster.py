@@ -85,10 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     need = args.reembed or not all(has_embeddings(sh, 384) for sh in all_shards)
     if need:
         t0 = time.time()
-        try:
-            encoder = MiniLM(device=device, max_tokens=args.max_tokens, dtype=args.dtype)
-        except ImportError as e:
-            raise SystemExit(f"memlm cluster: {e}") from None
+        encoder = MiniLM(device=device, max_tokens=args.max_tokens, dtype=args.dtype)
         print(f"MiniLM loaded from {encoder.path} in {time.time() - t0:.1f}s (device {device}, {encoder.dtype})")
         embed_windows(all_shards, dd.tokenizer(), encoder, args.batch_size, args.reembed)
     else:
