@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow test-gpu clean
+.PHONY: setup demo test test-slow test-gpu gpu-check gpu-check-prepare gpu-check-dry-run clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -24,6 +24,18 @@ test-slow: setup
 
 test-gpu: setup
 	$(OFFLINE) $(PY) -m pytest -m gpu $(PYTEST_ARGS)
+
+# GPU readiness (scripts/gpu_check.py). On the GPU machine, with its own python3 and packages:
+#   make gpu-check GPU_CHECK_ARGS="--out $$OUT"
+# Inputs that need MiniLM / FAISS are built here first (CPU): make gpu-check-prepare.
+gpu-check:
+	$(OFFLINE) python3 scripts/gpu_check.py $(GPU_CHECK_ARGS)
+
+gpu-check-prepare: setup
+	$(OFFLINE) $(PY) scripts/gpu_check.py --prepare runs/gpu-check-prepared
+
+gpu-check-dry-run: setup
+	$(OFFLINE) $(PY) scripts/gpu_check.py --dry-run
 
 clean:
 	rm -rf $(VENV) .pytest_cache

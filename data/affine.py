@@ -1,4 +1,4 @@
-"""Cluster-affine batches for multi-process training with an offloaded bank (memory/offload.py).
+"""Cluster-affine batches for multi-process training with an offloaded bank (memory/row_store.py).
 
 The bank is not replicated: top-level cluster c belongs to rank c % world_size, which stores and trains
 only the rows of its subtrees. `AffinePackedDataset` is PackedDataset (by_leaf=True) with one change:
@@ -15,7 +15,7 @@ from data.loader import PackedDataset, collate
 
 
 def owner_of(top_cluster, world_size: int):
-    """Rank owning top-level cluster(s) c: c % world_size (the same rule as memory.offload.owner_of)."""
+    """Rank owning top-level cluster(s) c: c % world_size (the same rule as memory.row_store.owner_of)."""
     return top_cluster % world_size
 
 

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from memory.config import MemoryConfig
+from model.errors import ConfigError, DataError
 from model.model import MemoryBlock
 
 
@@ -134,13 +135,13 @@ class Bank(nn.Module, abc.ABC):
     # ---- shared logic ----------------------------------------------------------------------
     def check_paths(self, mem_path: torch.Tensor) -> None:
         if mem_path.dim() != 2:
-            raise ValueError(f"mem_path must be [B, n_levels], got shape {tuple(mem_path.shape)}")
+            raise DataError(f"mem_path must be [B, n_levels], got shape {tuple(mem_path.shape)}")
         if mem_path.shape[1] != self.n_levels:
             hint = " (data not clustered? run `memlm cluster DATA`)" if mem_path.shape[1] == 0 else ""
-            raise ValueError(f"mem_path has {mem_path.shape[1]} levels but the memory bank has "
+            raise DataError(f"mem_path has {mem_path.shape[1]} levels but the memory bank has "
                              f"{self.n_levels} (MemoryConfig.widths={self.widths}){hint}")
         if mem_path.numel() and (int(mem_path.min()) < 0 or int(mem_path.max()) >= self.k):
-            raise ValueError(f"mem_path entries must be in [0, k={self.k}) (the bank's branching), got "
+            raise DataError(f"mem_path entries must be in [0, k={self.k}) (the bank's branching), got "
                              f"min {int(mem_path.min())}, max {int(mem_path.max())}")
 
     def fetch(self, mem_path: torch.Tensor | None, use_generic: torch.Tensor | None = None,
@@ -150,7 +151,7 @@ class Bank(nn.Module, abc.ABC):
         """
         if mem_path is None:
             if use_generic is None:
-                raise ValueError("fetch(None) needs use_generic [B] to know the batch size")
+                raise ConfigError("fetch(None) needs use_generic [B] to know the batch size")
             use_generic = torch.ones_like(use_generic, dtype=torch.bool)
             B, device = use_generic.shape[0], use_generic.device
             mem_path = torch.zeros(B, self.n_levels, dtype=torch.long, device=device)

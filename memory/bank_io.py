@@ -5,7 +5,7 @@ Two things live here (numpy + JSON only, no torch):
 1. **safetensors as memmaps.** A safetensors file is `u64 header_len | JSON header | data`, each tensor
    at a byte range of the data. `create_safetensors` writes the header and *truncates* the file to its
    full size without writing the data, so a new file is sparse (a 30 GB bank costs no disk until rows
-   are written); `open_safetensors` maps every tensor with `np.memmap` at its offset. The files stay
+   are written); `open_safetensors` maps the file once and views every tensor at its offset. The files stay
    valid safetensors (`safetensors.numpy.load_file` reads them).
 
 2. **Bank checkpoints** (`<checkpoint>/bank/`): one table of rows per level, sharded by row ranges:
@@ -33,11 +33,15 @@ Two things live here (numpy + JSON only, no torch):
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import struct
 
 import numpy as np
+
+from model.atomic import atomic_file, atomic_write_json
+from model.errors import CheckpointError, ConfigError
 
 FORMAT = "memlm-bank"
 VERSION = 1
@@ -82,51 +86,71 @@ def create_safetensors(path: str, specs: dict[str, tuple], metadata: dict | None
         f.truncate(info["data_start"] + info["data_len"])
 
 
-def open_safetensors(path: str, mode: str = "r") -> tuple[dict[str, np.memmap], dict]:
-    """Map every tensor of a safetensors file: ({name: np.memmap}, metadata). mode 'r' or 'r+'."""
-    with open(path, "rb") as f:
+def open_safetensors(path: str, mode: str = "r", random_access: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+    """Map every tensor of a safetensors file: ({name: array view of one shared mapping}, metadata).
+
+    mode "r" (read-only arrays) or "r+" (writes go to the file through the page cache). random_access:
+    advise the kernel that rows are read at random (MADV_RANDOM), so a page fault reads only its page:
+    the default read-around fills every fault's neighbourhood (up to read_ahead_kb) into the page
+    cache, which for a bank's scattered rows (and for holes of a sparse file, zero-filled) costs time and
+    RSS for pages nobody reads. Raises ValueError for a file that is not a complete safetensors file."""
+    if mode not in ("r", "r+"):
+        raise ConfigError(f"open_safetensors: mode must be 'r' or 'r+', got {mode!r}")
+    with open(path, "rb" if mode == "r" else "r+b") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
         (n,) = struct.unpack("<Q", raw)
         try:
             head = json.loads(f.read(n))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+        size = os.fstat(f.fileno()).st_size
+        mm = None
+        if size > 8 + n:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ if mode == "r" else mmap.ACCESS_WRITE)
+            if random_access and hasattr(mmap, "MADV_RANDOM"):
+                mm.madvise(mmap.MADV_RANDOM)
     meta = head.pop("__metadata__", {}) or {}
-    size = os.path.getsize(path)
     out = {}
     for name, t in head.items():
         a, b = t["data_offsets"]
         if 8 + n + b > size:
-            raise ValueError(f"{path}: tensor {name!r} ends at byte {8 + n + b} but the file has {size} bytes "
+            raise CheckpointError(f"{path}: tensor {name!r} ends at byte {8 + n + b} but the file has {size} bytes "
                              f"(truncated write?)")
         dtype = _NP_DTYPES[t["dtype"]]
         shape = tuple(t["shape"])
-        if b == a:  # numpy cannot map zero bytes
+        if b == a:  # nothing to map
             out[name] = np.zeros(shape, dtype)
         else:
-            out[name] = np.memmap(path, dtype=dtype, mode=mode, offset=8 + n + a, shape=shape)
+            count = (b - a) // dtype.itemsize
+            out[name] = np.frombuffer(mm, dtype=dtype, count=count, offset=8 + n + a).reshape(shape)
     return out, meta
 
 
+def flush_mapped(arrays: dict[str, np.ndarray]) -> None:
+    """Write the dirty pages of arrays returned by `open_safetensors(..., "r+")` to their file (msync)."""
+    for a in arrays.values():
+        base = a
+        while isinstance(base, np.ndarray):
+            base = base.base
+        if isinstance(base, mmap.mmap):
+            base.flush()
+            return  # one mapping per file
+
+
 def write_safetensors(path: str, arrays: dict[str, np.ndarray], metadata: dict | None = None) -> None:
-    """Write arrays as safetensors, streaming (no concatenated copy), atomically (tmp + os.replace)."""
+    """Write arrays as safetensors, streaming (no concatenated copy), atomically (model.atomic)."""
     specs = {k: (np.asarray(v).dtype, np.asarray(v).shape) for k, v in arrays.items()}
     header, _ = _header(specs, metadata)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_file(path, "wb") as f:
         f.write(header)
         for v in arrays.values():
             f.write(memoryview(np.ascontiguousarray(v)).cast("B"))
-    os.replace(tmp, path)
 
 
 def write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, indent=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,9 +185,9 @@ def read_index(bank_dir: str) -> dict:
     with open(path) as f:
         idx = json.load(f)
     if idx.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {idx.get('format')!r}, expected {FORMAT!r}")
+        raise CheckpointError(f"{path}: format {idx.get('format')!r}, expected {FORMAT!r}")
     if idx.get("version") != VERSION:
-        raise ValueError(f"{path}: version {idx.get('version')!r}, this memlm reads version {VERSION}")
+        raise CheckpointError(f"{path}: version {idx.get('version')!r}, this memlm reads version {VERSION}")
     return idx
 
 
@@ -230,10 +254,10 @@ def load_level_shards(bank_dir: str, level_entry: dict, tops: set | None):
         arrays, _ = open_safetensors(path, "r")
         rows = arrays.get("rows")
         if rows is None or rows.ndim != 1 or (len(rows) and (rows.min() < s["start"] or rows.max() >= s["stop"])):
-            raise ValueError(f"{path}: 'rows' missing or outside the shard's range [{s['start']}, {s['stop']})")
+            raise CheckpointError(f"{path}: 'rows' missing or outside the shard's range [{s['start']}, {s['stop']})")
         for name in ROW_ARRAYS:
             if name not in arrays or arrays[name].shape[0] != len(rows):
-                raise ValueError(f"{path}: array {name!r} missing or not {len(rows)} rows")
+                raise CheckpointError(f"{path}: array {name!r} missing or not {len(rows)} rows")
         yield s, arrays
 
 

@@ -1,50 +1,30 @@
 """Offloaded banks: rows in host memory or memory-mapped safetensors files; only fetched rows move.
 
-`OffloadedBank` implements the `memory.bank.Bank` interface (`gather`, `generic_block`, inherited
-`fetch`) over per-level row tables that live outside the device:
-
-- storage="host": numpy arrays in RAM (allocated zero, so untouched pages cost no RSS);
-- storage="mmap": one safetensors file per level (`<path>/level<l>.rank<r>-of-<w>.safetensors`) opened
-  with np.memmap, created sparse, so a bank (plus its optimizer state) larger than RAM works and costs
-  disk only for rows that were ever updated.
-
-Row layout is ResidentBank's: level l has k**l rows, row = [n_mem_layers, 3, r_l, d] (M1, M2, M3^T)
-flattened, fp32. Beside the weights `w` every row has its optimizer state `exp_avg`, `exp_avg_sq`
-(same shape), `step` (its own AdamW step count), `tokens` (target tokens trained on the node) and
-`init` (1 once the row holds materialised values).
+`OffloadedBank` implements the `memory.bank.Bank` interface over per-level row tables that live outside
+the device (`memory.row_store.LevelStore`: storage "host" or "mmap", lazily initialised rows, each with
+its AdamW state), and is trained by `memory.sparse_adam.SparseBankOptimizer` (`sparse = True`).
 
 Per step: `gather` takes the unique node ids of each level, reads those rows (numpy fancy indexing on
 the store, into pinned buffers when CUDA is present), moves them to the device as leaf tensors with
 `requires_grad`, and builds the blocks from the leaves, so autograd leaves one gradient per fetched
-row. `prefetch(mem_path)` (the loader knows the next batch) gathers the next batch's rows and their
-optimizer state on a background thread while the current step runs; rows the optimizer writes after a
-prefetch started are re-read when the prefetched copy is used, so a prefetch never serves stale values.
+row (`row_grads`). `prefetch(mem_path)` (the loader knows the next batch) gathers the next batch's rows
+and their optimizer state on a background thread while the current step runs (`memory.prefetch`).
+`copy_from(resident_bank)` materialises every row from a ResidentBank.
 
-Lazy initialisation: a row that was never written (`init == 0`) reads as M1, M2 ~ N(0, init_std) drawn
-from a generator seeded by (seed, level, row id) and M3 = 0, with zero optimizer state. Creating a bank
-therefore costs O(1) whatever its size, and it is deterministic (the same seed gives the same rows).
-`copy_from(resident_bank)` materialises every row from a ResidentBank instead.
-
-Multiple processes (cluster-affine ownership): top-level cluster c is owned by rank c % world_size. A
-rank stores only the rows of the subtrees it owns (level l: rows [c*k^(l-1), (c+1)*k^(l-1)) of each
-owned c, ~1/world of the bank), fetches and trains only those, and the data loader gives every rank
-rows of its own subtrees (`affine_rows`). The generic block is small and replicated: it is an ordinary
-parameter, so DDP all-reduces its gradients with the anchor's. Bank gradients never cross ranks (no
-two ranks own a row); `SparseBankOptimizer(grad_divisor=world_size)` scales them to the gradient of the
-global mean loss, and the clipping norm is all-reduced. Everything uses torch.distributed collectives.
+Multiple processes (cluster-affine ownership, `memory.row_store.owner_of`): a rank stores only the rows
+of the subtrees it owns (~1/world of the bank), fetches and trains only those, and the data loader gives
+every rank rows of its own subtrees (`affine_rows`). The generic block is small and replicated: it is an
+ordinary parameter, so DDP all-reduces its gradients with the anchor's. Bank gradients never cross ranks
+(no two ranks own a row); `SparseBankOptimizer(grad_divisor=world_size)` scales them to the gradient of
+the global mean loss, and the clipping norm is all-reduced. Everything uses torch.distributed collectives.
 
 Checkpoints: `save_checkpoint(bank_dir)` / `load_checkpoint(bank_dir)`, format in memory/bank_io.py
 (sharded safetensors + index.json, only shards with rows changed since the previous save rewritten).
 """
 from __future__ import annotations
 
-import concurrent.futures
-import mmap
 import os
-import shutil
-import tempfile
 import uuid
-import weakref
 
 import numpy as np
 import torch
@@ -54,157 +34,9 @@ from torch import nn
 from memory import bank_io
 from memory.bank import Bank, node_ids
 from memory.config import MemoryConfig
-
-_ROW_FLOATS = ("w", "exp_avg", "exp_avg_sq")
-
-
-def owner_of(top_cluster, world_size: int):
-    """Rank that owns top-level cluster(s) `top_cluster` (int or array): c % world_size."""
-    return top_cluster % world_size
-
-
-def affine_rows(mem_path: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """Bool [B]: rows of a batch whose path lies in a subtree owned by `rank`."""
-    return owner_of(mem_path[:, 0].long(), world_size) == rank
-
-
-def _anon_zeros(shape, dtype) -> np.ndarray:
-    """Zeroed host memory that costs RSS only where written, at 4 KiB granularity: an anonymous mapping
-    without transparent huge pages (np.zeros asks for huge pages, so one touched 100 KB row would make
-    a 2 MB page resident: measured 20x the touched bytes)."""
-    n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    if n == 0:
-        return np.zeros(shape, dtype)
-    m = mmap.mmap(-1, n)
-    if hasattr(mmap, "MADV_NOHUGEPAGE"):
-        m.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(m, dtype).reshape(shape)
-
-
-def _row_seed(seed: int, level: int, row: int) -> int:
-    return (seed * 0x9E3779B97F4A7C15 + level * 0xC2B2AE3D27D4EB4F + row * 0x165667B19E3779F9) % (2 ** 63 - 1)
-
-
-class LevelStore:
-    """The rows of one level owned by this rank, with their optimizer state (a row store for
-    `memory.sparse_adam`). Rows are addressed by *global* node id; local storage is compact."""
-
-    def __init__(self, bank: "OffloadedBank", level: int, width: int):
-        self.bank, self.level, self.width = bank, level, width
-        k = bank.k
-        self.n_global = k ** level
-        self.block = bank_io.top_block(k, level)  # rows per top-level cluster
-        self.row_dim = bank.n_mem * 3 * width * bank.d
-        self.tops = list(bank.owned_tops)
-        self.top_pos = np.full(k, -1, np.int64)
-        self.top_pos[self.tops] = np.arange(len(self.tops))
-        self.n_rows = len(self.tops) * self.block
-        self.arrays: dict[str, np.ndarray] = {}
-        self.dirty = np.zeros(self.n_rows, bool)  # changed since the last checkpoint (RAM only)
-        self._allocate()
-
-    # ---- storage --------------------------------------------------------------------------------
-    def _specs(self):
-        specs = {}
-        for name, (dtype, per_row) in bank_io.ROW_ARRAYS.items():
-            specs[name] = (np.dtype(dtype), (self.n_rows, self.row_dim) if per_row else (self.n_rows,))
-        return specs
-
-    @property
-    def file(self) -> str | None:
-        b = self.bank
-        if b.storage != "mmap":
-            return None
-        return os.path.join(b.path, f"level{self.level}.rank{b.rank}-of-{b.world_size}.safetensors")
-
-    def _allocate(self) -> None:
-        """Fresh all-zero storage (pristine rows): np.zeros / a new sparse file."""
-        self.arrays = {}
-        if self.bank.storage == "host":
-            for name, (dtype, shape) in self._specs().items():
-                self.arrays[name] = _anon_zeros(shape, dtype)  # pages cost RSS only once written
-        else:
-            path = self.file
-            if os.path.exists(path):
-                os.unlink(path)  # never reuse: a live file is scratch state, checkpoints hold the truth
-            bank_io.create_safetensors(path, self._specs(), {"level": self.level, "k": self.bank.k})
-            self.arrays, _ = bank_io.open_safetensors(path, "r+")
-        self.dirty[:] = False
-
-    def nbytes(self) -> int:
-        return sum(int(a.nbytes) for a in self.arrays.values())
-
-    # ---- addressing -----------------------------------------------------------------------------
-    def local(self, rows: np.ndarray) -> np.ndarray:
-        top = rows // self.block
-        pos = self.top_pos[top]
-        if (pos < 0).any():
-            bad = int(rows[pos < 0][0])
-            raise ValueError(f"OffloadedBank: rank {self.bank.rank}/{self.bank.world_size} fetched level-{self.level} "
-                             f"node {bad} of top-level cluster {bad // self.block}, owned by rank "
-                             f"{owner_of(bad // self.block, self.bank.world_size)} (cluster-affine loading must give "
-                             f"each rank only rows of its own subtrees: memory.offload.affine_rows)")
-        return pos * self.block + (rows - top * self.block)
-
-    def owned(self, rows: np.ndarray) -> np.ndarray:
-        return self.top_pos[rows // self.block] >= 0
-
-    # ---- reads (lazy init) -------------------------------------------------------------------------
-    def init_rows(self, rows: np.ndarray, out: np.ndarray) -> None:
-        """Deterministic fresh values of never-written rows: M1, M2 ~ N(0, std) per (seed, level, row), M3 = 0."""
-        b = self.bank
-        shape = (b.n_mem, 3, self.width, b.d)
-        g = torch.Generator()
-        for i, row in enumerate(rows):
-            g.manual_seed(_row_seed(b.seed, self.level, int(row)))
-            x = torch.zeros(shape)
-            x[:, :2].normal_(0.0, b.init_std, generator=g)
-            out[i] = x.reshape(-1).numpy()
-
-    def read_np(self, name: str, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows (global ids, sorted) of array `name` from the store; weights lazily initialised."""
-        loc = self.local(rows)
-        arr = self.arrays[name]
-        if out is None:
-            out = np.empty((len(rows),) + arr.shape[1:], arr.dtype)
-        np.take(arr, loc, axis=0, out=out)
-        if name == "w":
-            fresh = self.arrays["init"][loc] == 0
-            if fresh.any():
-                tmp = np.empty((int(fresh.sum()), self.row_dim), np.float32)
-                self.init_rows(rows[fresh], tmp)
-                out[fresh] = tmp
-        return out
-
-    def read_range(self, name: str, a: int, b: int) -> np.ndarray:
-        """Rows [a, b) (global ids inside one owned top cluster) as stored (for checkpoints)."""
-        la = int(self.local(np.array([a]))[0])
-        return np.asarray(self.arrays[name][la:la + (b - a)])
-
-    # ---- row-store protocol (memory.sparse_adam) ---------------------------------------------------
-    def read_rows(self, rows: np.ndarray):
-        b = self.bank
-        out = [b._to_device(b._cached_read(self.level, name, rows)) for name in _ROW_FLOATS]
-        step = torch.from_numpy(np.asarray(self.arrays["step"][self.local(rows)]))
-        return (*out, step)
-
-    def write_rows(self, rows: np.ndarray, w, m, v, step) -> None:
-        loc = self.local(rows)
-        for name, t in zip(_ROW_FLOATS, (w, m, v)):
-            self.arrays[name][loc] = t.detach().to("cpu", torch.float32).numpy()
-        self.arrays["step"][loc] = step.cpu().numpy()
-        self.arrays["init"][loc] = 1
-        self.dirty[loc] = True
-        self.bank._mark_stale(self.level, rows)
-
-
-class _Prefetched:
-    """Rows of one future batch read on the background thread (per level: sorted ids -> arrays)."""
-
-    def __init__(self, rows: list[np.ndarray | None]):
-        self.rows = rows
-        self.stale: list[set] = [set() for _ in rows]
-        self.future: concurrent.futures.Future | None = None
+from memory.prefetch import RowPrefetcher
+from memory.row_store import LevelStore, owner_of
+from model.errors import CheckpointError, ConfigError
 
 
 class OffloadedBank(Bank):
@@ -222,17 +54,17 @@ class OffloadedBank(Bank):
                  shard_bytes: int = 64 << 20):
         super().__init__(mem_cfg, model_cfg)
         if storage not in ("host", "mmap"):
-            raise ValueError(f"OffloadedBank: storage must be 'host' or 'mmap', got {storage!r}")
+            raise ConfigError(f"OffloadedBank: storage must be 'host' or 'mmap', got {storage!r}")
         if storage == "mmap":
             if not path:
-                raise ValueError("OffloadedBank(storage='mmap') needs path=<directory for the bank files>")
+                raise ConfigError("OffloadedBank(storage='mmap') needs path=<directory for the bank files>")
             os.makedirs(path, exist_ok=True)
         if rank is None or world_size is None:  # the process group, else torchrun's env (before DDP starts)
             dist_on = dist.is_available() and dist.is_initialized()
             rank = dist.get_rank() if dist_on else int(os.environ.get("RANK", 0))
             world_size = dist.get_world_size() if dist_on else int(os.environ.get("WORLD_SIZE", 1))
         if not 0 <= rank < world_size:
-            raise ValueError(f"OffloadedBank: rank {rank} not in [0, world_size={world_size})")
+            raise ConfigError(f"OffloadedBank: rank {rank} not in [0, world_size={world_size})")
         self.storage, self.path, self.seed = storage, path, int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         self.owned_tops = [c for c in range(self.k) if owner_of(c, self.world_size) == self.rank]
@@ -247,12 +79,11 @@ class OffloadedBank(Bank):
             self.generic[:, :, 2].zero_()
         self._fetched: list[list] = [[] for _ in self.stores]  # per level: [(rows, leaf)] since clear_grads
         self._pending_tokens = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(prefetch_workers, "bank-prefetch") if prefetch_workers else None
-        self._prefetched: list[_Prefetched] = []
+        self.prefetcher = RowPrefetcher(self.stores, prefetch_workers, self._buffer, self._pinned)
         self.uid = uuid.uuid4().hex
         self.save_seq = 0
         self.last_checkpoint: str | None = None
-        self.stats = {"prefetch_hits": 0, "prefetch_misses": 0, "stale_rereads": 0}
+        self.stats = self.prefetcher.stats
 
     # ---- device transfer ---------------------------------------------------------------------------
     def _pinned(self) -> bool:
@@ -271,7 +102,7 @@ class OffloadedBank(Bank):
     # ---- prefetch ---------------------------------------------------------------------------------
     def prefetch(self, mem_path: torch.Tensor) -> None:
         """Start reading the rows (and optimizer state) of a future batch on the background thread."""
-        if self._pool is None or mem_path is None or mem_path.shape[-1] == 0:
+        if not self.prefetcher.enabled or mem_path is None or mem_path.shape[-1] == 0:
             return
         ids = node_ids(torch.as_tensor(mem_path).reshape(-1, self.n_levels).cpu(), self.k)
         rows = []
@@ -279,49 +110,7 @@ class OffloadedBank(Bank):
             u = np.unique(i.numpy().astype(np.int64))
             u = u[store.owned(u)]
             rows.append(u if store.width > 0 and len(u) else None)
-        job = _Prefetched(rows)  # registered before it starts: later writes are recorded as stale
-        self._prefetched.append(job)
-        del self._prefetched[:-3]
-        job.future = self._pool.submit(self._prefetch_job, rows)
-
-    def _prefetch_job(self, rows):
-        out = []
-        for store, r in zip(self.stores, rows):
-            if r is None:
-                out.append(None)
-                continue
-            out.append({name: store.read_np(name, r, self._buffer(len(r), store.row_dim)) for name in _ROW_FLOATS})
-        return out
-
-    def _mark_stale(self, level: int, rows: np.ndarray) -> None:
-        for job in self._prefetched:
-            job.stale[level - 1].update(rows.tolist())
-
-    def _cached_read(self, level: int, name: str, rows: np.ndarray, consume: bool = False) -> np.ndarray:
-        store = self.stores[level - 1]
-        for j in range(len(self._prefetched) - 1, -1, -1):
-            job = self._prefetched[j]
-            have = job.rows[level - 1]
-            if have is None or not np.isin(rows, have).all():
-                continue
-            data = job.future.result()[level - 1]
-            out = data[name][np.searchsorted(have, rows)]
-            if self._pinned():
-                buf = self._buffer(len(rows), store.row_dim)
-                buf[...] = out
-                out = buf
-            stale = job.stale[level - 1]
-            if stale:
-                mask = np.isin(rows, np.fromiter(stale, np.int64, len(stale)))
-                if mask.any():
-                    out[mask] = store.read_np(name, rows[mask])
-                    self.stats["stale_rereads"] += int(mask.sum())
-            if consume:
-                del self._prefetched[:j]  # older prefetches are for batches already trained
-            self.stats["prefetch_hits"] += 1
-            return out
-        self.stats["prefetch_misses"] += 1
-        return store.read_np(name, rows, self._buffer(len(rows), store.row_dim))
+        self.prefetcher.submit(rows)
 
     # ---- Bank interface -------------------------------------------------------------------------
     def gather(self, ids: list[torch.Tensor]) -> torch.Tensor:
@@ -331,7 +120,7 @@ class OffloadedBank(Bank):
             if store.width == 0:
                 continue
             uniq, inv = np.unique(i.detach().cpu().numpy().astype(np.int64), return_inverse=True)
-            rows = self._to_device(self._cached_read(l + 1, "w", uniq, consume=grad))
+            rows = self._to_device(self.prefetcher.read(l + 1, "w", uniq, consume=grad))
             leaf = rows.view(len(uniq), self.n_mem, 3, store.width, self.d)
             if grad:
                 leaf.requires_grad_(True)
@@ -411,10 +200,11 @@ class OffloadedBank(Bank):
         return self
 
     def flush(self) -> None:
+        """Write the dirty pages of a memory-mapped bank to its files (msync). Not needed for checkpoints
+        (they read the rows through the same page cache) nor at close (the live files are scratch)."""
         for s in self.stores:
-            for a in s.arrays.values():
-                if isinstance(a, np.memmap):
-                    a.flush()
+            if self.storage == "mmap":
+                bank_io.flush_mapped(s.arrays)
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def _meta(self) -> dict:
@@ -446,7 +236,6 @@ class OffloadedBank(Bank):
         Shards without a row changed since the previous save are hard-linked from it. Collective when
         distributed. Returns counts {"written", "linked", "skipped"}."""
         os.makedirs(bank_dir, exist_ok=True)
-        self.flush()
         prev = self._prev_dir(prev_dir)
         levels, counts = [], {"written": 0, "linked": 0, "skipped": 0}
         for s in self.stores:
@@ -486,9 +275,9 @@ class OffloadedBank(Bank):
         for key, mine in (("k", self.k), ("widths", list(self.widths)), ("layer_ids", list(self.layer_ids)),
                           ("d", self.d)):
             if meta.get(key) != mine:
-                raise ValueError(f"{bank_dir}/index.json: bank {key}={meta.get(key)} but this model's bank has "
+                raise CheckpointError(f"{bank_dir}/index.json: bank {key}={meta.get(key)} but this model's bank has "
                                  f"{key}={mine} (memory config / model config mismatch)")
-        self._prefetched.clear()
+        self.prefetcher.clear()
         tops = set(self.owned_tops)
         for s, lv in zip(self.stores, idx["levels"]):
             s._allocate()
@@ -505,65 +294,5 @@ class OffloadedBank(Bank):
         return os.path.isfile(os.path.join(self.checkpoint_dir(step_dir), "index.json"))
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        self.flush()
+        self.prefetcher.close()
 
-
-# ---------------------------------------------------------------------------------------------
-# wiring for train/
-
-STORAGES = ("resident", "host", "mmap")
-
-
-def make_bank(mem_cfg: MemoryConfig, model_cfg, live_dir: str | None = None) -> Bank:
-    """The bank `mem_cfg.storage` asks for: ResidentBank ("resident"), or an OffloadedBank in host memory
-    ("host") or memory-mapped files ("mmap") under `live_dir` (the run's scratch dir for the live rows; a
-    private temp dir, removed with the bank, when None, e.g. for inference). Seeded by torch's RNG."""
-    from memory.bank import ResidentBank
-
-    storage = mem_cfg.storage
-    if storage not in STORAGES:
-        raise ValueError(f"MemoryConfig.storage={storage!r}: expected one of {', '.join(STORAGES)}")
-    if storage == "resident":
-        return ResidentBank(mem_cfg, model_cfg)
-    tmp = None
-    if storage == "mmap" and live_dir is None:
-        live_dir = tmp = tempfile.mkdtemp(prefix="memlm-bank-")
-    seed = int(torch.randint(0, 2 ** 62, (1,)).item())  # from the caller's seeded RNG: same on every rank
-    bank = OffloadedBank(mem_cfg, model_cfg, storage=storage, path=live_dir, seed=seed,
-                         prefetch_workers=1 if mem_cfg.prefetch else 0,
-                         shard_bytes=int(mem_cfg.shard_mb) << 20)
-    if tmp is not None:
-        weakref.finalize(bank, shutil.rmtree, tmp, True)
-    return bank
-
-
-class PrefetchingLoader:
-    """Iterate a loader one batch ahead and hand the next batch's `mem_path` to `bank.prefetch`, so the
-    next step's rows are read from host/disk while the current step computes."""
-
-    def __init__(self, loader, bank):
-        self.loader, self.bank = loader, bank
-
-    def __iter__(self):
-        it = iter(self.loader)
-        try:
-            nxt = next(it)
-        except StopIteration:
-            return
-        while True:
-            cur = nxt
-            try:
-                nxt = next(it)
-            except StopIteration:
-                nxt = None
-            if nxt is not None and nxt.get("mem_path") is not None:
-                self.bank.prefetch(nxt["mem_path"])
-            yield cur
-            if nxt is None:
-                return
-
-    def __getattr__(self, name):  # state_dict() etc. of the wrapped loader
-        return getattr(self.loader, name)

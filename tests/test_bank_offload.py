@@ -1,5 +1,6 @@
 """Offloaded / memory-mapped banks and the sparse (lazy) bank optimizer (issue "scale")."""
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from _bank_harness import Net, batch, configs, make_optimizers, train
 from memory.bank import ResidentBank
+from memory.bank import node_ids as bank_node_ids
 from memory.model import MemoryLM
 from memory.offload import OffloadedBank
 from memory.sparse_adam import ResidentSparseAdapter, SparseRowAdamW, TensorRowStore
@@ -150,3 +152,41 @@ def test_distributed_ownership_rejects_foreign_rows():
     with pytest.raises(ValueError, match="owned by rank 0"):
         bank.fetch(torch.tensor([[2, 0, 0]]))
     bank.fetch(torch.tensor([[3, 1, 2]]))
+
+
+def _mapped_rss_kb(path: str) -> int:
+    """Resident KiB of this process's mappings of `path` (/proc/self/smaps)."""
+    rss, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
+                inside = line.rstrip().endswith(path)
+            elif inside and line.startswith("Rss:"):
+                rss += int(line.split()[1])
+    return rss
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc")
+def test_fresh_rows_do_not_touch_mapped_files(tmp_path):
+    """Reading never-written rows (weights, moments, through the prefetch thread too) maps no file page:
+    reading holes of the sparse file would fill page cache and RSS (plus read-around) for zeros."""
+    mc, mem = configs(k=8, widths=(8, 8, 8))
+    bank = OffloadedBank(mem, mc, storage="mmap", path=str(tmp_path / "live"), seed=3)
+    paths = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 0, 1]])
+    bank.prefetch(paths)
+    with torch.no_grad():
+        blocks = bank.gather(bank_node_ids(paths, mem.k))
+    for s in bank.stores:
+        rows = np.arange(0, s.n_global, 37)
+        for name in ("w", "exp_avg", "exp_avg_sq"):
+            s.read_np(name, rows)
+    assert float(blocks[:, :, :2].abs().sum()) > 0  # lazily initialised values came back
+    files = [s.file for s in bank.stores]
+    assert sum(_mapped_rss_kb(f) for f in files) <= 16, [_mapped_rss_kb(f) for f in files]  # header pages only
+    # written rows are read from the file, and come back bit for bit
+    s = bank.stores[2]
+    w = torch.randn(2, s.row_dim)
+    s.write_rows(np.array([5, 300]), w, torch.zeros_like(w), torch.ones_like(w), torch.tensor([1, 1]))
+    assert np.array_equal(s.read_np("w", np.array([5, 300])), w.numpy())
+    assert np.array_equal(s.read_np("exp_avg_sq", np.array([4, 5, 300])), np.r_[np.zeros((1, s.row_dim)), np.ones((2, s.row_dim))])
+    bank.close()

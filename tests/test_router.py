@@ -92,3 +92,20 @@ def test_minilm_sanity_and_route():
     r._encoder = enc
     np.testing.assert_array_equal(r.route(texts), r.assign(e))
     assert r.route("A man is eating food.").shape == (1, 2)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_batched_assign_matches_reference_descent(workers):
+    """The batched per-level search gives exactly the paths of the plain greedy descent, over several
+    chunks, with single-point groups and duplicated centroids (ties: the first child wins)."""
+    x = skewed_data(n=6000, dim=24, seed=2)
+    r = Router.fit(x[:300], k=4, levels=3, seed=0)  # few fit points: empty nodes, copied centroids
+    rng = np.random.default_rng(5)
+    q = rng.normal(size=(5000, 24)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    q = np.concatenate([x, q, r.centroids[2][:50]])  # centroids themselves: exact ties between copies
+    ref = r.assign_reference(q)
+    np.testing.assert_array_equal(r.assign(q, batch_size=1000, workers=workers), ref)
+    np.testing.assert_array_equal(r.assign(q[:7], batch_size=3, workers=workers), ref[:7])
+    dup = Router([np.repeat(r.centroids[0][:1], 4, 0), np.repeat(r.centroids[1][:1], 16, 0)], k=4)
+    assert (dup.assign(q[:100], workers=workers) == 0).all()  # all children equal: child 0 everywhere

@@ -195,7 +195,7 @@ def build_model(cfg: RunConfig, init: InitSource | None = None, live_dir: str | 
     if cfg.memory is None:
         return anchor
     from memory.model import MemoryLM
-    from memory.offload import make_bank
+    from memory.storage import make_bank
 
     model = MemoryLM(anchor, cfg.memory, bank=make_bank(cfg.memory, anchor.config, live_dir))
     if bank_sd:
@@ -347,7 +347,7 @@ def make_loader(cfg: RunConfig, split: str, rank: int, world_size: int, start_ba
     loader = DataLoader(ds, batch_size=None, num_workers=d.num_workers, pin_memory=torch.cuda.is_available(),
                         generator=torch.Generator().manual_seed(cfg.seed + rank))
     if train and bank is not None and bank.sparse:
-        from memory.offload import PrefetchingLoader
+        from memory.prefetch import PrefetchingLoader
 
         loader = PrefetchingLoader(loader, bank)
     return loader

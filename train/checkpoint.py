@@ -320,7 +320,7 @@ def load_run(path: str, device: str | torch.device = "cpu") -> LoadedRun:
         model = anchor
     else:
         from memory.model import MemoryLM
-        from memory.offload import make_bank
+        from memory.storage import make_bank
         from memory.router import Router
 
         model = MemoryLM(anchor, cfg.memory, bank=make_bank(cfg.memory, anchor.config, None))

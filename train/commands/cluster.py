@@ -19,9 +19,7 @@ import time
 
 import numpy as np
 
-from memory.router import MAX_TOKENS
-
-EMB = "window_minilm"
+from memory.embed import EMB, MAX_TOKENS, embed_windows, has_embeddings, window_texts  # noqa: F401 (window_texts: re-export)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--levels", type=int, default=3, help="depth of the cluster tree (= number of memory levels)")
     p.add_argument("--k", type=int, default=16, help="branching factor (children per node)")
     p.add_argument("--seed", type=int, default=0, help="seed of k-means and of the --max-fit sample")
-    p.add_argument("--batch-size", type=int, default=64, help="texts per MiniLM forward pass")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="at most N texts per MiniLM forward pass (default 64 on CPU, 512 on GPU; windows are "
+                        "sorted by length first, so a batch pads little)")
     p.add_argument("--max-tokens", type=int, default=MAX_TOKENS,
                    help=f"MiniLM reads the first N word pieces of each window (default {MAX_TOKENS}, the "
                         "encoder's limit; embedding cost grows with N, so CPU demos use 64)")
@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--niter", type=int, default=20, help="k-means iterations per node")
     p.add_argument("--splits", default="train,val", help="comma-separated splits to embed and assign")
     p.add_argument("--device", default=None, help="device for MiniLM (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="MiniLM precision (default float16 on GPU, float32 on CPU)")
     p.add_argument("--refit", action="store_true", help="fit a new tree even if DATA/router.* matches the settings")
     p.add_argument("--reembed", action="store_true", help="recompute cached embeddings")
     return p
@@ -51,47 +53,6 @@ def _die(data: str, problem: str):
     raise SystemExit(f"memlm cluster: {data}: {problem}")
 
 
-def window_texts(shard, tokenizer, start: int, end: int) -> list[str]:
-    """Decoded text of windows [start, end) of a shard (special tokens such as EOS dropped)."""
-    w, toks = shard.windows, shard.tokens
-    ids = [toks[w[i]:w[i + 1]].astype(np.int64).tolist() for i in range(start, end)]
-    return tokenizer.batch_decode(ids, skip_special_tokens=True)
-
-
-def embed_shards(shards, tokenizer, encoder, batch_size: int, reembed: bool) -> None:
-    from tqdm import tqdm
-
-    todo = [sh for sh in shards if reembed or not _has_embeddings(sh, encoder.dim)]
-    for sh in shards:
-        if sh not in todo:
-            print(f"skip embedding {sh.split}/{sh.name} (cached)")
-    total = sum(sh.n_windows for sh in todo)
-    if not total:
-        return
-    t0, done = time.time(), 0
-    chunk = max(batch_size * 16, 256)  # decode + encode this many windows at a time
-    with tqdm(total=total, unit="win", desc="embed", file=sys.stderr, dynamic_ncols=True) as bar:
-        for sh in todo:
-            out = np.zeros((sh.n_windows, encoder.dim), dtype=np.float32)
-            for s in range(0, sh.n_windows, chunk):
-                e = min(s + chunk, sh.n_windows)
-                out[s:e] = encoder.encode(window_texts(sh, tokenizer, s, e), batch_size=batch_size)
-                done += e - s
-                bar.update(e - s)
-                bar.set_postfix_str(f"{done / max(time.time() - t0, 1e-9):,.0f} windows/s", refresh=False)
-            sh.write_array(EMB, out)  # atomic; the shard counts as done only now
-
-
-def _has_embeddings(sh, dim: int) -> bool:
-    if not sh.has_array(EMB):
-        return False
-    try:
-        a = sh.array(EMB)
-    except ValueError:
-        return False
-    return a.shape == (sh.n_windows, dim)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.levels < 1:
@@ -99,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.k < 2:
         _die(args.data, f"--k must be >= 2, got {args.k}")
     from data.shards import open_data
-    from memory.router import MiniLM, Router
+    from memory.embed import MiniLM
+    from memory.router import Router
 
     try:
         dd = open_data(args.data)
@@ -120,12 +82,12 @@ def main(argv: list[str] | None = None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     all_shards = [sh for s in splits for sh in shards[s]]
-    need = args.reembed or not all(_has_embeddings(sh, 384) for sh in all_shards)
+    need = args.reembed or not all(has_embeddings(sh, 384) for sh in all_shards)
     if need:
         t0 = time.time()
-        encoder = MiniLM(device=device, max_tokens=args.max_tokens)
-        print(f"MiniLM loaded from {encoder.path} in {time.time() - t0:.1f}s (device {device})")
-        embed_shards(all_shards, dd.tokenizer(), encoder, args.batch_size, args.reembed)
+        encoder = MiniLM(device=device, max_tokens=args.max_tokens, dtype=args.dtype)
+        print(f"MiniLM loaded from {encoder.path} in {time.time() - t0:.1f}s (device {device}, {encoder.dtype})")
+        embed_windows(all_shards, dd.tokenizer(), encoder, args.batch_size, args.reembed)
     else:
         print("embeddings: all shards cached")
 

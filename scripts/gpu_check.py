@@ -1,0 +1,302 @@
+"""GPU readiness in one command: kernels, bf16 training, FSDP, memory-mapped bank, demo, on one CUDA GPU.
+
+    python scripts/gpu_check.py --prepare runs/gpu-check-prepared   # on a CPU machine (MiniLM, FAISS), once
+    python3 scripts/gpu_check.py --prepared runs/gpu-check-prepared  # on the GPU machine (make gpu-check)
+    python scripts/gpu_check.py --dry-run                             # list the steps, check every command parses
+
+Made for a lent GPU machine with its own Python and torch / triton / lightning / transformers but no
+network and no faiss, spaCy, datasets or wandb: memlm is installed there with
+`pip install --no-deps --no-build-isolation -e .`, everything runs through the command-line entry points
+(`python -m train.pretrain`, `memlm ...` as `python -m train.cli ...`, pytest), and what needs the
+missing packages (tokenizing, MiniLM embeddings, the FAISS tree) is prepared here by `--prepare` into a
+small directory (< 48 MiB) that travels with the working tree.
+
+Steps (each with its own time limit; all within --budget seconds; a step that cannot run says why):
+  install          pip install --no-deps --no-build-isolation -e .
+  gpu-tests        pytest -m gpu: fused memory-FFN forward/backward vs an fp64 reference (fp32/fp16/bf16,
+                   160M and 410M shapes, odd shapes, 1/16/all-distinct paths), determinism; together with
+  fsdp, mmap-bank  FSDP on one GPU (strategy smoke, checkpoint); memory-mapped bank with pinned prefetch
+  smoke-bf16       160m anchor + memory, bf16, torch.compile, 50 steps with Triton and with the reference
+                   kernels (both at once)
+  loss-compare     scripts/loss_compare.py on the two curves, bf16 tolerance (rtol 2e-2, atol 5e-2)
+  bench-kernels    memlm bench-kernels --quick (alone: timings)
+  demo             memlm demo --size gpu, anchor and memory stages (data and clustering prepared here)
+Results under --out (at most 8 files): summary.md (every figure, versions), results.json, logs.txt,
+memory_ffn-bf16.csv, the two smoke metrics.jsonl, gpu-tests.errors.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_check_runner import DEVICE_MISSING, ROOT, Check, Step, dry_run, python, run_steps, tail  # noqa: E402
+
+DEFAULT_PREPARED = "runs/gpu-check-prepared"
+SMOKE_RTOL, SMOKE_ATOL = 2e-2, 5e-2  # bf16, 50 steps, two kernel implementations: curves drift, not jump
+DEMO_STEPS_SCALE = 0.1
+
+
+def memlm(*args) -> list[str]:
+    """The `memlm` console script, as `python -m train.cli` (works before and without the install)."""
+    return [python(), "-m", "train.cli", *map(str, args)]
+
+
+def pretrain(recipe: str, *overrides: str) -> list[str]:
+    return [python(), "-m", "train.pretrain", "--config", f"train/recipes/{recipe}", *overrides]
+
+
+def _metrics(run_dir: str) -> list[dict]:
+    rows = []
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
+def _run_figures(run_dir: str) -> dict:
+    rows = [r for r in _metrics(run_dir) if "loss" in r]
+    fig = {"steps": rows[-1]["step"], "loss_first": round(rows[0]["loss"], 4), "loss_last": round(rows[-1]["loss"], 4)}
+    speed = [r["tokens_per_s"] for r in rows[len(rows) // 2:] if r.get("tokens_per_s")]
+    if speed:
+        fig["tokens_per_s"] = round(sorted(speed)[len(speed) // 2])
+    mfu = [r["mfu"] for r in rows[len(rows) // 2:] if r.get("mfu")]
+    if mfu:
+        fig["mfu"] = round(sorted(mfu)[len(mfu) // 2], 4)
+    val = [r["val_loss"] for r in _metrics(run_dir) if "val_loss" in r]
+    if val:
+        fig["val_loss"] = round(val[-1], 4)
+    return fig
+
+
+def build_steps(prepared: str, out: str, work: str) -> list[Step]:
+    data = os.path.join(prepared, "data")
+    runs = os.path.join(work, "runs")
+    common = [f"data.path={data}", f"runs_dir={runs}", "seed=0", "data.num_workers=0", "trainer.val_every=0",
+              "logging.logger=none"]
+    smoke = ["model.preset=160m", "memory.preset=160m", "memory.k=4", "memory.widths=[256,64]", "data.seq_len=512",
+             "data.batch_size=8", "optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_steps=5", "trainer.max_steps=50",
+             "trainer.precision=bf16-mixed", "trainer.compile=true", "trainer.log_every=1", "checkpoint.every=1000"]
+    small = ["model.preset=small", "data.seq_len=256", "data.batch_size=16", "trainer.precision=bf16-mixed",
+             "trainer.log_every=5"]
+    fsdp = [*common, "name=fsdp", *small, "trainer.strategy=fsdp", "trainer.max_steps=30", "checkpoint.every=30"]
+    mmap = [*common, "name=mmap-bank", *small, "memory.preset=small", "memory.k=4", "memory.widths=[96,40]",
+            "memory.storage=mmap", "memory.prefetch=true", "trainer.max_steps=40", "checkpoint.every=40"]
+    errors = os.path.join(out, "gpu-tests.errors.jsonl")
+    bench_csv = os.path.join(out, "memory_ffn-bf16.csv")
+    demo = os.path.join(work, "demo")
+    smoke_cmd = {k: pretrain("anchor-160m-gpu.yaml", *common, f"name=smoke-{k}", *smoke) for k in ("triton", "reference")}
+    pytest = [python(), "-m", "pytest", "-m", "gpu", "tests/test_kernels_gpu.py", "-q", "-rfE", "-p", "no:cacheprovider"]
+
+    def collect_tests(rec):
+        last = tail(rec["runs"][0]["log"], 3).splitlines()
+        fig = {"pytest": last[-1] if last else ""}
+        if os.path.exists(errors):
+            rows = [json.loads(line) for line in open(errors) if line.strip()]
+            fig["cases"] = len(rows)
+            for dt in sorted({r["dtype"] for r in rows}):
+                fig[f"max_rel_err_{dt}"] = f"{max(r['max_rel_err'] for r in rows if r['dtype'] == dt):.2e}"
+        for r, name in zip(rec["runs"][1:], ("fsdp", "mmap-bank")):
+            fig[name] = _run_figures(os.path.join(runs, name)) if r["rc"] == 0 else f"exit {r['rc']}"
+        return fig
+
+    def collect_smoke(rec):
+        fig = {}
+        for k in ("triton", "reference"):
+            run = os.path.join(runs, f"smoke-{k}")
+            if os.path.exists(os.path.join(run, "metrics.jsonl")):
+                shutil.copy(os.path.join(run, "metrics.jsonl"), os.path.join(out, f"smoke-{k}.metrics.jsonl"))
+                fig[k] = _run_figures(run)
+        return fig
+
+    def collect_compare(rec):
+        return {"verdict": tail(rec["runs"][0]["log"], 1), "tolerance": f"rtol {SMOKE_RTOL}, atol {SMOKE_ATOL}"}
+
+    def collect_bench(rec):
+        rows = list(csv.DictReader(open(bench_csv)))
+        fig = {"gemm_tflops": rows[0].get("gemm_tflops"), "device": rows[0].get("device")}
+        for r in rows:
+            if r["provider"] == "triton" and r["pass"] in ("fwd", "fwd+bwd") and r.get("ms"):
+                fig[f"{r['shape']} paths={r['paths']} {r['pass']}"] = (
+                    f"{r['ms']} ms, {r['tflops']} TFLOP/s, {r['pct_gemm']}% of GEMM, x{r['speedup']} vs reference-compile")
+        return fig
+
+    def collect_demo(rec):
+        fig = {"seconds": rec["seconds"]}
+        for name in ("anchor", "memory"):
+            run = os.path.join(demo, "runs", name)
+            if os.path.exists(os.path.join(run, "metrics.jsonl")):
+                fig[name] = _run_figures(run)
+        return fig
+
+    loss_compare = os.path.join(ROOT, "scripts", "loss_compare.py")
+    demo_cmd = memlm("demo", "--size", "gpu", "--out", demo, "--until", "memory", "--steps-scale", DEMO_STEPS_SCALE)
+    repro_why = ("needs the MiniLM encoder (probe routing in `memlm eval`) and spaCy (LaCy tagging), absent on "
+                 "the GPU machine, and more than the time left; see README Results for the CPU runs")
+    return [
+        Step("install", "pip install --no-deps --no-build-isolation -e .",
+             [[python(), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", "."]], 120,
+             checks=[Check([python(), "-m", "pip", "--version"])]),
+        Step("gpu-tests", "pytest -m gpu (kernels vs fp64) + FSDP smoke + mmap bank with pinned prefetch, together",
+             [pytest, pretrain("tiny-cpu.yaml", *fsdp), pretrain("tiny-cpu.yaml", *mmap)], 240,
+             envs=[{"MEMLM_GPU_ERRORS": errors}, {}, {}],
+             checks=[Check([*pytest, "--collect-only"], expect="test_"),
+                     Check([*pretrain("tiny-cpu.yaml", *fsdp), "--print-config"], expect="strategy: fsdp"),
+                     Check([*pretrain("tiny-cpu.yaml", *mmap), "--print-config"], expect="storage: mmap")],
+             needs_modules=("torch", "triton", "lightning", "pytest"), needs_paths=(data,), collect=collect_tests),
+        Step("smoke-bf16", "160m anchor + memory, bf16, torch.compile, 50 steps: Triton and reference kernels",
+             [smoke_cmd["triton"], smoke_cmd["reference"]], 240,
+             envs=[{"MEMLM_KERNELS": "triton"}, {"MEMLM_KERNELS": "reference"}],
+             checks=[Check([*smoke_cmd["triton"], "--print-config"], expect="compile: true")],
+             needs_modules=("torch", "triton", "lightning"), needs_paths=(data,), collect=collect_smoke),
+        Step("loss-compare", f"loss curves Triton vs reference within rtol {SMOKE_RTOL}, atol {SMOKE_ATOL}",
+             [[python(), loss_compare, "--baseline", os.path.join(runs, "smoke-reference"), "--test",
+               os.path.join(runs, "smoke-triton"), "--rtol", str(SMOKE_RTOL), "--atol", str(SMOKE_ATOL)]], 60,
+             checks=[Check([python(), loss_compare, "--help"], expect="--baseline")] if os.path.exists(loss_compare) else [],
+             needs_paths=(loss_compare, os.path.join(runs, "smoke-triton", "metrics.jsonl")), collect=collect_compare),
+        Step("bench-kernels", "memlm bench-kernels --quick (alone on the GPU)",
+             [memlm("bench-kernels", "--quick", "--out", bench_csv)], 180,
+             checks=[Check(memlm("bench-kernels", "--quick", "--out", bench_csv), ok_rc=(1,), expect="needs a CUDA GPU")],
+             needs_modules=("torch", "triton"), collect=collect_bench),
+        Step("demo", f"memlm demo --size gpu: anchor + memory stages (steps x{DEMO_STEPS_SCALE}), timed",
+             [demo_cmd], 180, checks=[Check([*demo_cmd, "--help"], expect="--size")],
+             needs_modules=("torch", "lightning"), needs_paths=(os.path.join(prepared, "demo"),), collect=collect_demo),
+        Step("reproductions", "scripts/reproduce_memory.py / reproduce_lacy.py (GPU size)",
+             [[python(), "scripts/reproduce_memory.py", "--out", os.path.join(work, "repro-memory")]], 300,
+             checks=[Check([python(), "scripts/reproduce_memory.py", "--help"], expect="--dry-run"),
+                     Check([python(), "scripts/reproduce_lacy.py", "--help"], expect="--dry-run")],
+             skip_reason=repro_why),
+    ]
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in ("torch", "triton", "lightning", "transformers", "tokenizers", "numpy", "safetensors", "pytest"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception as e:  # report, never stop: a missing package is a finding
+            out[name] = f"missing ({type(e).__name__})"
+    out["device_missing"] = [m for m in DEVICE_MISSING if __import__("importlib").util.find_spec(m) is None]
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            p = torch.cuda.get_device_properties(0)
+            out.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                       capability=f"{p.major}.{p.minor}")
+        else:
+            out["gpu"] = "none (CUDA not available)"
+    except Exception as e:
+        out["gpu"] = f"unknown ({type(e).__name__}: {e})"
+    return out
+
+
+def write_results(out: str, records: list[dict], vers: dict, t0: float, budget: float) -> str:
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"versions": vers, "steps": records, "seconds": round(time.time() - t0, 1)}, f, indent=1)
+    with open(os.path.join(out, "logs.txt"), "w") as f:
+        for r in records:
+            for run in r.get("runs", []):
+                f.write(f"==== {r['name']}: {run['cmd']}\n(exit {run['rc']}, {run['seconds']} s)\n{tail(run['log'], 60)}\n\n")
+    lines = [f"# memlm GPU check — {time.strftime('%Y-%m-%d %H:%M')}", "",
+             f"Device: {vers.get('gpu')} ({vers.get('gpu_memory_gib', '?')} GiB, CUDA {vers.get('cuda', '?')}); "
+             f"total {time.time() - t0:.0f} s of a {budget:.0f} s budget.", "",
+             "Versions: " + ", ".join(f"{k} {vers[k]}" for k in ("python", "torch", "triton", "lightning",
+                                                                   "transformers", "tokenizers", "numpy") if k in vers),
+             f"Missing on this machine: {', '.join(vers['device_missing']) or 'none'}", "",
+             "| step | status | seconds | limit | note |", "|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['name']} | {r['status']} | {r.get('seconds', '')} | {r['limit_s']} | {r.get('reason', '')} |")
+    for r in records:
+        if r.get("figures"):
+            lines += ["", f"## {r['name']}: {r['title']}", ""]
+            lines += [f"- {k}: {v}" for k, v in r["figures"].items()]
+    path = os.path.join(out, "summary.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def prepare(dirpath: str) -> int:
+    """Build the carried inputs on a CPU machine with the full install: a clustered wiki-leads data dir and
+    the GPU demo's data + clustering stages. Embedding caches are dropped (only paths and routers travel)."""
+    def run(cmd):
+        print("$ " + " ".join(map(str, cmd)), flush=True)
+        subprocess.run(list(map(str, cmd)), cwd=ROOT, check=True)
+
+    data, demo = os.path.join(dirpath, "data"), os.path.join(dirpath, "demo")
+    if not os.path.exists(os.path.join(data, "router.json")):
+        run(memlm("prepare", "--corpus", "wiki-leads", "--out", data, "--vocab-size", 8192, "--window-tokens", 512,
+                  "--max-docs", 3000, "--no-progress"))
+        run(memlm("cluster", data, "--levels", 2, "--k", 4, "--max-tokens", 64))
+    run(memlm("demo", "--size", "gpu", "--out", demo, "--until", "data"))
+    # the demo's own clustering settings (levels 2, k 8, seed 0, 256 pieces) in bfloat16: ~1.5x faster on
+    # CPU; the demo's cluster stage then reuses these embeddings and the router
+    run(memlm("cluster", os.path.join(demo, "data"), "--levels", 2, "--k", 8, "--seed", 0, "--max-tokens", 256,
+              "--dtype", "bfloat16"))
+    run(memlm("demo", "--size", "gpu", "--out", demo, "--until", "cluster"))
+    for f in glob.glob(os.path.join(dirpath, "**", "*.window_minilm.npy"), recursive=True):
+        os.remove(f)
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dirpath) for f in fs)
+    print(f"prepared {dirpath}: {size / 2**20:.1f} MiB (carry it to the GPU machine with the working tree)")
+    if size > 48 * 2**20:
+        print(f"gpu_check: {dirpath} is {size / 2**20:.0f} MiB, more than the 48 MiB it may take of the 64 MiB "
+              "that travel", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/gpu-check", help="results directory (default runs/gpu-check)")
+    p.add_argument("--work", default="runs/gpu-check-work", help="scratch dir for runs and logs (not returned)")
+    p.add_argument("--prepared", default=DEFAULT_PREPARED, help=f"dir built by --prepare (default {DEFAULT_PREPARED})")
+    p.add_argument("--budget", type=float, default=480, help="seconds for all steps together (default 480)")
+    p.add_argument("--only", default=None, help="comma-separated steps to run (others are skipped)")
+    p.add_argument("--skip", default="", help="comma-separated steps to skip")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list every step with its commands and check that each parses (with the GPU machine's "
+                        "missing packages hidden); runs nothing")
+    p.add_argument("--prepare", metavar="DIR", help="build the carried inputs into DIR (CPU machine, full install)")
+    args = p.parse_args(argv)
+    if args.prepare:
+        return prepare(args.prepare)
+    out, work = os.path.abspath(args.out), os.path.abspath(args.work)
+    steps = build_steps(os.path.abspath(args.prepared), out, work)
+    if args.dry_run:
+        return 1 if dry_run(steps) else 0
+    if not os.path.isdir(args.prepared):
+        print(f"[gpu-check] {args.prepared} not found: the steps that train skip. Build it on a CPU machine with "
+              f"`python scripts/gpu_check.py --prepare {args.prepared}` and carry it along.", flush=True)
+    t0 = time.time()
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(os.path.join(work, "logs"))
+    os.makedirs(out, exist_ok=True)
+    for old in glob.glob(os.path.join(out, "*")):
+        os.remove(old)
+    if os.path.isdir(os.path.join(args.prepared, "demo")):
+        shutil.copytree(os.path.join(args.prepared, "demo"), os.path.join(work, "demo"))  # written to by the demo
+    vers = versions()
+    print("[gpu-check] " + json.dumps(vers), flush=True)
+    only = set(args.only.split(",")) if args.only else None
+    records = run_steps(steps, args.budget, os.path.join(work, "logs"), only, set(filter(None, args.skip.split(","))))
+    path = write_results(out, records, vers, t0, args.budget)
+    print(open(path).read())
+    bad = [r["name"] for r in records if r["status"] in ("failed", "timeout")]
+    print(f"[gpu-check] {len(records) - len(bad)} of {len(records)} steps ok or skipped; failed: {', '.join(bad) or 'none'}"
+          f" -> {path}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
