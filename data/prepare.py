@@ -84,6 +84,7 @@ def prepare(corpus, out: str, tokenizer: str | None = None, vocab_size: int | No
     _check_args(vocab_size, val_fraction, shard_tokens, window_tokens, workers, max_docs, batch_docs)
     if tokenizer is not None and vocab_size is not None:
         raise ConfigError("--tokenizer and --vocab-size exclude each other: load a tokenizer or train one")
+    state = _state(out)
     corp = load_corpus(corpus, max_docs=max_docs, **corpus_kw)  # a bad spec fails before anything is written
     if next(iter(corp), None) is None:  # reads up to the first document: an empty corpus writes nothing
         raise CorpusError(f"{corp.name}: no documents ({corp.stats.empty_skipped} empty skipped); give a corpus "
@@ -92,7 +93,6 @@ def prepare(corpus, out: str, tokenizer: str | None = None, vocab_size: int | No
                shard_tokens=shard_tokens, window_tokens=window_tokens, workers=workers or os.cpu_count() or 1,
                batch_docs=batch_docs, progress=progress, log=log, corpus_kw=corpus_kw,
                settings=_settings(corp.name, window_tokens, shard_tokens, val_fraction, max_docs, corpus_kw))
-    state = _state(out)
     if rebuild and state == "complete":
         with atomic_dir(out, DATA_KIND, replace=True, flag="--rebuild") as tmp:
             manifest = _build(tmp, **job)

@@ -83,6 +83,22 @@ def test_encode_text_and_cascade_prompt_keep_special_strings_as_text(special_dat
         encode_text(tok, ["a", "b"], "cascade prompt")  # a list would be a sentence pair
 
 
+def test_tagging_reads_special_strings_as_text(special_data, nlp):
+    from data.tagging import flag_text, tag_tokens
+
+    data = open_data(special_data)
+    tok, sh = data.tokenizer(), data.shards("train")[0]
+    flags = tag_tokens(np.asarray(sh.tokens), sh.windows, tok, nlp)
+    texts = [json.loads(line)["text"] for line in open(SPECIAL_TEXT, encoding="utf-8")]
+    start = 0
+    for (_, toks), text in zip(_docs(data), texts):
+        ids, want = flag_text(text, tok, nlp)
+        assert ids == toks[:-1].tolist()  # tagging encodes text exactly as prepare did
+        assert np.array_equal(flags[start:start + len(ids)], want) and flags[start + len(ids)] == 0  # EOS
+        start += len(toks)
+    assert flags.sum() > 0
+
+
 # ---- T2: non-string text values --------------------------------------------------------------------
 def test_nonstring_text_names_file_and_line(tmp_path):
     with pytest.raises(CorpusError, match=r"nonstring_text\.jsonl: line 2: .*int"):
