@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from model.errors import ConfigError
+
 from data.loader import PackedDataset, collate
 
 
@@ -23,7 +25,7 @@ class AffinePackedDataset(PackedDataset):
     def __init__(self, data_dir, split: str = "train", seq_len: int = 256, batch_size: int = 8, seed: int = 0,
                  rank: int = 0, world_size: int = 1, calls: str | None = None, by_leaf: bool = True, **kw):
         if not by_leaf:
-            raise ValueError("AffinePackedDataset needs by_leaf=True (a row must belong to one subtree); "
+            raise ConfigError("AffinePackedDataset needs by_leaf=True (a row must belong to one subtree); "
                              "set data.by_leaf=true")
         # The parent checks its own (round-robin) row count; ours is computed below.
         super().__init__(data_dir, split, seq_len, batch_size, seed, rank, world_size, calls, True, **kw)
@@ -33,7 +35,7 @@ class AffinePackedDataset(PackedDataset):
         self.batches_per_epoch = self.rows_per_rank // self.batch_size
         if self.batches_per_epoch == 0:
             tops = sorted({int(t) for t in self.leaves[self.owned_group, 0]})
-            raise ValueError(f"{self.data.path}: split {split!r}: rank {rank}/{world_size} owns top-level clusters "
+            raise ConfigError(f"{self.data.path}: split {split!r}: rank {rank}/{world_size} owns top-level clusters "
                              f"{tops}, which pack into {self.rows_per_rank} rows of {seq_len} tokens, fewer than "
                              f"batch_size={batch_size}")
         self._mine_epoch, self._mine = None, None

