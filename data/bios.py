@@ -117,8 +117,8 @@ PROBES = {
 BUCKET_EDGES = (4, 16, 64, 256)
 
 
-def bucket_of(count: int) -> int:
-    return sum(count >= e for e in BUCKET_EDGES)
+def bucket_of(count: int, edges=BUCKET_EDGES) -> int:
+    return sum(count >= e for e in edges)
 
 
 @dataclass
@@ -126,8 +126,57 @@ class BiosConfig:
     n_people: int = 2000
     seed: int = 0
     top_docs: int = 800       # documents of the most frequent person
-    zipf_s: float = 0.8       # docs(rank) = max(1, round(top_docs * rank^-s))
+    zipf_s: float = 0.8       # docs(rank) = max(min_docs, round(top_docs * rank^-s)); 0 = every person top_docs
     p_attr: float = 0.7       # each attribute is mentioned in a document with this probability
+    min_docs: int = 1         # floor of documents per person (the long tail's first bucket starts here)
+    bucket_edges: tuple = BUCKET_EDGES  # probe frequency buckets by training count
+
+    def __post_init__(self):
+        self.bucket_edges = tuple(int(e) for e in self.bucket_edges)
+        if self.min_docs < 1 or self.top_docs < 1:
+            raise ValueError(f"bios: min_docs={self.min_docs} and top_docs={self.top_docs} must be >= 1")
+        if not 0.0 < self.p_attr <= 1.0:
+            raise ValueError(f"bios: p_attr={self.p_attr} must be in (0, 1]")
+
+
+# Named configurations (`memlm prepare --corpus bios --bios-preset NAME`):
+# - uniform: every person 12 documents, for the memory mechanism check (facts seen ~8 times each);
+# - capacity: long-tailed mentions with a floor (every fact seen >= ~8 times: 12 documents x p_attr 0.9),
+#   bucket edges from that floor; sized with `knowledge_bits` against an anchor's ~2 bits/parameter.
+BIOS_PRESETS = {
+    "default": {},
+    "uniform": {"zipf_s": 0.0, "top_docs": 12, "min_docs": 12, "bucket_edges": (4, 16, 64, 256)},
+    "capacity": {"zipf_s": 1.0, "top_docs": 240, "min_docs": 12, "p_attr": 0.9, "bucket_edges": (12, 16, 32, 64)},
+}
+
+
+CONFIG_KEYS = ("n_people", "seed", "top_docs", "zipf_s", "p_attr", "min_docs")
+
+
+def config_from_kw(kw: dict) -> BiosConfig:
+    """BiosConfig from corpus keywords: `bios_preset` (a BIOS_PRESETS name) first, then any of
+    CONFIG_KEYS that is not None. Raises ValueError naming an unknown preset."""
+    name = kw.get("bios_preset") or "default"
+    if name not in BIOS_PRESETS:
+        raise ValueError(f"bios: unknown preset {name!r}; choose from {sorted(BIOS_PRESETS)}")
+    args = dict(BIOS_PRESETS[name])
+    args.update({k: kw[k] for k in CONFIG_KEYS if kw.get(k) is not None})
+    return BiosConfig(**args)
+
+
+def attribute_values() -> dict[str, int]:
+    """Number of distinct values of each attribute (uniformly drawn): its entropy is log2 of it."""
+    return {"birth_date": len(MONTHS) * 28 * 100, "birth_city": len(CITIES), "university": len(UNIVERSITIES),
+            "field": len(FIELDS), "employer": len(COMPANIES), "employer_city": len(CITIES),
+            "hobby": len(HOBBIES)}
+
+
+def knowledge_bits(n_people: int) -> float:
+    """Bits of knowledge in the knowledge base: n_people x sum of log2(#values) over the attributes
+    (values are drawn uniformly and independently, so this is the entropy a model must store)."""
+    import math
+
+    return n_people * sum(math.log2(v) for v in attribute_values().values())
 
 
 def make_people(cfg: BiosConfig) -> list[dict]:
@@ -155,7 +204,7 @@ def make_people(cfg: BiosConfig) -> list[dict]:
     rng.shuffle(ranks)
     for p, r in zip(people, ranks):
         p["rank"] = r
-        p["n_docs"] = max(1, round(cfg.top_docs * r ** -cfg.zipf_s))
+        p["n_docs"] = max(cfg.min_docs, round(cfg.top_docs * r ** -cfg.zipf_s))
     return people
 
 
@@ -193,7 +242,7 @@ def person_of(doc_id: str) -> int | None:
     return None
 
 
-def probes_from_docs(people: list[dict], train_docs) -> list[dict]:
+def probes_from_docs(people: list[dict], train_docs, edges=BUCKET_EDGES) -> list[dict]:
     """Probes with exact training counts. `train_docs`: iterable of (doc_id, text) of the TRAIN split.
 
     count = occurrences of the answer string in that person's training documents; probes with
@@ -214,7 +263,7 @@ def probes_from_docs(people: list[dict], train_docs) -> list[dict]:
                 continue
             probes.append({"prompt": PROBES[a].format(name=p["name"]), "answer": " " + p[a],
                            "person": p["id"], "name": p["name"], "attribute": a,
-                           "count": c, "bucket": bucket_of(c)})
+                           "count": c, "bucket": bucket_of(c, edges)})
     return probes
 
 
@@ -229,8 +278,8 @@ def write_kb(out_dir: str, cfg: BiosConfig, people: list[dict], probes: list[dic
              docs=None) -> None:
     """Write kb.json (config + people), probes.jsonl and optionally docs.jsonl into out_dir."""
     os.makedirs(out_dir, exist_ok=True)
-    kb = {"config": cfg.__dict__, "attributes": ATTRIBUTES, "probe_templates": PROBES,
-          "bucket_edges": list(BUCKET_EDGES), "people": people}
+    kb = {"config": dict(cfg.__dict__, bucket_edges=list(cfg.bucket_edges)), "attributes": ATTRIBUTES, "probe_templates": PROBES,
+          "bucket_edges": list(cfg.bucket_edges), "people": people}
     _write_atomic(os.path.join(out_dir, "kb.json"), json.dumps(kb, indent=1, sort_keys=True) + "\n")
     if probes is not None:
         _write_atomic(os.path.join(out_dir, "probes.jsonl"),

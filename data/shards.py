@@ -419,10 +419,9 @@ def prepare(corpus: str, out: str, tokenizer: str | None = None, vocab_size: int
     dt = time.time() - t0
 
     if want_bios:
-        cfg = bios_mod.BiosConfig(**{k: corpus_kw[k] for k in ("n_people", "seed", "top_docs")
-                                     if corpus_kw.get(k) is not None})
+        cfg = bios_mod.config_from_kw(corpus_kw)
         people, docs = bios_mod.generate(cfg)
-        probes = bios_mod.probes_from_docs(people, bios_train)
+        probes = bios_mod.probes_from_docs(people, bios_train, cfg.bucket_edges)
         bios_mod.write_kb(os.path.join(out, "bios"), cfg, people, probes, docs)
         log(f"bios: {len(people)} people, {len(probes)} probes -> {os.path.join(out, 'bios')}")
 

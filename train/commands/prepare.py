@@ -35,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-docs", type=int, default=None,
                    help="bios: documents of the most mentioned person (Zipf head; default 800)")
     p.add_argument("--seed", type=int, default=None, help="bios generator / mixture sampling seed (default 0)")
+    p.add_argument("--bios-preset", default=None, choices=["default", "uniform", "capacity"],
+                   help="bios: a named configuration of data/bios.py (uniform: every person 12 documents, "
+                        "for the mechanism check; capacity: long tail with every fact seen >= ~8 times); "
+                        "the other bios flags override it")
+    p.add_argument("--zipf-s", type=float, default=None,
+                   help="bios: documents per person = max(min_docs, top_docs * rank^-s); 0 = uniform (default 0.8)")
+    p.add_argument("--min-docs", type=int, default=None, help="bios: floor of documents per person (default 1)")
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     return p
 
@@ -48,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     kw = {"text_column": args.text_column, "id_column": args.id_column, "hf_split": args.hf_split}
     if args.sample_by != "document":
         kw["sample_by"] = args.sample_by
-    for k in ("n_people", "top_docs", "seed"):
+    for k in ("n_people", "top_docs", "seed", "bios_preset", "zipf_s", "min_docs"):
         if getattr(args, k) is not None:
             kw[k] = getattr(args, k)
     if args.text_column == "text":
