@@ -10,18 +10,33 @@ Steps (each resumable):
    Saved as DATA/router.safetensors + DATA/router.json; a re-run with the same settings reuses it.
 3. assign: greedy descent for every window of every split -> DATA/{split}/SHARD.paths.npy
    (int32 [n_windows, levels]); the manifest's n_levels is set.
+
+--paths-from KEY replaces k-means by a key per document: every window of a document takes the leaf of
+the document's key, keys are spread over the leaves so that leaves hold about as many train windows
+(largest keys first, to the least-loaded leaf). KEY is `id` (the document id), `id:REGEX` (the first
+group of REGEX searched in the id, e.g. `id:^bio-([0-9]+)-` = the bios person) or `entity` (the first named
+entity of the document's first window, spaCy; the key -> leaf table is saved in router.json and prompts
+are routed by their first known entity). The saved router's centroids are the mean embeddings of each
+node's windows, so a prompt without a known key (and any text, for `id` keys) is routed to the node
+whose windows it resembles. Windows whose key was not seen in train are routed the same way.
+
+--embed-text sentences embeds every sentence of a window and averages them (chunk-and-average:
+a long window is not reduced to its first word pieces, and each part is embedded like a short prompt).
 """
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 
 import numpy as np
 
 from memory.router import MAX_TOKENS
+from model.errors import ConfigError, DataError
 
 EMB = "window_minilm"
+EMB_SENTENCES = "window_minilm_sentences"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +59,94 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="device for MiniLM (default: cuda if available, else cpu)")
     p.add_argument("--refit", action="store_true", help="fit a new tree even if DATA/router.* matches the settings")
     p.add_argument("--reembed", action="store_true", help="recompute cached embeddings")
+    p.add_argument("--paths-from", default=None, metavar="KEY",
+                   help="leaves from a document key instead of k-means: id | id:REGEX | entity (see above)")
+    p.add_argument("--embed-text", default="window", choices=["window", "sentences"],
+                   help="embed each window whole (first --max-tokens word pieces) or as the mean of its "
+                        "sentences' embeddings (default window)")
     return p
+
+
+_SENT = re.compile(r"(?<=[.!?])\s+")
+
+
+def sentence_mean(encoder, texts: list[str], batch_size: int) -> np.ndarray:
+    """[n, dim] L2-normalised mean of the embeddings of each text's sentences (split after . ! ?)."""
+    parts, owner = [], []
+    for i, t in enumerate(texts):
+        sents = [x for x in _SENT.split(t.strip()) if x.strip()] or [t]
+        parts += sents
+        owner += [i] * len(sents)
+    e = encoder.encode(parts, batch_size=batch_size)
+    out = np.zeros((len(texts), e.shape[1]), dtype=np.float64)
+    np.add.at(out, np.asarray(owner), e)
+    out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return out.astype(np.float32)
+
+
+def document_keys(shards, tokenizer, spec: str) -> list[list[str | None]]:
+    """Per shard, the key of each window's document (None: the document has no key). `spec`: id,
+    id:REGEX or entity (see --paths-from)."""
+    if spec == "entity":
+        from data.entity_keys import entity_keys
+
+    pattern = None
+    if spec.startswith("id:"):
+        try:
+            pattern = re.compile(spec[3:])
+        except re.error as e:
+            raise ConfigError(f"--paths-from {spec}: bad regular expression: {e}") from None
+    elif spec not in ("id", "entity"):
+        raise ConfigError(f"--paths-from {spec}: expected id, id:REGEX or entity")
+    out = []
+    for sh in shards:
+        docs = sh.docs
+        if spec == "entity":
+            first = [i for i, d in enumerate(docs) if d["chunk"] == 0]
+            texts = [window_texts(sh, tokenizer, i, i + 1)[0] for i in first]
+            doc_key = {docs[i]["doc_id"]: (ks[0] if ks else None) for i, ks in zip(first, entity_keys(texts))}
+            out.append([doc_key.get(d["doc_id"]) for d in docs])
+            continue
+        keys = []
+        for d in docs:
+            key = d["doc_id"]
+            if pattern is not None:
+                m = pattern.search(key)
+                if m is None:
+                    raise DataError(f"{sh.file('docs.jsonl')}: document id {key!r} does not match --paths-from "
+                                    f"{spec}; use a pattern that matches every id")
+                key = m.group(1) if m.groups() else m.group(0)
+            keys.append(key)
+        out.append(keys)
+    return out
+
+
+def keyed_router(spec: str, train_shards, all_shards, tokenizer, k: int, levels: int, emb: str):
+    """(router, {shard: paths}): leaves from document keys, centroids from the windows' embeddings."""
+    from memory.router import balance_keys, leaf_to_path, router_from_paths
+
+    keys = document_keys(all_shards, tokenizer, spec)
+    by_shard = dict(zip([id(sh) for sh in all_shards], keys))
+    train_keys = [key for sh in train_shards for key in by_shard[id(sh)] if key is not None]
+    if not train_keys:
+        raise DataError(f"--paths-from {spec}: no train window has a key")
+    table = balance_keys(train_keys, k, levels)
+    x = np.concatenate([np.asarray(sh.array(emb)) for sh in train_shards])
+    tk = [key for sh in train_shards for key in by_shard[id(sh)]]
+    known = np.array([key is not None for key in tk])
+    paths = leaf_to_path(np.array([table[key] for key in tk if key is not None]), k, levels)
+    meta = {"paths_from": spec, "n_keys": len(table)}
+    if spec == "entity":
+        meta["key_table"] = table
+    router = router_from_paths(x[known], paths, k, meta)
+    out = {}
+    for sh in all_shards:
+        p = router.assign(np.asarray(sh.array(emb)))
+        for i, key in enumerate(by_shard[id(sh)]):
+            if key is not None and key in table:
+                p[i] = leaf_to_path(np.array([table[key]]), k, levels)[0]
+        out[id(sh)] = p
+    return router, out
 
 
 def _die(data: str, problem: str):
@@ -58,10 +160,10 @@ def window_texts(shard, tokenizer, start: int, end: int) -> list[str]:
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
-def embed_shards(shards, tokenizer, encoder, batch_size: int, reembed: bool) -> None:
+def embed_shards(shards, tokenizer, encoder, batch_size: int, reembed: bool, emb: str = EMB) -> None:
     from tqdm import tqdm
 
-    todo = [sh for sh in shards if reembed or not _has_embeddings(sh, encoder.dim)]
+    todo = [sh for sh in shards if reembed or not _has_embeddings(sh, encoder.dim, emb)]
     for sh in shards:
         if sh not in todo:
             print(f"skip embedding {sh.split}/{sh.name} (cached)")
@@ -75,18 +177,20 @@ def embed_shards(shards, tokenizer, encoder, batch_size: int, reembed: bool) -> 
             out = np.zeros((sh.n_windows, encoder.dim), dtype=np.float32)
             for s in range(0, sh.n_windows, chunk):
                 e = min(s + chunk, sh.n_windows)
-                out[s:e] = encoder.encode(window_texts(sh, tokenizer, s, e), batch_size=batch_size)
+                texts = window_texts(sh, tokenizer, s, e)
+                out[s:e] = (sentence_mean(encoder, texts, batch_size) if emb == EMB_SENTENCES
+                            else encoder.encode(texts, batch_size=batch_size))
                 done += e - s
                 bar.update(e - s)
                 bar.set_postfix_str(f"{done / max(time.time() - t0, 1e-9):,.0f} windows/s", refresh=False)
-            sh.write_array(EMB, out)  # atomic; the shard counts as done only now
+            sh.write_array(emb, out)  # atomic; the shard counts as done only now
 
 
-def _has_embeddings(sh, dim: int) -> bool:
-    if not sh.has_array(EMB):
+def _has_embeddings(sh, dim: int, emb: str = EMB) -> bool:
+    if not sh.has_array(emb):
         return False
     try:
-        a = sh.array(EMB)
+        a = sh.array(emb)
     except ValueError:
         return False
     return a.shape == (sh.n_windows, dim)
@@ -120,21 +224,30 @@ def main(argv: list[str] | None = None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     all_shards = [sh for s in splits for sh in shards[s]]
-    need = args.reembed or not all(_has_embeddings(sh, 384) for sh in all_shards)
+    emb = EMB_SENTENCES if args.embed_text == "sentences" else EMB
+    need = args.reembed or not all(_has_embeddings(sh, 384, emb) for sh in all_shards)
     if need:
         t0 = time.time()
         encoder = MiniLM(device=device, max_tokens=args.max_tokens)
         print(f"MiniLM loaded from {encoder.path} in {time.time() - t0:.1f}s (device {device})")
-        embed_shards(all_shards, dd.tokenizer(), encoder, args.batch_size, args.reembed)
+        embed_shards(all_shards, dd.tokenizer(), encoder, args.batch_size, args.reembed, emb)
     else:
         print("embeddings: all shards cached")
 
     # 2. fit -----------------------------------------------------------------------------------
     settings = {"k": args.k, "levels": args.levels, "seed": args.seed, "max_fit": args.max_fit,
                 "max_tokens": args.max_tokens,
-                "max_share": args.max_share, "niter": args.niter, "n_train_windows": n_train}
-    router = None
-    if Router.exists(dd.path) and not args.refit and not args.reembed:
+                "max_share": args.max_share, "niter": args.niter, "n_train_windows": n_train,
+                "paths_from": args.paths_from, "embed_text": args.embed_text}
+    router, keyed = None, None
+    if args.paths_from:
+        router, keyed = keyed_router(args.paths_from, shards["train"], all_shards, dd.tokenizer(), args.k,
+                                     args.levels, emb)
+        router.meta.update(settings=settings, max_tokens=args.max_tokens, embed_text=args.embed_text)
+        router.save(dd.path)
+        print(f"router: {router.meta['n_keys']:,} keys from --paths-from {args.paths_from} spread over "
+              f"{args.k ** args.levels} leaves -> {dd.path}/router.safetensors")
+    elif Router.exists(dd.path) and not args.refit and not args.reembed:
         old = Router.load(dd.path)
         if old.meta.get("settings") == settings:
             router = old
@@ -142,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"router: settings changed ({old.meta.get('settings')} -> {settings}); refitting")
     if router is None:
-        x = np.concatenate([np.asarray(sh.array(EMB)) for sh in shards["train"]])
+        x = np.concatenate([np.asarray(sh.array(emb)) for sh in shards["train"]])
         if args.max_fit is not None and len(x) > args.max_fit:
             idx = np.sort(np.random.default_rng(args.seed).choice(len(x), args.max_fit, replace=False))
             x = x[idx]
@@ -151,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                             max_share=args.max_share, progress=True)
         router.meta["settings"] = settings
         router.meta["max_tokens"] = args.max_tokens  # Router.route truncates prompts the same way
+        router.meta["embed_text"] = args.embed_text
         router.save(dd.path)
         per_level = ", ".join(f"L{s['level']} max share {s['max_share']:.3f}" for s in router.meta["fit"])
         print(f"router: fitted {args.levels} levels x k={args.k} on {len(x):,} windows in "
@@ -161,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = np.zeros(args.k ** args.levels, dtype=np.int64)
     for s in splits:
         for sh in shards[s]:
-            paths = router.assign(np.asarray(sh.array(EMB)))
+            paths = keyed[id(sh)] if keyed is not None else router.assign(np.asarray(sh.array(emb)))
             sh.write_array("paths", paths.astype(np.int32))
             n += len(paths)
             if s == "train":
