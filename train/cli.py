@@ -22,6 +22,8 @@ COMMANDS = {
     "export-hf": ("train.commands.export_hf", "export a run to a transformers LlamaForCausalLM directory"),
     "cluster": ("train.commands.cluster", "embed windows with MiniLM, fit the k-means tree, store paths"),
     "eval": ("train.commands.eval", "validation loss / probes for fetched, generic and anchor-only"),
+    "harness": ("train.commands.harness", "lm-evaluation-harness tasks on a run, per memory mode"),
+    "wiki-probes": ("train.commands.wiki_probes", "knowledge probes (lm-eval tasks) from wiki-leads facts"),
     "tag": ("train.commands.tag", "spaCy factual flags per token (LaCy signal)"),
     "score": ("train.commands.score", "per-token loss of a reference model over the shards"),
     "select": ("train.commands.select", "choose <CALL> positions with a rule at a target call rate"),
