@@ -31,6 +31,27 @@ def read_metrics(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def plot_run_curves(runs: dict[str, str], out_png: str) -> str:
+    """One panel per run: its training loss (and its own validation loss) against its steps. Runs train
+    and validate on different token streams (rows packed by leaf, <CALL> targets), so their losses are
+    never drawn on one axis; compare models with `memlm eval` on the same tokens instead."""
+    fig, axes = plt.subplots(1, max(len(runs), 1), figsize=(4 * max(len(runs), 1), 3.5), squeeze=False)
+    for ax, (i, (label, run_dir)) in zip(axes[0], enumerate(runs.items())):
+        rows = read_metrics(run_dir)
+        train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+        val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+        if train:
+            ax.plot(*zip(*train), color=f"C{i}", label="train")
+        if val:
+            ax.plot(*zip(*val), "o--", color=f"C{i}", label="val (this run's rows)")
+        ax.set_title(label)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("loss (nats/token)")
+    return _save(fig, out_png)
+
+
 def plot_loss_curves(runs: dict[str, str], out_png: str, title: str = "Training and validation loss",
                      offsets: dict[str, int] | None = None) -> str:
     """One line per run for the training loss, dots for validation loss, against optimizer steps.
@@ -129,9 +150,9 @@ def write_demo_report(out: str, runs: str, info: dict, commands: list[str], size
     import torch
 
     figs = {}
-    figs["loss"] = plot_loss_curves({name: os.path.join(runs, name) for name in ("anchor", "memory", "slm")
-                                     if os.path.isdir(os.path.join(runs, name))},
-                                    os.path.join(out, "loss_curves.png"))
+    figs["loss"] = plot_run_curves({name: os.path.join(runs, name) for name in ("anchor", "memory", "slm")
+                                    if os.path.isdir(os.path.join(runs, name))},
+                                   os.path.join(out, "loss_curves.png"))
     ev = None
     if info.get("eval"):
         with open(info["eval"]["eval"]) as f:
