@@ -103,3 +103,42 @@ def test_read_facts_errors(tmp_path):
     bad.write_text('{"title": "x"}\n')
     with pytest.raises(DataError, match="line 1: fact lacks"):
         read_facts(str(bad))
+
+
+def test_build_wiki_probes(tmp_path, nlp):
+    """Probes from a small wiki-leads data dir: seen = train articles, held-out = val articles; the answer is
+    among the choices at `label`, distractors are answers of the same kind, counts are training counts."""
+    import json
+
+    from data.corpora import wiki_leads_path
+    from data.shards import open_data, prepare
+    from data.wiki_facts import answer_counts
+    from train.evaluation.wiki_probes import build_wiki_probes
+
+    data = str(tmp_path / "wiki")
+    prepare("wiki-leads", data, vocab_size=400, val_fraction=0.3, window_tokens=256, max_docs=40, progress=False,
+            log=lambda *a, **k: None)
+    dd = open_data(data)
+    summary = build_wiki_probes(dd, str(tmp_path / "probes"), n_choices=3, nlp=nlp)
+    assert summary["seen"]["n"] > 10 and summary["heldout"]["n"] > 0
+    split_titles = {s: {d["doc_id"] for sh in dd.shards(s) for d in sh.docs} for s in ("train", "val")}
+    leads = {(r.get("title") or k): r["extract"] for k, r in json.load(open(wiki_leads_path())).items()}
+    rows = {}
+    for name, split in (("seen", "train"), ("heldout", "val")):
+        rows[name] = [json.loads(x) for x in open(tmp_path / "probes" / f"wiki_{name}.jsonl")]
+        assert len(rows[name]) == summary[name]["n"]
+        assert {r["title"] for r in rows[name]} <= split_titles[split]
+        yaml = (tmp_path / "probes" / f"memlm_wiki_{name}.yaml").read_text()
+        assert f"task: memlm_wiki_{name}" in yaml and f"wiki_{name}.jsonl" in yaml
+    kinds = {}
+    for r in rows["seen"] + rows["heldout"]:
+        kinds.setdefault(r["kind"], set()).add(r["answer"])
+    counts = answer_counts(kinds and {r["answer"] for v in rows.values() for r in v},
+                           [leads[t] for t in split_titles["train"]])
+    for r in rows["seen"] + rows["heldout"]:
+        assert r["choices"][r["label"]] == r["answer"] and len(set(r["choices"])) == 3
+        assert all(c in kinds[r["kind"]] or c != r["answer"] for c in r["choices"])
+        assert r["count"] == counts[r["answer"]]
+        assert r["answer"] in leads[r["title"]] and leads[r["title"]].count(r["prompt"]) >= 1
+    # every seen answer occurs in its own (training) lead
+    assert all(r["count"] >= 1 for r in rows["seen"])
