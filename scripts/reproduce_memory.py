@@ -95,12 +95,14 @@ SIZES = {
                     mech_k=16, mech_width=32, mech_seeds=3, cap_people=3500, cap_anchor_steps=1800,
                     cap_memory_steps=1800, cap_k=16, cap_width=32, bank_ks=(4, 64), wiki_docs=2000,
                     wiki_anchor_steps=800, wiki_memory_steps=600, wiki_k=16, wiki_width=32, wiki_probes=1000),
-    # One H200, <= 10 minutes: the tiny anchor (0.79M non-embedding parameters), 4x the people and all leads.
-    "gpu": Size(anchor=TINY, dense=TINY_2X, vocab_size=4096, seq_len=128, batch_size=64, lr=3e-3, memory_lr=3e-3,
-                embed_tokens=64, mech_people=1024, mech_anchor_steps=300, mech_memory_steps=1200, mech_k=64,
-                mech_width=64, mech_seeds=3, cap_people=36000, cap_anchor_steps=4000, cap_memory_steps=4000,
-                cap_k=64, cap_width=64, bank_ks=(16, 256), wiki_docs=10033, wiki_anchor_steps=3000,
-                wiki_memory_steps=2000, wiki_k=64, wiki_width=64, wiki_probes=3000),
+    # One H200, <= 10 minutes of training and scoring; data, clusters and probes prepared on CPU first
+    # (--prepare-only: the device has no faiss, spaCy or MiniLM package). The micro anchor again, so that
+    # the knowledge (8,000 people, ~372k bits) is 2.5x its ~2 bits/parameter capacity, more passes.
+    "gpu": Size(anchor=MICRO, dense=MICRO_2X, vocab_size=4096, seq_len=128, batch_size=64, lr=3e-3, memory_lr=3e-3,
+                embed_tokens=48, mech_people=1024, mech_anchor_steps=300, mech_memory_steps=1500, mech_k=64,
+                mech_width=32, mech_seeds=3, cap_people=8000, cap_anchor_steps=4000, cap_memory_steps=4000,
+                cap_k=64, cap_width=32, bank_ks=(16, 256), wiki_docs=10033, wiki_anchor_steps=3000,
+                wiki_memory_steps=2000, wiki_k=64, wiki_width=32, wiki_probes=3000, cap_probes=1000),
 }
 
 
@@ -114,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the corpora, clustering, training and probes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--dry-run", action="store_true", help="print the stages and their commands; run nothing")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="run only the stages that need CPU-side packages (prepare, cluster: faiss + MiniLM, "
+                        "wiki-probes: spaCy), e.g. before carrying the output directory to a GPU machine "
+                        "(delete the DATA/*/*.window_minilm*.npy embedding caches first: only the paths are needed)")
     p.add_argument("--fresh", action="store_true", help="delete the output directory first")
     return p
 
@@ -293,8 +299,13 @@ class MemoryRepro:
 
     def run(self) -> None:
         settings = {"size": dataclasses.asdict(self.size), "parts": self.parts, "seed": self.args.seed}
-        self.stages.run_job("reproduce_memory", self.plan(), settings, fresh=self.args.fresh,
-                            summary=f"size {self.size_name}, parts {self.parts}")
+        plan = self.plan()
+        if self.args.prepare_only:
+            prep = ("-data", "-other", "-cluster", "wiki-probes")
+            plan = [(n, f) for n, f in plan if any(x in n for x in prep)]
+        self.stages.run_job("reproduce_memory", plan, settings, fresh=self.args.fresh,
+                            summary=f"size {self.size_name}, parts {self.parts}"
+                                    + (" (CPU preparation only)" if self.args.prepare_only else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

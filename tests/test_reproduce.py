@@ -52,6 +52,10 @@ def test_memory_options(tmp_path, capsys):
     reproduce_memory.main(["--dry-run", "--out", str(tmp_path / "m"), "--parts", "mech"])
     out = capsys.readouterr().out
     assert "cap-" not in out and "wiki" not in out and "mech-anchor" in out
+    reproduce_memory.main(["--dry-run", "--size", "gpu", "--prepare-only", "--out", str(tmp_path / "g")])
+    stages = _stages(capsys.readouterr().out)
+    assert stages and all(any(x in st for x in ("-data", "-other", "-cluster", "wiki-probes")) for st in stages)
+    assert "wiki-probes" in stages and "cap-cluster" in stages
     with pytest.raises(SystemExit, match="unknown part"):
         reproduce_memory.main(["--dry-run", "--out", str(tmp_path / "m"), "--parts", "nope"])
 
