@@ -73,7 +73,9 @@ def prompt_router(router, nlp=None) -> Callable[[list[str]], np.ndarray]:
     if router.meta.get("paths_from") != "entity":
         return router.route
     from data.entity_keys import entity_keys
+    from data.tagging import load_spacy
     from memory.router import KeyRouter
 
+    nlp = nlp or load_spacy()  # once: a pipeline takes ~2 s to load
     table = {str(key): int(v) for key, v in router.meta["key_table"].items()}
     return KeyRouter(router, table, lambda texts: entity_keys(texts, nlp)).route
