@@ -81,3 +81,29 @@ def test_bios_presets_and_knowledge_bits():
     assert 45 < knowledge_bits(1) < 48
     with pytest.raises(ValueError, match="unknown preset"):
         config_from_kw({"bios_preset": "nope"})
+
+
+def test_document_hit_rates_on_a_fake_data_dir():
+    from train.evaluation.routing import document_hit_rates, key_leaves
+
+    class Shard:
+        paths = np.array([[0], [0], [1], [1], [1]], dtype=np.int32)
+        docs = [{"doc_id": t} for t in ("A", "A", "A", "B", "B")]
+
+    class Data:
+        manifest = {"router": {"k": 2}}
+
+        def shards(self, split):
+            return [Shard()]
+
+    class R:
+        k, levels, meta = 2, 1, {}
+
+    assert key_leaves(Data(), lambda d: d) == {"A": Counter({0: 2, 1: 1}), "B": Counter({1: 2})}
+    probes = [{"title": "A", "prompt": "a", "kind": "year"}, {"title": "B", "prompt": "b", "kind": "year"},
+              {"title": "B", "prompt": "c", "kind": "place"}]
+    routed = lambda texts: np.array([[0], [0], [1]], dtype=np.int32)  # noqa: E731
+    r = document_hit_rates(Data(), R(), probes, route=routed)
+    assert r["consistency"] == pytest.approx((2 / 3 + 1) / 2)
+    assert r["hit"]["all"]["share"] == pytest.approx(2 / 3) and r["hit"]["year"]["share"] == 0.5
+    assert r["hit"]["place"]["share"] == 1.0

@@ -311,7 +311,33 @@ def wiki_section(out: str) -> tuple[list[str], list[str]]:
         drows.append([f"`{a}` - `{b}`"] + cells)
     if drows:
         md += ["Paired differences (same probes):", "", markdown_table(["difference", "seen", "held-out"], drows), ""]
+    md += wiki_routing(out)
     return md, []
+
+
+def wiki_routing(out: str) -> list[str]:
+    """Router hit rates on the seen wiki probes: the prompt routed to the leaf holding most of its article's
+    training windows, for each clustering of the wiki data (MiniLM k-means, entity keys)."""
+    from data.shards import open_data
+    from memory.router import Router
+    from train.evaluation.routing import document_hit_rates
+
+    probes_file = os.path.join(out, "wiki", "probes", "wiki_seen.jsonl")
+    if not os.path.isfile(probes_file):
+        return []
+    with open(probes_file) as f:
+        probes = [json.loads(line) for line in f if line.strip()]
+    rows = []
+    for v in ("minilm", "entity"):
+        d = os.path.join(out, "wiki", f"data-{v}")
+        if not Router.exists(d):
+            continue
+        r = document_hit_rates(open_data(d), Router.load(d), probes)
+        rows.append([f"`{v}`", f"{r['consistency']:.3f}", ci_cell(r["hit"]["all"], "share")])
+    if not rows:
+        return []
+    return ["Routing on real text (seen probes): share of an article's windows in its majority leaf, and share of "
+            "probe prompts routed there:", "", markdown_table(["leaves", "consistency", "hit rate"], rows), ""]
 
 
 def write_memory_report(out: str, parts: list[str], size: dict, size_name: str, command: str,
