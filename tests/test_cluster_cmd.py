@@ -86,7 +86,8 @@ def test_cluster_paths_from_document_keys(data_dir, tmp_path):
     import shutil
 
     from data.shards import open_data
-    from memory.router import Router, path_to_leaf
+    from memory.keyed import path_to_leaf
+    from memory.router import Router
     from model.errors import ConfigError, DataError
     from train.commands.cluster import EMB, main
 

@@ -4,8 +4,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from memory.router import (KeyRouter, Router, balance_keys, leaf_to_path, path_to_leaf, router_from_paths,
-                           top_leaves)
+from memory.keyed import KeyRouter, balance_keys, leaf_to_path, path_to_leaf, router_from_paths, top_leaves
+from memory.router import Router
 from train.evaluation.routing import consistency, hit_rates, majority_leaf, oracle_paths
 
 

@@ -123,7 +123,7 @@ def document_keys(shards, tokenizer, spec: str) -> list[list[str | None]]:
 
 def keyed_router(spec: str, train_shards, all_shards, tokenizer, k: int, levels: int, emb: str):
     """(router, {shard: paths}): leaves from document keys, centroids from the windows' embeddings."""
-    from memory.router import balance_keys, leaf_to_path, router_from_paths
+    from memory.keyed import balance_keys, leaf_to_path, router_from_paths
 
     keys = document_keys(all_shards, tokenizer, spec)
     by_shard = dict(zip([id(sh) for sh in all_shards], keys))

@@ -68,7 +68,7 @@ def route_probes(model, router, data, tokenizer, probes, route_top: int, device,
     paths ("fetched"), the person's majority leaf ("fetched_oracle") and, with route_top > 1, the
     loss-routed paths among the nearest leaves ("fetched_top<M>")."""
     from data.bios import person_of
-    from memory.router import top_leaves
+    from memory.keyed import top_leaves
     from train.evaluation.routing import consistency, hit_rates, key_leaves, oracle_paths, prompt_router
 
     if router is None:

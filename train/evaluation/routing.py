@@ -21,7 +21,7 @@ from train.evaluation.stats import bootstrap_ci
 
 def key_leaves(data, key_of: Callable[[str], object | None], split: str = "train") -> dict[object, Counter]:
     """{key: Counter(leaf -> windows)} over the split's windows; `key_of(doc_id)` (None: skip)."""
-    from memory.router import path_to_leaf
+    from memory.keyed import path_to_leaf
 
     k = int(data.manifest.get("router", {}).get("k", 0)) or None
     out: dict[object, Counter] = {}
@@ -47,7 +47,7 @@ def consistency(leaves: dict[object, Counter]) -> float:
 
 def oracle_paths(keys: list, leaves: dict[object, Counter], k: int, levels: int) -> np.ndarray:
     """int32 paths [n, levels]: each item's key's majority leaf (leaf 0 for a key never seen in train)."""
-    from memory.router import leaf_to_path
+    from memory.keyed import leaf_to_path
 
     leaf = [majority_leaf(leaves[key]) if key in leaves else 0 for key in keys]
     return leaf_to_path(np.asarray(leaf, dtype=np.int64), k, levels)
@@ -74,7 +74,7 @@ def prompt_router(router, nlp=None) -> Callable[[list[str]], np.ndarray]:
         return router.route
     from data.entity_keys import entity_keys
     from data.tagging import load_spacy
-    from memory.router import KeyRouter
+    from memory.keyed import KeyRouter
 
     nlp = nlp or load_spacy()  # once: a pipeline takes ~2 s to load
     table = {str(key): int(v) for key, v in router.meta["key_table"].items()}
