@@ -45,7 +45,9 @@ MICRO = ("model.preset=tiny", "model.n_embd=64", "model.n_layer=2", "model.ffn_h
          "model.n_kv_head=1")
 MICRO_2X = ("model.preset=tiny", "model.n_embd=96", "model.n_layer=2", "model.ffn_hidden=192", "model.n_head=3",
             "model.n_kv_head=1")
-TINY, TINY_2X = ("model.preset=tiny",), ("model.preset=tiny-2x",)
+# The mechanism check's anchor only has to learn the templates of other people's biographies.
+MICRO_MECH = ("model.preset=tiny", "model.n_embd=64", "model.n_layer=2", "model.ffn_hidden=192", "model.n_head=2",
+              "model.n_kv_head=1")
 
 
 @dataclass
@@ -91,7 +93,7 @@ SIZES = {
                   wiki_k=4, wiki_width=16, wiki_probes=100, cap_probes=50),
     # Token budget ~45M on the micro anchor (~25k tokens/s on an idle 2-core CPU) + MiniLM/spaCy preparation.
     "default": Size(anchor=MICRO, dense=MICRO_2X, vocab_size=2048, seq_len=128, batch_size=16, lr=3e-3,
-                    memory_lr=3e-3, embed_tokens=48, mech_people=256, mech_anchor_steps=200, mech_memory_steps=600,
+                    memory_lr=3e-3, embed_tokens=128, mech_people=256, mech_anchor_steps=200, mech_memory_steps=600,
                     mech_k=16, mech_width=32, mech_seeds=3, cap_people=3500, cap_anchor_steps=1800,
                     cap_memory_steps=1800, cap_k=16, cap_width=32, bank_ks=(4, 64), wiki_docs=2000,
                     wiki_anchor_steps=800, wiki_memory_steps=600, wiki_k=16, wiki_width=32, wiki_probes=1000),
@@ -164,8 +166,9 @@ class MemoryRepro:
                    f"optim.warmup_steps={max(steps // 20, 1)}", *overrides)
 
     def memory(self, run, data, steps, init_from, k, width, *extra, seed=None, ckpts=1):
+        """Memories on the frozen anchor of `init_from` (the model shape comes from that run)."""
         s = self.size
-        self.pretrain(run, data, steps, s.memory_lr, *s.anchor, f"init_from={init_from}", "memory.preset=tiny",
+        self.pretrain(run, data, steps, s.memory_lr, f"init_from={init_from}", "memory.preset=tiny",
                       f"memory.k={k}", f"memory.widths=[{width}]", f"memory.lr={s.memory_lr}",
                       f"memory.min_lr={s.memory_lr / 10:g}", "memory.freeze_anchor=true", "data.by_leaf=true",
                       *extra, seed=seed, ckpts=ckpts)
@@ -188,9 +191,9 @@ class MemoryRepro:
                                                   self.args.seed)),
                # other people (another generator seed), same tokenizer: the anchor learns the templates only
                ("mech-other", lambda: self.prepare(os.path.join(d, "other"), "bios", *bios, "--seed",
-                                                   self.args.seed + 1000, tokenizer=tok)),
+                                                   self.args.seed + 1, tokenizer=tok)),
                ("mech-anchor", lambda: self.pretrain(os.path.join(d, "runs", "anchor"), os.path.join(d, "other"),
-                                                     s.mech_anchor_steps, s.lr, *s.anchor))]
+                                                     s.mech_anchor_steps, s.lr, *MICRO_MECH))]
         for v, opts in MECH_VARIANTS.items():
             data = os.path.join(d, f"data-{v}")
             if v != "minilm":  # same corpus and tokenizer, its own paths
