@@ -142,3 +142,13 @@ def test_build_wiki_probes(tmp_path, nlp):
         assert r["answer"] in leads[r["title"]] and leads[r["title"]].count(r["prompt"]) >= 1
     # every seen answer occurs in its own (training) lead
     assert all(r["count"] >= 1 for r in rows["seen"])
+
+
+def test_distractors_closest_counts_hash_ties():
+    from train.evaluation.wiki_probes import distractors
+
+    pool = {"year": sorted([(1, "1900"), (2, "1901"), (2, "1902"), (2, "1903"), (9, "1999"), (3, "1950")])}
+    got = distractors("1950", "year", pool, 3, "born in")
+    assert sorted(got) == ["1901", "1902", "1903"]  # counts 2 are the closest to 3
+    assert distractors("1950", "year", pool, 3, "born in") == got  # deterministic
+    assert "1901" not in distractors("1950", "year", pool, 3, "between 1901 and")  # never a string of the prompt

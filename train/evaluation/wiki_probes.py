@@ -56,12 +56,18 @@ def _split_titles(data) -> dict[str, list[str]]:
 
 
 def distractors(answer: str, kind: str, pool: dict[str, list[tuple[int, str]]], n: int, prompt: str) -> list[str]:
-    """The n answers of the same kind with training counts closest to `answer`'s (ties: alphabetical),
-    never the answer itself nor a string already in the prompt. pool[kind] = sorted [(count, answer)]."""
+    """The n answers of the same kind with training counts closest to `answer`'s (ties broken by a hash of
+    the pair: deterministic, not alphabetical), never the answer itself nor a string already in the prompt.
+    pool[kind] = sorted [(count, answer)]."""
+    import hashlib
+
+    def tie(a: str) -> str:
+        return hashlib.blake2b(f"{answer}\x00{a}".encode(), digest_size=8).hexdigest()
+
     items = pool[kind]
     count = next(c for c, a in items if a == answer)
-    cands = sorted((abs(c - count), a) for c, a in items if a != answer and a not in prompt)
-    return [a for _, a in cands[:n]]
+    cands = sorted((abs(c - count), tie(a), a) for c, a in items if a != answer and a not in prompt)
+    return [a for _, _, a in cands[:n]]
 
 
 def build_wiki_probes(data, out: str, n_choices: int = 4, max_per_set: int | None = None, seed: int = 0,
