@@ -85,10 +85,10 @@ class Size:
 
 
 SIZES = {
-    # Minutes on an idle 2-core CPU: the mechanism check at a reduced scale (128 people, ~11 passes);
+    # Minutes on an idle 2-core CPU: the mechanism check at a reduced scale (128 people, ~6.5 passes);
     # the capacity and wiki parts are smoke-scale there (every stage and the report run, too short for effects).
     "quick": Size(anchor=MICRO, dense=MICRO_2X, vocab_size=2048, seq_len=128, batch_size=16, lr=3e-3, memory_lr=3e-3,
-                  embed_tokens=128, mech_people=128, mech_anchor_steps=200, mech_memory_steps=340, mech_k=8,
+                  embed_tokens=128, mech_people=128, mech_anchor_steps=200, mech_memory_steps=200, mech_k=8,
                   mech_width=64, mech_seeds=1, cap_people=100, cap_anchor_steps=40, cap_memory_steps=40, cap_k=4,
                   cap_width=16, bank_ks=(2,), wiki_docs=200, wiki_anchor_steps=40, wiki_memory_steps=40,
                   wiki_k=4, wiki_width=16, wiki_probes=100, cap_probes=50),

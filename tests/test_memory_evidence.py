@@ -1,7 +1,7 @@
 """The memory mechanism check as a slow test (make test-slow): memories hold what their leaf saw.
 
 bios `uniform` (128 people x 12 documents), a frozen tiny anchor trained on other people, memories trained
-~11 passes on leaves by person id and by MiniLM: scripts/reproduce_memory.py --size quick --parts mech.
+~6.5 passes on leaves by person id and by MiniLM: scripts/reproduce_memory.py --size quick --parts mech.
 Fetched memory must beat the generic block with a 95% interval (paired over the same probes) above zero.
 """
 from __future__ import annotations
