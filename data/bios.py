@@ -21,7 +21,7 @@ import random
 from dataclasses import dataclass
 
 from model.atomic import atomic_write
-from model.errors import DataError, check_range
+from model.errors import ConfigError, DataError, check_range
 
 # --- value pools (invented combinations; names are common given/family names) ---------------------
 FIRST_F = """Ada Alice Amelia Anna Audrey Beatrice Camille Charlotte Clara Daisy Dora Edith Eleanor Elena
@@ -120,8 +120,8 @@ PROBES = {
 BUCKET_EDGES = (4, 16, 64, 256)
 
 
-def bucket_of(count: int) -> int:
-    return sum(count >= e for e in BUCKET_EDGES)
+def bucket_of(count: int, edges=BUCKET_EDGES) -> int:
+    return sum(count >= e for e in edges)
 
 
 @dataclass
@@ -129,8 +129,53 @@ class BiosConfig:
     n_people: int = 2000
     seed: int = 0
     top_docs: int = 800       # documents of the most frequent person
-    zipf_s: float = 0.8       # docs(rank) = max(1, round(top_docs * rank^-s))
+    zipf_s: float = 0.8       # docs(rank) = max(min_docs, round(top_docs * rank^-s)); 0 = every person top_docs
     p_attr: float = 0.7       # each attribute is mentioned in a document with this probability
+    min_docs: int = 1         # floor of documents per person (the long tail's first bucket starts here)
+    bucket_edges: tuple = BUCKET_EDGES  # probe frequency buckets by training count
+
+    def __post_init__(self):
+        self.bucket_edges = tuple(int(e) for e in self.bucket_edges)
+
+
+# Named configurations (`memlm prepare --corpus bios --bios-preset NAME`):
+# - uniform: every person 12 documents, for the memory mechanism check (facts seen ~8 times each);
+# - capacity: long-tailed mentions with a floor (every fact seen >= ~8 times: 12 documents x p_attr 0.9),
+#   bucket edges from that floor; sized with `knowledge_bits` against an anchor's ~2 bits/parameter.
+BIOS_PRESETS = {
+    "default": {},
+    "uniform": {"zipf_s": 0.0, "top_docs": 12, "min_docs": 12, "bucket_edges": (4, 16, 64, 256)},
+    "capacity": {"zipf_s": 1.0, "top_docs": 240, "min_docs": 12, "p_attr": 0.9, "bucket_edges": (12, 16, 32, 64)},
+}
+
+
+CONFIG_KEYS = ("n_people", "seed", "top_docs", "zipf_s", "p_attr", "min_docs")
+
+
+def config_from_kw(kw: dict) -> BiosConfig:
+    """BiosConfig from corpus keywords: `bios_preset` (a BIOS_PRESETS name) first, then any of
+    CONFIG_KEYS that is not None. Raises ValueError naming an unknown preset."""
+    name = kw.get("bios_preset") or "default"
+    if name not in BIOS_PRESETS:
+        raise ConfigError(f"--bios-preset {name!r}: unknown; choose from {', '.join(sorted(BIOS_PRESETS))}")
+    args = dict(BIOS_PRESETS[name])
+    args.update({k: kw[k] for k in CONFIG_KEYS if kw.get(k) is not None})
+    return check_config(BiosConfig(**args))
+
+
+def attribute_values() -> dict[str, int]:
+    """Number of distinct values of each attribute (uniformly drawn): its entropy is log2 of it."""
+    return {"birth_date": len(MONTHS) * 28 * 100, "birth_city": len(CITIES), "university": len(UNIVERSITIES),
+            "field": len(FIELDS), "employer": len(COMPANIES), "employer_city": len(CITIES),
+            "hobby": len(HOBBIES)}
+
+
+def knowledge_bits(n_people: int) -> float:
+    """Bits of knowledge in the knowledge base: n_people x sum of log2(#values) over the attributes
+    (values are drawn uniformly and independently, so this is the entropy a model must store)."""
+    import math
+
+    return n_people * sum(math.log2(v) for v in attribute_values().values())
 
 
 N_NAMES = (len(FIRST_F) + len(FIRST_M)) * len(LAST)  # unique full names: the most people bios can make
@@ -140,6 +185,7 @@ def check_config(cfg: BiosConfig) -> BiosConfig:
     """Range-check a BiosConfig (ConfigError naming the field)."""
     check_range("n_people", cfg.n_people, min=1, max=N_NAMES)
     check_range("top_docs", cfg.top_docs, min=1)
+    check_range("min_docs", cfg.min_docs, min=1)
     check_range("seed", cfg.seed, min=0)
     check_range("zipf_s", cfg.zipf_s, min=0)
     check_range("p_attr", cfg.p_attr, min=0, max=1, min_open=True)
@@ -170,7 +216,7 @@ def make_people(cfg: BiosConfig) -> list[dict]:
     rng.shuffle(ranks)
     for p, r in zip(people, ranks):
         p["rank"] = r
-        p["n_docs"] = max(1, round(cfg.top_docs * r ** -cfg.zipf_s))
+        p["n_docs"] = max(cfg.min_docs, round(cfg.top_docs * r ** -cfg.zipf_s))
     return people
 
 
@@ -208,7 +254,7 @@ def person_of(doc_id: str) -> int | None:
     return None
 
 
-def probes_from_docs(people: list[dict], train_docs) -> list[dict]:
+def probes_from_docs(people: list[dict], train_docs, edges=BUCKET_EDGES) -> list[dict]:
     """Probes with exact training counts. `train_docs`: iterable of (doc_id, text) of the TRAIN split.
 
     count = occurrences of the answer string in that person's training documents; probes with
@@ -229,16 +275,17 @@ def probes_from_docs(people: list[dict], train_docs) -> list[dict]:
                 continue
             probes.append({"prompt": PROBES[a].format(name=p["name"]), "answer": " " + p[a],
                            "person": p["id"], "name": p["name"], "attribute": a,
-                           "count": c, "bucket": bucket_of(c)})
+                           "count": c, "bucket": bucket_of(c, edges)})
     return probes
 
 
 def write_kb(out_dir: str, cfg: BiosConfig, people: list[dict], probes: list[dict] | None = None,
              docs=None) -> None:
     """Write kb.json (config + people), probes.jsonl and optionally docs.jsonl into out_dir (each atomically)."""
-    kb = {"config": cfg.__dict__, "attributes": ATTRIBUTES, "probe_templates": PROBES,
-          "bucket_edges": list(BUCKET_EDGES), "people": people}
-    atomic_write(os.path.join(out_dir, "kb.json"), json.dumps(kb, indent=1, sort_keys=True) + "\n")
+    kb = {"config": dict(cfg.__dict__, bucket_edges=list(cfg.bucket_edges)), "attributes": ATTRIBUTES,
+          "probe_templates": PROBES, "bucket_edges": list(cfg.bucket_edges), "people": people}
+    atomic_write(os.path.join(out_dir, "kb.json"), json.dumps(kb, indent=1, sort_keys=True) + "
+")
     if probes is not None:
         atomic_write(os.path.join(out_dir, "probes.jsonl"), "".join(json.dumps(p, sort_keys=True) + "\n" for p in probes))
     if docs is not None:
@@ -261,8 +308,7 @@ class ProbeRecorder:
         parts = parse_mixture(spec)
         if not (spec == "bios" if parts is None else any(n == "bios" for n, _ in parts)):
             return None
-        return cls(BiosConfig(**{k: corpus_kw[k] for k in ("n_people", "seed", "top_docs")
-                                 if corpus_kw.get(k) is not None}))
+        return cls(config_from_kw(corpus_kw))
 
     def add(self, doc_id: str, text: str) -> None:
         """Record a training-split document (documents of other corpora are ignored)."""
@@ -272,7 +318,7 @@ class ProbeRecorder:
     def write(self, out_dir: str) -> str:
         """Write the bios files into out_dir; returns a one-line summary."""
         people, docs = generate(self.cfg)
-        probes = probes_from_docs(people, self.train_docs)
+        probes = probes_from_docs(people, self.train_docs, self.cfg.bucket_edges)
         write_kb(out_dir, self.cfg, people, probes, docs)
         return f"bios: {len(people)} people, {len(probes)} probes -> {out_dir}"
 

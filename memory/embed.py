@@ -16,6 +16,7 @@ store the per-window array), resumable per shard.
 """
 from __future__ import annotations
 
+import re
 import sys
 import time
 
@@ -26,6 +27,8 @@ from model.errors import ConfigError, MemlmError
 ENCODER = "all-MiniLM-L6-v2"
 MAX_TOKENS = 256
 EMB = "window_minilm"  # per-window array name in the data shards: float32 [n_windows, 384]
+EMB_SENTENCES = "window_minilm_sentences"  # the same, as the mean of each window's sentence embeddings
+_SENT = re.compile(r"(?<=[.!?])\s+")
 
 
 def default_batch(device: str) -> tuple[int, int]:
@@ -120,26 +123,42 @@ def window_texts(shard, tokenizer, start: int, end: int) -> list[str]:
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
-def has_embeddings(shard, dim: int) -> bool:
-    """Whether the shard stores a complete `EMB` array [n_windows, dim]."""
-    if not shard.has_array(EMB):
+def sentence_mean(encoder: "MiniLM", texts: list[str], batch_size: int | None = None) -> np.ndarray:
+    """float32 [len(texts), dim]: L2-normalised mean of the embeddings of each text's sentences (split after
+    . ! ?): a long window is not reduced to its first word pieces, and each part is embedded like a prompt."""
+    parts, owner = [], []
+    for i, t in enumerate(texts):
+        sents = [x for x in _SENT.split(t.strip()) if x.strip()] or [t]
+        parts += sents
+        owner += [i] * len(sents)
+    e = encoder.encode(parts, batch_size=batch_size)
+    out = np.zeros((len(texts), encoder.dim), dtype=np.float64)
+    np.add.at(out, np.asarray(owner, dtype=np.int64), e)
+    out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return out.astype(np.float32)
+
+
+def has_embeddings(shard, dim: int, emb: str = EMB) -> bool:
+    """Whether the shard stores a complete `emb` array [n_windows, dim]."""
+    if not shard.has_array(emb):
         return False
     try:
-        a = shard.array(EMB)
+        a = shard.array(emb)
     except ValueError:
         return False
     return a.shape == (shard.n_windows, dim)
 
 
 def embed_windows(shards, tokenizer, encoder: MiniLM, batch_size: int | None = None, reembed: bool = False,
-                  chunk: int = 8192, log=print) -> None:
-    """Embed every window of every shard and store it as the shard's `EMB` array (atomic per shard; a
-    shard that has it is skipped unless `reembed`). Windows are decoded and embedded `chunk` at a time
+                  chunk: int = 8192, log=print, emb: str = EMB) -> None:
+    """Embed every window of every shard and store it as the shard's `emb` array (atomic per shard; a
+    shard that has it is skipped unless `reembed`). emb: `EMB` (each window whole) or `EMB_SENTENCES`
+    (`sentence_mean`). Windows are decoded and embedded `chunk` at a time
     (sorting by length happens inside a chunk: larger chunks pad less, cost more memory). Progress on
     stderr (tqdm, with windows/s); `log` gets one line per skipped shard."""
     from tqdm import tqdm
 
-    todo = [sh for sh in shards if reembed or not has_embeddings(sh, encoder.dim)]
+    todo = [sh for sh in shards if reembed or not has_embeddings(sh, encoder.dim, emb)]
     for sh in shards:
         if sh not in todo:
             log(f"skip embedding {sh.split}/{sh.name} (cached)")
@@ -158,5 +177,10 @@ def embed_windows(shards, tokenizer, encoder: MiniLM, batch_size: int | None = N
 
             for s in range(0, sh.n_windows, chunk):
                 e = min(s + chunk, sh.n_windows)
-                out[s:e] = encoder.encode(window_texts(sh, tokenizer, s, e), batch_size=batch_size, on_batch=tick)
-            sh.write_array(EMB, out)  # atomic; the shard counts as done only now
+                texts = window_texts(sh, tokenizer, s, e)
+                if emb == EMB_SENTENCES:
+                    out[s:e] = sentence_mean(encoder, texts, batch_size)
+                    tick(e - s)
+                else:
+                    out[s:e] = encoder.encode(texts, batch_size=batch_size, on_batch=tick)
+            sh.write_array(emb, out)  # atomic; the shard counts as done only now

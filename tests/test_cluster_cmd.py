@@ -78,3 +78,43 @@ def test_cluster_bad_input(tmp_path, data_dir):
         main([data_dir, "--k", "1"])
     with pytest.raises(SystemExit, match=r"--splits must include train"):
         main([data_dir, "--splits", "val"])
+
+
+def test_cluster_paths_from_document_keys(data_dir, tmp_path):
+    """--paths-from id:REGEX: every window of a key shares one leaf, leaves are balanced, the router's
+    centroids are the mean embeddings of each leaf's windows; bad patterns are one-line errors."""
+    import shutil
+
+    from data.shards import open_data
+    from memory.keyed import path_to_leaf
+    from memory.router import Router
+    from model.errors import ConfigError, DataError
+    from train.commands.cluster import EMB, main
+
+    d = str(tmp_path / "keyed")
+    shutil.copytree(data_dir, d)
+    # key = the row number's last digit: 10 keys, each spread over several documents
+    assert main([d, "--levels", "1", "--k", "4", "--paths-from", r"id::\d*(\d)$"]) == 0
+    dd = open_data(d)
+    router = Router.load(d)
+    assert router.meta["paths_from"] == r"id::\d*(\d)$" and router.meta["n_keys"] == 10
+    by_key, loads = {}, np.zeros(4, int)
+    xs, leaves = [], []
+    for sh in dd.shards("train"):
+        leaf = path_to_leaf(sh.paths, 4)
+        for doc, l in zip(sh.docs, leaf):
+            by_key.setdefault(doc["doc_id"][-1], set()).add(int(l))
+            loads[l] += 1
+        xs.append(np.asarray(sh.array(EMB)))
+        leaves.append(leaf)
+    assert all(len(v) == 1 for v in by_key.values())
+    assert loads.max() - loads.min() <= 10  # largest-first to the least-loaded leaf
+    x, leaf = np.concatenate(xs), np.concatenate(leaves)
+    mean = x[leaf == 0].mean(0)
+    np.testing.assert_allclose(router.centroids[0][0], mean / np.linalg.norm(mean), atol=1e-5)
+    with pytest.raises(ConfigError, match="bad regular expression"):
+        main([d, "--levels", "1", "--k", "4", "--paths-from", "id:("])
+    with pytest.raises(DataError, match="does not match --paths-from"):
+        main([d, "--levels", "1", "--k", "4", "--paths-from", "id:^nomatch"])
+    with pytest.raises(ConfigError, match="expected id, id:REGEX or entity"):
+        main([d, "--levels", "1", "--k", "4", "--paths-from", "title"])

@@ -200,11 +200,14 @@ def test_eval_json_structure(runs, tmp_path):
     assert eval_main([runs["memory"], "--data", runs["data"], "--out", out, "--val-batches", "3",
                       "--probes-per-bucket", "4", "--seed", "1", "--batch-size", "2"]) == 0
     ev = json.load(open(os.path.join(out, "eval.json")))
-    assert set(ev) == {"run", "data", "val", "per_cluster", "probes", "probe_routing"}
-    assert set(ev["probe_routing"]) == set(ev["probes"]["fetched"])
-    assert all(0 <= r["share"] <= 1 and r["n"] == ev["probes"]["fetched"][b]["n"]
-               for b, r in ev["probe_routing"].items())
-    assert set(ev["val"]) == set(ev["per_cluster"]) == set(ev["probes"]) == {"fetched", "generic", "anchor"}
+    assert set(ev) == {"run", "data", "val", "per_cluster", "val_diffs", "probes", "probe_diffs", "probe_routing",
+                       "probe_items"}
+    assert set(ev["probes"]) == {"fetched", "fetched_oracle", "generic", "anchor"}
+    hit = ev["probe_routing"]["hit"]["fetched"]
+    assert set(hit) == set(ev["probes"]["fetched"]) and 0 <= ev["probe_routing"]["consistency"] <= 1
+    assert all(0 <= r["lo"] <= r["share"] <= r["hi"] <= 1 and r["n"] == ev["probes"]["fetched"][b]["n"]
+               for b, r in hit.items())
+    assert set(ev["val"]) == set(ev["per_cluster"]) == {"fetched", "generic", "anchor"}
     for m, v in ev["val"].items():
         assert set(v) == {"loss", "ppl", "tokens"} and v["tokens"] > 0
         assert v["ppl"] == pytest.approx(__import__("math").exp(v["loss"]))
@@ -212,10 +215,18 @@ def test_eval_json_structure(runs, tmp_path):
         assert pc and set(pc) <= {"0", "1"} and sum(c["tokens"] for c in pc.values()) == v["tokens"]
     assert ev["val"]["fetched"]["tokens"] == ev["val"]["anchor"]["tokens"]
     assert ev["val"]["fetched"]["loss"] != ev["val"]["anchor"]["loss"]  # memories trained: not a no-op
+    d = ev["val_diffs"]["fetched - anchor"]
+    assert d["diff"] == pytest.approx(ev["val"]["fetched"]["loss"] - ev["val"]["anchor"]["loss"], abs=1e-9)
+    assert d["lo"] <= d["diff"] <= d["hi"]
+    items = ev["probe_items"]
     for m, buckets in ev["probes"].items():
-        assert buckets and all(b.startswith("bucket_") for b in buckets)
-        for b in buckets.values():
-            assert set(b) == {"acc", "n"} and 0 <= b["acc"] <= 1 and 1 <= b["n"] <= 4
+        assert buckets and all(b.startswith("bucket_") or b == "all" for b in buckets)
+        assert buckets["all"]["acc"] == pytest.approx(sum(items[m]) / len(items[m]))
+        for name, b in buckets.items():
+            assert set(b) == {"acc", "lo", "hi", "n"} and 0 <= b["lo"] <= b["acc"] <= b["hi"] <= 1
+            assert 1 <= b["n"] <= (4 if name != "all" else len(items[m]))
+    pd = ev["probe_diffs"]["fetched - generic"]["all"]
+    assert pd["diff"] == pytest.approx((sum(items["fetched"]) - sum(items["generic"])) / len(items["fetched"]))
     assert os.path.getsize(os.path.join(out, "eval.png")) > 1000
     # a plain anchor run: mode "anchor" only (per-cluster numbers from the stored paths)
     out2 = str(tmp_path / "ev2")
@@ -225,15 +236,48 @@ def test_eval_json_structure(runs, tmp_path):
     assert set(ev2["val"]) == set(ev2["probes"]) == {"anchor"} and ev2["per_cluster"]["anchor"]
 
 
-def test_probe_routing_share():
-    from train.evaluation.memory_eval import probe_routing
+def test_harness_modes_on_a_local_task(runs, tmp_path):
+    """memlm harness: a two-document local multiple-choice task, offline; the adapter's log-likelihood
+    equals a direct forward pass of the run (fetched on the routed path, generic, anchor)."""
+    pytest.importorskip("lm_eval")
+    import numpy as np
 
-    leaves = {7: {(0, 1), (2, 3)}, 8: {(1, 1)}}
-    probes = [{"person": 7, "bucket": 0}, {"person": 7, "bucket": 0}, {"person": 8, "bucket": 1},
-              {"person": 9, "bucket": 1}]  # person 9: no training window
-    routed = [[0, 1], [1, 1], [1, 1], [1, 1]]
-    assert probe_routing(probes, routed, leaves) == {"bucket_0": {"share": 0.5, "n": 2},
-                                                     "bucket_1": {"share": 0.5, "n": 2}}
+    from train.checkpoint import load_run
+    from train.commands.harness import main as harness_main
+    from train.evaluation.harness import MemlmLM
+
+    docs = [{"id": "a", "title": "x", "prompt": "Ada Baker was born in the city of", "choices": ["Paris", "Oslo"],
+             "label": 0}, {"id": "b", "title": "y", "prompt": "Carl Cross studied at", "choices": ["Yale University",
+                                                                                                 "Rice University"], "label": 1}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    from train.evaluation.wiki_probes import TASK_YAML
+
+    (tmp_path / "tiny_mc.yaml").write_text(TASK_YAML.format(task="tiny_mc", path=str(tmp_path / "t.jsonl")))
+    for mode in ("fetched", "generic", "anchor"):
+        out = str(tmp_path / mode)
+        assert harness_main([runs["memory"], "--tasks", "tiny_mc", "--include-path", str(tmp_path), "--mode", mode,
+                             "--out", out, "--batch-size", "2"]) == 0
+        res = json.load(open(os.path.join(out, "harness.json")))["tasks"]["tiny_mc"]
+        assert res["n"] == 2 and set(res["items"]) == {"a", "b"} and 0 <= res["acc"] <= 1
+
+    model, tok, _, router = load_run(runs["memory"])
+    lm = MemlmLM(runs["memory"], mode="fetched", batch_size=3)
+
+    class Req:
+        def __init__(self, *args):
+            self.args, self.doc = args, {}
+
+    reqs = [Req(d["prompt"], " " + c) for d in docs for c in d["choices"]]
+    got = lm.loglikelihood(reqs)
+    for r, (ll, _) in zip(reqs, got):
+        ctx, cont = tok.encode(r.args[0]), tok.encode(r.args[1])
+        ids = torch.tensor([ctx + cont])
+        path = torch.as_tensor(router.route([r.args[0]]), dtype=torch.long)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids[:, :-1], mem_path=path, mode="fetched").float(), -1)[0]
+        want = sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
+        assert ll == pytest.approx(want, abs=1e-4)
+    assert np.isfinite([g[0] for g in got]).all()
 
 
 # ---- memlm export-hf --path -----------------------------------------------------------------------

@@ -22,6 +22,8 @@ COMMANDS = {
     "export-hf": ("train.commands.export_hf", "export a run to a transformers LlamaForCausalLM directory"),
     "cluster": ("train.commands.cluster", "embed windows with MiniLM, fit the k-means tree, store paths"),
     "eval": ("train.commands.eval", "validation loss / probes for fetched, generic and anchor-only"),
+    "harness": ("train.commands.harness", "lm-evaluation-harness tasks on a run, per memory mode"),
+    "wiki-probes": ("train.commands.wiki_probes", "knowledge probes (lm-eval tasks) from wiki-leads facts"),
     "tag": ("train.commands.tag", "spaCy factual flags per token (LaCy signal)"),
     "score": ("train.commands.score", "per-token loss of a reference model over the shards"),
     "select": ("train.commands.select", "choose <CALL> positions with a rule at a target call rate"),
@@ -47,7 +49,7 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(EXIT_USER_ERROR)
 
 
-def _number(kind: type, low=None, high=None, low_open: bool = False, high_open: bool = False):
+def number(kind: type, low=None, high=None, low_open: bool = False, high_open: bool = False):
     """An argparse `type=` that parses `kind` and checks the interval (the message names the bound)."""
     bounds = []
     if low is not None:
@@ -71,12 +73,12 @@ def _number(kind: type, low=None, high=None, low_open: bool = False, high_open: 
     return parse
 
 
-positive_int = _number(int, 1)
-nonnegative_int = _number(int, 0)
-positive_float = _number(float, 0, low_open=True)
-nonnegative_float = _number(float, 0)
-probability = _number(float, 0, 1)  # [0, 1]
-rate = _number(float, 0, 1, low_open=True)  # (0, 1]
+positive_int = number(int, 1)
+nonnegative_int = number(int, 0)
+positive_float = number(float, 0, low_open=True)
+nonnegative_float = number(float, 0)
+probability = number(float, 0, 1)  # [0, 1]
+rate = number(float, 0, 1, low_open=True)  # (0, 1]
 
 
 def run_command(prog: str, main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:

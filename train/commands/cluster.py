@@ -10,16 +10,30 @@ Steps (each resumable):
    Saved as DATA/router.safetensors + DATA/router.json; a re-run with the same settings reuses it.
 3. assign: greedy descent for every window of every split -> DATA/{split}/SHARD.paths.npy
    (int32 [n_windows, levels]); the manifest's n_levels is set.
+
+--paths-from KEY replaces k-means by a key per document: every window of a document takes the leaf of
+the document's key, keys are spread over the leaves so that leaves hold about as many train windows
+(largest keys first, to the least-loaded leaf). KEY is `id` (the document id), `id:REGEX` (the first
+group of REGEX searched in the id, e.g. `id:^bio-([0-9]+)-` = the bios person) or `entity` (the first named
+entity of the document's first window, spaCy; the key -> leaf table is saved in router.json and prompts
+are routed by their first known entity). The saved router's centroids are the mean embeddings of each
+node's windows, so a prompt without a known key (and any text, for `id` keys) is routed to the node
+whose windows it resembles. Windows whose key was not seen in train are routed the same way.
+
+--embed-text sentences embeds every sentence of a window and averages them (chunk-and-average:
+a long window is not reduced to its first word pieces, and each part is embedded like a short prompt).
 """
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 
 import numpy as np
 
-from memory.embed import EMB, MAX_TOKENS, embed_windows, has_embeddings, window_texts  # noqa: F401 (window_texts: re-export)
+from memory.embed import EMB, EMB_SENTENCES, MAX_TOKENS, embed_windows, has_embeddings, window_texts
+from model.errors import ConfigError, DataError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,11 +60,85 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MiniLM precision (default float16 on GPU, float32 on CPU)")
     p.add_argument("--refit", action="store_true", help="fit a new tree even if DATA/router.* matches the settings")
     p.add_argument("--reembed", action="store_true", help="recompute cached embeddings")
+    p.add_argument("--paths-from", default=None, metavar="KEY",
+                   help="leaves from a document key instead of k-means: id | id:REGEX | entity (see above)")
+    p.add_argument("--embed-text", default="window", choices=["window", "sentences"],
+                   help="embed each window whole (first --max-tokens word pieces) or as the mean of its "
+                        "sentences' embeddings (default window)")
     return p
+
+
+def document_keys(shards, tokenizer, spec: str) -> list[list[str | None]]:
+    """Per shard, the key of each window's document (None: the document has no key). `spec`: id,
+    id:REGEX or entity (see --paths-from)."""
+    if spec == "entity":
+        from data.entity_keys import entity_keys
+
+    pattern = None
+    if spec.startswith("id:"):
+        try:
+            pattern = re.compile(spec[3:])
+        except re.error as e:
+            raise ConfigError(f"--paths-from {spec}: bad regular expression: {e}") from None
+    elif spec not in ("id", "entity"):
+        raise ConfigError(f"--paths-from {spec}: expected id, id:REGEX or entity")
+    out = []
+    for sh in shards:
+        docs = sh.docs
+        if spec == "entity":
+            first = [i for i, d in enumerate(docs) if d["chunk"] == 0]
+            texts = [window_texts(sh, tokenizer, i, i + 1)[0] for i in first]
+            doc_key = {docs[i]["doc_id"]: (ks[0] if ks else None) for i, ks in zip(first, entity_keys(texts))}
+            out.append([doc_key.get(d["doc_id"]) for d in docs])
+            continue
+        keys = []
+        for d in docs:
+            key = d["doc_id"]
+            if pattern is not None:
+                m = pattern.search(key)
+                if m is None:
+                    raise DataError(f"{sh.file('docs.jsonl')}: document id {key!r} does not match --paths-from "
+                                    f"{spec}; use a pattern that matches every id")
+                key = m.group(1) if m.groups() else m.group(0)
+            keys.append(key)
+        out.append(keys)
+    return out
+
+
+def keyed_router(spec: str, train_shards, all_shards, tokenizer, k: int, levels: int, emb: str):
+    """(router, {shard: paths}): leaves from document keys, centroids from the windows' embeddings."""
+    from memory.keyed import balance_keys, leaf_to_path, router_from_paths
+
+    keys = document_keys(all_shards, tokenizer, spec)
+    by_shard = dict(zip([id(sh) for sh in all_shards], keys))
+    train_keys = [key for sh in train_shards for key in by_shard[id(sh)] if key is not None]
+    if not train_keys:
+        raise DataError(f"--paths-from {spec}: no train window has a key")
+    table = balance_keys(train_keys, k, levels)
+    x = np.concatenate([np.asarray(sh.array(emb)) for sh in train_shards])
+    tk = [key for sh in train_shards for key in by_shard[id(sh)]]
+    known = np.array([key is not None for key in tk])
+    paths = leaf_to_path(np.array([table[key] for key in tk if key is not None]), k, levels)
+    meta = {"paths_from": spec, "n_keys": len(table)}
+    if spec == "entity":
+        meta["key_table"] = table
+    router = router_from_paths(x[known], paths, k, meta)
+    out = {}
+    for sh in all_shards:
+        p = router.assign(np.asarray(sh.array(emb)))
+        for i, key in enumerate(by_shard[id(sh)]):
+            if key is not None and key in table:
+                p[i] = leaf_to_path(np.array([table[key]]), k, levels)[0]
+        out[id(sh)] = p
+    return router, out
 
 
 def _die(data: str, problem: str):
     raise SystemExit(f"memlm cluster: {data}: {problem}")
+
+
+def _die(data: str, problem: str):
+    raise DataError(f"{data}: {problem}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dd = open_data(args.data)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"memlm cluster: {e}")
+        raise DataError(str(e)) from None
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     if "train" not in splits:
         _die(args.data, "--splits must include train (the tree is fitted on it)")
@@ -82,21 +170,30 @@ def main(argv: list[str] | None = None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     all_shards = [sh for s in splits for sh in shards[s]]
-    need = args.reembed or not all(has_embeddings(sh, 384) for sh in all_shards)
+    emb = EMB_SENTENCES if args.embed_text == "sentences" else EMB
+    need = args.reembed or not all(has_embeddings(sh, 384, emb) for sh in all_shards)
     if need:
         t0 = time.time()
         encoder = MiniLM(device=device, max_tokens=args.max_tokens, dtype=args.dtype)
         print(f"MiniLM loaded from {encoder.path} in {time.time() - t0:.1f}s (device {device}, {encoder.dtype})")
-        embed_windows(all_shards, dd.tokenizer(), encoder, args.batch_size, args.reembed)
+        embed_windows(all_shards, dd.tokenizer(), encoder, args.batch_size, args.reembed, emb=emb)
     else:
         print("embeddings: all shards cached")
 
     # 2. fit -----------------------------------------------------------------------------------
     settings = {"k": args.k, "levels": args.levels, "seed": args.seed, "max_fit": args.max_fit,
                 "max_tokens": args.max_tokens,
-                "max_share": args.max_share, "niter": args.niter, "n_train_windows": n_train}
-    router = None
-    if Router.exists(dd.path) and not args.refit and not args.reembed:
+                "max_share": args.max_share, "niter": args.niter, "n_train_windows": n_train,
+                "paths_from": args.paths_from, "embed_text": args.embed_text}
+    router, keyed = None, None
+    if args.paths_from:
+        router, keyed = keyed_router(args.paths_from, shards["train"], all_shards, dd.tokenizer(), args.k,
+                                     args.levels, emb)
+        router.meta.update(settings=settings, max_tokens=args.max_tokens, embed_text=args.embed_text)
+        router.save(dd.path)
+        print(f"router: {router.meta['n_keys']:,} keys from --paths-from {args.paths_from} spread over "
+              f"{args.k ** args.levels} leaves -> {dd.path}/router.safetensors")
+    elif Router.exists(dd.path) and not args.refit and not args.reembed:
         old = Router.load(dd.path)
         if old.meta.get("settings") == settings:
             router = old
@@ -104,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"router: settings changed ({old.meta.get('settings')} -> {settings}); refitting")
     if router is None:
-        x = np.concatenate([np.asarray(sh.array(EMB)) for sh in shards["train"]])
+        x = np.concatenate([np.asarray(sh.array(emb)) for sh in shards["train"]])
         if args.max_fit is not None and len(x) > args.max_fit:
             idx = np.sort(np.random.default_rng(args.seed).choice(len(x), args.max_fit, replace=False))
             x = x[idx]
@@ -113,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                             max_share=args.max_share, progress=True)
         router.meta["settings"] = settings
         router.meta["max_tokens"] = args.max_tokens  # Router.route truncates prompts the same way
+        router.meta["embed_text"] = args.embed_text
         router.save(dd.path)
         per_level = ", ".join(f"L{s['level']} max share {s['max_share']:.3f}" for s in router.meta["fit"])
         print(f"router: fitted {args.levels} levels x k={args.k} on {len(x):,} windows in "
@@ -123,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = np.zeros(args.k ** args.levels, dtype=np.int64)
     for s in splits:
         for sh in shards[s]:
-            paths = router.assign(np.asarray(sh.array(EMB)))
+            paths = keyed[id(sh)] if keyed is not None else router.assign(np.asarray(sh.array(emb)))
             sh.write_array("paths", paths.astype(np.int32))
             n += len(paths)
             if s == "train":

@@ -10,8 +10,15 @@ A plain anchor run has the mode "anchor" only.
   seeded shuffle of the rows (default: all of them).
 - Probes (bios data, DATA/bios/probes.jsonl): up to --probes-per-bucket probes per frequency bucket
   (bucket_0 = rarest answers in training), sampled with --seed. The prompt is routed through the run's
-  router (MiniLM + greedy descent, as at inference), the model continues it greedily, and a probe is
-  correct iff the continuation starts with the answer (answers begin with a space).
+  router (MiniLM + greedy descent, or the prompt's first known entity for an entity-keyed tree), the
+  model continues it greedily, and a probe is correct iff the continuation starts with the answer.
+  A memory run is also scored with **fetched_oracle**: each prompt gets the leaf that holds most of its
+  person's training windows (the best any router can do for these memories); `probe_routing` gives the
+  share of prompts the router sends there (hit rate) per bucket, and the share of a person's windows in
+  that leaf (consistency). --route-top M adds **fetched_top<M>**: among the M nearest leaves, the one
+  under whose memory the prompt itself has the lowest loss. Every accuracy and every difference
+  (fetched - generic, oracle - router, ...) has a 95% bootstrap interval (paired over the same probes),
+  and validation-loss differences between modes one over the same rows.
 
 Writes OUT/eval.json (default OUT = RUN/eval):
     {"run", "data", "val": {mode: {"loss", "ppl", "tokens"}},
@@ -27,7 +34,10 @@ import sys
 import time
 import torch
 
-from train.evaluation.memory_eval import ALL_MODES, _die, cluster_table, eval_probes, eval_val, person_leaves, probe_routing, sample_probes, write_json
+import numpy as np
+
+from train.evaluation.memory_eval import (ALL_MODES, DIFF_PAIRS, _die, cluster_table, eval_val, loss_routed_paths,
+                                          probe_correct, probe_diffs, probe_summary, sample_probes, write_json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +57,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="val rows per batch (default: the run's)")
     p.add_argument("--seq-len", type=int, default=None, help="val row length (default: the run's data.seq_len)")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    p.add_argument("--route-top", type=int, default=0, metavar="M",
+                   help="also score fetched_top<M>: route each prompt to the one of its M nearest leaves whose "
+                        "memory gives the prompt the lowest loss (default 0: off)")
     return p
+
+
+def route_probes(model, router, data, tokenizer, probes, route_top: int, device, step_dir) -> tuple[dict, dict]:
+    """({label: paths [n, levels]}, routing diagnostics) for the probes of a memory run: the router's
+    paths ("fetched"), the person's majority leaf ("fetched_oracle") and, with route_top > 1, the
+    loss-routed paths among the nearest leaves ("fetched_top<M>")."""
+    from data.bios import person_of
+    from memory.keyed import top_leaves
+    from train.evaluation.routing import consistency, hit_rates, key_leaves, oracle_paths, prompt_router
+
+    if router is None:
+        _die(step_dir, "memory run without a router: cannot route the probe prompts")
+    prompts = [p["prompt"] for p in probes]
+    t1 = time.time()
+    paths = {"fetched": prompt_router(router)(prompts)}
+    leaves = key_leaves(data, person_of)
+    paths["fetched_oracle"] = oracle_paths([p["person"] for p in probes], leaves, router.k, router.levels)
+    if route_top > 1:
+        cands = top_leaves(router, router.embed(prompts), route_top)
+        paths[f"fetched_top{route_top}"] = loss_routed_paths(model, tokenizer, prompts, cands, device)
+    buckets = [int(p["bucket"]) for p in probes]
+    routing = {"consistency": consistency(leaves),
+               "hit": {label: hit_rates(buckets, p, paths["fetched_oracle"]) for label, p in paths.items()
+                       if label != "fetched_oracle"}}
+    print(f"memlm eval: routed {len(probes)} probe prompts in {time.time() - t1:.1f}s; router hit rate "
+          f"(prompt -> leaf holding most of the person's windows) {routing['hit']['fetched']['all']['share']:.3f}, "
+          f"windows in that leaf {routing['consistency']:.3f}")
+    return paths, routing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,28 +134,29 @@ def main(argv: list[str] | None = None) -> int:
     batch_size = args.batch_size or cfg.data.batch_size
     print(f"memlm eval: {step_dir} on {args.data} | modes {', '.join(modes)} | val rows of {seq_len} tokens, "
           f"batch {batch_size}" + (f", {args.val_batches} batches" if args.val_batches else ", whole split"))
-    val, per_cluster = eval_val(model, data, modes, seq_len, batch_size, args.seed, args.val_batches, by_leaf,
-                                device)
+    val, per_cluster, diffs = eval_val(model, data, modes, seq_len, batch_size, args.seed, args.val_batches,
+                                       by_leaf, device)
 
-    probes_res: dict = {}
-    routing: dict = {}
+    probes_res, routing, pdiffs, items = {}, {}, {}, {}
     probes_file = os.path.join(args.data, "bios", "probes.jsonl")
     if os.path.isfile(probes_file) and args.probes_per_bucket > 0:
         probes = sample_probes(probes_file, args.probes_per_bucket, args.seed)
-        paths = None
+        paths = {}
         if is_mem and "fetched" in modes:
-            if router is None:
-                _die(step_dir, "memory run without a router: cannot route the probe prompts")
-            t1 = time.time()
-            paths = router.route([p["prompt"] for p in probes])
-            print(f"memlm eval: routed {len(probes)} probe prompts in {time.time() - t1:.1f}s")
-            routing = probe_routing(probes, paths, person_leaves(data))
-            print("memlm eval: probes routed to a leaf holding the person's training windows: " + ", ".join(
-                f"{b} {r['share']:.2f}" for b, r in routing.items()))
-        probes_res = eval_probes(model, tokenizer, probes, modes, paths, device)
+            paths, routing = route_probes(model, router, data, tokenizer, probes, args.route_top, device, step_dir)
+        labels = [(m, m) for m in modes if m != "fetched"]
+        labels = [(lab, "fetched") for lab in paths] + labels
+        for label, mode in labels:
+            items[label] = probe_correct(model, tokenizer, probes, mode, paths.get(label), device)
+        buckets = [int(p["bucket"]) for p in probes]
+        probes_res = probe_summary(items, buckets, args.seed)
+        pdiffs = probe_diffs(items, buckets, DIFF_PAIRS + [(f"fetched_top{args.route_top}", "fetched")], args.seed)
+        items = {"person": [p.get("person") for p in probes], "bucket": buckets,
+                 **{k: v.astype(int).tolist() for k, v in items.items()}}
 
     ev = {"run": os.path.abspath(step_dir), "data": os.path.abspath(args.data), "val": val,
-          "per_cluster": per_cluster, "probes": probes_res, "probe_routing": routing}
+          "per_cluster": per_cluster, "val_diffs": diffs, "probes": probes_res, "probe_diffs": pdiffs,
+          "probe_routing": routing, "probe_items": items}
     out = args.out or os.path.join(args.run, "eval")
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "eval.json"), ev)

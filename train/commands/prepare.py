@@ -1,15 +1,15 @@
 """`memlm prepare`: corpus -> tokenizer -> token shards (a data dir). Logic lives in data/prepare.py."""
 from __future__ import annotations
 
-from train.cli import ArgumentParser, _number, nonnegative_int, positive_int
+from train.cli import ArgumentParser, nonnegative_float, nonnegative_int, number, positive_int
 
 
 # the flag types of train/cli.py (one-line errors naming the bound)
-fraction = _number(float, 0, 1, high_open=True)  # [0, 1)
+fraction = number(float, 0, 1, high_open=True)  # [0, 1)
 
 
 def at_least(low: int):
-    return _number(int, low)
+    return number(int, low)
 
 
 def build_parser() -> ArgumentParser:
@@ -58,6 +58,13 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--rebuild", action="store_true",
                    help="prepare an existing data dir again (other settings, or a damaged manifest/tokenizer); the "
                         "new dir replaces it only once complete, and only a dir memlm prepared is replaced")
+    p.add_argument("--bios-preset", default=None, choices=["default", "uniform", "capacity"],
+                   help="bios: a named configuration of data/bios.py (uniform: every person 12 documents, "
+                        "for the mechanism check; capacity: long tail with every fact seen >= ~8 times); "
+                        "the other bios flags override it")
+    p.add_argument("--zipf-s", type=nonnegative_float, default=None,
+                   help="bios: documents per person = max(min_docs, top_docs * rank^-s); 0 = uniform (default 0.8)")
+    p.add_argument("--min-docs", type=positive_int, default=None, help="bios: floor of documents per person (default 1)")
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     return p
 
@@ -75,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         kw["hf_split"] = args.hf_split
     if args.sample_by != "document":
         kw["sample_by"] = args.sample_by
-    for k in ("n_people", "top_docs", "seed"):
+    for k in ("n_people", "top_docs", "seed", "bios_preset", "zipf_s", "min_docs"):
         if getattr(args, k) is not None:
             kw[k] = getattr(args, k)
     prepare(args.corpus, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,

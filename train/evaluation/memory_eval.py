@@ -51,8 +51,9 @@ def _logits(model, batch, mode, device):
 
 
 @torch.no_grad()
-def eval_val(model, data, modes, seq_len, batch_size, seed, max_batches, by_leaf, device) -> tuple[dict, dict]:
-    """(val, per_cluster): summed nats / target counts per mode, overall and per top-level cluster."""
+def eval_val(model, data, modes, seq_len, batch_size, seed, max_batches, by_leaf, device) -> tuple[dict, dict, dict]:
+    """(val, per_cluster, diffs): loss per mode, overall and per top-level cluster, and the paired
+    differences between modes on the same rows (`val_diffs`)."""
     from tqdm import tqdm
 
     from data.loader import PackedDataset
@@ -65,6 +66,7 @@ def eval_val(model, data, modes, seq_len, batch_size, seed, max_batches, by_leaf
     n_batches = len(ds) if max_batches is None else min(max_batches, len(ds))
     tot = {m: [0.0, 0] for m in modes}
     per = {m: {} for m in modes}
+    rows = {m: ([], []) for m in modes}  # per-row nats and token counts (paired intervals between modes)
     it = iter(ds)
     for _ in tqdm(range(n_batches), desc="val", unit="batch", file=sys.stderr, dynamic_ncols=True):
         batch = next(it)
@@ -79,6 +81,8 @@ def eval_val(model, data, modes, seq_len, batch_size, seed, max_batches, by_leaf
             row_n = mask.sum(1).tolist()
             tot[m][0] += sum(row_nats)
             tot[m][1] += sum(row_n)
+            rows[m][0].extend(row_nats)
+            rows[m][1].extend(row_n)
             if top is not None:
                 for c, a, b in zip(top, row_nats, row_n):
                     acc = per[m].setdefault(str(c), [0.0, 0])
@@ -86,7 +90,21 @@ def eval_val(model, data, modes, seq_len, batch_size, seed, max_batches, by_leaf
                     acc[1] += b
     val = {m: _stats(*tot[m]) for m in modes}
     per_cluster = {m: {c: _stats(*per[m][c]) for c in sorted(per[m], key=int)} for m in modes}
-    return val, per_cluster
+    return val, per_cluster, val_diffs(rows, seed)
+
+
+def val_diffs(rows: dict, seed: int = 0) -> dict:
+    """{"a - b": {"diff", "lo", "hi"}}: validation loss differences between modes on the same rows
+    (paired bootstrap over rows of sum(nats) / sum(tokens))."""
+    from train.evaluation.stats import paired_ratio_diff_ci
+
+    out = {}
+    for a, b in (("fetched", "generic"), ("fetched", "anchor"), ("generic", "anchor")):
+        if a in rows and b in rows and rows[a][0]:
+            g = np.arange(len(rows[a][0]))
+            ci = paired_ratio_diff_ci(rows[a][0], rows[a][1], rows[b][0], rows[b][1], g, seed=seed)
+            out[f"{a} - {b}"] = {"diff": ci.point, "lo": ci.lo, "hi": ci.hi}
+    return out
 
 
 def sample_probes(path: str, per_bucket: int, seed: int) -> list[dict]:
@@ -105,41 +123,99 @@ def sample_probes(path: str, per_bucket: int, seed: int) -> list[dict]:
 
 
 @torch.no_grad()
-def eval_probes(model, tokenizer, probes, modes, paths, device, batch_size: int = 64) -> dict:
-    """{mode: {"bucket_b": {"acc", "n"}}}: greedy continuation starts with the answer."""
-    from data.tokenizer import encode_text
-
+def probe_correct(model, tokenizer, probes, mode: str, paths, device, batch_size: int = 64) -> np.ndarray:
+    """bool [n_probes]: the greedy continuation of each prompt starts with its answer. `paths` [n, levels]
+    (the memory path of each probe in mode "fetched"; ignored otherwise)."""
     enc = [encode_text(tokenizer, p["prompt"], "probe prompt") for p in probes]
     n_new = [len(encode_text(tokenizer, p["answer"], "probe answer")) + 1 for p in probes]
     groups: dict[int, list[int]] = {}  # Anchor.generate wants rows of equal length: group by prompt length
     for i, ids in enumerate(enc):
         groups.setdefault(len(ids), []).append(i)
-    correct = {m: [False] * len(probes) for m in modes}
+    correct = np.zeros(len(probes), dtype=bool)
     is_mem = model.has_memory
-    for m in modes:
-        for idx_all in groups.values():
-            for s in range(0, len(idx_all), batch_size):
-                idx = idx_all[s:s + batch_size]
-                ids = torch.tensor([enc[i] for i in idx], dtype=torch.long, device=device)
-                new = max(n_new[i] for i in idx)
-                if is_mem:
-                    mp = torch.as_tensor(paths[idx], dtype=torch.long) if m == "fetched" else None
-                    out = model.generate(ids, new, mem_path=mp, mode=m)
-                else:
-                    out = model.generate(ids, new)
-                for j, i in enumerate(idx):
-                    text = tokenizer.decode(out[j, ids.shape[1]:].tolist(), skip_special_tokens=False,
-                                            clean_up_tokenization_spaces=False)
-                    correct[m][i] = text.startswith(probes[i]["answer"])
-    res = {}
-    for m in modes:
-        acc: dict[int, list[int]] = {}
-        for p, c in zip(probes, correct[m]):
-            a = acc.setdefault(int(p["bucket"]), [0, 0])
-            a[0] += int(c)
-            a[1] += 1
-        res[m] = {f"bucket_{b}": {"acc": a[0] / a[1], "n": a[1]} for b, a in sorted(acc.items())}
-    return res
+    for idx_all in groups.values():
+        for s in range(0, len(idx_all), batch_size):
+            idx = idx_all[s:s + batch_size]
+            ids = torch.tensor([enc[i] for i in idx], dtype=torch.long, device=device)
+            new = max(n_new[i] for i in idx)
+            if is_mem:
+                mp = torch.as_tensor(np.asarray(paths)[idx], dtype=torch.long) if mode == "fetched" else None
+                out = model.generate(ids, new, mem_path=mp, mode=mode)
+            else:
+                out = model.generate(ids, new)
+            for j, i in enumerate(idx):
+                text = tokenizer.decode(out[j, ids.shape[1]:].tolist(), skip_special_tokens=False,
+                                        clean_up_tokenization_spaces=False)
+                correct[i] = text.startswith(probes[i]["answer"])
+    return correct
+
+
+@torch.no_grad()
+def prompt_nll(model, tokenizer, prompts: list[str], paths, device, batch_size: int = 64) -> np.ndarray:
+    """float [n]: mean next-token NLL (nats) of each prompt's own tokens with its fetched path [n, levels]."""
+    enc = [encode_text(tokenizer, t, "prompt") for t in prompts]
+    out = np.zeros(len(prompts))
+    groups: dict[int, list[int]] = {}
+    for i, ids in enumerate(enc):
+        groups.setdefault(len(ids), []).append(i)
+    for n, idx_all in groups.items():
+        for s in range(0, len(idx_all), batch_size):
+            idx = idx_all[s:s + batch_size]
+            ids = torch.tensor([enc[i] for i in idx], dtype=torch.long, device=device)
+            if n < 2:
+                continue
+            mp = torch.as_tensor(np.asarray(paths)[idx], dtype=torch.long, device=device)
+            logits = model(ids, mem_path=mp, mode="fetched")
+            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
+            out[idx] = nll.view(len(idx), -1).mean(1).double().cpu().numpy()
+    return out
+
+
+def loss_routed_paths(model, tokenizer, prompts: list[str], candidates: np.ndarray, device) -> np.ndarray:
+    """int32 [n, levels]: of each prompt's candidate paths [n, m, levels], the one under whose fetched
+    memory the prompt itself has the lowest loss (the memory that recognises the prompt's entities).
+    Costs m prompt forwards; the answer is then generated with one fetched block, as for any route."""
+    n, m, _ = candidates.shape
+    nll = np.stack([prompt_nll(model, tokenizer, prompts, candidates[:, j], device) for j in range(m)], 1)
+    return candidates[np.arange(n), nll.argmin(1)].astype(np.int32)
+
+
+def probe_summary(items: dict[str, np.ndarray], buckets: list[int], seed: int = 0) -> dict:
+    """{label: {"bucket_<b>" | "all": {"acc", "lo", "hi", "n"}}}: accuracy with a 95% bootstrap interval."""
+    from train.evaluation.stats import bootstrap_ci
+
+    b = np.asarray(buckets)
+    out = {}
+    for label, c in items.items():
+        c = np.asarray(c, dtype=float)
+        res = {}
+        for name, mask in [(f"bucket_{x}", b == x) for x in sorted(set(b.tolist()))] + [("all", b == b)]:
+            ci = bootstrap_ci(c[mask], seed=seed)
+            res[name] = {"acc": ci.point, "lo": ci.lo, "hi": ci.hi, "n": int(mask.sum())}
+        out[label] = res
+    return out
+
+
+def probe_diffs(items: dict[str, np.ndarray], buckets: list[int], pairs: list[tuple[str, str]],
+                seed: int = 0) -> dict:
+    """{"a - b": {"bucket_<b>" | "all": {"diff", "lo", "hi", "n"}}}: paired bootstrap over the same probes."""
+    from train.evaluation.stats import paired_diff_ci
+
+    b = np.asarray(buckets)
+    out = {}
+    for x, y in pairs:
+        if x not in items or y not in items:
+            continue
+        res = {}
+        for name, mask in [(f"bucket_{v}", b == v) for v in sorted(set(b.tolist()))] + [("all", b == b)]:
+            ci = paired_diff_ci(np.asarray(items[x], float)[mask], np.asarray(items[y], float)[mask], seed=seed)
+            res[name] = {"diff": ci.point, "lo": ci.lo, "hi": ci.hi, "n": int(mask.sum())}
+        out[f"{x} - {y}"] = res
+    return out
+
+
+DIFF_PAIRS = [("fetched", "generic"), ("fetched_oracle", "generic"), ("fetched_oracle", "fetched"),
+              ("fetched", "anchor"), ("generic", "anchor")]
 
 
 def cluster_table(ev: dict) -> str:
@@ -154,30 +230,6 @@ def cluster_table(ev: dict) -> str:
         n = next(x["tokens"] for x in cells if x is not None)
         lines.append(f"| {c} | {n:,} | " + " | ".join("—" if x is None else f"{x['loss']:.4f}" for x in cells) + " |")
     return "\n".join(lines)
-
-
-def person_leaves(data) -> dict[int, set[tuple]]:
-    """Bios person id -> the cluster paths (leaves) of that person's training windows."""
-    from data.bios import person_of
-
-    leaves: dict[int, set[tuple]] = {}
-    for sh in data.shards("train"):
-        paths = np.asarray(sh.paths)
-        for i, doc in enumerate(sh.docs):
-            person = person_of(doc["doc_id"])
-            if person is not None:
-                leaves.setdefault(person, set()).add(tuple(paths[i].tolist()))
-    return leaves
-
-
-def probe_routing(probes: list[dict], routed, leaves: dict[int, set[tuple]]) -> dict:
-    """Per bucket: the share of probes whose prompt is routed to a leaf holding at least one training
-    window of the probe's person. Fetched memory can only help a probe routed to such a leaf."""
-    hits: dict[str, list[bool]] = {}
-    for p, path in zip(probes, routed):
-        hit = tuple(np.asarray(path).tolist()) in leaves.get(p["person"], ())
-        hits.setdefault(f"bucket_{p['bucket']}", []).append(hit)
-    return {b: {"share": sum(h) / len(h), "n": len(h)} for b, h in sorted(hits.items())}
 
 
 def write_json(path: str, obj) -> None:

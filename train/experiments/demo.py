@@ -44,8 +44,9 @@ class DemoSize:
     memory_lr: float
     call_rate: float
     cascade_tau: float  # the SLM calls when P(<CALL>) >= tau
-    eval_batches: int
+    eval_batches: int | None  # None: the whole validation split
     probes_per_bucket: int
+    val_fraction: float  # documents held out: >= 20k validation tokens, the same for every mode of the eval
 
 
 SIZES = {
@@ -53,12 +54,12 @@ SIZES = {
                     embed_tokens=64,
                     seq_len=128, batch_size=16, anchor_steps=400, memory_steps=300, slm_steps=200, lr=3e-3,
                     memory_lr=3e-3,
-                    call_rate=0.10, cascade_tau=0.2, eval_batches=16, probes_per_bucket=60),
+                    call_rate=0.10, cascade_tau=0.2, eval_batches=None, probes_per_bucket=60, val_fraction=0.1),
     "gpu": DemoSize(n_people=2000, top_docs=800, vocab_size=8192, model_preset="small", memory_widths=(112, 24), k=8,
                     embed_tokens=256,
                     seq_len=256, batch_size=64, anchor_steps=3000, memory_steps=2000, slm_steps=1500, lr=2e-3,
                     memory_lr=2e-3,
-                    call_rate=0.10, cascade_tau=0.2, eval_batches=64, probes_per_bucket=200),
+                    call_rate=0.10, cascade_tau=0.2, eval_batches=None, probes_per_bucket=200, val_fraction=0.05),
 }
 
 
@@ -105,7 +106,7 @@ class Demo:
         # Wikipedia leads; the BPE tokenizer is trained on both.
         self.memlm("prepare", "--corpus", "bios:1,wiki-leads:1", "--out", self.data,
                    "--n-people", s.n_people, "--top-docs", s.top_docs, "--seed", self.args.seed, "--vocab-size", s.vocab_size,
-                   "--window-tokens", s.seq_len)
+                   "--window-tokens", s.seq_len, "--val-fraction", s.val_fraction)
         from data.shards import open_data
 
         m = open_data(self.data).manifest
@@ -133,9 +134,9 @@ class Demo:
 
     def stage_eval(self):
         out = os.path.join(self.out, "eval")
-        self.memlm("eval", os.path.join(self.runs, "memory"), "--data", self.data, "--out", out,
-                   "--val-batches", self.size.eval_batches, "--probes-per-bucket", self.size.probes_per_bucket,
-                   "--seed", self.args.seed)
+        batches = [] if self.size.eval_batches is None else ["--val-batches", self.size.eval_batches]
+        self.memlm("eval", os.path.join(self.runs, "memory"), "--data", self.data, "--out", out, *batches,
+                   "--probes-per-bucket", self.size.probes_per_bucket, "--seed", self.args.seed)
         return {"eval": os.path.join(out, "eval.json")}
 
     def stage_lacy(self):

@@ -1,213 +1,360 @@
-"""The hierarchical-memory reproduction report (scripts/reproduce_memory.py): tables, bucket plots.
+"""The memory evidence report (scripts/reproduce_memory.py): tables with 95% intervals, and PNGs.
 
-Nothing here computes a result: every number is read from a file a command wrote.
+Nothing here trains or scores a model: every number is read from the eval.json / harness.json files the
+stages wrote (per-probe results included), and intervals are paired bootstraps over the same probes.
 """
 from __future__ import annotations
 
 import json
 import os
 
-from train.experiments.report import _fmt, _save, machine_line, markdown_table, plot_loss_curves, read_metrics, write_text
+import numpy as np
+
+from train.evaluation.stats import bootstrap_ci, paired_diff_ci, seed_ci
+from train.experiments.report import _save, bucket_order, machine_line, markdown_table, write_text
 import matplotlib.pyplot as plt  # noqa: E402  (after report.py chose the Agg backend)
 
-
-def bucket_names(*probe_dicts: dict) -> list[str]:
-    """Sorted bucket keys ('bucket_0' = rarest) present in any {bucket: {...}} dict."""
-    names = {b for d in probe_dicts for b in (d or {})}
-    return sorted(names, key=lambda b: int(str(b).split("_")[-1]))
+MECH_ROWS = [("fetched", "fetched (router)"), ("fetched_top2", "fetched (top-2 leaves, lowest prompt loss)"),
+             ("fetched_oracle", "fetched (oracle: person's majority leaf)"), ("generic", "generic block"),
+             ("anchor", "anchor only")]
 
 
-def run_tokens(run_dir: str) -> int:
-    """Training tokens a run consumed (the last `tokens` in its metrics.jsonl; 0 if none)."""
-    rows = [r for r in read_metrics(run_dir) if r.get("tokens") is not None]
-    return int(rows[-1]["tokens"]) if rows else 0
+def _load(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def ci_cell(d: dict | None, key: str = "acc", spec: str = ".3f") -> str:
+    """'0.664 [0.63, 0.70]' from a {key, lo, hi} dict ('—' when missing)."""
+    if not d or d.get(key) is None:
+        return "—"
+    v, lo, hi = d[key], d.get("lo"), d.get("hi")
+    sign = "+" if key == "diff" else ""
+    return f"{v:{sign}{spec}} [{lo:{sign}{spec}}, {hi:{sign}{spec}}]" if lo is not None else f"{v:{spec}}"
 
 
 def run_params(run_dir: str) -> dict:
-    """Parameter counts of a run from its config.yaml: total / non-embedding anchor params, fetched memory
-    params per context (0 without memory) and the bank (all nodes)."""
+    """Parameters of a run from its config.yaml: non-embedding anchor, fetched memory and bank."""
     import torch
 
     from memory.config import bank_params, fetched_params
     from model.model import Anchor
     from train.config import load_config
 
-    cfg = load_config(os.path.join(run_dir, "config.yaml"))
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return {}
+    cfg = load_config(path)
     with torch.device("meta"):
         anchor = Anchor(cfg.model)
-    out = {"total": anchor.num_params("all"), "non_embedding": anchor.num_params("non_embedding"),
+    out = {"non_embedding": anchor.num_params("non_embedding"), "total": anchor.num_params("all"),
            "fetched": 0, "bank": 0}
     if cfg.memory is not None:
-        out["fetched"] = fetched_params(cfg.memory, cfg.model)
-        out["bank"] = bank_params(cfg.memory, cfg.model)
+        out["fetched"], out["bank"] = fetched_params(cfg.memory, cfg.model), bank_params(cfg.memory, cfg.model)
     return out
 
 
-def plot_bucket_accuracy(curves: dict[str, dict], out_png: str,
-                         title: str = "Probe accuracy by frequency bucket") -> str:
-    """Figure-1 analogue: one line per model, probe accuracy against the frequency bucket of the answer.
-    curves: {label: {"bucket_<b>": {"acc", "n"}}}."""
-    buckets = bucket_names(*curves.values())
-    fig, ax = plt.subplots(figsize=(7, 4))
-    xs = list(range(len(buckets)))
-    for i, (label, probes) in enumerate(curves.items()):
-        ys = [(probes.get(b) or {}).get("acc", float("nan")) for b in buckets]
+def items_diff(a: dict, la: str, b: dict, lb: str) -> dict | None:
+    """Paired difference of per-probe correctness between two eval.json (same probe sample, same order)."""
+    ia, ib = (a or {}).get("probe_items") or {}, (b or {}).get("probe_items") or {}
+    if la not in ia or lb not in ib or len(ia[la]) != len(ib[lb]) or ia.get("person") != ib.get("person"):
+        return None
+    ci = paired_diff_ci(ia[la], ib[lb])
+    return {"diff": ci.point, "lo": ci.lo, "hi": ci.hi}
+
+
+# ---- 1. mechanism check ------------------------------------------------------------------------------
+def mech_section(out: str, mech_runs: list[tuple[str, int]]) -> tuple[list[str], list[str]]:
+    ev = {(v, s): _load(os.path.join(out, "mech", "eval", f"{v}-s{s}", "eval.json")) for v, s in mech_runs}
+    base = {v: e for (v, s), e in ev.items() if s == mech_runs[0][1] and e}
+    if not base:
+        return ["## 1. Mechanism check: not run", ""], []
+    md = ["## 1. Mechanism check (bios `uniform`: every person 12 documents; anchor trained on other people, frozen)",
+          "", "Greedy probe accuracy on every fact of the training people (7 per person), with 95% bootstrap "
+          "intervals; differences are paired over the same probes. *Consistency*: share of a person's training "
+          "windows in the leaf holding most of them; *hit rate*: share of probe prompts the router sends to that leaf.", ""]
+    variants = list(base)
+    rows = []
+    for label, name in MECH_ROWS:
+        rows.append([name] + [ci_cell(((e.get("probes") or {}).get(label) or {}).get("all")) for e in base.values()])
+    rows.append(["consistency (windows in the majority leaf)"] +
+                [f"{(e.get('probe_routing') or {}).get('consistency', float('nan')):.3f}" for e in base.values()])
+    for label, name in (("fetched", "router hit rate"), ("fetched_top2", "top-2 hit rate")):
+        rows.append([name] + [ci_cell((((e.get("probe_routing") or {}).get("hit") or {}).get(label) or {}).get("all"),
+                                      "share") for e in base.values()])
+    for pair, name in (("fetched - generic", "fetched (router) - generic"),
+                       ("fetched_oracle - generic", "fetched (oracle) - generic"),
+                       ("fetched_oracle - fetched", "**router gap** (oracle - router)"),
+                       ("fetched_top2 - fetched", "top-2 - router")):
+        rows.append([name] + [ci_cell(((e.get("probe_diffs") or {}).get(pair) or {}).get("all"), "diff")
+                              for e in base.values()])
+    md += [markdown_table(["probe accuracy (all facts)"] + [f"leaves: `{v}`" for v in variants], rows), ""]
+    png = plot_mech(base, os.path.join(out, "mech_accuracy.png"))
+    md += ["![mechanism check](mech_accuracy.png)", ""]
+    # seeds: headline variants
+    seeds = sorted({s for _, s in mech_runs})
+    if len(seeds) > 1:
+        srows = []
+        for v in ("minilm", "entity"):
+            got = [ev.get((v, s)) for s in seeds if ev.get((v, s))]
+            if len(got) < 2:
+                continue
+            cell = []
+            for key in ("fetched", "fetched_oracle", "generic"):
+                vals = [e["probes"][key]["all"]["acc"] for e in got]
+                ci = seed_ci(vals)
+                cell.append(f"{ci.point:.3f} [{ci.lo:.3f}, {ci.hi:.3f}]")
+            gaps = [e["probes"]["fetched_oracle"]["all"]["acc"] - e["probes"]["fetched"]["all"]["acc"] for e in got]
+            ci = seed_ci(gaps)
+            srows.append([f"`{v}`", str(len(got))] + cell + [f"{ci.point:+.3f} [{ci.lo:+.3f}, {ci.hi:+.3f}]"])
+        if srows:
+            md += [f"Over seeds (memory training and probe-order seed; mean with a 95% t interval):", "",
+                   markdown_table(["leaves", "seeds", "fetched (router)", "fetched (oracle)", "generic",
+                                   "router gap"], srows), ""]
+    return md, [png]
+
+
+def plot_mech(base: dict[str, dict], out_png: str) -> str:
+    """Grouped bars: per leaf assignment, accuracy of each routing (with 95% intervals)."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(MECH_ROWS)
+    for j, (label, name) in enumerate(MECH_ROWS):
+        cells = [((e.get("probes") or {}).get(label) or {}).get("all") or {} for e in base.values()]
+        ys = [c.get("acc", np.nan) for c in cells]
+        err = [[max(y - c.get("lo", y), 0) for y, c in zip(ys, cells)], [max(c.get("hi", y) - y, 0) for y, c in zip(ys, cells)]]
+        xs = np.arange(len(base)) + (j - (len(MECH_ROWS) - 1) / 2) * width
+        ax.bar(xs, ys, width=width, yerr=err, capsize=2, color=f"C{j}", label=name)
+    ax.set_xticks(range(len(base)), [f"leaves: {v}" for v in base])
+    ax.set_ylabel("probe accuracy (all facts)")
+    ax.set_ylim(0, 1)
+    ax.set_title("Mechanism check: memories hold what their leaf saw; routing decides the rest")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, loc="upper left")
+    return _save(fig, out_png)
+
+
+# ---- 2. capacity-bound bios --------------------------------------------------------------------------
+def plot_lines(xs, series: dict[str, list[dict]], xlabel: str, ylabel: str, title: str, out_png: str,
+               key: str = "diff", logx: bool = False) -> str:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (label, pts) in enumerate(series.items()):
+        ys = [p.get(key, np.nan) if p else np.nan for p in pts]
+        lo = [p.get("lo", np.nan) if p else np.nan for p in pts]
+        hi = [p.get("hi", np.nan) if p else np.nan for p in pts]
         ax.plot(xs, ys, marker="o", color=f"C{i}", label=label)
-    labels = []
-    for b in buckets:
-        n = next((p[b].get("n") for p in curves.values() if b in (p or {})), None)
-        labels.append(f"{b}\n(n={n})" if n is not None else b)
-    ax.set_xticks(xs, labels, fontsize=8)
-    ax.set_xlabel("frequency bucket of the answer in training (0 = rarest)")
-    ax.set_ylabel("probe accuracy (greedy, exact answer)")
-    ax.set_ylim(bottom=0)
+        ax.fill_between(xs, lo, hi, color=f"C{i}", alpha=0.2)
+    if logx:
+        ax.set_xscale("log")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, out_png)
 
 
-def memory_tables(ev: dict[str, dict], runs: dict[str, str]) -> tuple[str, str, dict, list[str]]:
-    """The memory reproduction's tables for one corpus, from the eval.json of each run.
+def plot_buckets(curves: dict[str, dict], out_png: str, title: str) -> str:
+    """Figure-1 analogue with 95% intervals: accuracy per frequency bucket, one line per model."""
+    buckets = [b for b in bucket_order(b for p in curves.values() for b in p) if b != "all"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = np.arange(len(buckets))
+    for i, (label, probes) in enumerate(curves.items()):
+        cells = [probes.get(b) or {} for b in buckets]
+        ys = [c.get("acc", np.nan) for c in cells]
+        err = [[max(y - c.get("lo", y), 0) for y, c in zip(ys, cells)], [max(c.get("hi", y) - y, 0) for y, c in zip(ys, cells)]]
+        ax.errorbar(xs + (i - len(curves) / 2) * 0.04, ys, yerr=err, marker="o", capsize=3, color=f"C{i}", label=label)
+    n = [next(((p.get(b) or {}).get("n") for p in curves.values() if b in p), None) for b in buckets]
+    ax.set_xticks(xs, [f"{b}\n(n={k})" for b, k in zip(buckets, n)], fontsize=8)
+    ax.set_xlabel("frequency bucket of the answer in training (0 = rarest)")
+    ax.set_ylabel("probe accuracy (greedy, exact answer)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, out_png)
 
-    ev / runs: {"anchor": anchor-phase run, "anchor-cont", "memory", "dense-2x", optional "memory-last2",
-    "memory-first2"} -> eval.json dict / run dir. Returns (main table, ablation table, Figure-1 curves
-    {label: probes}, claim-check lines)."""
-    tok = {name: run_tokens(d) for name, d in runs.items()}
-    par = {name: run_params(d) for name, d in runs.items() if os.path.isdir(d)}
-    buckets = bucket_names(*[p for e in ev.values() for p in (e.get("probes") or {}).values()])
-    anchor_tokens = tok.get("anchor", 0)
 
-    def row(label, name, mode, tokens):
+def cap_section(out: str, size: dict) -> tuple[list[str], list[str]]:
+    from data.bios import knowledge_bits
+
+    d = os.path.join(out, "cap")
+    ev = {name: _load(os.path.join(d, "eval", name, "eval.json")) for name in
+          ["anchor-cont", "dense-2x", "memory-1", "memory-2", "memory-3", "memory-4", "memory-first1", "memory-last1"]
+          + [f"memory-k{k}" for k in size["bank_ks"]]}
+    mem = ev.get("memory-4")
+    if not mem:
+        return ["## 2. Capacity-bound bios: not run", ""], []
+    kb = _load(os.path.join(d, "data", "bios", "kb.json")) or {}
+    n_people = len(kb.get("people", [])) or size["cap_people"]
+    par = {n: run_params(os.path.join(d, "runs", n)) for n in ("anchor", "memory", "dense-2x")}
+    bits, p_anchor = knowledge_bits(n_people), par["anchor"].get("non_embedding", 0)
+    tok = lambda n: size["batch_size"] * size["seq_len"] * n  # noqa: E731
+    md = ["## 2. Capacity-bound bios (`capacity` preset: >= 12 documents per person, Zipf tail)", "",
+          f"- knowledge: {n_people:,} people x 46.5 bits = **{bits / 1e3:,.0f}k bits**; the anchor has "
+          f"{p_anchor / 1e3:,.0f}k non-embedding parameters ({par['anchor'].get('total', 0) / 1e3:,.0f}k with "
+          f"embeddings): at ~2 bits/parameter (Physics of LMs 3.3) it can hold ~{2 * p_anchor / 1e3:,.0f}k bits "
+          f"(ratio knowledge / capacity = {bits / max(2 * p_anchor, 1):.2f}); the bank has "
+          f"{par['memory'].get('bank', 0) / 1e3:,.0f}k parameters, a fetched block {par['memory'].get('fetched', 0) / 1e3:,.1f}k.",
+          f"- same training tokens for every row: anchor A = {size['cap_anchor_steps']} steps "
+          f"({tok(size['cap_anchor_steps']) / 1e6:.1f}M tokens) then anchor-only continued / memories (anchor frozen) "
+          f"M = {size['cap_memory_steps']} steps; dense 2x A+M steps. Memory leaves and prompt routing: entity keys.",
+          ""]
+    labels = [("anchor-cont", "anchor", "anchor only, A+M steps"), ("memory-4", "anchor", "memory run, memory off (A steps)"),
+              ("memory-4", "generic", "anchor + generic block"), ("memory-4", "fetched", "anchor + fetched (router)"),
+              ("memory-4", "fetched_oracle", "anchor + fetched (oracle leaf)"), ("dense-2x", "anchor", "dense 2x, A+M steps")]
+    buckets = bucket_order(b for e in ev.values() if e for p in (e.get("probes") or {}).values() for b in p)
+    rows, curves = [], {}
+    for name, label, title in labels:
         e = ev.get(name) or {}
-        v = (e.get("val") or {}).get(mode)
-        probes = (e.get("probes") or {}).get(mode) or {}
-        p = par.get(name, {})
-        fetched = p.get("fetched", 0) if mode == "fetched" else (p.get("fetched", 0) if mode == "generic" else 0)
-        return ([label, f"{p.get('non_embedding', 0) / 1e6:.3f}M", f"{fetched / 1e6:.3f}M" if fetched else "0",
-                 f"{tokens / 1e6:.2f}M", _fmt(v and v["loss"], ".4f"), _fmt(v and v["ppl"], ".2f")]
-                + [_fmt((probes.get(b) or {}).get("acc")) for b in buckets]), probes, v
-
-    specs = [("anchor (tiny), A+M steps", "anchor-cont", "anchor", anchor_tokens + tok.get("anchor-cont", 0)),
-             ("anchor after A steps (memory run, memory off)", "memory", "anchor", anchor_tokens),
-             ("anchor + generic block", "memory", "generic", anchor_tokens + tok.get("memory", 0)),
-             ("anchor + fetched memory", "memory", "fetched", anchor_tokens + tok.get("memory", 0)),
-             ("dense tiny-2x, A+M steps", "dense-2x", "anchor", tok.get("dense-2x", 0))]
-    rows, curves, vals = [], {}, {}
-    for label, name, mode, tokens in specs:
-        if name not in ev:
+        p = (e.get("probes") or {}).get(label)
+        v = (e.get("val") or {}).get(label if label in ("anchor", "generic", "fetched") else "fetched")
+        if p is None:
             continue
-        r, probes, v = row(label, name, mode, tokens)
-        rows.append(r)
-        vals[label] = (v, probes)
-        if probes and "memory off" not in label:
-            curves[label] = probes
-    def n_of(b):
-        return next((p[b].get("n") for e in ev.values() for p in (e.get("probes") or {}).values() if b in p), None)
-
-    header = (["model", "non-emb params", "fetched params", "train tokens", "val loss", "val ppl"]
-              + [f"acc {b} (n={n_of(b)})" for b in buckets])
-    main = markdown_table(header, rows)
-
-    abl_rows = []
-    for label, name in (("all 4 layers", "memory"), ("last 2 layers", "memory-last2"), ("first 2 layers", "memory-first2")):
+        rows.append([title, f"{v['loss']:.4f}" if v and label != "fetched_oracle" else "—"] + [ci_cell(p.get(b)) for b in buckets])
+        if name != "memory-4" or label != "anchor":
+            curves[title] = p
+    md += [markdown_table(["model", "val loss"] + [f"acc {b}" for b in buckets], rows), ""]
+    hit = ((mem.get("probe_routing") or {}).get("hit") or {}).get("fetched") or {}
+    md += ["Router hit rate per bucket (prompt routed to the person's majority leaf): " +
+           ", ".join(f"{b} {ci_cell(hit.get(b), 'share')}" for b in buckets if b in hit) +
+           f"; windows in the majority leaf {((mem.get('probe_routing') or {}).get('consistency') or float('nan')):.3f}.", ""]
+    diffs = [("fetched - generic", mem, "fetched", mem, "generic"), ("fetched (oracle) - generic", mem, "fetched_oracle", mem, "generic"),
+             ("fetched - anchor-only (same tokens)", mem, "fetched", ev.get("anchor-cont"), "anchor"),
+             ("fetched - dense 2x", mem, "fetched", ev.get("dense-2x"), "anchor")]
+    drows = [[n, ci_cell(items_diff(a, la, b, lb), "diff")] for n, a, la, b, lb in diffs]
+    vd = mem.get("val_diffs") or {}
+    drows.append(["val loss fetched - generic (nats, paired over rows)", ci_cell(vd.get("fetched - generic"), "diff", ".4f")])
+    md += [markdown_table(["difference (all probes)", "95% interval"], drows), ""]
+    figs = [plot_buckets(curves, os.path.join(out, "cap_accuracy_by_bucket.png"),
+                         "capacity-bound bios: accuracy by answer frequency")]
+    md += ["![capacity-bound bios](cap_accuracy_by_bucket.png)", ""]
+    # trends
+    M = size["cap_memory_steps"]
+    steps = [i * max(M // 4, 1) for i in range(1, 5)]
+    pts = [((ev.get(f"memory-{i}") or {}).get("probe_diffs") or {}).get("fetched - generic", {}).get("all") for i in range(1, 5)]
+    orc = [((ev.get(f"memory-{i}") or {}).get("probe_diffs") or {}).get("fetched_oracle - generic", {}).get("all") for i in range(1, 5)]
+    tx = [tok(size["cap_anchor_steps"] + s) / 1e6 for s in steps]
+    figs.append(plot_lines(tx, {"fetched (router) - generic": pts, "fetched (oracle) - generic": orc},
+                           "training tokens (M, anchor + memory phase)", "accuracy difference", "gap vs training tokens",
+                           os.path.join(out, "cap_gap_vs_tokens.png")))
+    md += ["Fetched - generic vs training tokens (memory checkpoints):", "",
+           markdown_table(["memory steps", "fetched - generic", "oracle - generic"],
+                          [[str(s), ci_cell(a, "diff"), ci_cell(b, "diff")] for s, a, b in zip(steps, pts, orc)]),
+           "", "![gap vs tokens](cap_gap_vs_tokens.png)", ""]
+    ks = sorted([size["cap_k"]] + list(size["bank_ks"]))
+    kev = {k: (mem if k == size["cap_k"] else ev.get(f"memory-k{k}")) for k in ks}
+    kpar = {k: run_params(os.path.join(d, "runs", "memory" if k == size["cap_k"] else f"memory-k{k}")) for k in ks}
+    kpts = [((kev[k] or {}).get("probe_diffs") or {}).get("fetched - generic", {}).get("all") for k in ks]
+    figs.append(plot_lines(ks, {"fetched - generic": kpts}, "k (leaves; fetched size fixed)", "accuracy difference",
+                           "gap vs bank size", os.path.join(out, "cap_gap_vs_bank.png"), logx=True))
+    md += ["Fetched - generic vs bank size at a fixed fetched size (one level, k leaves of the same width):", "",
+           markdown_table(["k", "bank params", "fetched params", "fetched - generic"],
+                          [[str(k), f"{kpar[k].get('bank', 0) / 1e3:,.0f}k", f"{kpar[k].get('fetched', 0) / 1e3:,.1f}k",
+                            ci_cell(p, "diff")] for k, p in zip(ks, kpts)]), "", "![gap vs bank](cap_gap_vs_bank.png)", ""]
+    prow = []
+    for name, title in (("memory-first1", "first layer"), ("memory-last1", "last layer")):
         e = ev.get(name)
-        if not e:
+        if e:
+            prow.append([title, ci_cell(e["probes"]["fetched"].get("all")), ci_cell(e["probes"]["generic"].get("all")),
+                         ci_cell(e["probe_diffs"].get("fetched - generic", {}).get("all"), "diff"),
+                         f"{e['val']['fetched']['loss']:.4f}"])
+    if prow:
+        md += ["Placement (memory in one of the two layers, twice the width: the same fetched size):", "",
+               markdown_table(["memory layer", "fetched", "generic", "fetched - generic", "val loss fetched"], prow), ""]
+    return md, figs
+
+
+# ---- 3. wiki-leads -------------------------------------------------------------------------------------
+def wiki_section(out: str) -> tuple[list[str], list[str]]:
+    d = os.path.join(out, "wiki", "harness")
+    if not os.path.isdir(d):
+        return ["## 3. Wiki-leads knowledge probes: not run", ""], []
+    res = {name: _load(os.path.join(d, name, "harness.json")) for name in sorted(os.listdir(d))}
+    res = {k: v for k, v in res.items() if v}
+    tasks = ("memlm_wiki_seen", "memlm_wiki_heldout")
+    md = ["## 3. Wiki-leads knowledge probes (lm-evaluation-harness, 4 choices, log-probability)", "",
+          "Facts (year, date, country, place, nationality, occupation) from lead sentences; distractors of the same "
+          "kind with the closest training counts (chance = 0.25). *seen*: articles in training; *held-out*: val articles.",
+          ""]
+    rows = []
+    for name, r in res.items():
+        cells = []
+        for t in tasks:
+            items = list(((r.get("tasks") or {}).get(t) or {}).get("items", {}).values())
+            if items:
+                ci = bootstrap_ci(items)
+                cells.append(f"{ci.point:.3f} [{ci.lo:.3f}, {ci.hi:.3f}] (n={len(items)})")
+            else:
+                cells.append("—")
+        rows.append([f"`{name}`"] + cells)
+    md += [markdown_table(["run-mode", "seen", "held-out"], rows), ""]
+    pairs = [(f"memory-{v}-{a}", f"memory-{v}-{b}") for v in ("minilm", "entity")
+             for a, b in (("fetched", "generic"), ("oracle", "generic"), ("oracle", "fetched"))]
+    pairs += [("memory-entity-fetched", "memory-minilm-fetched"), ("memory-minilm-fetched", "anchor-cont-anchor"),
+              ("memory-minilm-fetched", "dense-2x-anchor")]
+    drows = []
+    for a, b in pairs:
+        if a not in res or b not in res:
             continue
-        v = e.get("val") or {}
-        pr = e.get("probes") or {}
-        acc = lambda mode, b: _fmt(((pr.get(mode) or {}).get(b) or {}).get("acc"))  # noqa: E731
-        abl_rows.append([label, f"{par.get(name, {}).get('fetched', 0) / 1e6:.3f}M",
-                         _fmt((v.get("fetched") or {}).get("ppl"), ".2f"), _fmt((v.get("generic") or {}).get("ppl"), ".2f")]
-                        + [f"{acc('fetched', b)} / {acc('generic', b)}" for b in buckets[:2]])
-    abl = markdown_table(["memory layers", "fetched params", "val ppl fetched", "val ppl generic"]
-                         + [f"acc {b} fetched / generic" for b in buckets[:2]], abl_rows) if len(abl_rows) > 1 else ""
-
-    # The paper's claims, checked with the numbers above (no threshold, no tuning: a plain comparison).
-    checks = []
-    f, g = vals.get("anchor + fetched memory"), vals.get("anchor + generic block")
-    if f and g and f[0] and g[0]:
-        ok = f[0]["ppl"] < g[0]["ppl"]
-        checks.append(f"- fetched vs generic, validation perplexity: {f[0]['ppl']:.2f} vs {g[0]['ppl']:.2f} -> "
-                      f"{'reproduced (fetched lower)' if ok else 'NOT reproduced'}")
-        for b in buckets[:2]:
-            fa, ga = (f[1].get(b) or {}).get("acc"), (g[1].get(b) or {}).get("acc")
-            if fa is None or ga is None:
-                continue
-            n = (f[1].get(b) or {}).get("n") or 0
-            verdict = "reproduced (fetched higher)" if fa > ga else ("tie" if fa == ga else "NOT reproduced")
-            checks.append(f"- fetched vs generic, probe accuracy {b}: {fa:.3f} vs {ga:.3f} ({round(fa * n)}/{n} vs "
-                          f"{round(ga * n)}/{n} probes) -> {verdict}")
-    routing = (ev.get("memory") or {}).get("probe_routing") or {}
-    if routing:
-        checks.append("- probes whose prompt is routed to a leaf holding a training window of the person (fetched "
-                      "memory can only help those): " + ", ".join(f"{b} {r['share']:.2f}" for b, r in routing.items()))
-    a = vals.get("anchor (tiny), A+M steps")
-    if f and a and f[0] and a[0]:
-        checks.append(f"- anchor + fetched memory vs anchor-only with the same tokens, validation perplexity: "
-                      f"{f[0]['ppl']:.2f} vs {a[0]['ppl']:.2f} -> "
-                      f"{'memory better' if f[0]['ppl'] < a[0]['ppl'] else 'the anchor-only model is better'}")
-    d = vals.get("dense tiny-2x, A+M steps")
-    if f and d and f[0] and d[0]:
-        checks.append(f"- anchor + fetched memory vs dense tiny-2x, validation perplexity: {f[0]['ppl']:.2f} vs "
-                      f"{d[0]['ppl']:.2f}")
-    if len(abl_rows) > 1:
-        el, ef = ev.get("memory-last2") or {}, ev.get("memory-first2") or {}
-        pl = ((el.get("val") or {}).get("fetched") or {}).get("ppl")
-        pf = ((ef.get("val") or {}).get("fetched") or {}).get("ppl")
-        if pl is not None and pf is not None:
-            # Differences under 1% of the perplexity are called a tie (the paper's first-N gap is far larger).
-            rel = (pf - pl) / pf
-            verdict = ("no clear difference (<1%)" if abs(rel) < 0.01 else
-                       "last-N better, as in the paper" if rel > 0 else "NOT as in the paper (first-N better)")
-            checks.append(f"- placement, validation perplexity (fetched): last-2 {pl:.2f} vs first-2 {pf:.2f} "
-                          f"({rel:+.1%}) -> {verdict}")
-    return main, abl, curves, checks
+        cells = []
+        for t in tasks:
+            ia, ib = res[a]["tasks"].get(t, {}).get("items", {}), res[b]["tasks"].get(t, {}).get("items", {})
+            keys = sorted(set(ia) & set(ib))
+            if keys:
+                ci = paired_diff_ci([ia[k] for k in keys], [ib[k] for k in keys])
+                cells.append(f"{ci.point:+.3f} [{ci.lo:+.3f}, {ci.hi:+.3f}]")
+            else:
+                cells.append("—")
+        drows.append([f"`{a}` - `{b}`"] + cells)
+    if drows:
+        md += ["Paired differences (same probes):", "", markdown_table(["difference", "seen", "held-out"], drows), ""]
+    md += wiki_routing(out)
+    return md, []
 
 
-def write_memory_report(out: str, corpora: dict[str, dict], size: dict, size_name: str, command: str,
-                        stage_seconds: dict[str, float], commands: list[str]) -> tuple[str, list[str]]:
-    """<out>/report.md for scripts/reproduce_memory.py. corpora: {corpus: {"runs": {name: run dir},
-    "evals": {name: eval.json path}}} (the "anchor" run has no eval of its own). Returns (path, PNGs)."""
+def wiki_routing(out: str) -> list[str]:
+    """Router hit rates on the seen wiki probes: the prompt routed to the leaf holding most of its article's
+    training windows, for each clustering of the wiki data (MiniLM k-means, entity keys)."""
+    from data.shards import open_data
+    from memory.router import Router
+    from train.evaluation.routing import document_hit_rates
+
+    probes_file = os.path.join(out, "wiki", "probes", "wiki_seen.jsonl")
+    if not os.path.isfile(probes_file):
+        return []
+    with open(probes_file) as f:
+        probes = [json.loads(line) for line in f if line.strip()]
+    rows = []
+    for v in ("minilm", "entity"):
+        d = os.path.join(out, "wiki", f"data-{v}")
+        if not Router.exists(d):
+            continue
+        r = document_hit_rates(open_data(d), Router.load(d), probes)
+        rows.append([f"`{v}`", f"{r['consistency']:.3f}", ci_cell(r["hit"]["all"], "share")])
+    if not rows:
+        return []
+    return ["Routing on real text (seen probes): share of an article's windows in its majority leaf, and share of "
+            "probe prompts routed there:", "", markdown_table(["leaves", "consistency", "hit rate"], rows), ""]
+
+
+def write_memory_report(out: str, parts: list[str], size: dict, size_name: str, command: str,
+                        stage_seconds: dict[str, float], commands: list[str],
+                        mech_runs: list[tuple[str, int]]) -> tuple[str, list[str]]:
+    """<out>/report.md. Returns (path, PNG paths)."""
     total = sum(stage_seconds.values())
-    md = ["# Reproduction: hierarchical memories (arXiv 2510.02375), small scale", "",
-          f"- command: `{command}`", f"- machine, date: {machine_line()}",
-          f"- size `{size_name}`: {json.dumps(size)}",
-          f"- wall time of the stages: {total / 60:.1f} min (sum over the stages recorded in `stages/`)", "",
-          f"A = {size['anchor_steps']} anchor steps, M = {size['memory_steps']} memory-phase steps, "
-          f"{size['batch_size']} x {size['seq_len']} tokens per step. Every model of a table saw the same number of "
-          "training tokens: the anchor-only baseline continues its training for M steps (same LR schedule as the "
-          "memory phase), the memory run trains memories for M steps on the frozen A-step anchor, the dense "
-          "model trains A+M steps. *generic* = the memory run with the one block not tied to the context "
-          "(the paper's control); *fetched* = the blocks of the context's cluster path. Probe accuracy: greedy "
-          "continuation of '<Name> was born in the city of' etc. starts with the answer; bucket_0 = answers seen "
-          "1-3 times in training, bucket_4 = 256+ times.", ""]
-    figs = []
-    for corpus, c in corpora.items():
-        ev = {}
-        for name, path in c["evals"].items():
-            if os.path.isfile(path):
-                with open(path) as f:
-                    ev[name] = json.load(f)
-        main, abl, curves, checks = memory_tables(ev, c["runs"])
-        md += [f"## `{corpus}`", "", main, ""]
-        if checks:
-            md += ["Claims of the paper, checked on these numbers:", ""] + checks + [""]
-        if curves:
-            png = plot_bucket_accuracy(curves, os.path.join(out, f"{corpus}_accuracy_by_bucket.png"),
-                                       title=f"{corpus}: probe accuracy by answer frequency (Figure 1 analogue)")
-            figs.append(png)
-            md += [f"![accuracy by bucket]({os.path.basename(png)})", ""]
-        runs = {k: v for k, v in c["runs"].items() if k in ("anchor", "anchor-cont", "memory", "dense-2x")
-                and os.path.isdir(v)}
-        png = plot_loss_curves(runs, os.path.join(out, f"{corpus}_loss_curves.png"),
-                               title=f"{corpus}: training / validation loss",
-                               offsets={"anchor-cont": size["anchor_steps"], "memory": size["anchor_steps"]})
-        figs.append(png)
-        md += [f"![loss curves]({os.path.basename(png)})", ""]
-        if abl:
-            md += [f"### `{corpus}`: memory placement (last-N vs first-N layers)", "", abl, ""]
-    md += ["## Commands", "", "Every stage is one `memlm` command (re-run any by hand):", "", "```"]
-    md += [c.replace(os.getcwd() + os.sep, "") for c in commands] + ["```", ""]
-    path = write_text(os.path.join(out, "report.md"), "\n".join(md))
-    return path, figs
+    md = ["# Hierarchical memories: evidence (arXiv 2510.02375 at small scale)", "",
+          f"- command: `{command}`", f"- machine, date: {machine_line()}", f"- size `{size_name}`: {json.dumps(size)}",
+          f"- wall time of the stages: {total / 60:.1f} min (sum over `stages/`)", ""]
+    figs: list[str] = []
+    for part, fn in (("mech", lambda: mech_section(out, mech_runs)), ("cap", lambda: cap_section(out, size)),
+                     ("wiki", lambda: wiki_section(out))):
+        if part in parts:
+            m, f = fn()
+            md += m
+            figs += f
+    md += ["## Stage times", "", markdown_table(["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in stage_seconds.items()]),
+           "", "## Commands", "", "```"] + [c.replace(os.getcwd() + os.sep, "") for c in commands] + ["```", ""]
+    return write_text(os.path.join(out, "report.md"), "\n".join(md)), figs

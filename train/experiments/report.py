@@ -31,6 +31,27 @@ def read_metrics(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def plot_run_curves(runs: dict[str, str], out_png: str) -> str:
+    """One panel per run: its training loss (and its own validation loss) against its steps. Runs train
+    and validate on different token streams (rows packed by leaf, <CALL> targets), so their losses are
+    never drawn on one axis; compare models with `memlm eval` on the same tokens instead."""
+    fig, axes = plt.subplots(1, max(len(runs), 1), figsize=(4 * max(len(runs), 1), 3.5), squeeze=False)
+    for ax, (i, (label, run_dir)) in zip(axes[0], enumerate(runs.items())):
+        rows = read_metrics(run_dir)
+        train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+        val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+        if train:
+            ax.plot(*zip(*train), color=f"C{i}", label="train")
+        if val:
+            ax.plot(*zip(*val), "o--", color=f"C{i}", label="val (this run's rows)")
+        ax.set_title(label)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("loss (nats/token)")
+    return _save(fig, out_png)
+
+
 def plot_loss_curves(runs: dict[str, str], out_png: str, title: str = "Training and validation loss",
                      offsets: dict[str, int] | None = None) -> str:
     """One line per run for the training loss, dots for validation loss, against optimizer steps.
@@ -54,6 +75,17 @@ def plot_loss_curves(runs: dict[str, str], out_png: str, title: str = "Training 
     return _save(fig, out_png)
 
 
+def bucket_order(names) -> list[str]:
+    """Bucket keys in order: bucket_0 (rarest) ... then "all"."""
+    return sorted(set(names), key=lambda b: (b == "all", int(str(b).split("_")[-1]) if b != "all" else 0))
+
+
+def probe_labels(probes: dict) -> list[str]:
+    """Probe rows in display order: fetched (router), fetched_top*, fetched_oracle, generic, anchor."""
+    order = ["fetched"] + sorted(k for k in probes if k.startswith("fetched_top")) + ["fetched_oracle", "generic", "anchor"]
+    return [k for k in order if k in probes]
+
+
 def plot_memory_eval(ev: dict, out_png: str, title: str = "Memory: fetched vs generic vs anchor-only") -> str:
     """Left: validation loss per mode. Right: probe accuracy per frequency bucket per mode."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -68,12 +100,16 @@ def plot_memory_eval(ev: dict, out_png: str, title: str = "Memory: fetched vs ge
     ax1.set_title("validation loss (lower is better)")
     probes = ev.get("probes") or {}
     if probes:
-        buckets = sorted({b for m in probes for b in probes[m]}, key=lambda b: int(str(b).split("_")[-1]))
-        width = 0.8 / max(len(probes), 1)
-        for j, m in enumerate([m for m in MODES if m in probes]):
-            accs = [probes[m].get(b, {}).get("acc", 0.0) for b in buckets]
-            xs = [i + (j - (len(probes) - 1) / 2) * width for i in range(len(buckets))]
-            ax2.bar(xs, accs, width=width, color=MODE_COLORS[m], label=m)
+        buckets = bucket_order(b for m in probes for b in probes[m])
+        labels_ = probe_labels(probes)
+        width = 0.8 / max(len(labels_), 1)
+        for j, m in enumerate(labels_):
+            cells = [probes[m].get(b, {}) for b in buckets]
+            accs = [c.get("acc", 0.0) for c in cells]
+            err = [[max(a - c.get("lo", a), 0) for a, c in zip(accs, cells)],
+                   [max(c.get("hi", a) - a, 0) for a, c in zip(accs, cells)]]
+            xs = [i + (j - (len(labels_) - 1) / 2) * width for i in range(len(buckets))]
+            ax2.bar(xs, accs, width=width, color=MODE_COLORS.get(m, f"C{j + 3}"), label=m, yerr=err, capsize=2)
         labels = []
         for b in buckets:
             n = next((probes[m][b].get("n") for m in probes if b in probes[m]), None)
@@ -87,18 +123,21 @@ def plot_memory_eval(ev: dict, out_png: str, title: str = "Memory: fetched vs ge
 
 
 def eval_table(ev: dict) -> str:
-    """Markdown: one row per mode with validation loss/ppl and the probe accuracy of each bucket."""
+    """Markdown: one row per mode (and probe routing) with validation loss/ppl and the probe accuracy of
+    each bucket with its 95% interval."""
     probes = ev.get("probes") or {}
-    buckets = sorted({b for m in probes for b in probes[m]}, key=lambda b: int(str(b).split("_")[-1]))
+    buckets = bucket_order(b for m in probes for b in probes[m])
     head = "| mode | val loss | val ppl | " + " | ".join(f"acc {b}" for b in buckets) + " |"
     lines = [head, "|" + "---|" * (3 + len(buckets))]
-    for m in MODES:
-        if m not in ev.get("val", {}):
-            continue
-        v = ev["val"][m]
-        accs = [probes.get(m, {}).get(b, {}).get("acc") for b in buckets]
-        cells = " | ".join("—" if a is None else f"{a:.3f}" for a in accs)
-        lines.append(f"| {m} | {v['loss']:.4f} | {v['ppl']:.2f} | {cells} |")
+    rows = [m for m in MODES if m in ev.get("val", {})]
+    rows += [m for m in probe_labels(probes) if m not in rows]
+    for m in rows:
+        v = ev.get("val", {}).get(m)
+        accs = [probes.get(m, {}).get(b) for b in buckets]
+        cells = " | ".join("—" if a is None else (f"{a['acc']:.3f} [{a['lo']:.3f}, {a['hi']:.3f}]" if "lo" in a
+                                                  else f"{a['acc']:.3f}") for a in accs)
+        vl = f"{v['loss']:.4f} | {v['ppl']:.2f}" if v else "— | —"
+        lines.append(f"| {m} | {vl} | {cells} |")
     return "\n".join(lines)
 
 
@@ -111,9 +150,9 @@ def write_demo_report(out: str, runs: str, info: dict, commands: list[str], size
     import torch
 
     figs = {}
-    figs["loss"] = plot_loss_curves({name: os.path.join(runs, name) for name in ("anchor", "memory", "slm")
-                                     if os.path.isdir(os.path.join(runs, name))},
-                                    os.path.join(out, "loss_curves.png"))
+    figs["loss"] = plot_run_curves({name: os.path.join(runs, name) for name in ("anchor", "memory", "slm")
+                                    if os.path.isdir(os.path.join(runs, name))},
+                                   os.path.join(out, "loss_curves.png"))
     ev = None
     if info.get("eval"):
         with open(info["eval"]["eval"]) as f:

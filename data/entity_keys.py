@@ -1,0 +1,28 @@
+"""Named-entity keys of texts (spaCy): the key of a document for entity-keyed memory routing.
+
+"Entities as Experts" (Févry et al. 2020) routes by the entities a text mentions. Here a document's key
+is the first named entity of one of KEY_LABELS in its first window; a prompt is routed by the first of
+its entities that is a known key. Names, places and organisations identify whose facts a text needs;
+dates and numbers do not (they are the answers), so they are not keys.
+"""
+from __future__ import annotations
+
+KEY_LABELS = ("PERSON", "ORG", "GPE", "LOC", "FAC", "NORP", "EVENT", "WORK_OF_ART", "PRODUCT", "LAW", "LANGUAGE")
+
+
+def entity_keys(texts: list[str], nlp=None, batch_size: int = 128, labels=KEY_LABELS) -> list[list[str]]:
+    """For each text, the texts of its named entities with a label in `labels`, in order of appearance
+    (duplicates removed). `nlp`: a spaCy pipeline (default: data.tagging.load_spacy())."""
+    if nlp is None:
+        from data.tagging import load_spacy
+
+        nlp = load_spacy()
+    wanted = set(labels)
+    out = []
+    for doc in nlp.pipe(texts, batch_size=batch_size):
+        seen: list[str] = []
+        for ent in doc.ents:
+            if ent.label_ in wanted and ent.text not in seen:
+                seen.append(ent.text)
+        out.append(seen)
+    return out

@@ -1,0 +1,59 @@
+"""`memlm harness RUN --tasks T --include-path DIR --mode fetched`: lm-evaluation-harness tasks on a run.
+
+The run is wrapped by train/evaluation/harness.py (registered with lm-eval as `memlm`): every request's
+context is routed through the run's router (mode fetched), or gets the leaf holding most of the training
+windows of the document named by the task document's --key-field (mode oracle, needs --data), the generic
+block (generic) or no memory (anchor). Writes OUT/harness.json: per task the accuracy and per-probe
+results (for paired intervals between modes), and prints one line per task. Needs the optional extra
+`lm-eval` (pip install 'memlm[eval]').
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from train.evaluation.harness import MODES
+
+    p = argparse.ArgumentParser(prog="memlm harness", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="run dir (its newest checkpoint) or a checkpoint step dir")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument("--include-path", default=None, help="directory of local task YAML files (e.g. memlm wiki-probes)")
+    p.add_argument("--mode", default="fetched", choices=MODES, help="memory mode (default fetched: routed per prompt)")
+    p.add_argument("--data", default=None, help="the run's data dir (mode oracle)")
+    p.add_argument("--key-field", default="title", help="mode oracle: task document field naming the training document")
+    p.add_argument("--limit", type=int, default=None, help="at most N documents per task")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    p.add_argument("--out", default=None, help="output dir for harness.json (default RUN/harness-<mode>)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from model.atomic import atomic_write_json
+    from train.evaluation.harness import evaluate
+
+    t0 = time.time()
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    res = evaluate(args.run, tasks, include_path=args.include_path, mode=args.mode, data=args.data,
+                   key_field=args.key_field, device=args.device, batch_size=args.batch_size, limit=args.limit)
+    out = {"run": os.path.abspath(args.run), "mode": args.mode, "tasks": {}}
+    for t in tasks:
+        samples = res.get("samples", {}).get(t, [])
+        items = {str(s["doc"].get("id", s["doc_id"])): float(s["acc"]) for s in samples}
+        acc = sum(items.values()) / max(len(items), 1)
+        out["tasks"][t] = {"acc": acc, "n": len(items), "items": items}
+        print(f"memlm harness: {t}: acc {acc:.4f} over {len(items)} documents (mode {args.mode})")
+    path = os.path.join(args.out or os.path.join(args.run, f"harness-{args.mode}"), "harness.json")
+    atomic_write_json(path, out)
+    print(f"memlm harness: wrote {path} in {time.time() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
