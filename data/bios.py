@@ -284,8 +284,7 @@ def write_kb(out_dir: str, cfg: BiosConfig, people: list[dict], probes: list[dic
     """Write kb.json (config + people), probes.jsonl and optionally docs.jsonl into out_dir (each atomically)."""
     kb = {"config": dict(cfg.__dict__, bucket_edges=list(cfg.bucket_edges)), "attributes": ATTRIBUTES,
           "probe_templates": PROBES, "bucket_edges": list(cfg.bucket_edges), "people": people}
-    atomic_write(os.path.join(out_dir, "kb.json"), json.dumps(kb, indent=1, sort_keys=True) + "
-")
+    atomic_write(os.path.join(out_dir, "kb.json"), json.dumps(kb, indent=1, sort_keys=True) + "\n")
     if probes is not None:
         atomic_write(os.path.join(out_dir, "probes.jsonl"), "".join(json.dumps(p, sort_keys=True) + "\n" for p in probes))
     if docs is not None:

@@ -1,6 +1,7 @@
 """`memlm cluster`: embeds windows, fits the tree, stores paths; resumable; clear errors."""
 import importlib.util
 import json
+import re
 
 import numpy as np
 import pytest
@@ -69,15 +70,15 @@ def test_cluster_writes_paths_and_router(data_dir, capsys):
         np.testing.assert_array_equal(sh.paths, before[sh.name])
 
 
-def test_cluster_bad_input(tmp_path, data_dir):
+def test_cluster_bad_input(tmp_path, data_dir, capsys):
+    from train.cli import run_command
     from train.commands.cluster import main
 
-    with pytest.raises(SystemExit, match=r"memlm cluster: .*manifest"):
-        main([str(tmp_path)])
-    with pytest.raises(SystemExit, match=r"--k must be >= 2"):
-        main([data_dir, "--k", "1"])
-    with pytest.raises(SystemExit, match=r"--splits must include train"):
-        main([data_dir, "--splits", "val"])
+    for argv, msg in [([str(tmp_path)], r"memlm cluster: .*manifest"), ([data_dir, "--k", "1"], r"--k must be >= 2"),
+                      ([data_dir, "--splits", "val"], r"--splits must include train")]:
+        assert run_command("memlm cluster", main, argv) == 2
+        err = capsys.readouterr().err
+        assert re.search(msg, err) and err.count("\n") == 1, err
 
 
 def test_cluster_paths_from_document_keys(data_dir, tmp_path):

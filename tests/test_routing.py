@@ -79,8 +79,12 @@ def test_bios_presets_and_knowledge_bits():
     assert n[0] == 12 and n[-1] == 240 and cap.bucket_edges == BIOS_PRESETS["capacity"]["bucket_edges"]
     assert knowledge_bits(2) == pytest.approx(2 * sum(math.log2(v) for v in attribute_values().values()))
     assert 45 < knowledge_bits(1) < 48
-    with pytest.raises(ValueError, match="unknown preset"):
+    from model.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--bios-preset 'nope': unknown"):
         config_from_kw({"bios_preset": "nope"})
+    with pytest.raises(ConfigError, match="min_docs"):
+        config_from_kw({"min_docs": 0})
 
 
 def test_document_hit_rates_on_a_fake_data_dir():
