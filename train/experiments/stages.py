@@ -128,7 +128,7 @@ class StageRunner:
 
 def recipe(name: str) -> str:
     """Path of a shipped YAML recipe (train/recipes/<name>)."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes", name)
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", name)
 
 
 def short_path(path: str) -> str:
