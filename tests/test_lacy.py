@@ -296,9 +296,10 @@ class ScriptedSLM(torch.nn.Module):
 
     def forward(self, x, doc_lens=None, memory=None, kv_cache=None, start_pos=0):
         out = torch.full((*x.shape, self.config.vocab_size), -20.0)
-        for t in range(x.shape[1]):
-            for nxt, val in self.table.get(int(x[0, t]), {self.eos: 10.0}).items():
-                out[0, t, nxt] = val
+        for b in range(x.shape[0]):
+            for t in range(x.shape[1]):
+                for nxt, val in self.table.get(int(x[b, t]), {self.eos: 10.0}).items():
+                    out[b, t, nxt] = val
         return out
 
 

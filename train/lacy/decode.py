@@ -1,0 +1,194 @@
+"""Batched next-token logits with KV caches, for the batched cascade (train/lacy/cascade.py).
+
+- `RaggedStepper`: a memlm Anchor (or MemoryLM's anchor + per-row memory) stepping many token rows at
+  once with one `model.model.KVCache`. Each call gives every active row's *full* token list; the stepper
+  runs only the tokens the row's cache does not hold yet (longest common prefix with what it ran for the
+  row before, so a text-level hand-off that re-encodes the text re-runs only the changed tail), runs
+  identical rows once (one prompt at several thresholds τ shares the SLM's pass until their choices
+  differ), forks a cache row when rows that shared it diverge, and drops rows no longer asked for.
+- `hf_greedy_batch`: greedy continuation of several texts at once by a transformers causal LM
+  (left-padded, `past_key_values`), each row stopping on its own test.
+
+Plain inference, no Lightning.
+"""
+from __future__ import annotations
+
+from typing import Callable, Hashable, Sequence
+
+import torch
+
+from model.model import KVCache, MemoryBlock
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class RaggedStepper:
+    """Next-token logits [R, V] for R rows `(key, group, ids)` of different lengths, one cached forward.
+
+    `anchor`: a memlm Anchor. `memory_of(groups) -> list per layer of MemoryBlock|None (or None)` gives the
+    memory for a batch whose row i belongs to `groups[i]` (a MemoryLM's routed block); None = no memory.
+    Rows with the same group and the same tokens are computed once. Keys identify a row across calls (its
+    cache is reused); a key not seen before starts from an empty cache row. With `retain`, a row left out
+    of a call keeps its cache aside and continues from it when its key comes back (a large model called
+    now and then for the same text, which has grown in between).
+    """
+
+    def __init__(self, anchor, memory_of: Callable[[list], list | None] | None = None, retain: bool = False):
+        self.anchor, self.memory_of, self.retain = anchor, memory_of, retain
+        self.max_len = int(anchor.config.max_seq_len)
+        p = next(anchor.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.cache: KVCache | None = None
+        self.slot_ids: list[list[int]] = []   # the tokens each cache row holds
+        self.slot_group: list[Hashable] = []
+        self.key_slot: dict[Hashable, int] = {}
+        self.archive: dict[Hashable, tuple] = {}  # key -> (ids, group, k, v) of rows left out (retain)
+        self.forwards = 0                      # batched forward passes run (for the speed report)
+        self.tokens_run = 0                    # token positions run through the model
+
+    def _ensure(self, rows: int, length: int) -> None:
+        cfg = self.anchor.config
+        if self.cache is None:
+            self.cache = KVCache(cfg, rows, max(length, 8), device=self.device, dtype=self.dtype)
+        elif length > self.cache.max_len:  # grow the time axis, keeping what is cached
+            new = KVCache(cfg, rows, max(length, 2 * self.cache.max_len), device=self.device, dtype=self.dtype)
+            n = self.cache.max_len
+            new.k[:, :, :, :n], new.v[:, :, :, :n] = self.cache.k, self.cache.v
+            self.cache = new
+
+    def _set_aside(self, asked: set) -> None:
+        """Keep the cache of every row whose keys are all missing from this call (retain mode)."""
+        keys_of_slot: dict[int, list] = {}
+        for k, s in self.key_slot.items():
+            keys_of_slot.setdefault(s, []).append(k)
+        for slot, ids in enumerate(self.slot_ids):
+            keys = keys_of_slot.get(slot, [])
+            if keys and not any(k in asked for k in keys):
+                n = len(ids)
+                entry = (ids, self.slot_group[slot], self.cache.k[:, slot, :, :n].clone(),
+                         self.cache.v[:, slot, :, :n].clone())
+                for k in keys:
+                    self.archive[k] = entry
+
+    @torch.no_grad()
+    def logits(self, rows: Sequence[tuple[Hashable, Hashable, Sequence[int]]]) -> torch.Tensor:
+        states: dict[tuple, int] = {}
+        state_of_row, keys_of_state, ids_of_state = [], [], []
+        for key, group, ids in rows:
+            ids = list(ids)[-self.max_len:]
+            if not ids:
+                raise ValueError("RaggedStepper.logits: a row has no tokens")
+            s = states.setdefault((group, tuple(ids)), len(states))
+            if s == len(keys_of_state):
+                keys_of_state.append([])
+                ids_of_state.append(ids)
+            keys_of_state[s].append(key)
+            state_of_row.append(s)
+        groups = [g for g, _ in states]
+        if self.retain:
+            self._set_aside({k for ks in keys_of_state for k in ks})
+        # the cache row each state continues: the best of its keys' previous rows (same group)
+        src, keep, restore = [], [], {}
+        for s, ids in enumerate(ids_of_state):
+            best, best_n = -1, -1
+            for k in keys_of_state[s]:
+                slot = self.key_slot.get(k)
+                if slot is not None and self.slot_group[slot] == groups[s]:
+                    n = common_prefix(self.slot_ids[slot], ids)
+                    if n > best_n:
+                        best, best_n = slot, n
+            if best < 0:
+                for k in keys_of_state[s]:
+                    a = self.archive.pop(k, None)
+                    if a is not None and a[1] == groups[s] and common_prefix(a[0], ids) > best_n:
+                        best_n, restore[s] = common_prefix(a[0], ids), a
+            src.append(best)
+            keep.append(max(best_n, 0))
+        starts = [min(n, len(ids) - 1) for n, ids in zip(keep, ids_of_state)]  # always run the last token
+        chunks = [ids[n:] for n, ids in zip(starts, ids_of_state)]
+        T = max(len(c) for c in chunks)
+        U = len(ids_of_state)
+        index = [max(s, 0) for s in src]  # a fresh row takes any row: start 0, the mask hides the rest
+        if self.cache is not None and index != list(range(self.cache.k.shape[1])):
+            self.cache.reorder(torch.tensor(index, device=self.device))
+        self._ensure(U, max(starts) + T)
+        for s, (_, _, k, v) in restore.items():
+            self.cache.k[:, s, :, :k.shape[2]], self.cache.v[:, s, :, :v.shape[2]] = k, v
+        x = torch.zeros(U, T, dtype=torch.long)
+        for u, c in enumerate(chunks):
+            x[u, :len(c)] = torch.tensor(c)
+        memory = self.memory_of(groups) if self.memory_of is not None else None
+        out = self.anchor(x.to(self.device), memory=memory, kv_cache=self.cache, start_pos=starts)
+        last = torch.tensor([len(c) - 1 for c in chunks], device=out.device)
+        logits = out[torch.arange(U, device=out.device), last].float()
+        self.slot_ids, self.slot_group = ids_of_state, groups
+        self.key_slot = {k: s for s, ks in enumerate(keys_of_state) for k in ks}
+        self.forwards += 1
+        self.tokens_run += sum(len(c) for c in chunks)
+        return logits[torch.tensor(state_of_row, device=logits.device)]
+
+
+def memory_rows(memory: list | None, rows: Sequence[int]) -> list | None:
+    """A per-layer memory list whose row i uses what row `rows[i]` of `memory` used (same blocks)."""
+    if memory is None:
+        return None
+    idx = None
+    out = []
+    for mb in memory:
+        if mb is None:
+            out.append(None)
+            continue
+        if idx is None:
+            idx = torch.as_tensor(list(rows), dtype=torch.long, device=mb.block_of_row.device)
+        out.append(MemoryBlock(mb.m1, mb.m2, mb.m3, mb.block_of_row[idx]))
+    return out
+
+
+@torch.no_grad()
+def hf_greedy_batch(model, tokenizer, id_rows: Sequence[Sequence[int]], max_new_tokens: int,
+                    done: Callable[[int, list[int]], bool], eos_ids: set[int], device) -> list[list[int]]:
+    """Greedy continuation of several token rows by a transformers causal LM: left-padded, one
+    `past_key_values` cache, explicit attention mask and positions (so each row computes what it would
+    alone). Row i stops at an EOS id (not included) or once `done(i, generated)` is true.
+    Returns the generated ids per row."""
+    B = len(id_rows)
+    L = max(len(r) for r in id_rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((B, L), pad, dtype=torch.long)
+    mask = torch.zeros(B, L, dtype=torch.long)
+    for i, r in enumerate(id_rows):
+        ids[i, L - len(r):] = torch.tensor(list(r))
+        mask[i, L - len(r):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    past, logits = out.past_key_values, out.logits[:, -1]
+    gen: list[list[int]] = [[] for _ in range(B)]
+    finished = [False] * B
+    nxt_pos = pos[:, -1:] + 1
+    for step in range(max_new_tokens):
+        toks = logits.float().argmax(-1).tolist()
+        for i, t in enumerate(toks):
+            if finished[i]:
+                continue
+            if t in eos_ids:
+                finished[i] = True
+                continue
+            gen[i].append(t)
+            finished[i] = done(i, gen[i])
+        if all(finished) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], 1)
+        out = model(input_ids=torch.tensor(toks, device=device)[:, None], attention_mask=mask,
+                    position_ids=nxt_pos, past_key_values=past, use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1]
+        nxt_pos = nxt_pos + 1
+    return gen
