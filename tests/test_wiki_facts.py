@@ -1,0 +1,105 @@
+"""data/wiki_facts.py: exact facts from hand-written leads, answer counts, file round trip."""
+import pytest
+
+from data.wiki_facts import (Fact, answer_counts, country_names, extract_facts, facts_from_leads,
+                             load_pipeline, read_facts, write_facts)
+from model.errors import DataError
+
+LEADS = [
+    ("Albert Einstein",
+     "Albert Einstein (14 March 1879 – 18 April 1955) was a German-born theoretical physicist who is best "
+     "known for developing the theory of relativity. Born in Ulm, he moved to Switzerland in 1895 and "
+     "became a Swiss citizen."),
+    ("Action figure",
+     "An action figure is a poseable character model figure made most commonly of plastic. The term was "
+     "coined by Hasbro in 1964 to market G.I. Joe to boys."),
+    ("Lake Geneva",
+     "Lake Geneva is a deep lake on the north side of the Alps, shared between Switzerland and France. "
+     "It is one of the largest lakes in Western Europe."),
+]
+
+# (title, kind, answer, continuation) in text order; offsets are checked against the lead text.
+EXPECTED = [
+    ("Albert Einstein", "date", "14 March 1879", "14 March 1879"),
+    ("Albert Einstein", "date", "18 April 1955", " 18 April 1955"),
+    ("Albert Einstein", "nationality", "German", " German"),
+    ("Albert Einstein", "occupation", "physicist", " physicist"),
+    ("Albert Einstein", "country", "Switzerland", " Switzerland"),
+    ("Albert Einstein", "year", "1895", " 1895"),
+    ("Albert Einstein", "nationality", "Swiss", " Swiss"),
+    ("Action figure", "year", "1964", " 1964"),
+    ("Lake Geneva", "place", "Alps", " Alps"),
+    ("Lake Geneva", "country", "Switzerland", " Switzerland"),
+    ("Lake Geneva", "country", "France", " France"),
+    ("Lake Geneva", "place", "Western Europe", " Western Europe"),
+]
+
+
+@pytest.fixture(scope="module")
+def nlp():
+    return load_pipeline()
+
+
+@pytest.fixture(scope="module")
+def facts(nlp):
+    return list(facts_from_leads(LEADS, nlp, countries={"Switzerland", "France"}))
+
+
+def test_exact_facts_on_hand_written_leads(facts):
+    assert [(f.title, f.kind, f.answer, f.continuation) for f in facts] == EXPECTED
+    leads = dict(LEADS)
+    for f in facts:
+        lead = leads[f.title]
+        assert lead[f.start:f.end] == f.answer
+        assert lead[f.sent_start:f.end] == f.prompt + f.continuation
+        assert f.answer not in f.prompt and len(f.prompt.split()) >= 3
+
+
+def test_prompts_are_sentence_prefixes(facts):
+    by = {(f.title, f.answer): f for f in facts}
+    assert by[("Albert Einstein", "1895")].prompt == "Born in Ulm, he moved to Switzerland in"
+    assert by[("Action figure", "1964")].prompt == "The term was coined by Hasbro in"
+    # "Ulm" is dropped: its prompt "Born in" has fewer than 3 words.
+    assert ("Albert Einstein", "Ulm") not in by
+
+
+def test_occupation_only_for_person_leads(nlp):
+    doc = nlp("Ada Lovelace was an English mathematician and writer.")
+    occ = [f for f in extract_facts(doc, "Ada Lovelace") if f.kind == "occupation"]
+    assert [(f.answer, f.prompt) for f in occ] == [("mathematician", "Ada Lovelace was an English")]
+    doc = nlp("The violin is a wooden string instrument in the violin family.")
+    assert [f for f in extract_facts(doc, "Violin") if f.kind == "occupation"] == []
+
+
+def test_deterministic(nlp, facts):
+    assert list(facts_from_leads(LEADS, nlp, countries={"Switzerland", "France"})) == facts
+
+
+def test_country_names():
+    recs = [{"title": "France", "description": "Country in Western Europe"},
+            {"title": "Georgia (country)", "description": "Sovereign state in the Caucasus"},
+            {"title": "Paris", "description": "Capital of France"}, {"title": "X", "description": None}]
+    assert country_names(recs) == frozenset({"France", "Georgia"})
+
+
+def test_answer_counts_respect_word_boundaries():
+    texts = ["Born 14 March 1879 in Ulm.", "In 1879 and 18790, Ulm grew.", "Ulmer Ulm"]
+    got = answer_counts(["1879", "14 March 1879", "Ulm", "Paris"], texts)
+    assert got == {"1879": 2, "14 March 1879": 1, "Ulm": 3, "Paris": 0}
+
+
+def test_write_read_round_trip(tmp_path, facts):
+    path = str(tmp_path / "facts.jsonl")
+    write_facts(path, facts[:2] + [dict(facts[2].to_dict(), count=7)])
+    rows = read_facts(path)
+    assert [Fact(**{k: r[k] for k in Fact.__dataclass_fields__}) for r in rows] == facts[:3]
+    assert rows[2]["count"] == 7
+
+
+def test_read_facts_errors(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        read_facts(str(tmp_path / "missing.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"title": "x"}\n')
+    with pytest.raises(DataError, match="line 1: fact lacks"):
+        read_facts(str(bad))
