@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from train.lacy.large import (CascadeError, HFLargeModel, LargeModel, MemlmLargeModel, _AnchorStepper,  # noqa: F401
-                              anchor_and_memory, is_memlm_run, load_large, word_end)
+                              anchor_and_memory, is_memlm_run, load_large, load_memlm, word_end)
 
 CALL = "<CALL>"
 MARKS = ("⟦", "⟧")

@@ -322,6 +322,21 @@ class MemlmLargeModel(_TokenLM):
         return gen
 
 
+def load_memlm(path: str, device: str = "cpu"):
+    """train.checkpoint.load_run (model, tokenizer, config, router) with its failures as CheckpointError
+    naming the run, and a check that the run has its tokenizer."""
+    from model.errors import CheckpointError
+    from train.checkpoint import load_run  # lazy: the checkpoint code may move, the call stays
+
+    try:
+        model, tok, cfg, router = load_run(path, device=device)
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot load the memlm run: {e}") from e
+    if tok is None:
+        raise CheckpointError(f"{path}: memlm run has no tokenizer/ directory")
+    return model, tok, cfg, router
+
+
 def is_memlm_run(path: str) -> bool:
     return os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isfile(os.path.join(path, "meta.json"))
 
@@ -339,14 +354,7 @@ def load_large(path: str | None = None, device: str = "cpu", max_word_tokens: in
     if not os.path.exists(path):
         raise CascadeError(f"{path}: large model path not found")
     if is_memlm_run(path):
-        from train.checkpoint import load_run  # lazy: model/ never imports train/ at module level
-
-        try:
-            model, tok, _, router = load_run(path, device=device)
-        except Exception as e:  # noqa: BLE001
-            raise CascadeError(f"{path}: cannot load the memlm run: {e}") from e
-        if tok is None:
-            raise CascadeError(f"{path}: memlm run has no tokenizer/ directory")
+        model, tok, _, router = load_memlm(path, device)
         return MemlmLargeModel(model, tok, router, max_word_tokens, name=os.path.basename(path.rstrip("/")))
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise CascadeError(f"{path}: neither a transformers model directory (no config.json) nor a memlm run")
