@@ -56,37 +56,43 @@ def area(rates, values, lo: float, hi: float) -> float:
 
 @dataclass
 class Sweep:
-    """Per-person counts of one SLM's τ sweep: arrays [n_tau, n_people] (people in a fixed order shared by
-    every SLM compared), `bios` [n_people] = generations per person (1 for bios; clozes per lead)."""
+    """Per-person sums of one SLM's τ sweep: `sums[name]` arrays [n_tau, n_people] for correct, stated,
+    calls, decisions (and optionally nll, nll_tokens: a fluency measure), people in a fixed order shared
+    by every SLM compared; `bios` [n_people] = generations per person (1 for bios; clozes per lead)."""
     taus: list
-    correct: np.ndarray
-    stated: np.ndarray
-    calls: np.ndarray
-    decisions: np.ndarray
+    sums: dict
     bios: np.ndarray
+
+    KEYS = ("correct", "stated", "calls", "decisions")
+    OPTIONAL = ("nll", "nll_tokens")
 
     @classmethod
     def from_rows(cls, rows: list[dict], taus: list, people: list) -> "Sweep":
-        """From per-generation rows with keys person, tau, correct, stated, calls, decisions."""
+        """From per-generation rows with keys person, tau, correct, stated, calls, decisions (and nll,
+        nll_tokens when every row has them)."""
         ti = {t: i for i, t in enumerate(taus)}
         pi = {p: i for i, p in enumerate(people)}
-        shape = (len(taus), len(people))
-        arr = {k: np.zeros(shape) for k in ("correct", "stated", "calls", "decisions", "n")}
+        keys = list(cls.KEYS) + [k for k in cls.OPTIONAL if rows and all(k in r for r in rows)]
+        sums = {k: np.zeros((len(taus), len(people))) for k in keys}
+        n = np.zeros((len(taus), len(people)))
         for r in rows:
             i, j = ti[r["tau"]], pi[r["person"]]
-            for k in ("correct", "stated", "calls", "decisions"):
-                arr[k][i, j] += r[k]
-            arr["n"][i, j] += 1
-        return cls(list(taus), arr["correct"], arr["stated"], arr["calls"], arr["decisions"], arr["n"].max(axis=0))
+            for k in keys:
+                sums[k][i, j] += r[k]
+            n[i, j] += 1
+        return cls(list(taus), sums, n.max(axis=0))
 
     def curve(self, idx=None) -> dict[str, np.ndarray]:
-        """Pooled points over people `idx` (all by default): rate, factscore, facts_per_bio per τ."""
+        """Pooled points over people `idx` (all by default), per τ: rate, factscore, facts_per_bio (and
+        nll = mean negative log-likelihood per token when the sweep has it)."""
         idx = slice(None) if idx is None else np.asarray(idx, dtype=np.int64)
-        s = lambda a: a[:, idx].sum(axis=1)  # noqa: E731
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return {"rate": s(self.calls) / np.maximum(s(self.decisions), 1),
-                    "factscore": np.where(s(self.stated) > 0, s(self.correct) / np.maximum(s(self.stated), 1), np.nan),
-                    "facts_per_bio": s(self.stated) / max(self.bios[idx].sum(), 1)}
+        s = {k: v[:, idx].sum(axis=1) for k, v in self.sums.items()}
+        ratio = lambda a, b: np.where(b > 0, a / np.maximum(b, 1e-300), np.nan)  # noqa: E731
+        out = {"rate": s["calls"] / np.maximum(s["decisions"], 1), "factscore": ratio(s["correct"], s["stated"]),
+               "facts_per_bio": s["stated"] / max(self.bios[idx].sum(), 1)}
+        if "nll" in s:
+            out["nll"] = ratio(s["nll"], s["nll_tokens"])
+        return out
 
     def at(self, target: float, what: str = "factscore", idx=None) -> float:
         c = self.curve(idx)
@@ -98,7 +104,7 @@ class Sweep:
 
     @property
     def n_people(self) -> int:
-        return self.correct.shape[1]
+        return self.bios.shape[0]
 
 
 def _people(sweep: Sweep) -> np.ndarray:
@@ -106,7 +112,7 @@ def _people(sweep: Sweep) -> np.ndarray:
 
 
 def matched(sweep: Sweep, target: float, what: str = "factscore", n_boot: int = 1000, seed: int = 0) -> Interval:
-    """`what` (factscore | facts_per_bio) at generation call rate `target`, 95% interval over people."""
+    """`what` (factscore | facts_per_bio | nll) at generation call rate `target`, 95% interval over people."""
     return bootstrap_ci(_people(sweep), stat=lambda i: sweep.at(target, what, i), n_boot=n_boot, seed=seed)
 
 
@@ -120,3 +126,39 @@ def matched_diff(a: Sweep, b: Sweep, target: float, n_boot: int = 1000, seed: in
         raise ValueError(f"matched_diff: sweeps over different people ({a.n_people} vs {b.n_people})")
     return bootstrap_ci(_people(a), stat=lambda i: a.at(target, idx=i) - b.at(target, idx=i), n_boot=n_boot,
                         seed=seed)
+
+
+def tau_name(tau) -> str:
+    return "argmax" if tau is None else f"{tau:g}"
+
+
+def _num(v) -> float | None:
+    return None if v != v else float(v)
+
+
+def compare(rows: list[dict], labels: list[str], rates: list[float], span: tuple[float, float],
+            n_boot: int = 1000, seed: int = 0) -> tuple[dict, dict]:
+    """({label: curve}, {"a - b": {rate: interval}}) for labels with a τ sweep. Rows: one per generation
+    with label, tau, person and the Sweep counts. People = every person of the rows in sorted order, so
+    paired differences resample the same people. A curve: its points (taus, rate, factscore, facts_per_bio
+    [, nll]), every metric at the matched rates and the FactScore area over `span`, with intervals."""
+    people = sorted({r["person"] for r in rows})
+    out, sweeps = {}, {}
+    for label in labels:
+        mine = [r for r in rows if r["label"] == label]
+        taus = list(dict.fromkeys(r["tau"] for r in mine))
+        sw = sweeps[label] = Sweep.from_rows(mine, taus, people)
+        c = sw.curve()
+        metrics = [m for m in ("factscore", "facts_per_bio", "nll") if m in c]
+        out[label] = {"taus": [tau_name(t) for t in taus], "rate": c["rate"].tolist(),
+                      **{m: [_num(v) for v in c[m]] for m in metrics},
+                      "matched": {f"{r:g}": {m: matched(sw, r, m, n_boot=n_boot, seed=seed).to_dict() for m in metrics}
+                                  for r in rates},
+                      "area": {"lo": span[0], "hi": span[1],
+                               **area_ci(sw, span[0], span[1], n_boot=n_boot, seed=seed).to_dict()}}
+    diffs = {}
+    for i, a in enumerate(labels):
+        for b in labels[i + 1:]:
+            diffs[f"{a} - {b}"] = {f"{r:g}": matched_diff(sweeps[a], sweeps[b], r, n_boot=n_boot, seed=seed).to_dict()
+                                   for r in rates}
+    return out, diffs

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 
-from train.lacy.curves import Sweep, area_ci, matched, matched_diff
+from train.lacy.curves import compare as curves, tau_name  # noqa: F401  (re-exported)
 
 
 def parse_slm(spec: str) -> tuple[str, str]:
@@ -23,10 +23,6 @@ def parse_slm(spec: str) -> tuple[str, str]:
         label, path = spec.split("=", 1)
         return label, path
     return os.path.basename(spec.rstrip("/")), spec
-
-
-def tau_name(tau) -> str:
-    return "argmax" if tau is None else f"{tau:g}"
 
 
 def evaluate(gen_fn, people, parser, prompt_fmt: str, label: str, taus: list, forced_call_rate=None,
@@ -49,34 +45,6 @@ def evaluate(gen_fn, people, parser, prompt_fmt: str, label: str, taus: list, fo
                          "forced_call_rate": forced_call_rate})
     log(f"  {label}: {len(people)} bios x {len(taus)} thresholds in {time.time() - t0:.0f}s")
     return rows
-
-
-def curves(rows: list[dict], labels: list[str], rates: list[float], span: tuple[float, float],
-           n_boot: int = 1000, seed: int = 0) -> tuple[dict, dict]:
-    """({label: curve}, {"a - b": {rate: interval}}) for labels with a τ sweep (people = every person of
-    the rows, in id order, so paired differences resample the same people)."""
-    people = sorted({r["person"] for r in rows})
-    out, sweeps = {}, {}
-    for label in labels:
-        mine = [r for r in rows if r["label"] == label]
-        taus = list(dict.fromkeys(r["tau"] for r in mine))
-        sw = Sweep.from_rows(mine, taus, people)
-        sweeps[label] = sw
-        c = sw.curve()
-        out[label] = {"taus": [tau_name(t) for t in taus], "rate": c["rate"].tolist(),
-                      "factscore": [None if v != v else float(v) for v in c["factscore"]],
-                      "facts_per_bio": c["facts_per_bio"].tolist(),
-                      "matched": {f"{r:g}": {"factscore": matched(sw, r, n_boot=n_boot, seed=seed).to_dict(),
-                                             "facts_per_bio": matched(sw, r, "facts_per_bio", n_boot=n_boot,
-                                                                      seed=seed).to_dict()} for r in rates},
-                      "area": {"lo": span[0], "hi": span[1],
-                               **area_ci(sw, span[0], span[1], n_boot=n_boot, seed=seed).to_dict()}}
-    diffs = {}
-    for i, a in enumerate(labels):
-        for b in labels[i + 1:]:
-            diffs[f"{a} - {b}"] = {f"{r:g}": matched_diff(sweeps[a], sweeps[b], r, n_boot=n_boot, seed=seed).to_dict()
-                                   for r in rates}
-    return out, diffs
 
 
 def speed_check(cascade, prompts: list[str], taus: list, max_new_tokens: int, stop: str | None = None,
