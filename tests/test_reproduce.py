@@ -54,20 +54,41 @@ def test_memory_options(tmp_path, capsys):
 
 def test_lacy_dry_run_plan(tmp_path, capsys):
     out_dir = tmp_path / "l"
-    assert reproduce_lacy.main(["--quick", "--dry-run", "--out", str(out_dir), "--call-rate", "0.07"]) == 0
+    assert reproduce_lacy.main(["--quick", "--dry-run", "--out", str(out_dir), "--call-rates", "0.07,0.2"]) == 0
     out = capsys.readouterr().out
     stages = _stages(out)
-    assert stages[:6] == ["data", "ref", "large", "tag", "score", "select"]
-    assert [s for s in stages if s.startswith("slm-")] == [f"slm-{r}" for r in reproduce_lacy.RULES]
-    assert stages[-2:] == ["factscore", "report"]
-    for rule in reproduce_lacy.RULES:
-        assert f"--rule {rule} --call-rate 0.07" in out
-        assert f"data.calls=calls_{rule}" in out
-        assert f"--slm {rule}=" in out
-    assert "--slm-alone" in out and "--large-alone" in out and "--name large" in out
+    assert stages[:6] == ["bios-data", "bios-tag", "bios-cluster", "wiki-data", "wiki-tag", "wiki-facts"]
+    rules = [r for r in reproduce_lacy.RULES]
+    assert [s for s in stages if s.startswith("bios-") and s.endswith("-7")] == [f"bios-{r}-7" for r in rules]
+    assert [s for s in stages if s.endswith("-20")] == [f"bios-{r}-20" for r in rules if r != "none"]
+    assert [s for s in stages if s.startswith("wiki-") and s[5:] in rules] == [f"wiki-{r}" for r in rules]
+    assert stages[-1] == "report" and "bios-mem-lacy" in stages and "wiki-cascade" in stages
+    for rule in ("lacy", "loss", "rho", "random"):
+        for pct in ("7", "20"):
+            assert f"--rule {rule} --call-rate 0.{pct if pct == '20' else '07'}" in out.replace("0.2 ", "0.20 ")
+            assert f"data.calls=calls_{rule}_{pct}" in out and f"--slm '{rule} {pct}%=" in out
+        assert f"data.calls=calls_{rule}\n" in out  # wiki: one rate, arrays named by rule
+    assert "--taus" in out and "--large-alone" in out and "--speed-check" in out and "--name large" in out
+    assert "memory.freeze_anchor=false" in out and "data.by_leaf=true" in out
+    assert "memlm calibrate" in out and "--tag-calls" in out and "--diagnose" in out
     assert not out_dir.exists()
-    with pytest.raises(SystemExit, match="unknown rule"):
+    with pytest.raises(SystemExit, match="unknown"):
         reproduce_lacy.main(["--dry-run", "--out", str(out_dir), "--rules", "lacy,llm-judge"])
+    with pytest.raises(SystemExit, match="--call-rates"):
+        reproduce_lacy.main(["--dry-run", "--out", str(out_dir), "--call-rates", "0,0.1"])
+
+
+def test_lacy_gpu_size_prepares_on_cpu(tmp_path, capsys):
+    """--prepare-only lists only the spaCy / faiss / MiniLM stages; the GPU run leaves memory out and uses
+    the memlm large model for the wiki cascade (SmolLM2 and spaCy are not on the GPU machine)."""
+    out_dir = str(tmp_path / "g")
+    reproduce_lacy.main(["--size", "gpu", "--prepare-only", "--dry-run", "--out", out_dir])
+    stages = _stages(capsys.readouterr().out)
+    assert set(stages) <= set(reproduce_lacy.CPU_ONLY) and "wiki-facts" in stages
+    reproduce_lacy.main(["--size", "gpu", "--dry-run", "--out", out_dir])
+    out = capsys.readouterr().out
+    assert "bios-mem-lacy" not in out and "--tag-calls" not in out
+    assert f"--large {out_dir}/runs/wiki-large" in out and "model.preset=small" in out
 
 
 def test_settings_pinned(tmp_path):
@@ -78,7 +99,6 @@ def test_settings_pinned(tmp_path):
 
 
 def test_memory_tables_from_eval_json(tmp_path):
-    from train.experiments.lacy_report import factscore_table
     from train.experiments.memory_report import memory_tables, plot_bucket_accuracy
 
     probes = lambda a0, a1: {"bucket_0": {"acc": a0, "n": 10}, "bucket_1": {"acc": a1, "n": 10}}  # noqa: E731
@@ -100,8 +120,4 @@ def test_memory_tables_from_eval_json(tmp_path):
     png = plot_bucket_accuracy(curves, str(tmp_path / "acc.png"))
     assert os.path.getsize(png) > 0
 
-    res = {"lacy": {"factscore": 0.5, "facts_per_bio": 2.0, "call_rate": 0.1, "leakage": 0.2, "leaked_per_bio": 0.4,
-                    "delegated_precision": 0.9, "bios": 5}}
-    sel = {"lacy": {"splits": {"train": {"rate": 0.1, "factual_share_delegated": 1.0}}}}
-    table = factscore_table(res, sel)
-    assert "| lacy | 0.100 | 1.000 | 0.500 | 2.00 | 0.100 | 0.200 |" in table
+

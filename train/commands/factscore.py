@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from model.atomic import atomic_file, atomic_write_json
     from model.errors import ConfigError, DataError
     from train.lacy.cascade import Cascade, large_alone_batch, load_large, load_memlm
+    from train.evaluation.stats import ratio_ci
     from train.lacy.factscore import curves, evaluate, parse_slm, plot_curves, speed_check, table, tau_name
 
     if not args.slm and not args.large_alone:
@@ -139,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         mine = [r for r in rows if r["label"] == lab]
         for tau in dict.fromkeys(r["tau"] for r in mine):
             key = lab if len(taus) == 1 or lab not in swept else f"{lab} tau={tau_name(tau)}"
-            results[key] = {"label": lab, "tau": tau, **summarize([r for r in mine if r["tau"] == tau])}
+            sel = [r for r in mine if r["tau"] == tau]
+            ci = ratio_ci([r["correct"] for r in sel], [r["stated"] for r in sel], [r["person"] for r in sel],
+                          n_boot=args.n_boot, seed=args.seed)
+            results[key] = {"label": lab, "tau": tau, **summarize(sel), "factscore_ci": ci.to_dict()}
     curve, diffs = curves(rows, swept, args.match_rates, tuple(args.area), args.n_boot, args.seed) if swept else ({}, {})
     os.makedirs(args.out, exist_ok=True)
     report = {"data": args.data, "large": args.large or "smollm2-135m-instruct", "per_bucket": args.per_bucket,

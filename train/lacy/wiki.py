@@ -83,7 +83,14 @@ def first_word(text: str) -> str:
 def fluency(model, tokenizer, texts: Sequence[str], starts: Sequence[int], spans: Sequence[list],
             device="cpu", batch_size: int = 16) -> list[tuple[float, int]]:
     """(sum of NLL in nats, tokens) under a transformers causal LM for the tokens of text[start:] that lie
-    outside every delegated span, per text (the judge reads the whole text as context)."""
+    outside every delegated span, per text (the judge reads the whole text as context). Identical inputs
+    (one prompt at several τ often writes the same text) are scored once."""
+    keys = [(t, s, tuple(map(tuple, sp))) for t, s, sp in zip(texts, starts, spans)]
+    uniq = list(dict.fromkeys(keys))
+    if len(uniq) < len(keys):
+        got = dict(zip(uniq, fluency(model, tokenizer, [u[0] for u in uniq], [u[1] for u in uniq],
+                                     [list(u[2]) for u in uniq], device, batch_size)))
+        return [got[k] for k in keys]
     out = []
     for b0 in range(0, len(texts), batch_size):
         chunk = texts[b0:b0 + batch_size]
