@@ -65,7 +65,8 @@ def matched_table(curves: dict, labels: list[str], metric: str = "factscore", sp
     head = ["run"] + [f"{metric} @ {rate_name(r)} calls" for r in rates]
     if with_area:
         a = curves[labels[0]].get("area", {})
-        head.append(f"mean FactScore over {a.get('lo', 0):.0%}–{a.get('hi', 0):.0%} (area)")
+        lo, hi = a.get("range", [0, 0])
+        head.append(f"mean FactScore over {lo:.0%}–{hi:.0%} calls (area)")
     return markdown_table(head, rows)
 
 

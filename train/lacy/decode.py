@@ -64,6 +64,19 @@ class RaggedStepper:
             new.k[:, :, :, :n], new.v[:, :, :, :n] = self.cache.k, self.cache.v
             self.cache = new
 
+    def _prefill(self, rows: list[int], chunks: list[list[int]], starts: list[int], memory) -> None:
+        """Run `chunks` for cache rows `rows` only (a gathered copy of their cache, written back)."""
+        idx = torch.tensor(rows, device=self.device)
+        sub = KVCache(self.anchor.config, len(rows), self.cache.max_len, device=self.device, dtype=self.dtype)
+        sub.k, sub.v = self.cache.k.index_select(1, idx), self.cache.v.index_select(1, idx)
+        T = max(len(c) for c in chunks)
+        x = torch.zeros(len(rows), T, dtype=torch.long)
+        for i, c in enumerate(chunks):
+            x[i, :len(c)] = torch.tensor(c)
+        self.anchor(x.to(self.device), memory=memory_rows(memory, rows), kv_cache=sub, start_pos=starts)
+        self.cache.k[:, idx], self.cache.v[:, idx] = sub.k, sub.v
+        self.forwards += 1
+
     def _set_aside(self, asked: set) -> None:
         """Keep the cache of every row whose keys are all missing from this call (retain mode)."""
         keys_of_slot: dict[int, list] = {}
@@ -122,17 +135,26 @@ class RaggedStepper:
         self._ensure(U, max(starts) + T)
         for s, (_, _, k, v) in restore.items():
             self.cache.k[:, s, :, :k.shape[2]], self.cache.v[:, s, :, :v.shape[2]] = k, v
+        memory = self.memory_of(groups) if self.memory_of is not None else None
+        self.tokens_run += sum(len(c) for c in chunks)
+        long = [u for u, c in enumerate(chunks) if len(c) > 1]
+        if long and len(long) < U:
+            # A few rows (re)start while the others decode one token: pre-fill the long rows apart (all but
+            # their last token) so that the batch does not run every row padded to the longest chunk.
+            self._prefill(long, [chunks[u][:-1] for u in long], [starts[u] for u in long], memory)
+            for u in long:
+                starts[u] += len(chunks[u]) - 1
+                chunks[u] = chunks[u][-1:]
+            T = 1
         x = torch.zeros(U, T, dtype=torch.long)
         for u, c in enumerate(chunks):
             x[u, :len(c)] = torch.tensor(c)
-        memory = self.memory_of(groups) if self.memory_of is not None else None
         out = self.anchor(x.to(self.device), memory=memory, kv_cache=self.cache, start_pos=starts)
         last = torch.tensor([len(c) - 1 for c in chunks], device=out.device)
         logits = out[torch.arange(U, device=out.device), last].float()
         self.slot_ids, self.slot_group = ids_of_state, groups
         self.key_slot = {k: s for s, ks in enumerate(keys_of_state) for k in ks}
         self.forwards += 1
-        self.tokens_run += sum(len(c) for c in chunks)
         return logits[torch.tensor(state_of_row, device=logits.device)]
 
 
