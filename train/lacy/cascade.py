@@ -5,14 +5,17 @@ set) the large model continues the TEXT up to the end of the current word; the S
 text and resumes. The hand-off is at the text level, so the large model may use another tokenizer.
 
     large = load_large(None)                  # SmolLM2-135M (model.hf.smollm2_dir()), or a path
-    slm, tok, cfg, router = train.checkpoint.load_run("runs/tiny")
+    slm, tok, cfg, router = load_memlm("runs/tiny")
     out = Cascade(slm, tok, large, router=router).generate("Marie Curie was born", max_new_tokens=40)
     print(out.marked())                       # "... born in ⟦ Warsaw⟧ in ..."
+    outs = Cascade(slm, tok, large).generate_batch(prompts, 40, taus=[0.05, 0.2, None])  # outs[i][j]
 
-`LargeModel` is the adapter interface: anything with `continue_word(text) -> str` (and optionally
-`continue_text(text, max_new_tokens) -> str` and a running `n_tokens` counter) can be the large model,
-e.g. a test stub. A memory SLM (MemoryLM) routes the prompt with the run's router and fetches its memory
-block once before generating. Plain inference: no Lightning here.
+`generate` is the readable one-prompt reference (any temperature); `generate_batch` runs many prompts at
+several thresholds at once (greedy) and writes the same texts (tests/test_lacy_cascade.py), with one KV
+cache for the SLM over ragged rows (train/lacy/decode.py) and batched large-model calls. The large-model
+adapters (`LargeModel`, transformers and memlm implementations, `load_large`) are in train/lacy/large.py.
+A memory SLM (MemoryLM) routes each prompt with the run's router and fetches its block once.
+Plain inference: no Lightning here.
 """
 from __future__ import annotations
 
@@ -270,7 +273,7 @@ def large_alone_batch(large: LargeModel, prompts: list[str], max_new_tokens: int
     if batched:
         pieces = large.continue_texts(prompts, max_new_tokens)
     else:
-        pieces = [large._counted(lambda p=p: large.continue_text(p, max_new_tokens)) for p in prompts]
+        pieces = [large.counted(lambda p=p: large.continue_text(p, max_new_tokens)) for p in prompts]
     share = (time.perf_counter() - t) / max(len(prompts), 1)
     outs = []
     for p, (piece, n) in zip(prompts, pieces):

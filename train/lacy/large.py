@@ -77,15 +77,16 @@ class LargeModel:
     def continue_words(self, texts: Sequence[str], keys: Sequence[Hashable] | None = None) -> list[tuple[str, int]]:
         """(word, tokens generated) for each text; `keys` name the cascade rows (a row's cache may be
         kept between its calls)."""
-        return [self._counted(lambda t=t: self.continue_word(t)) for t in texts]
+        return [self.counted(lambda t=t: self.continue_word(t)) for t in texts]
 
     def continue_texts(self, texts: Sequence[str], max_new_tokens: int) -> list[tuple[str, int]]:
-        return [self._counted(lambda t=t: self.continue_text(t, max_new_tokens)) for t in texts]
+        return [self.counted(lambda t=t: self.continue_text(t, max_new_tokens)) for t in texts]
 
     def new_batch(self) -> None:
         """Forget the rows kept from earlier batched calls (a new batch of prompts starts)."""
 
-    def _counted(self, fn) -> tuple[str, int]:
+    def counted(self, fn) -> tuple[str, int]:
+        """(fn(), tokens the large model generated while it ran)."""
         n0 = self.n_tokens
         piece = fn()
         return piece, self.n_tokens - n0
