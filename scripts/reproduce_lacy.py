@@ -93,12 +93,13 @@ SIZES = {
                     mem_widths=(40, 16), wiki_docs=10033, wiki_vocab=4096, wiki_ref_steps=1200,
                     wiki_large_preset="tiny-2x", wiki_large_steps=1200, wiki_slm_steps=400, wiki_leads=60,
                     wiki_taus="0.05,0.1,0.2,0.35,argmax,1.01", calib_windows=300, speed_prompts=40),
-    # <= 10 min on one H200 after --prepare-only on a CPU machine: more people, larger models, a wider sweep.
-    "gpu": Size(n_people=1200, top_docs=600, vocab_size=4096, seq_len=256, batch_size=32, ref_steps=2000,
-                large_preset="small", large_steps=3000, large_batch=64, slm_steps=800, lr=2e-3, per_bucket=100,
+    # Meant for <= 10 min on one H200 after --prepare-only on a CPU machine (not yet timed on a GPU): ~12k
+    # optimizer steps of tiny/small models in all, more people, a wider sweep.
+    "gpu": Size(n_people=1200, top_docs=600, vocab_size=4096, seq_len=256, batch_size=32, ref_steps=1500,
+                large_preset="small", large_steps=2000, large_batch=64, slm_steps=400, lr=2e-3, per_bucket=100,
                 max_new_tokens=48, taus="0.005,0.01,0.02,0.05,0.1,0.2,0.35,0.5,argmax,1.01", mem_k=4,
-                mem_widths=(40, 16), wiki_docs=10033, wiki_vocab=4096, wiki_ref_steps=2000, wiki_large_preset="small",
-                wiki_large_steps=3000, wiki_slm_steps=800, wiki_leads=400, wiki_taus="0.02,0.05,0.1,0.2,0.35,argmax,1.01",
+                mem_widths=(40, 16), wiki_docs=10033, wiki_vocab=4096, wiki_ref_steps=1500, wiki_large_preset="small",
+                wiki_large_steps=1500, wiki_slm_steps=400, wiki_leads=400, wiki_taus="0.02,0.05,0.1,0.2,0.35,argmax,1.01",
                 calib_windows=1000, speed_prompts=100),
 }
 
