@@ -143,3 +143,22 @@ def test_large_alone_batch_and_stub_default(tok):
             return " x"
 
     assert Stub().continue_words(["a", "b"]) == [(" x", 2), (" x", 2)]
+
+
+def test_hf_rows_keep_caches_between_calls(tok, tmp_path):
+    """A row that calls again runs only its new tokens and generates what a fresh model generates."""
+    from model.hf import export_llama
+    from train.lacy.decode import HFRows
+
+    export_llama(_anchor(tok, 9), tok, str(tmp_path / "hf"))
+    hf = HFLargeModel(str(tmp_path / "hf")).model
+    a, b = [5, 6, 7, 8, 9], [10, 11]
+    rows = HFRows(hf, None, set(), "cpu")
+    first = rows.generate(["x", "y"], [a, b], 3, lambda i, g: False)
+    n0 = rows.tokens_run
+    assert n0 == len(a) + len(b)
+    nxt = [a + first[0] + [12], b + [13, 14]]  # x grew by what it generated and one more token; y changed tail
+    again = rows.generate(["x", "y"], nxt, 3, lambda i, g: False)
+    assert rows.tokens_run - n0 <= 2 + 3  # x: its last generated token (never fed) + 1 new; y: 2 new (+1 rerun)
+    fresh = HFRows(hf, None, set(), "cpu").generate(["x", "y"], nxt, 3, lambda i, g: False)
+    assert again == fresh

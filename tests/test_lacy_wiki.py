@@ -59,7 +59,9 @@ def test_fluency_matches_direct_nll(wiki_data):
     tok = AutoTokenizer.from_pretrained(wiki_data["hf"])
     text, start = "Paris is the capital of France in 1900.", len("Paris is")
     spans = [(text.index(" France"), text.index(" France") + 7)]
-    (nll, n), = wiki.fluency(model, tok, [text], [start], [spans])
+    (nll, n), (nll2, n2) = wiki.fluency(model, tok, [text, "A short one. " + text], [start, start + 13],
+                                        [spans, [(a + 13, b + 13) for a, b in spans]], context_tokens=1000)
+    assert n2 == n  # the second text (left-padded in the batch) scores the same completion tokens
     ids = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     with torch.no_grad():
         logp = model(input_ids=torch.tensor([ids["input_ids"]])).logits[0].log_softmax(-1)
@@ -67,6 +69,8 @@ def test_fluency_matches_direct_nll(wiki_data):
             and not (ids["offset_mapping"][t][0] < spans[0][1] and spans[0][0] < ids["offset_mapping"][t][1])]
     assert n == len(keep) and 0 < n < len(ids["input_ids"]) - 2
     assert nll == pytest.approx(-sum(float(logp[t - 1, ids["input_ids"][t]]) for t in keep), rel=1e-5)
+    (short, n3), = wiki.fluency(model, tok, [text], [start], [spans], context_tokens=1)
+    assert n3 == n and short != pytest.approx(nll, rel=1e-6)  # one token of context: same tokens, other NLL
 
 
 def test_wiki_cascade_command(wiki_data):

@@ -6,8 +6,8 @@
   row before, so a text-level hand-off that re-encodes the text re-runs only the changed tail), runs
   identical rows once (one prompt at several thresholds τ shares the SLM's pass until their choices
   differ), forks a cache row when rows that shared it diverge, and drops rows no longer asked for.
-- `hf_greedy_batch`: greedy continuation of several texts at once by a transformers causal LM
-  (left-padded, `past_key_values`), each row stopping on its own test.
+- `HFRows`: greedy continuation of several texts at once by a transformers causal LM (left-padded, one
+  `past_key_values` cache), each row stopping on its own test and keeping its cache for its next call.
 
 Plain inference, no Lightning.
 """
@@ -174,43 +174,90 @@ def memory_rows(memory: list | None, rows: Sequence[int]) -> list | None:
     return out
 
 
-@torch.no_grad()
-def hf_greedy_batch(model, tokenizer, id_rows: Sequence[Sequence[int]], max_new_tokens: int,
-                    done: Callable[[int, list[int]], bool], eos_ids: set[int], device) -> list[list[int]]:
-    """Greedy continuation of several token rows by a transformers causal LM: left-padded, one
-    `past_key_values` cache, explicit attention mask and positions (so each row computes what it would
-    alone). Row i stops at an EOS id (not included) or once `done(i, generated)` is true.
-    Returns the generated ids per row."""
-    B = len(id_rows)
-    L = max(len(r) for r in id_rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((B, L), pad, dtype=torch.long)
-    mask = torch.zeros(B, L, dtype=torch.long)
-    for i, r in enumerate(id_rows):
-        ids[i, L - len(r):] = torch.tensor(list(r))
-        mask[i, L - len(r):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    past, logits = out.past_key_values, out.logits[:, -1]
-    gen: list[list[int]] = [[] for _ in range(B)]
-    finished = [False] * B
-    nxt_pos = pos[:, -1:] + 1
-    for step in range(max_new_tokens):
-        toks = logits.float().argmax(-1).tolist()
-        for i, t in enumerate(toks):
-            if finished[i]:
-                continue
-            if t in eos_ids:
-                finished[i] = True
-                continue
-            gen[i].append(t)
-            finished[i] = done(i, gen[i])
-        if all(finished) or step == max_new_tokens - 1:
-            break
-        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], 1)
-        out = model(input_ids=torch.tensor(toks, device=device)[:, None], attention_mask=mask,
-                    position_ids=nxt_pos, past_key_values=past, use_cache=True)
+class HFRows:
+    """Greedy continuation of several token rows at once by a transformers causal LM, keeping each row's
+    KV cache between its calls (key -> tokens and per-layer keys/values): a cascade row that calls again
+    runs only the tokens added since its last call. Rows are left-padded with an explicit attention mask
+    and their own positions, so each row computes what it would alone."""
+
+    def __init__(self, model, pad_id: int | None, eos_ids: set[int], device):
+        self.model, self.eos_ids, self.device = model, eos_ids, device
+        self.pad = 0 if pad_id is None else pad_id
+        self.store: dict[Hashable, tuple] = {}
+        self.tokens_run = 0
+
+    def reset(self) -> None:
+        self.store = {}
+
+    def _past(self, rows: list[tuple[int, int]]) -> "object | None":
+        """A DynamicCache [B, H, P, hd] per layer: row i's first P_i cached positions, left-padded to P."""
+        from transformers import DynamicCache
+
+        P = max(p for _, p in rows) if rows else 0
+        if P == 0:
+            return None
+        layers = []
+        ref = next(st[1] for st, p in rows if p)
+        for li, (k0, v0) in enumerate(ref):
+            K = k0.new_zeros(len(rows), k0.shape[0], P, k0.shape[2])
+            V = v0.new_zeros(len(rows), v0.shape[0], P, v0.shape[2])
+            for i, (st, p) in enumerate(rows):
+                if p:
+                    K[i, :, P - p:], V[i, :, P - p:] = st[1][li][0][:, :p], st[1][li][1][:, :p]
+            layers.append((K, V))
+        return DynamicCache(ddp_cache_data=layers)
+
+    @torch.no_grad()
+    def generate(self, keys: Sequence[Hashable], id_rows: Sequence[Sequence[int]], max_new_tokens: int,
+                 done: Callable[[int, list[int]], bool]) -> list[list[int]]:
+        """Generated ids per row (EOS not included; row i also stops once `done(i, generated)`)."""
+        B = len(id_rows)
+        ids = [list(r) for r in id_rows]
+        stored = [self.store.get(k) for k in keys]
+        keep = [0 if st is None else min(common_prefix(st[0], r), len(r) - 1) for st, r in zip(stored, ids)]
+        T = max(len(r) - n for r, n in zip(ids, keep))
+        past_len = [max(len(r) - T, 0) for r in ids]  # cached positions each row reuses (<= keep)
+        P = max(past_len)
+        x = torch.full((B, T), self.pad, dtype=torch.long)
+        pos = torch.zeros(B, T, dtype=torch.long)
+        mask = torch.zeros(B, P + T, dtype=torch.long)
+        for i, (r, p) in enumerate(zip(ids, past_len)):
+            new = r[p:]
+            x[i, T - len(new):] = torch.tensor(new)
+            pos[i, T - len(new):] = torch.arange(p, p + len(new))
+            mask[i, P - p:P] = 1
+            mask[i, P + T - len(new):] = 1
+        self.tokens_run += sum(len(r) - p for r, p in zip(ids, past_len))
+        past = self._past([(st, p) for st, p in zip(stored, past_len)])
+        dev = self.device
+        out = self.model(input_ids=x.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                         past_key_values=past, use_cache=True, logits_to_keep=1)
         past, logits = out.past_key_values, out.logits[:, -1]
-        nxt_pos = nxt_pos + 1
-    return gen
+        gen: list[list[int]] = [[] for _ in range(B)]
+        finished = [False] * B
+        nxt_pos, fed = pos[:, -1:].to(dev) + 1, 0
+        for step in range(max_new_tokens):
+            toks = logits.float().argmax(-1).tolist()
+            for i, t in enumerate(toks):
+                if finished[i]:
+                    continue
+                if t in self.eos_ids:
+                    finished[i] = True
+                    continue
+                gen[i].append(t)
+                finished[i] = done(i, gen[i])
+            if all(finished) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], 1)
+            out = self.model(input_ids=torch.tensor(toks, device=dev)[:, None], attention_mask=mask.to(dev),
+                             position_ids=nxt_pos, past_key_values=past, use_cache=True, logits_to_keep=1)
+            past, logits = out.past_key_values, out.logits[:, -1]
+            nxt_pos, fed = nxt_pos + 1, fed + 1
+        # keep each row's valid positions: its past, its real new tokens, the generated tokens it was fed
+        kv = [(k, v) for k, v, *_ in past]
+        for i, (key, r, p) in enumerate(zip(keys, ids, past_len)):
+            n_new, n_fed = len(r) - p, min(len(gen[i]), fed)
+            a, b = P + T - n_new, P + T + n_fed
+            self.store[key] = (r + gen[i][:n_fed], [(torch.cat([k[i, :, P - p:P], k[i, :, a:b]], 1),
+                                                     torch.cat([v[i, :, P - p:P], v[i, :, a:b]], 1)) for k, v in kv])
+        return gen

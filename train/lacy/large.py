@@ -19,7 +19,7 @@ from typing import Hashable, Sequence
 import torch
 
 from model.errors import MemlmError
-from train.lacy.decode import RaggedStepper, hf_greedy_batch
+from train.lacy.decode import HFRows, RaggedStepper
 
 
 class CascadeError(MemlmError, ValueError):
@@ -199,6 +199,7 @@ class HFLargeModel(_TokenLM):
         self.device = device
         self.max_len = int(getattr(model.config, "max_position_embeddings", 2048))
         self._past = None
+        self._rows = HFRows(self.model, tokenizer.pad_token_id, self.eos_ids, device)
 
     def _encode(self, text):
         return self.tokenizer(text)["input_ids"][-(self.max_len - self.max_word_tokens - 1):]
@@ -216,10 +217,23 @@ class HFLargeModel(_TokenLM):
     def _next(self, tok):
         return self._run([tok])
 
+    def new_batch(self):
+        self._rows.reset()
+
     def _generate_batch(self, texts, keys, max_new_tokens, stop_at_word):
         done = (lambda i, g: self._word_done(g)) if stop_at_word else (lambda i, g: False)
-        return hf_greedy_batch(self.model, self.tokenizer, [self._encode(t) for t in texts], max_new_tokens,
-                               done, self.eos_ids, self.device)
+        ids = [self._encode(t) for t in texts]
+        # rows that start (nothing cached) run apart from rows that continue, so that these do not pad
+        # to a whole prompt
+        fresh = [i for i, k in enumerate(keys) if k not in self._rows.store]
+        out: list[list[int]] = [[] for _ in texts]
+        for group in (fresh, [i for i in range(len(texts)) if i not in set(fresh)]):
+            if group:
+                gen = self._rows.generate([keys[i] for i in group], [ids[i] for i in group], max_new_tokens,
+                                          lambda j, g: done(group[j], g))
+                for i, g in zip(group, gen):
+                    out[i] = g
+        return out
 
 
 def anchor_and_memory(model, texts: Sequence[str] | None, router=None, mode: str = "fetched"):

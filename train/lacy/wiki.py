@@ -81,35 +81,49 @@ def first_word(text: str) -> str:
 
 @torch.no_grad()
 def fluency(model, tokenizer, texts: Sequence[str], starts: Sequence[int], spans: Sequence[list],
-            device="cpu", batch_size: int = 16) -> list[tuple[float, int]]:
+            device="cpu", batch_size: int = 16, context_tokens: int = 32) -> list[tuple[float, int]]:
     """(sum of NLL in nats, tokens) under a transformers causal LM for the tokens of text[start:] that lie
-    outside every delegated span, per text (the judge reads the whole text as context). Identical inputs
-    (one prompt at several τ often writes the same text) are scored once."""
+    outside every delegated span, per text; the judge reads `context_tokens` tokens before the completion
+    (fluency is local, and the judge's cost grows with what it reads). Identical inputs (one prompt at
+    several τ often writes the same text) are scored once."""
     keys = [(t, s, tuple(map(tuple, sp))) for t, s, sp in zip(texts, starts, spans)]
     uniq = list(dict.fromkeys(keys))
     if len(uniq) < len(keys):
         got = dict(zip(uniq, fluency(model, tokenizer, [u[0] for u in uniq], [u[1] for u in uniq],
-                                     [list(u[2]) for u in uniq], device, batch_size)))
+                                     [list(u[2]) for u in uniq], device, batch_size, context_tokens)))
         return [got[k] for k in keys]
-    out = []
-    for b0 in range(0, len(texts), batch_size):
-        chunk = texts[b0:b0 + batch_size]
-        enc = [tokenizer(t, add_special_tokens=False, return_offsets_mapping=True) for t in chunk]
-        T = max(len(e["input_ids"]) for e in enc)
-        ids = torch.zeros(len(chunk), T, dtype=torch.long)
-        for i, e in enumerate(enc):
-            ids[i, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
-        logp = model(input_ids=ids.to(device)).logits.float().log_softmax(-1).cpu()
-        for i, e in enumerate(enc):
-            start, sp = starts[b0 + i], spans[b0 + i]
+    rows = []  # (ids of the window, offsets, index of the first completion token in the window)
+    for t, start in zip(texts, starts):
+        e = tokenizer(t, add_special_tokens=False, return_offsets_mapping=True)
+        first = next((j for j, (a, _) in enumerate(e["offset_mapping"]) if a >= start), len(e["input_ids"]))
+        lo = max(0, first - context_tokens)
+        rows.append((e["input_ids"][lo:], e["offset_mapping"][lo:], first - lo))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths pad less
+    out: list = [None] * len(rows)
+    for b0 in range(0, len(order), batch_size):
+        idx = order[b0:b0 + batch_size]
+        L = max(len(rows[i][0]) for i in idx)
+        K = max(max(len(rows[i][0]) - rows[i][2] + 1, 1) for i in idx)  # logits needed at the end
+        ids = torch.zeros(len(idx), L, dtype=torch.long)
+        mask = torch.zeros(len(idx), L, dtype=torch.long)
+        for r, i in enumerate(idx):
+            w = rows[i][0]
+            if w:
+                ids[r, L - len(w):], mask[r, L - len(w):] = torch.tensor(w), 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logp = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                     logits_to_keep=K).logits.float().log_softmax(-1).cpu()
+        for r, i in enumerate(idx):
+            w, offs, first = rows[i]
+            start, sp = starts[i], spans[i]
             nll, n = 0.0, 0
-            for t in range(1, len(e["input_ids"])):
-                s, en = e["offset_mapping"][t]
+            for t in range(max(first, 1), len(w)):
+                s, en = offs[t]
                 if s < start or en <= s or any(a < en and s < z for a, z in sp):
                     continue
-                nll -= float(logp[i, t - 1, e["input_ids"][t]])
+                nll -= float(logp[r, K - 1 - (len(w) - t), w[t]])  # the logit at window position t - 1
                 n += 1
-            out.append((nll, n))
+            out[i] = (nll, n)
     return out
 
 
