@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     atomic_write_json(os.path.join(args.out, "wiki_cascade.json"),
                       {"data": args.data, "split": args.split, "large": args.large or "smollm2-135m-instruct",
-                       "judge": args.judge or (args.large if judge is not None else None), "kinds": kinds,
+                       "judge": None if judge is None else (args.judge or args.large or "smollm2-135m-instruct"),
+                       "kinds": kinds,
                        "clozes": len(items), "leads": len({c["title"] for c in items}),
                        "kind_counts": {k: sum(c["kind"] == k for c in items) for k in kinds},
                        "taus": [tau_name(t) for t in args.taus], "match_rates": args.match_rates,
@@ -153,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     if curve:
         plot_curves(curve, os.path.join(args.out, "curves.png"), "wiki-leads: exact facts vs generation call rate",
-                    rates=args.match_rates)
+                    rates=args.match_rates, ylabel="exact-match rate of cloze answers",
+                    second=("nll", "NLL/token of the SLM's own text") if judge is not None else ("facts_per_bio", "clozes"))
     for label, c in curve.items():
         m = c["matched"]
         print(f"{label}: " + ", ".join(f"exact@{r} {m[r]['factscore']['point']:.3f}" for r in m))

@@ -53,7 +53,7 @@ def knowledge_table(fs: dict) -> tuple[str, list[str]]:
 
 
 def matched_table(curves: dict, labels: list[str], metric: str = "factscore", spec: str = ".3f",
-                  with_area: bool = True) -> str:
+                  with_area: bool = True, name: str | None = None) -> str:
     rates = sorted({r for lab in labels for r in curves[lab]["matched"]}, key=float)
     rows = []
     for lab in labels:
@@ -62,11 +62,11 @@ def matched_table(curves: dict, labels: list[str], metric: str = "factscore", sp
         if with_area:
             row.append(iv(c.get("area")))
         rows.append(row)
-    head = ["run"] + [f"{metric} @ {rate_name(r)} calls" for r in rates]
+    head = ["run"] + [f"{name or metric} @ {rate_name(r)} calls" for r in rates]
     if with_area:
         a = curves[labels[0]].get("area", {})
         lo, hi = a.get("range", [0, 0])
-        head.append(f"mean FactScore over {lo:.0%}–{hi:.0%} calls (area)")
+        head.append(f"mean {name or 'FactScore'} over {lo:.0%}–{hi:.0%} calls (area)")
     return markdown_table(head, rows)
 
 
@@ -251,15 +251,15 @@ def _wiki_section(out: str, wk: dict, rules: list[str], rates: list[float]) -> l
           f"{', '.join(f'{k} {n}' for k, n in wk.get('kind_counts', {}).items() if n)}); large model "
           f"`{wk.get('large')}`; SLMs trained on wiki-leads with each rule's `<CALL>` targets at "
           f"{rates[0]:.0%}. *exact*: the completion starts with the fact's answer. Fluency: NLL per token of the "
-          f"text the SLM wrote itself under `{wk.get('judge')}` (lower is more fluent).", ""]
+          f"text the SLM wrote itself under `{wk.get('judge') or wk.get('large')}` (lower is more fluent).", ""]
     la = wk.get("large_alone") or {}
     if la:
         md += [f"Large model alone: exact {la['exact']:.3f} (n={la['n']}).", ""]
     if labels:
-        md += ["![wiki curves](wiki-cascade/curves.png)", "", matched_table(curves, labels), ""]
+        md += ["![wiki curves](wiki-cascade/curves.png)", "", matched_table(curves, labels, name="exact"), ""]
         if all("nll" in curves[x]["matched"][next(iter(curves[x]["matched"]))] for x in labels):
             md += ["Fluency (NLL per token of the SLM's own text) at the same rates:", "",
-                   matched_table(curves, labels, "nll", ".2f", with_area=False), ""]
+                   matched_table(curves, labels, "nll", ".2f", with_area=False, name="NLL/token"), ""]
         if "lacy" in labels:
             others = [x for x in labels if x != "lacy"]
             md += ["Paired differences of exact-match rate (lacy − other):", "", diff_table(diffs, "lacy", others), ""]

@@ -73,9 +73,10 @@ def speed_check(cascade, prompts: list[str], taus: list, max_new_tokens: int, st
 
 
 def plot_curves(curve: dict, path: str, title: str = "FactScore vs generation-time call rate",
-                rates: list[float] = ()) -> str:
-    """Two panels: FactScore and facts per bio against the generation call rate, one line per label, with
-    the matched-rate intervals as error bars."""
+                rates: list[float] = (), ylabel: str = "FactScore (precision of stated facts)",
+                second: tuple[str, str] = ("facts_per_bio", "facts stated per bio")) -> str:
+    """Two panels against the generation call rate, one line per label: FactScore (or `ylabel`'s metric)
+    with the matched-rate intervals as error bars, and the `second` metric (key, label)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,7 +87,8 @@ def plot_curves(curve: dict, path: str, title: str = "FactScore vs generation-ti
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, (label, c) in enumerate(curve.items()):
         col = f"C{i % 10}"
-        pts = sorted((r, f, n) for r, f, n in zip(c["rate"], c["factscore"], c["facts_per_bio"]) if f is not None)
+        pts = sorted((r, f, n) for r, f, n in zip(c["rate"], c["factscore"], c.get(second[0], c["factscore"]))
+                     if f is not None and n is not None)
         ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=col, label=label)
         ax2.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", ms=3, color=col, label=label)
         for r, m in c["matched"].items():
@@ -96,9 +98,8 @@ def plot_curves(curve: dict, path: str, title: str = "FactScore vs generation-ti
                              color=col, capsize=3, lw=1)
     for r in rates:
         ax1.axvline(r, color="gray", lw=0.5, ls=":")
-    ax1.set(xlabel="call rate at generation (share of SLM decisions that were <CALL>)",
-            ylabel="FactScore (precision of stated facts)", title=title)
-    ax2.set(xlabel="call rate at generation", ylabel="facts stated per bio", title="facts per bio")
+    ax1.set(xlabel="call rate at generation (share of SLM decisions that were <CALL>)", ylabel=ylabel, title=title)
+    ax2.set(xlabel="call rate at generation", ylabel=second[1], title=second[1])
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     ax1.legend(fontsize=7)
