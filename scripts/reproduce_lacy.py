@@ -101,7 +101,8 @@ SIZES = {
                 large_preset="small", large_steps=2000, large_batch=64, slm_steps=400, lr=2e-3, per_bucket=100,
                 max_new_tokens=48, taus="0.005,0.01,0.02,0.05,0.1,0.2,0.35,0.5,argmax,1.01", mem_k=4,
                 mem_widths=(40, 16), wiki_docs=10033, wiki_vocab=4096, wiki_ref_steps=1500, wiki_large_preset="small",
-                wiki_large_steps=1500, wiki_slm_steps=400, wiki_leads=400, wiki_taus="0.02,0.05,0.1,0.2,0.35,argmax,1.01",
+                wiki_large_steps=1500, wiki_slm_steps=400, wiki_leads=400,
+                wiki_taus="0.02,0.05,0.1,0.2,0.35,argmax,1.01",
                 calib_windows=1000, speed_prompts=100),
 }
 
@@ -297,7 +298,8 @@ class LacyRepro:
         slms = [a for label, run in self.bios_slms().items() for a in ("--slm", f"{label}={run}")]
         self.memlm("factscore", *slms, "--large", self.run_dir("bios-large"), "--data", self.data("bios"),
                    "--large-alone", "--per-bucket", s.per_bucket, "--max-new-tokens", s.max_new_tokens,
-                   "--taus", s.taus, "--match-rates", "0,0.05,0.1,0.2", "--speed-check", s.speed_prompts, "--seed", self.args.seed,
+                   "--taus", s.taus, "--match-rates", "0,0.05,0.1,0.2", "--speed-check", s.speed_prompts,
+                   "--seed", self.args.seed,
                    "--out", os.path.join(self.out, "factscore"))
 
     def stage_bios_calibrate(self):
@@ -313,7 +315,8 @@ class LacyRepro:
         large = ["--large", self.run_dir("wiki-large")] if gpu else []  # SmolLM2 by default
         slms = [a for r in self.rules for a in ("--slm", f"{r}={self.run_dir(f'wiki-{r}')}")]
         self.memlm("wiki-cascade", self.data("wiki"), *slms, *large, "--large-alone", "--max-leads", s.wiki_leads,
-                   "--taus", s.wiki_taus, "--match-rates", "0,0.05,0.1,0.2", "--diagnose", 30, *([] if gpu else ["--tag-calls"]),
+                   "--taus", s.wiki_taus, "--match-rates", "0,0.05,0.1,0.2", "--diagnose", 30,
+                   *([] if gpu else ["--tag-calls"]),
                    "--seed", self.args.seed, "--out", os.path.join(self.out, "wiki-cascade"))
 
     def stage_wiki_calibrate(self):

@@ -20,7 +20,8 @@ from train.cli import ArgumentParser, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="memlm calibrate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="memlm calibrate", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="data dir written by `memlm prepare` and tagged by `memlm tag`")
     p.add_argument("--slm", action="append", required=True, help="[LABEL=]RUN of an SLM (repeatable)")
     p.add_argument("--split", default="val", help="held-out split (default val)")

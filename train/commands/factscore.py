@@ -56,7 +56,8 @@ def _rates(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="memlm factscore", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="memlm factscore", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--slm", action="append", default=[], help="[LABEL=]RUN of an SLM (repeatable)")
     p.add_argument("--large", default=None, help="transformers model dir or memlm run (default: SmolLM2-135M)")
     p.add_argument("--data", required=True, help="data dir prepared from the bios corpus (has bios/kb.json)")
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             ci = ratio_ci([r["correct"] for r in sel], [r["stated"] for r in sel], [r["person"] for r in sel],
                           n_boot=args.n_boot, seed=args.seed)
             results[key] = {"label": lab, "tau": tau, **summarize(sel), "factscore_ci": ci.to_dict()}
-    curve, diffs = curves(rows, swept, args.match_rates, tuple(args.area), args.n_boot, args.seed) if swept else ({}, {})
+    curve, diffs = ({}, {}) if not swept else curves(rows, swept, args.match_rates, tuple(args.area), args.n_boot,
+                                                     args.seed)
     os.makedirs(args.out, exist_ok=True)
     report = {"data": args.data, "large": args.large or "smollm2-135m-instruct", "per_bucket": args.per_bucket,
               "prompt": args.prompt, "max_new_tokens": args.max_new_tokens, "stop": args.stop,

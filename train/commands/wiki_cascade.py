@@ -28,7 +28,8 @@ from train.commands.factscore import _rates, _taus
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="memlm wiki-cascade", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="memlm wiki-cascade", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="data dir prepared from wiki-leads (`memlm prepare --corpus wiki-leads`)")
     p.add_argument("--slm", action="append", default=[], help="[LABEL=]RUN of an SLM (repeatable)")
     p.add_argument("--large", default=None, help="transformers model dir or memlm run (default: SmolLM2-135M)")
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             w1 = w0 + max(len(wiki.first_word(o.completion)), 1)
             row = {"label": label, "tau": tau, "person": c["title"], "kind": c["kind"], "answer": c["answer"],
                    "text": o.marked(completion_only=True), "correct": int(ok), "stated": 1, "calls": o.calls,
-                   "decisions": o.calls + o.slm_tokens, "first_word_delegated": any(s < w1 and w0 < e for s, e in o.spans),
+                   "decisions": o.calls + o.slm_tokens,
+                   "first_word_delegated": any(s < w1 and w0 < e for s, e in o.spans),
                    "large_tokens": o.large_tokens}
             if flu is not None:
                 row["nll"], row["nll_tokens"] = flu[i]
@@ -134,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             o[0].text = o[0].prompt + _cut(o[0].completion, args.stop)
             o[0].spans = [(len(o[0].prompt), len(o[0].text))]
         add("large alone", [None], outs)
-    curve, diffs = compare(rows, swept, args.match_rates, tuple(args.area), args.n_boot, args.seed) if swept else ({}, {})
+    curve, diffs = ({}, {}) if not swept else compare(rows, swept, args.match_rates, tuple(args.area), args.n_boot,
+                                                      args.seed)
     alone = {}
     if args.large_alone:
         la = [r for r in rows if r["label"] == "large alone"]
@@ -155,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     if curve:
         plot_curves(curve, os.path.join(args.out, "curves.png"), "wiki-leads: exact facts vs generation call rate",
                     rates=args.match_rates, ylabel="exact-match rate of cloze answers",
-                    second=("nll", "NLL/token of the SLM's own text") if judge is not None else ("facts_per_bio", "clozes"))
+                    second=("nll", "NLL/token of the SLM's own text") if judge is not None
+                    else ("facts_per_bio", "clozes"))
     for label, c in curve.items():
         m = c["matched"]
         print(f"{label}: " + ", ".join(f"exact@{r} {m[r]['factscore']['point']:.3f}" for r in m))

@@ -165,7 +165,8 @@ def write_lacy_report(out: str, rules: list[str], rates: list[float], size: dict
     md = ["# Reproduction: LaCy <CALL> delegation (arXiv 2602.12005), small scale", "",
           f"- command: `{command}`", f"- machine, date: {machine_line()}",
           f"- size `{size_name}`: {json.dumps(size)}; training call rates {', '.join(f'{r:.0%}' for r in rates)}",
-          "- models: " + ", ".join(f"`{k}` {p['non_embedding'] / 1e6:.2f}M non-embedding params" for k, p in par.items()),
+          "- models: " + ", ".join(f"`{k}` {p['non_embedding'] / 1e6:.2f}M non-embedding params"
+                                   for k, p in par.items()),
           f"- wall time of the stages: {total / 60:.1f} min "
           f"({', '.join(f'{k} {v / 60:.1f}' for k, v in stage_seconds.items() if v >= 60)} min)", "",
           "Every SLM starts from the same reference and trains the same further steps; only its `<CALL>` targets "
@@ -226,7 +227,8 @@ def write_lacy_report(out: str, rules: list[str], rates: list[float], size: dict
                              [f"calls_{rule}_{pct(r)}" for r in rates for rule in rules if rule != "none"])
         if sel:
             md += ["## Selection on bios (training split)", "",
-                   markdown_table(["array", "rate", "tokens", "factual share", "non-factual share", "warning"], sel), ""]
+                   markdown_table(["array", "rate", "tokens", "factual share", "non-factual share", "warning"],
+                                  sel), ""]
     if wk:
         md += _wiki_section(out, wk, rules, rates)
         figs += [p for p in [os.path.join(out, "wiki-cascade", "curves.png")] if os.path.isfile(p)]
@@ -262,7 +264,8 @@ def _wiki_section(out: str, wk: dict, rules: list[str], rates: list[float]) -> l
                    matched_table(curves, labels, "nll", ".2f", with_area=False, name="NLL/token"), ""]
         if "lacy" in labels:
             others = [x for x in labels if x != "lacy"]
-            md += ["Paired differences of exact-match rate (lacy − other):", "", diff_table(diffs, "lacy", others), ""]
+            md += ["Paired differences of exact-match rate (lacy − other):", "",
+                   diff_table(diffs, "lacy", others), ""]
             md += [f"- {v}" for v in verdicts(diffs, "lacy", others)] + [""]
     diag, gen = wk.get("diagnosis", {}), wk.get("generation_calls", {})
     sel = {r[0]: r for r in selection_rows(os.path.join(out, "data-wiki"), [f"calls_{x}" for x in rules])}
@@ -286,5 +289,6 @@ def _wiki_section(out: str, wk: dict, rules: list[str], rates: list[float]) -> l
         ex = diag.get(rule, {}).get("non_factual", {}).get("examples", [])[:3]
         if ex:
             md += [f"{rule}, non-factual call sites: " + "; ".join(
-                f"…{e['prefix'][-40:]!r} → text {e['true']!r}, SLM {e['slm']!r}, large {e['large']!r}" for e in ex), ""]
+                f"…{e['prefix'][-40:]!r} → text {e['true']!r}, SLM {e['slm']!r}, large {e['large']!r}"
+                for e in ex), ""]
     return md

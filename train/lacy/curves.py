@@ -154,7 +154,8 @@ def compare(rows: list[dict], labels: list[str], rates: list[float], span: tuple
                       **{m: [_num(v) for v in c[m]] for m in metrics},
                       "matched": {f"{r:g}": {m: matched(sw, r, m, n_boot=n_boot, seed=seed).to_dict() for m in metrics}
                                   for r in rates},
-                      "area": {"range": list(span), **area_ci(sw, span[0], span[1], n_boot=n_boot, seed=seed).to_dict()}}
+                      "area": {"range": list(span),
+                               **area_ci(sw, span[0], span[1], n_boot=n_boot, seed=seed).to_dict()}}
     diffs = {}
     for i, a in enumerate(labels):
         for b in labels[i + 1:]:

@@ -116,5 +116,6 @@ def table(results: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for label, r in results.items():
         lines.append(f"| {label} | {fmt(r['factscore'])} | {r['facts_per_bio']:.2f} | {r['call_rate']:.3f} | "
-                     f"{fmt(r['leakage'])} | {r['leaked_per_bio']:.2f} | {fmt(r['delegated_precision'])} | {r['bios']} |")
+                     f"{fmt(r['leakage'])} | {r['leaked_per_bio']:.2f} | {fmt(r['delegated_precision'])} | "
+                     f"{r['bios']} |")
     return "\n".join(lines)
