@@ -94,13 +94,28 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
 
-    def update(self, layer: int, start_pos: int, k, v):
-        end = start_pos + k.shape[2]
+    def update(self, layer: int, start_pos, k, v):
+        """Write k, v [B, n_kv_head, T, hd] at positions start_pos.. (an int, or one int per row for
+        ragged rows) and return the keys/values of positions 0 .. max end."""
+        ragged = not isinstance(start_pos, int)
+        end = (max(start_pos) if ragged else start_pos) + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KVCache: position {end} exceeds the cache length {self.max_len}")
-        self.k[layer, :, :, start_pos:end] = k
-        self.v[layer, :, :, start_pos:end] = v
+        if ragged:
+            B, T = k.shape[0], k.shape[2]
+            pos = torch.as_tensor(start_pos, device=k.device)[:, None] + torch.arange(T, device=k.device)
+            rows = torch.arange(B, device=k.device)[:, None].expand(B, T)
+            self.k[layer][rows, :, pos] = k.transpose(1, 2)  # [B, T, H, hd] at (row, :, pos)
+            self.v[layer][rows, :, pos] = v.transpose(1, 2)
+        else:
+            self.k[layer, :, :, start_pos:end] = k
+            self.v[layer, :, :, start_pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep, repeat or drop rows (int64 index [B'] into the current rows), e.g. when batched decoding
+        forks a row or finishes some."""
+        self.k, self.v = self.k.index_select(1, index), self.v.index_select(1, index)
 
 
 class Attention(nn.Module):
@@ -251,11 +266,14 @@ class Anchor(LanguageModel):
         return self.rope_cos[pos], self.rope_sin[pos]
 
     def forward(self, input_ids, doc_lens=None, mem_path=None, mode: str | None = None,
-                kv_cache: KVCache | None = None, start_pos: int = 0, memory=None):
+                kv_cache: KVCache | None = None, start_pos: int | list[int] = 0, memory=None):
         """input_ids [B,T] -> logits [B,T,V] float32.
         doc_lens [B,D]: packed documents (block-causal mask, per-document positions); None = one document.
         mem_path: ignored (no memory); mode: None or "anchor". memory: None or a list (len n_layer) of
-        MemoryBlock|None (what the memory model fetched). kv_cache/start_pos: incremental decoding."""
+        MemoryBlock|None (what the memory model fetched). kv_cache/start_pos: incremental decoding;
+        start_pos may be one int per row (ragged rows, right-padded to T: row b's tokens continue its own
+        cached prefix of length start_pos[b]; outputs at its padding positions are meaningless, and the
+        cache slots they wrote are hidden by the mask and overwritten by the row's next chunk)."""
         self.resolve_mode(mode)
         cfg = self.config
         B, T = input_ids.shape
@@ -271,6 +289,14 @@ class Anchor(LanguageModel):
             mask = ((doc_id[:, :, None] == doc_id[:, None, :]) & causal)[:, None]  # [B,1,T,T], True = attend
             cos, sin = self._rope(pos, T - 1)  # positions within a document are < T
             cos, sin = cos[:, None], sin[:, None]  # [B,1,T,hd]
+        elif not isinstance(start_pos, int):
+            if kv_cache is None or len(start_pos) != B:
+                raise ValueError(f"Anchor.forward: per-row start_pos needs a kv_cache and {B} entries")
+            pos = torch.as_tensor(start_pos, device=device)[:, None] + torch.arange(T, device=device)  # [B,T]
+            S = max(start_pos) + T
+            cos, sin = self._rope(pos, S - 1)
+            cos, sin = cos[:, None], sin[:, None]  # [B,1,T,hd]
+            mask = (torch.arange(S, device=device)[None, None, :] <= pos[:, :, None])[:, None]  # [B,1,T,S]
         else:
             pos = torch.arange(start_pos, start_pos + T, device=device)
             cos, sin = self._rope(pos, start_pos + T - 1)

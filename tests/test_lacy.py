@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from data.selection import SelectionError, call_id
+from model.errors import DataError
 from data.shards import open_data, prepare
 from data.tagging import flag_offsets, flag_text, load_spacy
 from data.tokenizer import CALL, train_tokenizer
@@ -150,7 +151,7 @@ def test_score_rejects_foreign_tokenizer(bios, tmp_path):
     tok_dir = str(tmp_path / "tok")
     tok.save_pretrained(tok_dir)
     run = make_run(str(tmp_path / "run"), Anchor(tiny_cfg(512)), tok_dir)
-    with pytest.raises(SystemExit, match="tokenizer differs"):
+    with pytest.raises(DataError, match="tokenizer differs"):
         cmd_score.main([bios["data"], "--model", run, "--name", "x", "--device", "cpu"])
 
 
@@ -302,9 +303,10 @@ class ScriptedSLM(torch.nn.Module):
 
     def forward(self, x, doc_lens=None, memory=None, kv_cache=None, start_pos=0):
         out = torch.full((*x.shape, self.config.vocab_size), -20.0)
-        for t in range(x.shape[1]):
-            for nxt, val in self.table.get(int(x[0, t]), {self.eos: 10.0}).items():
-                out[0, t, nxt] = val
+        for b in range(x.shape[0]):
+            for t in range(x.shape[1]):
+                for nxt, val in self.table.get(int(x[b, t]), {self.eos: 10.0}).items():
+                    out[b, t, nxt] = val
         return out
 
 
@@ -471,7 +473,42 @@ def test_factscore_command_end_to_end(bios, tmp_path):
     assert set(rep["results"]) == {"ref", "ref alone", "large alone"}
     assert rep["results"]["ref"]["calls_per_bio"] > 0  # tau tiny: calls happen
     assert rep["results"]["ref alone"]["call_rate"] == 0.0
-    assert os.path.getsize(os.path.join(out, "factscore.png")) > 1000
+    assert rep["curves"] == {} and rep["speed"] is None
+
+
+def test_factscore_sweep_curves_and_speed(bios, tmp_path):
+    """--taus: one batched sweep per SLM, curves with matched-rate intervals, a speed check that agrees."""
+    from train.commands import factscore as cmd_factscore
+
+    out = str(tmp_path / "sweep")
+    rc = cmd_factscore.main(["--slm", f"a={bios['runs']['ref']}", "--slm", f"b={bios['runs']['large']}",
+                             "--large", bios["runs"]["large"], "--data", bios["data"], "--per-bucket", "2",
+                             "--max-new-tokens", "5", "--taus", "0,0.002,argmax,1.01", "--match-rates", "0.5",
+                             "--area", "0,0.5", "--n-boot", "50", "--speed-check", "2", "--out", out,
+                             "--device", "cpu"])
+    assert rc == 0
+    rep = json.load(open(os.path.join(out, "factscore.json")))
+    c = rep["curves"]["a"]
+    assert c["taus"] == ["0", "0.002", "argmax", "1.01"] and c["rate"][0] == 1.0 and c["rate"][-1] == 0.0
+    m = c["matched"]["0.5"]["factscore"]
+    assert m["lo"] <= m["point"] <= m["hi"] or m["point"] != m["point"]
+    assert "a - b" in rep["diffs"] and "a tau=argmax" in rep["results"]
+    assert rep["speed"]["identical"] == 1.0 and rep["speed"]["generations"] == 8
+    assert os.path.getsize(os.path.join(out, "curves.png")) > 1000
+    rows = [json.loads(x) for x in open(os.path.join(out, "samples.jsonl"))]
+    assert len(rows) == 2 * 4 * len({r["person"] for r in rows})
+
+
+def test_factscore_flag_errors(bios, capsys):
+    from train.cli import main as memlm
+
+    with pytest.raises(SystemExit) as e:
+        memlm(["factscore", "--data", bios["data"], "--taus", "0.1,x"])
+    assert e.value.code == 2 and "--taus: must be comma-separated numbers or 'argmax'" in capsys.readouterr().err
+    assert memlm(["factscore", "--data", bios["data"]]) == 2
+    assert "give at least one --slm" in capsys.readouterr().err
+    assert memlm(["factscore", "--data", bios["data"], "--slm", "x", "--area", "0.2,0.1"]) == 2
+    assert "--area: need LO,HI with LO < HI" in capsys.readouterr().err
 
 
 # ---- the real large model ---------------------------------------------------------------------------

@@ -96,6 +96,33 @@ def test_chunked_prefill_with_cache_matches_full():
     torch.testing.assert_close(part, full, rtol=1e-5, atol=1e-5)
 
 
+def test_ragged_rows_with_cache_match_each_row_alone():
+    """Per-row start positions: rows of different lengths step together, each as if it ran alone; a
+    reordered (forked / dropped) cache row continues its own prefix."""
+    torch.manual_seed(0)
+    m = Anchor(tiny()).eval()
+    seqs = [torch.randint(0, 256, (n,)) for n in (7, 3, 10)]
+    cache = KVCache(m.config, 3, 16)
+    with torch.no_grad():
+        alone = [m(s[None])[0] for s in seqs]
+        # step 1: prefixes of lengths 4, 1, 6 (right-padded); step 2: the rest (3, 2, 4 tokens)
+        cut = [4, 1, 6]
+        pad = lambda parts: torch.stack([F.pad(p, (0, max(map(len, parts)) - len(p))) for p in parts])  # noqa: E731
+        a = m(pad([s[:c] for s, c in zip(seqs, cut)]), kv_cache=cache, start_pos=[0, 0, 0])
+        b = m(pad([s[c:] for s, c in zip(seqs, cut)]), kv_cache=cache, start_pos=cut)
+        for r, (s, c) in enumerate(zip(seqs, cut)):
+            got = torch.cat([a[r, :c], b[r, :len(s) - c]])
+            torch.testing.assert_close(got, alone[r], rtol=1e-5, atol=1e-5)
+        cache.reorder(torch.tensor([2, 2]))  # row 2 forked twice, rows 0 and 1 dropped
+        nxt = torch.tensor([[5], [9]])
+        c = m(nxt, kv_cache=cache, start_pos=[10, 10])
+        for r in range(2):
+            ref = m(torch.cat([seqs[2], nxt[r]])[None])[0, -1]
+            torch.testing.assert_close(c[r, -1], ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="per-row start_pos"):
+        m(torch.zeros(2, 1, dtype=torch.long), start_pos=[1, 2])
+
+
 def test_kv_cache_generation_equals_no_cache():
     torch.manual_seed(0)
     m = Anchor(tiny(qk_norm=True)).eval()

@@ -62,20 +62,41 @@ def test_memory_options(tmp_path, capsys):
 
 def test_lacy_dry_run_plan(tmp_path, capsys):
     out_dir = tmp_path / "l"
-    assert reproduce_lacy.main(["--quick", "--dry-run", "--out", str(out_dir), "--call-rate", "0.07"]) == 0
+    assert reproduce_lacy.main(["--quick", "--dry-run", "--out", str(out_dir), "--call-rates", "0.07,0.2"]) == 0
     out = capsys.readouterr().out
     stages = _stages(out)
-    assert stages[:6] == ["data", "ref", "large", "tag", "score", "select"]
-    assert [s for s in stages if s.startswith("slm-")] == [f"slm-{r}" for r in reproduce_lacy.RULES]
-    assert stages[-2:] == ["factscore", "report"]
-    for rule in reproduce_lacy.RULES:
-        assert f"--rule {rule} --call-rate 0.07" in out
-        assert f"data.calls=calls_{rule}" in out
-        assert f"--slm {rule}=" in out
-    assert "--slm-alone" in out and "--large-alone" in out and "--name large" in out
+    assert stages[:6] == ["bios-data", "bios-tag", "bios-cluster", "wiki-data", "wiki-tag", "wiki-facts"]
+    rules = [r for r in reproduce_lacy.RULES]
+    assert [s for s in stages if s.startswith("bios-") and s.endswith("-7")] == [f"bios-{r}-7" for r in rules]
+    assert [s for s in stages if s.endswith("-20")] == [f"bios-{r}-20" for r in rules if r != "none"]
+    assert [s for s in stages if s.startswith("wiki-") and s[5:] in rules] == [f"wiki-{r}" for r in rules]
+    assert stages[-1] == "report" and "bios-mem-lacy" in stages and "wiki-cascade" in stages
+    for rule in ("lacy", "loss", "rho", "random"):
+        for pct in ("7", "20"):
+            assert f"--rule {rule} --call-rate 0.{pct if pct == '20' else '07'}" in out.replace("0.2 ", "0.20 ")
+            assert f"data.calls=calls_{rule}_{pct}" in out and f"--slm '{rule} {pct}%=" in out
+        assert f"data.calls=calls_{rule}\n" in out  # wiki: one rate, arrays named by rule
+    assert "--taus" in out and "--large-alone" in out and "--speed-check" in out and "--name large" in out
+    assert "memory.freeze_anchor=false" in out and "data.by_leaf=true" in out
+    assert "memlm calibrate" in out and "--tag-calls" in out and "--diagnose" in out
     assert not out_dir.exists()
-    with pytest.raises(SystemExit, match="unknown rule"):
+    with pytest.raises(SystemExit, match="unknown"):
         reproduce_lacy.main(["--dry-run", "--out", str(out_dir), "--rules", "lacy,llm-judge"])
+    with pytest.raises(SystemExit, match="--call-rates"):
+        reproduce_lacy.main(["--dry-run", "--out", str(out_dir), "--call-rates", "0,0.1"])
+
+
+def test_lacy_gpu_size_prepares_on_cpu(tmp_path, capsys):
+    """--prepare-only lists only the spaCy / faiss / MiniLM stages; the GPU run leaves memory out and uses
+    the memlm large model for the wiki cascade (SmolLM2 and spaCy are not on the GPU machine)."""
+    out_dir = str(tmp_path / "g")
+    reproduce_lacy.main(["--size", "gpu", "--prepare-only", "--dry-run", "--out", out_dir])
+    stages = _stages(capsys.readouterr().out)
+    assert set(stages) <= set(reproduce_lacy.CPU_ONLY) and "wiki-facts" in stages
+    reproduce_lacy.main(["--size", "gpu", "--dry-run", "--out", out_dir])
+    out = capsys.readouterr().out
+    assert "bios-mem-lacy" not in out and "--tag-calls" not in out
+    assert f"--large {out_dir}/runs/wiki-large" in out and "model.preset=small" in out
 
 
 def test_settings_pinned(tmp_path):
@@ -89,7 +110,6 @@ def test_memory_report_from_eval_json(tmp_path):
     """The report reads per-probe results and computes paired intervals; missing parts say 'not run'."""
     import json
 
-    from train.experiments.lacy_report import factscore_table
     from train.experiments.memory_report import ci_cell, items_diff, write_memory_report
 
     def ev(f, o, g, a):
@@ -119,8 +139,49 @@ def test_memory_report_from_eval_json(tmp_path):
     assert "+0.625 [-0.100, +0.200]" in text  # the router gap row
     assert "2. Capacity-bound bios: not run" in text and "3. Wiki-leads knowledge probes: not run" in text
 
-    res = {"lacy": {"factscore": 0.5, "facts_per_bio": 2.0, "call_rate": 0.1, "leakage": 0.2, "leaked_per_bio": 0.4,
-                    "delegated_precision": 0.9, "bios": 5}}
-    sel = {"lacy": {"splits": {"train": {"rate": 0.1, "factual_share_delegated": 1.0}}}}
-    table = factscore_table(res, sel)
-    assert "| lacy | 0.100 | 1.000 | 0.500 | 2.00 | 0.100 | 0.200 |" in table
+
+def test_lacy_report_from_command_outputs(tmp_path):
+    """The report reads the commands' JSON: knowledge gap, matched-rate tables, paired verdicts, wiki, calibration."""
+    import json
+
+    import numpy as np
+
+    from train.experiments.lacy_report import write_lacy_report
+    from train.lacy.curves import compare
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for label, p_call in (("lacy 10%", 0.9), ("loss 10%", 0.6), ("none", 0.3)):
+        for person in range(30):
+            for tau, rate in ((1.01, 0.0), (0.2, 0.1), (0.05, 0.3)):
+                calls = int(rate * 20) if label != "none" else 0
+                p = 0.3 + (p_call - 0.3) * (calls / 6)
+                rows.append({"label": label, "person": person, "tau": tau, "correct": rng.binomial(5, p), "stated": 5,
+                             "calls": calls, "decisions": 20})
+    curves, diffs = compare(rows, ["lacy 10%", "loss 10%", "none"], [0.0, 0.1, 0.2], (0.0, 0.2), n_boot=100)
+    res = {"large alone": {"factscore": 0.9, "facts_per_bio": 5.0, "factscore_ci": {"point": 0.9, "lo": 0.85, "hi": 0.95}}}
+    for label in ("lacy 10%", "loss 10%", "none"):
+        res[f"{label} tau=1.01"] = {"factscore": 0.3, "facts_per_bio": 5.0,
+                                    "factscore_ci": {"point": 0.3, "lo": 0.25, "hi": 0.35}}
+    os.makedirs(tmp_path / "factscore")
+    (tmp_path / "factscore" / "factscore.json").write_text(json.dumps(
+        {"per_bucket": 6, "taus": ["1.01", "0.2", "0.05"], "match_rates": [0, 0.1, 0.2], "results": res,
+         "curves": curves, "diffs": diffs, "speed": {"slm": "lacy 10%", "generations": 12, "prompts": 4,
+                                                     "taus": ["0.2", "argmax", "1.01"], "one_prompt_per_s": 1.0,
+                                                     "one_prompt_seconds": 12.0, "batched_per_s": 6.0,
+                                                     "batched_seconds": 2.0, "speedup": 6.0, "identical": 1.0}}))
+    os.makedirs(tmp_path / "calibration-wiki")
+    cal = {"results": {"lacy": {p: {"n": 10, "auroc": {"point": 0.7, "lo": 0.6, "hi": 0.8},
+                                    "ece": {"point": 0.1, "lo": 0.05, "hi": 0.15}, "wrong_rate": 0.4,
+                                    "mean_p_call": 0.05} for p in ("factual", "non_factual")}}}
+    (tmp_path / "calibration-wiki" / "calibration.json").write_text(json.dumps(cal))
+    path, figs = write_lacy_report(str(tmp_path), ["lacy", "loss", "none"], [0.1], {"a": 1}, "quick", "cmd",
+                                   {"bios-ref": 90.0}, ["memlm x"])
+    text = open(path).read()
+    assert "| large alone | 0.900 [0.850, 0.950] | 5.00 | — |" in text
+    assert "| lacy 10% SLM alone | 0.300 [0.250, 0.350] | 5.00 | +0.600 |" in text
+    assert "lacy 10% vs loss 10% at 20% calls: better" in text  # built so that lacy gains more per call
+    assert "mean FactScore over 0%–20% calls (area)" in text
+    assert "lacy 10% − none" in text and "**6.0×**" in text and "identical outputs 100.0%" in text
+    assert "| lacy | 0.700 [0.600, 0.800] | 0.100 [0.050, 0.150] |" in text
+    assert figs and all(os.path.getsize(f) > 1000 for f in figs)

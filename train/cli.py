@@ -29,6 +29,8 @@ COMMANDS = {
     "select": ("train.commands.select", "choose <CALL> positions with a rule at a target call rate"),
     "cascade": ("train.commands.cascade", "generate with an SLM that delegates <CALL> to a larger model"),
     "factscore": ("train.commands.factscore", "FactScore of the cascade on the bios knowledge base"),
+    "wiki-cascade": ("train.commands.wiki_cascade", "cascade on wiki-leads cloze prompts: exact facts, fluency"),
+    "calibrate": ("train.commands.calibrate", "AUROC / ECE of P(<CALL>) as a predictor of the SLM's errors"),
     "bank-info": ("train.commands.bank_info", "sizes and usage of a run's memory bank"),
     "bench-kernels": ("scripts.bench_kernels", "benchmark the fused memory-FFN kernel (GPU)"),
 }

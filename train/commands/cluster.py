@@ -134,10 +134,6 @@ def keyed_router(spec: str, train_shards, all_shards, tokenizer, k: int, levels:
 
 
 def _die(data: str, problem: str):
-    raise SystemExit(f"memlm cluster: {data}: {problem}")
-
-
-def _die(data: str, problem: str):
     raise DataError(f"{data}: {problem}")
 
 

@@ -45,7 +45,7 @@ class MemlmLM(LM):
         self.device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.tok, self.cfg, self.router = load_run(run)
         self.model = self.model.to(self.device_).eval()
-        self.is_mem = hasattr(self.model, "anchor")
+        self.is_mem = self.model.has_memory
         if mode != "anchor" and not self.is_mem:
             raise ConfigError(f"memlm harness: {run} has no memory; use mode=anchor")
         if self.tok is None:

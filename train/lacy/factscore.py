@@ -1,83 +1,121 @@
-"""`memlm factscore --slm RUN --large PATH --data DATA`: FactScore of the cascade on the bios knowledge base.
+"""FactScore of cascades on the bios knowledge base: τ sweeps, curves at matched call rates, speed.
 
-For people of every frequency bucket (--per-bucket each), prompt "<Name> was born" and generate; parse
-the stated attributes against DATA/bios/kb.json (data/factscore.py) and report the precision of stated
-facts (FactScore), facts stated per bio, call rate, and fact leakage (wrong facts the SLM stated itself,
-outside delegated spans), overall and per bucket. --slm is repeatable as LABEL=RUN (e.g. one run per
-selection rule at the same call rate); --slm-alone adds each SLM without calls, --large-alone the large
-model writing everything. Writes OUT/factscore.json, OUT/samples.jsonl and OUT/factscore.png.
+- `evaluate(gen_fn, people, ...)`: one bio per person with `gen_fn(prompts) -> [[CascadeOutput] per tau]`,
+  parsed against the knowledge base (data/factscore.py); one row per (person, τ) with the counts the
+  curves need (correct, stated, calls, decisions).
+- `curves(rows, ...)`: per label, the τ sweep as points (generation call rate, FactScore, facts per bio),
+  the curve at matched call rates and its area with 95% intervals over people, and paired differences
+  between labels (train/lacy/curves.py).
+- `speed_check(cascade, prompts, taus)`: prompts/s of the one-prompt reference loop and of the batched
+  cascade on the same prompts, and whether they wrote the same texts.
 """
 from __future__ import annotations
 
 import os
 import time
 
+from train.lacy.curves import compare as curves, tau_name  # noqa: F401  (re-exported)
 
 
-def _parse_slm(spec: str) -> tuple[str, str]:
+def parse_slm(spec: str) -> tuple[str, str]:
+    """"LABEL=RUN" or "RUN" (label = the run's directory name)."""
     if "=" in spec and not os.path.exists(spec):
         label, path = spec.split("=", 1)
         return label, path
     return os.path.basename(spec.rstrip("/")), spec
 
 
-def evaluate(gen_fn, people, parser, prompt_fmt: str, label: str, forced_call_rate=None, log=print) -> list[dict]:
-    """Run gen_fn(prompt) -> CascadeOutput for each (person, bucket); one row per bio."""
+def evaluate(gen_fn, people, parser, prompt_fmt: str, label: str, taus: list, forced_call_rate=None,
+             log=print) -> list[dict]:
+    """Rows (one per person and τ) of gen_fn(prompts) -> outputs[i][j] for person i at taus[j]."""
     from data.factscore import fact_dicts
 
-    rows = []
     t0 = time.time()
-    for i, (person, bucket) in enumerate(people):
-        prompt = prompt_fmt.format(name=person["name"])
-        out = gen_fn(prompt)
-        facts = parser.facts(out.text, person, start=len(prompt), spans=out.spans)
-        rows.append({"label": label, "person": person["id"], "name": person["name"], "bucket": bucket,
-                     "text": out.marked(), "calls": out.calls, "slm_tokens": out.slm_tokens,
-                     "large_tokens": out.large_tokens, "slm_seconds": out.slm_seconds,
-                     "large_seconds": out.large_seconds, "facts": fact_dicts(facts),
-                     "forced_call_rate": forced_call_rate})
-        if (i + 1) % 10 == 0 or i + 1 == len(people):
-            log(f"  {label}: {i + 1}/{len(people)} bios ({time.time() - t0:.0f}s)")
+    prompts = [prompt_fmt.format(name=p["name"]) for p, _ in people]
+    outs = gen_fn(prompts)
+    rows = []
+    for (person, bucket), prompt, per_tau in zip(people, prompts, outs):
+        for tau, out in zip(taus, per_tau):
+            facts = parser.facts(out.text, person, start=len(prompt), spans=out.spans)
+            rows.append({"label": label, "tau": tau, "person": person["id"], "name": person["name"],
+                         "bucket": bucket, "text": out.marked(), "calls": out.calls, "slm_tokens": out.slm_tokens,
+                         "decisions": out.calls + out.slm_tokens, "large_tokens": out.large_tokens,
+                         "slm_seconds": out.slm_seconds, "large_seconds": out.large_seconds,
+                         "facts": fact_dicts(facts), "stated": len(facts), "correct": sum(f.correct for f in facts),
+                         "forced_call_rate": forced_call_rate})
+    log(f"  {label}: {len(people)} bios x {len(taus)} thresholds in {time.time() - t0:.0f}s")
     return rows
 
 
-def plot(results: dict, path: str) -> None:
+def speed_check(cascade, prompts: list[str], taus: list, max_new_tokens: int, stop: str | None = None,
+                batch_size: int = 64) -> dict:
+    """Generations/s of `Cascade.generate` (one prompt and one τ at a time) and of `generate_batch` (all
+    prompts and taus at once), same prompts, same run; `identical` = share of equal outputs."""
+    t = time.perf_counter()
+    ref = []
+    for p in prompts:
+        row = []
+        for tau in taus:
+            cascade.tau = tau
+            row.append(cascade.generate(p, max_new_tokens, stop=stop))
+        ref.append(row)
+    before = time.perf_counter() - t
+    t = time.perf_counter()
+    fast = cascade.generate_batch(prompts, max_new_tokens, stop=stop, taus=taus, batch_size=batch_size)
+    after = time.perf_counter() - t
+    pairs = [(a, b) for ra, rb in zip(ref, fast) for a, b in zip(ra, rb)]
+    same = sum(a.text == b.text and a.spans == b.spans for a, b in pairs)
+    n = len(pairs)
+    return {"prompts": len(prompts), "taus": [tau_name(t) for t in taus], "generations": n,
+            "one_prompt_seconds": before, "batched_seconds": after,
+            "one_prompt_per_s": n / before, "batched_per_s": n / after, "speedup": before / after,
+            "identical": same / n}
+
+
+def plot_curves(curve: dict, path: str, title: str = "FactScore vs generation-time call rate",
+                rates: list[float] = (), ylabel: str = "FactScore (precision of stated facts)",
+                second: tuple[str, str] = ("facts_per_bio", "facts stated per bio")) -> str:
+    """Two panels against the generation call rate, one line per label: FactScore (or `ylabel`'s metric)
+    with the matched-rate intervals as error bars, and the `second` metric (key, label)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from model.atomic import atomic_path
+
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for label, r in results.items():
-        if r["factscore"] is None:
-            continue
-        ax1.scatter(r["call_rate"], r["factscore"], s=40)
-        ax1.annotate(label, (r["call_rate"], r["factscore"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        bs = sorted(r["by_bucket"], key=int)
-        ys = [r["by_bucket"][b]["factscore"] for b in bs]
-        ax2.plot([int(b) for b in bs], [float("nan") if y is None else y for y in ys], marker="o", label=label)
-    ax1.set_xlabel("call rate (share of SLM decisions that were <CALL>)")
-    ax1.set_ylabel("FactScore (precision of stated facts)")
-    ax1.set_title("FactScore vs call rate")
-    ax1.grid(alpha=0.3)
-    ax2.set_xlabel("frequency bucket (0 = rarest)")
-    ax2.set_ylabel("FactScore")
-    ax2.set_title("FactScore by frequency bucket")
-    ax2.grid(alpha=0.3)
-    if ax2.get_legend_handles_labels()[0]:
-        ax2.legend(fontsize=7)
+    for i, (label, c) in enumerate(curve.items()):
+        col = f"C{i % 10}"
+        pts = sorted((r, f, n) for r, f, n in zip(c["rate"], c["factscore"], c.get(second[0], c["factscore"]))
+                     if f is not None and n is not None)
+        ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=col, label=label)
+        ax2.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", ms=3, color=col, label=label)
+        for r, m in c["matched"].items():
+            iv = m["factscore"]
+            if iv["point"] == iv["point"] and iv["lo"] == iv["lo"]:
+                ax1.errorbar(float(r), iv["point"], yerr=[[iv["point"] - iv["lo"]], [iv["hi"] - iv["point"]]],
+                             color=col, capsize=3, lw=1)
+    for r in rates:
+        ax1.axvline(r, color="gray", lw=0.5, ls=":")
+    ax1.set(xlabel="call rate at generation (share of SLM decisions that were <CALL>)", ylabel=ylabel, title=title)
+    ax2.set(xlabel="call rate at generation", ylabel=second[1], title=second[1])
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
+    return path
 
 
-def _table(results: dict) -> str:
+def table(results: dict) -> str:
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     lines = ["| run | FactScore | facts/bio | call rate | leakage | leaked/bio | delegated precision | bios |",
              "|---|---|---|---|---|---|---|---|"]
     for label, r in results.items():
         lines.append(f"| {label} | {fmt(r['factscore'])} | {r['facts_per_bio']:.2f} | {r['call_rate']:.3f} | "
-                     f"{fmt(r['leakage'])} | {r['leaked_per_bio']:.2f} | {fmt(r['delegated_precision'])} | {r['bios']} |")
+                     f"{fmt(r['leakage'])} | {r['leaked_per_bio']:.2f} | {fmt(r['delegated_precision'])} | "
+                     f"{r['bios']} |")
     return "\n".join(lines)

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.errors import CheckpointError, DataError
+
 
 class Scorer:
     """logits(input_ids [B,T], mem_path [B,L]|None) for a memlm run or a transformers directory."""
@@ -34,20 +36,20 @@ class Scorer:
             try:
                 tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
                 self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device).eval()
-            except Exception as e:
-                raise SystemExit(f"memlm score: {path}: cannot load the transformers model offline: {e}")
+            except Exception as e:  # noqa: BLE001 - any loading failure gets the path in the message
+                raise CheckpointError(f"{path}: cannot load the transformers model offline: {e}") from e
             self.max_len = int(getattr(self.model.config, "max_position_embeddings", 2048))
             self.kind = "hf"
         else:
-            from train.checkpoint import load_run
+            from train.lacy.large import load_memlm
 
-            self.model, tok, cfg, _ = load_run(path, device=device)
+            self.model, tok, cfg, _ = load_memlm(path, device)
             self.max_len = int(cfg.model.max_seq_len)
             self.memory = self.model.has_memory
             self.kind = "memlm"
         if tok is not None and tokenizer_hash(tok) != want:
-            raise SystemExit(f"memlm score: {path}: the model's tokenizer differs from the data's; per-token "
-                             "losses would not line up (score with a model trained on this tokenizer)")
+            raise DataError(f"{path}: the model's tokenizer differs from the data's; per-token "
+                            "losses would not line up (score with a model trained on this tokenizer)")
         self.mode = mode
 
     @torch.no_grad()
