@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data.tokenizer import encode_text
+
 ALL_MODES = ("fetched", "generic", "anchor")
 IGNORE = -100
 
