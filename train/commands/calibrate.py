@@ -40,7 +40,7 @@ def plot(results: dict, path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from model.atomic import atomic_path
+    from train.experiments.report import save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     for ax, part in zip(axes, ("factual", "non_factual")):
@@ -56,11 +56,7 @@ def plot(results: dict, path: str) -> str:
                xlim=(0, 1), ylim=(0, 1))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

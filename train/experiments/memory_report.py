@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from train.evaluation.stats import bootstrap_ci, paired_diff_ci, seed_ci
-from train.experiments.report import _save, bucket_order, machine_line, markdown_table, write_text
+from train.experiments.report import bucket_order, machine_line, markdown_table, save_figure, write_text
 import matplotlib.pyplot as plt  # noqa: E402  (after report.py chose the Agg backend)
 
 MECH_ROWS = [("fetched", "fetched (router)"), ("fetched_top2", "fetched (top-2 leaves, lowest prompt loss)"),
@@ -132,7 +132,7 @@ def plot_mech(base: dict[str, dict], out_png: str) -> str:
     ax.set_title("Mechanism check: memories hold what their leaf saw; routing decides the rest")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7, loc="upper left")
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 # ---- 2. capacity-bound bios --------------------------------------------------------------------------
@@ -153,7 +153,7 @@ def plot_lines(xs, series: dict[str, list[dict]], xlabel: str, ylabel: str, titl
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def plot_buckets(curves: dict[str, dict], out_png: str, title: str) -> str:
@@ -174,7 +174,7 @@ def plot_buckets(curves: dict[str, dict], out_png: str, title: str) -> str:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def cap_section(out: str, size: dict) -> tuple[list[str], list[str]]:

@@ -16,9 +16,13 @@ MODES = ("fetched", "generic", "anchor")
 MODE_COLORS = {"fetched": "tab:blue", "generic": "tab:orange", "anchor": "tab:gray"}
 
 
-def _save(fig, out_png: str) -> str:
+def save_figure(fig, out_png: str) -> str:
+    """Lay out, write `fig` as PNG atomically (a killed run leaves no half image), close it; returns the path."""
+    from model.atomic import atomic_path
+
     fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return out_png
 
@@ -49,7 +53,7 @@ def plot_run_curves(runs: dict[str, str], out_png: str) -> str:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("loss (nats/token)")
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def plot_loss_curves(runs: dict[str, str], out_png: str, title: str = "Training and validation loss",
@@ -72,7 +76,7 @@ def plot_loss_curves(runs: dict[str, str], out_png: str, title: str = "Training 
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def bucket_order(names) -> list[str]:
@@ -119,7 +123,7 @@ def plot_memory_eval(ev: dict, out_png: str, title: str = "Memory: fetched vs ge
         ax2.set_title("bios probes by frequency bucket (0 = rarest)")
         ax2.legend(fontsize=8)
     fig.suptitle(title)
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def eval_table(ev: dict) -> str:
@@ -215,10 +219,9 @@ def write_demo_report(out: str, runs: str, info: dict, commands: list[str], size
 # ---- reproductions (scripts/reproduce_memory.py, scripts/reproduce_lacy.py) ----------------------------
 
 def write_text(path: str, text: str) -> str:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from model.atomic import atomic_write
+
+    atomic_write(path, text)
     return path
 
 

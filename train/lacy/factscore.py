@@ -82,7 +82,7 @@ def plot_curves(curve: dict, path: str, title: str = "FactScore vs generation-ti
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from model.atomic import atomic_path
+    from train.experiments.report import save_figure
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, (label, c) in enumerate(curve.items()):
@@ -103,11 +103,7 @@ def plot_curves(curve: dict, path: str, title: str = "FactScore vs generation-ti
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     ax1.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def table(results: dict) -> str:
