@@ -73,10 +73,9 @@ def _write_router(out: str) -> None:
 
 
 def write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from model.atomic import atomic_write
+
+    atomic_write(path, text)
 
 
 # ---- recipes ----------------------------------------------------------------------------------------
@@ -85,11 +84,11 @@ BASE = {"model.preset": "tiny", "seed": 1337, "data.seq_len": 64, "data.batch_si
         "optim.accumulate": 1, "trainer.precision": "32-true", "trainer.deterministic": "true",
         "trainer.log_every": 1, "trainer.val_every": 0, "logging.logger": "none", "checkpoint.every": 0,
         "checkpoint.keep_last_k": 1}
-# generic_prob=0: the generic-block draws use the global torch RNG, and so does train/flops.measure_cpu_peak
-# (torch.randn), which the progress monitor re-runs at a load-dependent step when MFU > 1: with draws, two runs
-# of one command diverge after that step. Without draws the curves are bit-identical.
+# generic_prob keeps its default (1/(k+1)): the generic-block draws are part of what the curves pin down
+# (they come from the seeded global RNG, which nothing load-dependent touches: flops.measure_cpu_peak uses
+# its own generator).
 MEMORY = {"memory.k": K, "memory.widths": "[16,8]", "memory.layers": "last:2", "memory.lr": 1e-3,
-          "memory.min_lr": 1e-4, "memory.weight_decay": 1e-3, "memory.generic_prob": 0.0}
+          "memory.min_lr": 1e-4, "memory.weight_decay": 1e-3}
 
 
 @dataclass
@@ -110,11 +109,11 @@ RECIPES = {r.name: r for r in [
     Recipe("anchor", "tiny anchor pretraining from scratch; validation every 10 steps",
            {"trainer.max_steps": 30, "trainer.val_every": 10, "trainer.val_batches": 2}),
     Recipe("memory-resident", "memory phase 2: init_from the anchor run, anchor frozen, resident bank (dense "
-           "AdamW), every row fetches its path (generic_prob 0); validation every 10 steps",
+           "AdamW), rows take the generic block with the default probability; validation every 10 steps",
            {"trainer.max_steps": 20, "trainer.val_every": 10, "trainer.val_batches": 2, "init_from": "{runs}/anchor",
             "memory.freeze_anchor": "true", "memory.storage": "resident", **MEMORY}, needs="anchor"),
     Recipe("memory-host", "anchor + memories from scratch (co-training), host-offloaded bank + sparse "
-           "AdamW (generic_prob 0), gradient accumulation 2",
+           "AdamW, generic-block draws, gradient accumulation 2",
            {"trainer.max_steps": 20, "optim.accumulate": 2, "memory.storage": "host", "memory.freeze_anchor": "false",
             **MEMORY}),
     Recipe("calls", "<CALL> training: targets replaced by <CALL> where the calls_golden array is set",
