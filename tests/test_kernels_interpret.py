@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import kernels
-from kernels.memory_ffn import triton_kernels as tk
+from kernels.memory_ffn import triton_launch as tk
 from kernels.memory_ffn.testing import NAMES, make_inputs, reference_fp64, rel_err
 
 pytestmark = pytest.mark.interpret

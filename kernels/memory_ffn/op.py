@@ -100,9 +100,9 @@ def memory_ffn_op(
     x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, m1: Tensor, m2: Tensor, m3: Tensor, block_of_row: Tensor
 ) -> Tensor:
     if _triton_runs_here(x):
-        from . import triton_kernels  # lazy: only the Triton path imports triton
+        from . import triton_launch  # lazy: only the Triton path imports triton
 
-        return triton_kernels.forward(x, w1, w2, w3, m1, m2, m3, block_of_row)
+        return triton_launch.forward(x, w1, w2, w3, m1, m2, m3, block_of_row)
     with torch.no_grad():
         return memory_ffn_reference(x, w1, w2, w3, m1, m2, m3, block_of_row).contiguous()
 
@@ -119,9 +119,9 @@ def memory_ffn_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dx, dw1, dw2, dw3, dm1, dm2, dm3); empty [0] tensors for the ones not needed."""
     if _triton_runs_here(x):
-        from . import triton_kernels
+        from . import triton_launch
 
-        grads = triton_kernels.backward(dy, x, w1, w2, w3, m1, m2, m3, block_of_row, need_dx, need_dw, need_dm)
+        grads = triton_launch.backward(dy, x, w1, w2, w3, m1, m2, m3, block_of_row, need_dx, need_dw, need_dm)
     else:
         grads = memory_ffn_reference_backward(dy, x, w1, w2, w3, m1, m2, m3, block_of_row)
     needed = (need_dx, need_dw, need_dw, need_dw, need_dm, need_dm, need_dm)
