@@ -4,7 +4,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from memory.router import Router, balanced_assign, capacity
+from memory.router import Router, _gemm, _gemm_chunks, balanced_assign, capacity
 
 
 def skewed_data(n=4000, dim=16, seed=0):
@@ -109,3 +109,30 @@ def test_batched_assign_matches_reference_descent(workers):
     np.testing.assert_array_equal(r.assign(q[:7], batch_size=3, workers=workers), ref[:7])
     dup = Router([np.repeat(r.centroids[0][:1], 4, 0), np.repeat(r.centroids[1][:1], 16, 0)], k=4)
     assert (dup.assign(q[:100], workers=workers) == 0).all()  # all children equal: child 0 everywhere
+
+
+def test_scores_do_not_depend_on_the_batch():
+    """numpy sends a single row to GEMV, whose float32 sums differ from GEMM's in the last bits; _gemm and
+    _gemm_chunks give every row the bits it gets inside one big GEMM, so a point routed alone gets the
+    path it gets in any batch (near-ties would otherwise flip)."""
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((300, 384), dtype=np.float32)
+    b = np.ascontiguousarray(rng.standard_normal((16, 384), dtype=np.float32).T)
+    full = a @ b
+    np.testing.assert_array_equal(np.concatenate([_gemm(a[i:i + 1], b) for i in range(len(a))]), full)
+    for m in (1, 2, 129, 257, 300):  # 129, 257: a single row left after 128-row chunks
+        out = np.full((m, 16), np.nan, np.float32)
+        _gemm_chunks(a[:m], b, out)
+        np.testing.assert_array_equal(out, full[:m])
+
+
+def test_paths_do_not_depend_on_the_batch():
+    x = skewed_data(n=3000, dim=24, seed=4)
+    r = Router.fit(x, k=4, levels=3, seed=1)
+    ref = r.assign_reference(x)
+    np.testing.assert_array_equal(np.concatenate([r.assign_reference(x[i:i + 1]) for i in range(50)]), ref[:50])
+    np.testing.assert_array_equal(np.concatenate([r.assign(x[i:i + 1]) for i in range(50)]), ref[:50])
+    for bs in (1, 2, 129, 257):
+        np.testing.assert_array_equal(r.assign(x, batch_size=bs, workers=2), ref)
+    one = Router(r.centroids[:1], k=4)  # a single level
+    np.testing.assert_array_equal(one.assign(x), ref[:, :1])
