@@ -121,9 +121,10 @@ def fit_node(x: np.ndarray, k: int, parent: np.ndarray, seed: int, niter: int, m
 
 
 def _gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """a [m, d] @ b [d, k] float32 through BLAS GEMM, also for m == 1. OpenBLAS's GEMM sums each product
-    in dimension order with one FMA chain, whatever m and the row's position, but numpy sends a single
-    row to GEMV, whose sums differ in the last bits: a point's path would then depend on its batch."""
+    """a [m, d] @ b [d, k] float32 through BLAS GEMM, also for m == 1. For rows @ [d, k] OpenBLAS's GEMM
+    sums each product in dimension order in one FMA chain, whatever m and the row's position (tested
+    bitwise), but numpy sends a single row to GEMV, whose sums differ in the last bits: a point's path
+    would then depend on its batch."""
     if a.shape[0] != 1:
         return np.matmul(a, b, out=out)
     res = np.matmul(np.repeat(a, 2, axis=0), b)[:1]
