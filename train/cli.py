@@ -14,6 +14,10 @@ import os
 import sys
 from typing import Callable
 
+from train.own_packages import claim
+
+claim()  # first: a ./data folder or a PyPI `data` must not shadow memlm's packages
+
 # name -> (module, one-line help). Modules are imported lazily so `memlm --help` stays fast.
 COMMANDS = {
     "demo": ("train.commands.demo", "end-to-end demo on built-in data (the README's main job)"),

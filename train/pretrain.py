@@ -16,6 +16,10 @@ import os
 import sys
 import time
 
+from train.own_packages import claim
+
+claim()  # first: a ./data folder or a PyPI `data` must not shadow memlm's packages
+
 # Bit-exact CPU runs: MKL must not change its thread count with the machine's load (it may otherwise).
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
