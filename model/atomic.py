@@ -15,6 +15,10 @@ complete one was expected, and no command may delete what it did not create. So:
   directory, its parents, the home directory and `/` are never a target. `remove_dir` likewise deletes
   only a marked directory of the given kind: it renames it away first, so a kill halfway through leaves
   no directory under the old name.
+- Work directories that a multi-stage job (the demo, a reproduction) fills in place: `claim_work_dir` marks
+  a new or empty directory as the job's, with the list of entries the job created in it (`add_entries`);
+  `clear_work_dir` (the job's --fresh) deletes exactly those entries, and nothing of a directory without
+  that marker.
 - Append-only logs (metrics.jsonl): `read_jsonl` drops a torn last line (a kill mid-write);
   `JsonlAppender` repairs such a tail before it appends, so new rows never glue onto a torn one.
 
@@ -145,10 +149,17 @@ def _protected(path: str) -> str | None:
     return None
 
 
-def check_output_dir(path: str, kind: str, replace: bool = False, flag: str = "--force") -> bool:
+def _inside(path: str, parent: str) -> bool:
+    real, top = os.path.realpath(path), os.path.realpath(parent)
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+
+
+def check_output_dir(path: str, kind: str, replace: bool = False, flag: str = "--force",
+                     sources: Iterable[str] = ()) -> bool:
     """Whether writing directory `path` (of `kind`) replaces an existing one; raises OutputExistsError when
-    memlm may not: a file is there, a protected directory, a directory memlm did not write as `kind`, or
-    memlm's own output without `replace`. An empty directory may always be used."""
+    memlm may not: a file is there, a protected directory, one of the job's `sources` (what it reads, e.g.
+    the run being exported) or a parent of one, a directory memlm did not write as `kind`, or memlm's own
+    output without `replace`. An empty directory may always be used."""
     if not os.path.lexists(path):
         return False
     if not os.path.isdir(path) or os.path.islink(path):
@@ -156,11 +167,15 @@ def check_output_dir(path: str, kind: str, replace: bool = False, flag: str = "-
     why = _protected(path)
     if why:
         raise OutputExistsError(f"{path}: {why}; choose a new output directory")
+    for source in sources:
+        if _inside(source, path):
+            raise OutputExistsError(f"{path}: holds {source}, which this command reads; choose a new output "
+                                    "directory")
     if not os.listdir(path):
         return True
     marker = read_marker(path)
     if marker is None or marker.get("kind") != kind:
-        what = f"a memlm {marker.get('kind')!r} directory" if marker else "files memlm did not write"
+        what = f"a memlm {marker.get('kind')!r} directory" if marker else f"files memlm did not write as {kind} output"
         raise OutputExistsError(f"{path}: exists and holds {what}; memlm only replaces its own {kind} output: "
                                 "choose a new output directory")
     if not replace:
@@ -183,11 +198,12 @@ def publish_dir(tmp: str, path: str) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: str, kind: str, *, replace: bool = False, flag: str = "--force",
-               meta: dict | None = None) -> Iterator[str]:
+               meta: dict | None = None, sources: Iterable[str] = ()) -> Iterator[str]:
     """Yield a temporary directory to fill; on success write the marker (kind, file sizes, `meta`) and
     move it to `path`. On error the temporary directory is removed and `path` is untouched. See
-    `check_output_dir` for when an existing `path` may be replaced (`replace` = the user's `flag`)."""
-    check_output_dir(path, kind, replace, flag)
+    `check_output_dir` for when an existing `path` may be replaced (`replace` = the user's `flag`) and
+    for `sources`."""
+    check_output_dir(path, kind, replace, flag, sources)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = _sibling(path, "tmp")
     os.makedirs(tmp)
@@ -211,6 +227,85 @@ def remove_dir(path: str, kind: str) -> None:
     trash = _sibling(path, "del")
     os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def claim_work_dir(path: str, kind: str, flag: str = "--fresh") -> None:
+    """Make `path` the work directory of a job of `kind` that fills it in place over many steps (the demo,
+    a reproduction): a new or empty directory is created / adopted and marked, one this kind of job marked
+    is reused. Anything else is refused with OutputExistsError naming `path`: a file, a protected
+    directory, another kind's directory, or a directory holding files memlm did not put there (`flag` only
+    clears a directory the job marked, so it does not help there)."""
+    if os.path.lexists(path):
+        if not os.path.isdir(path) or os.path.islink(path):
+            raise OutputExistsError(f"{path}: exists and is not a directory; choose another --out")
+        why = _protected(path)
+        if why:
+            raise OutputExistsError(f"{path}: {why}; choose a new --out directory")
+        marker = read_marker(path)
+        if marker is not None and marker.get("kind") == kind:
+            return
+        if marker is not None or os.listdir(path):
+            what = f"a memlm {marker.get('kind')!r} directory" if marker else "files memlm did not put there"
+            raise OutputExistsError(f"{path}: exists and holds {what}; {kind} writes only into a new or empty "
+                                    f"directory or its own (even with {flag}): choose another --out")
+    os.makedirs(path, exist_ok=True)
+    atomic_write_json(os.path.join(path, MARKER), {
+        "kind": kind, "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "work_dir": True, "entries": [], "files": {}})
+
+
+def add_entries(path: str, names: Iterable[str]) -> None:
+    """Record top-level entries of work directory `path` that the job created (`clear_work_dir` deletes
+    exactly the recorded ones)."""
+    marker = read_marker(path)
+    if marker is None:
+        raise OutputExistsError(f"{path}: not a memlm work directory (no {MARKER})")
+    new = {n for n in names if n != MARKER and not _LEFTOVER.match(n)}
+    if not new <= set(marker.get("entries", [])):
+        marker["entries"] = sorted(set(marker.get("entries", [])) | new)
+        atomic_write_json(os.path.join(path, MARKER), marker)
+
+
+def _trash(path: str) -> None:
+    """Rename away, then delete: a kill halfway leaves a leftover, never a half-deleted `path`."""
+    trash = _sibling(path, "del")
+    os.rename(path, trash)
+    if os.path.isdir(trash) and not os.path.islink(trash):
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.remove(trash)
+
+
+def clear_work_dir(path: str, kind: str, flag: str = "--fresh") -> list[str]:
+    """Delete what a job of `kind` created in its work directory `path` (the entries its marker records);
+    everything else stays. Returns the names kept. OutputExistsError (nothing deleted) when `path` does not
+    carry that job's marker."""
+    why = _protected(path)
+    marker = read_marker(path)
+    if why or marker is None or marker.get("kind") != kind or not marker.get("work_dir"):
+        what = why or (f"it is a memlm {marker.get('kind')!r} directory" if marker else "memlm did not create it")
+        raise OutputExistsError(f"{path}: {flag} deletes only a directory {kind} created, and {what}; "
+                                "nothing deleted: choose another --out")
+    for name in marker.get("entries", []):
+        if os.path.lexists(os.path.join(path, name)):
+            _trash(os.path.join(path, name))
+    marker["entries"] = []
+    atomic_write_json(os.path.join(path, MARKER), marker)
+    remove_leftovers(path)
+    return sorted(n for n in os.listdir(path) if n != MARKER)
+
+
+def remove_work_entry(root: str, kind: str, path: str) -> None:
+    """Delete `path` inside work directory `root` of a job of `kind` (e.g. the demo redoing a stage), only
+    if it lies under an entry the job created; OutputExistsError otherwise."""
+    marker = read_marker(root)
+    rel = os.path.relpath(os.path.realpath(path), os.path.realpath(root))
+    top = rel.split(os.sep)[0]
+    if marker is None or marker.get("kind") != kind or rel in (".", os.curdir) or top == os.pardir \
+            or top not in marker.get("entries", []):
+        raise OutputExistsError(f"{path}: not created by {kind} in {root}; not deleting it")
+    if os.path.lexists(path):
+        _trash(path)
 
 
 def remove_leftovers(parent: str) -> list[str]:

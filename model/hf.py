@@ -18,9 +18,12 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_dir, check_output_dir
 from .config import ModelConfig
 from .model import Anchor
 
+
+HF_KIND = "hf-export"  # the kind in the marker of an exported directory (model/atomic.py)
 
 # ours -> HF Llama parameter names ("{i}" = layer index)
 _LAYER_MAP = {
@@ -112,14 +115,20 @@ def llama_config(cfg: ModelConfig, tokenizer=None, extra_units: int = 0):
     )
 
 
-def export_llama(anchor: Anchor, tokenizer=None, out_dir=None, extra=None, *, extra_ffn=None):
+def export_llama(anchor: Anchor, tokenizer=None, out_dir=None, extra=None, *, extra_ffn=None,
+                 replace: bool = False, sources=()):
     """Write `out_dir` (config.json, model.safetensors, generation_config.json, tokenizer files if given)
     loadable by `AutoModelForCausalLM.from_pretrained(out_dir)` as LlamaForCausalLM.
 
     Both `export_llama(anchor, tokenizer, out_dir)` and `export_llama(anchor, out_dir, tokenizer=tok)` work.
     `extra` (alias `extra_ffn`): per-layer None | (m1 [R,d], m2 [R,d], m3 [d,R]), e.g. one fetched memory
     block, concatenated to the FFN as extra units (intermediate_size = ffn_hidden + max R; layers with
-    less or no memory are padded with zero units, which add exactly nothing). Written atomically.
+    less or no memory are padded with zero units, which add exactly nothing).
+
+    Written as a memlm `hf-export` directory (model.atomic.atomic_dir: a temporary sibling renamed into
+    place, marker last). An existing `out_dir` is replaced only with `replace=True` (the user's --force) and
+    only if it is an earlier export; `sources` (e.g. the run exported) may not be `out_dir` or inside it.
+    Raises OutputExistsError (before any work), ValueError if the anchor is not expressible as Llama.
     Returns the output Path."""
     if isinstance(tokenizer, (str, os.PathLike)) and not isinstance(out_dir, (str, os.PathLike)):
         tokenizer, out_dir = out_dir, tokenizer  # called as export_llama(anchor, out_dir, tokenizer)
@@ -128,6 +137,7 @@ def export_llama(anchor: Anchor, tokenizer=None, out_dir=None, extra=None, *, ex
     extra = extra if extra is not None else extra_ffn
     cfg = anchor.config
     check_llama_compatible(cfg)
+    check_output_dir(str(out_dir), HF_KIND, replace, sources=sources)  # refuse before the work
     units, r_max = _extra_units(extra, cfg)
 
     from transformers import LlamaForCausalLM
@@ -154,19 +164,11 @@ def export_llama(anchor: Anchor, tokenizer=None, out_dir=None, extra=None, *, ex
     if missing or unexpected:
         raise RuntimeError(f"export_llama: weight mapping mismatch: missing {missing}, unexpected {unexpected}")
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
-    try:
+    with atomic_dir(str(out_dir), HF_KIND, replace=replace, sources=sources) as tmp:
         hf.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
 
 
 def config_from_llama(hf_cfg, source: str = "") -> ModelConfig:

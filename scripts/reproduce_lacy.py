@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the corpus, training, selection and samples")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--dry-run", action="store_true", help="print the stages and their commands; run nothing")
-    p.add_argument("--fresh", action="store_true", help="delete the output directory first")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over: delete what an earlier run of this script created in the output directory")
     return p
 
 
@@ -355,4 +356,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from train.cli import run_command
+
+    sys.exit(run_command("reproduce_lacy", main))

@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only the stages that need CPU-side packages (prepare, cluster: faiss + MiniLM, "
                         "wiki-probes: spaCy), e.g. before carrying the output directory to a GPU machine "
                         "(delete the DATA/*/*.window_minilm*.npy embedding caches first: only the paths are needed)")
-    p.add_argument("--fresh", action="store_true", help="delete the output directory first")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over: delete what an earlier run of this script created in the output directory")
     return p
 
 
@@ -332,4 +333,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from train.cli import run_command
+
+    sys.exit(run_command("reproduce_memory", main))

@@ -43,9 +43,13 @@ def _demo(tmp_path, *argv):
 
 def test_redo_starts_the_redone_stages_over(tmp_path):
     """Without this a redone training stage would resume from its old final checkpoint and train nothing."""
+    from model.atomic import add_entries
+
+    demo = _demo(tmp_path, "--redo", "slm")
+    demo.stages.start(demo_lib.KIND)
     for name in ("anchor", "slm"):
         os.makedirs(tmp_path / "runs" / name / "checkpoints")
-    demo = _demo(tmp_path, "--redo", "slm")
+    add_entries(str(tmp_path), ["runs"])  # as the anchor stage records it
     demo.pretrain("anchor", 10)
     demo.pretrain("slm", 10)
     assert (tmp_path / "runs" / "anchor" / "checkpoints").is_dir()  # before the redone stage: kept

@@ -285,6 +285,7 @@ def test_export_hf_path_matches_fetched_logits(runs, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from train.checkpoint import load_run
+    from model.errors import ConfigError
     from train.commands.export_hf import main as export_main
 
     out = str(tmp_path / "hf")
@@ -300,9 +301,9 @@ def test_export_hf_path_matches_fetched_logits(runs, tmp_path):
     assert (ours - anchor_only).abs().max() > 1e-4  # the block is not a no-op
     rel = (theirs - ours).abs().max() / ours.abs().max()
     assert rel < 1e-5, rel
-    with pytest.raises(SystemExit, match=r"--path.*2 levels with k=2"):
+    with pytest.raises(ConfigError, match=r"--path.*2 levels with k=2"):
         export_main([runs["memory"], "--path", "1,2"])
-    with pytest.raises(SystemExit, match="give --path"):
+    with pytest.raises(ConfigError, match="give --path"):
         export_main([runs["memory"]])
 
 

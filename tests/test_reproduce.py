@@ -7,6 +7,7 @@ from dataclasses import asdict as dataclasses_asdict
 
 import pytest
 
+from model.errors import ConfigError
 from scripts import reproduce_lacy, reproduce_memory
 from train.experiments.stages import StageRunner
 
@@ -102,7 +103,7 @@ def test_lacy_gpu_size_prepares_on_cpu(tmp_path, capsys):
 def test_settings_pinned(tmp_path):
     StageRunner(str(tmp_path)).pin({"size": {"steps": 10}})
     StageRunner(str(tmp_path)).pin({"size": {"steps": 10}})  # same settings: resumable
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(ConfigError, match="other settings"):
         StageRunner(str(tmp_path)).pin({"size": {"steps": 20}})
 
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 
+from model.atomic import remove_work_entry
 from train.experiments.stages import StageRunner, recipe
+
+KIND = "demo"  # the kind in the demo directory's marker: --fresh deletes only what a demo created
 
 STAGES = ["data", "cluster", "anchor", "memory", "eval", "lacy", "slm", "cascade", "report"]
 
@@ -86,7 +88,7 @@ class Demo:
         """Train run `name` (named after its stage); a redone stage starts over instead of resuming."""
         s = self.size
         if name in self.redo and os.path.isdir(os.path.join(self.runs, name)):
-            shutil.rmtree(os.path.join(self.runs, name))
+            remove_work_entry(self.out, KIND, os.path.join(self.runs, name))
         self.memlm("pretrain", "--config", recipe("tiny-cpu.yaml"),
                    f"name={name}", f"runs_dir={self.runs}", f"seed={self.args.seed}",
                    f"model.preset={s.model_preset}", f"data.path={self.data}", f"data.seq_len={s.seq_len}",
@@ -101,7 +103,7 @@ class Demo:
     def stage_data(self):
         s = self.size
         if "data" in self.redo and os.path.isdir(self.data):
-            shutil.rmtree(self.data)
+            remove_work_entry(self.out, KIND, self.data)
         # One data dir mixing the synthetic biographies (exact knowledge base and probes) with the
         # Wikipedia leads; the BPE tokenizer is trained on both.
         self.memlm("prepare", "--corpus", "bios:1,wiki-leads:1", "--out", self.data,
@@ -180,9 +182,7 @@ class Demo:
 
     # ---- driver ---------------------------------------------------------------------------------
     def run(self):
-        if self.args.fresh and os.path.isdir(self.out):
-            shutil.rmtree(self.out)
-        os.makedirs(self.out, exist_ok=True)
+        self.stages.start(KIND, fresh=self.args.fresh)
         redo_from = STAGES.index(self.args.redo) if self.args.redo else len(STAGES)
         self.stages.run_plan([(stage, getattr(self, f"stage_{stage}")) for stage in STAGES],
                              redo_from=redo_from, until=self.args.until)

@@ -4,6 +4,10 @@ A finished stage leaves `<out>/stages/<stage>.json` (what it returned, its time,
 re-running the job reuses finished stages; a stage that crashed left no marker and runs again (the
 commands themselves resume from their own checkpoints and finished shards).
 
+The job's directory is memlm's work directory of the job's kind (model.atomic.claim_work_dir): created
+new (or an empty one adopted) with memlm's marker, which lists the entries each stage created; `--fresh`
+deletes exactly those, never a directory the job did not make or files a user put into it.
+
 With `dry_run=True` nothing runs and nothing is written: every stage that is not done yet prints the
 `memlm` command lines it would run (a job's `--dry-run` flag), so stage functions must only issue
 commands, and read the files those commands write in later stages (the report).
@@ -12,9 +16,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from typing import Callable
+
+from model.atomic import add_entries, atomic_write_json, claim_work_dir, clear_work_dir
+from model.errors import ConfigError, MemlmError
 
 
 class StageRunner:
@@ -24,6 +30,30 @@ class StageRunner:
         self.stage_dir = os.path.join(self.out, "stages")
         self.commands: list[str] = []
         self.t0 = time.time()
+        self.kind: str | None = None  # set by start(): the job owns self.out from then on
+
+    def start(self, kind: str, fresh: bool = False) -> list[str]:
+        """Claim the job's directory for a job of `kind`: new, empty, or one such a job made; `fresh` first
+        deletes what an earlier run of the job created there. Returns the names --fresh kept (files the job
+        did not create). Raises OutputExistsError naming the directory otherwise. A dry run only reads."""
+        if self.dry_run:
+            return []
+        kept = []
+        if fresh and os.path.isdir(self.out) and os.listdir(self.out):
+            kept = clear_work_dir(self.out, kind)
+            if kept:
+                print(f"{short_path(self.out)}: --fresh kept {kept} (not created by {kind})", flush=True)
+        claim_work_dir(self.out, kind)
+        self.kind = kind
+        return kept
+
+    def _record(self, before: set[str]) -> None:
+        """Remember the top-level entries that appeared in the job's directory since `before`."""
+        if self.kind is not None and os.path.isdir(self.out):
+            add_entries(self.out, set(os.listdir(self.out)) - before)
+
+    def _listing(self) -> set[str]:
+        return set(os.listdir(self.out)) if os.path.isdir(self.out) else set()
 
     def _marker(self, stage: str) -> str:
         return os.path.join(self.stage_dir, f"{stage}.json")
@@ -49,15 +79,14 @@ class StageRunner:
                 old = json.load(f)
             if old != settings:
                 diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-                raise SystemExit(f"{path}: this directory was made with other settings (differ: {diff}); "
-                                 "use another --out, or --fresh to start over")
+                raise ConfigError(f"{path}: this directory was made with other settings (differ: {diff}); "
+                                  "use another --out, or --fresh to start over")
             return
         if self.dry_run:
             return
-        os.makedirs(self.out, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(settings, f, indent=1)
-        os.replace(path + ".tmp", path)
+        before = self._listing()
+        atomic_write_json(path, settings)
+        self._record(before)
 
     def memlm(self, *argv) -> None:
         """Run one `memlm` subcommand in this process, echoing (and remembering) its command line."""
@@ -71,7 +100,8 @@ class StageRunner:
             return
         rc = memlm_main(argv)
         if rc:
-            raise SystemExit(f"`{line}` failed with exit code {rc}")
+            raise MemlmError(f"`{line}` failed with exit code {rc} (its error is above); fix it and run again: "
+                             "finished stages are reused")
 
     def run(self, stage: str, fn: Callable[[], dict | None], label: str = "", force: bool = False) -> dict:
         """Run `fn` unless the stage is already done; returns the stage's recorded info."""
@@ -85,14 +115,14 @@ class StageRunner:
         if self.dry_run:
             fn()
             return {"_commands": self.commands[n_cmds:], "_dry_run": True}
-        info = fn() or {}
-        info["_seconds"] = round(time.time() - start, 1)
-        info["_commands"] = self.commands[n_cmds:]
-        os.makedirs(self.stage_dir, exist_ok=True)
-        tmp = self._marker(stage) + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(info, f, indent=1)
-        os.replace(tmp, self._marker(stage))
+        before = self._listing()
+        try:
+            info = fn() or {}
+            info["_seconds"] = round(time.time() - start, 1)
+            info["_commands"] = self.commands[n_cmds:]
+            atomic_write_json(self._marker(stage), info)
+        finally:  # also after a failed stage: --fresh must find what it began
+            self._record(before)
         return info
 
     def run_plan(self, plan: list, redo_from: int | None = None, until: str | None = None) -> None:
@@ -110,8 +140,7 @@ class StageRunner:
 
     def run_job(self, prog: str, plan: list, settings: dict, summary: str, fresh: bool = False) -> None:
         """A whole reproduction script: --fresh, pin its settings, run every stage, say where the report is."""
-        if fresh and os.path.isdir(self.out) and not self.dry_run:
-            shutil.rmtree(self.out)
+        self.start(prog, fresh)
         self.pin(settings)
         print(f"{prog}: {summary}, {len(plan)} stages -> {short_path(self.out)}"
               + (" (dry run)" if self.dry_run else ""), flush=True)
