@@ -1,0 +1,237 @@
+"""Commands that write a directory never delete what memlm did not create: `memlm export-hf --out`,
+`memlm demo --fresh/--redo`, the reproduction scripts' `--fresh`. Every refusal is one line naming the
+directory (exit code 2, no traceback), and every file that existed before is byte-identical after."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fixtures_data import bios_data  # noqa: F401  (pytest fixture)
+from model.atomic import MARKER, read_marker
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE = os.path.join(ROOT, "train", "recipes", "tiny-cpu.yaml")
+
+
+def _hashes(root) -> dict[str, str]:
+    """sha256 of every file under `root` (relative path -> digest)."""
+    out = {}
+    for base, dirs, names in os.walk(root):
+        dirs.sort()
+        for name in names:
+            full = os.path.join(base, name)
+            with open(full, "rb") as f:
+                out[os.path.relpath(full, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def _memlm(argv, capsys) -> tuple[int, str]:
+    from train.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return rc, captured.err
+
+
+def _one_line(err: str, *names: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(bios_data, tmp_path_factory):
+    """A 2-step tiny run in <tmp>/runs/tiny (one checkpoint)."""
+    from train.pretrain import main
+
+    top = tmp_path_factory.mktemp("export")
+    kv = {"data.path": bios_data, "runs_dir": str(top / "runs"), "name": "tiny", "trainer.max_steps": 2,
+          "data.seq_len": 32, "data.batch_size": 2, "optim.warmup_steps": 1, "trainer.log_every": 1,
+          "trainer.val_every": 100, "checkpoint.every": 100, "logging.logger": "none"}
+    assert main(["--config", RECIPE] + [f"{k}={v}" for k, v in kv.items()]) == 0
+    return top, str(top / "runs" / "tiny")
+
+
+def _user_dir(path) -> None:
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "thesis.tex"), "w") as f:
+        f.write("\\section{mine}\n")
+    os.makedirs(os.path.join(path, "figs"), exist_ok=True)
+    with open(os.path.join(path, "figs", "a.png"), "wb") as f:
+        f.write(bytes(range(256)))
+
+
+# ---- export-hf ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("target", ["user_dir", "run", "runs_parent", "cwd", "empty_cwd", "empty_home",
+                                    "checkpoint", "file"])
+def test_export_refuses_targets_memlm_did_not_create(tiny_run, target, capsys, monkeypatch):
+    top, run = tiny_run
+    user, empty = top / "user", top / "empty"
+    _user_dir(user)
+    empty.mkdir(exist_ok=True)
+    monkeypatch.chdir(empty if target == "empty_cwd" else user)
+    monkeypatch.setenv("HOME", str(empty))  # an empty directory is a valid target, but never the home dir
+    out = {"user_dir": str(user), "run": run, "runs_parent": os.path.dirname(run), "cwd": ".", "empty_cwd": ".",
+           "empty_home": str(empty), "checkpoint": os.path.join(run, "checkpoints", "step-0000002"),
+           "file": str(user / "thesis.tex")}[target]
+    before = _hashes(top)
+    for force in ([], ["--force"]):
+        rc, err = _memlm(["export-hf", run, "--out", out, *force], capsys)
+        assert rc == 2
+        _one_line(err, "memlm export-hf:", out)
+        assert _hashes(top) == before
+    assert not [n for n in os.listdir(os.path.dirname(os.path.abspath(out))) if ".tmp-" in n]
+
+
+def test_export_new_dir_then_force_replaces_only_own(tiny_run, capsys, monkeypatch, tmp_path):
+    top, run = tiny_run
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "hf"
+    rc, err = _memlm(["export-hf", run, "--out", out], capsys)
+    assert rc == 0, err
+    assert read_marker(str(out))["kind"] == "hf-export"
+    assert {"config.json", "model.safetensors", MARKER} <= set(os.listdir(out))
+    assert sorted(os.listdir(tmp_path)) == ["hf"]  # no temporary sibling left
+    first = _hashes(out)
+    rc, err = _memlm(["export-hf", run, "--out", out], capsys)  # an earlier export: needs --force
+    assert rc == 2
+    _one_line(err, str(out), "--force")
+    assert _hashes(out) == first
+    rc, err = _memlm(["export-hf", run, "--out", out, "--force"], capsys)
+    assert rc == 0, err
+    again = _hashes(out)
+    assert {k: v for k, v in again.items() if k != MARKER} == {k: v for k, v in first.items() if k != MARKER}
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc, err = _memlm(["export-hf", run, "--out", empty], capsys)  # an empty directory may be used
+    assert rc == 0, err and read_marker(str(empty))["kind"] == "hf-export"
+
+
+def test_export_default_out_inside_run(tiny_run, capsys):
+    top, run = tiny_run
+    before = _hashes(run)
+    rc, err = _memlm(["export-hf", run], capsys)
+    assert rc == 0, err
+    after = _hashes(run)
+    assert {k: v for k, v in after.items() if not k.startswith("hf" + os.sep)} == before
+    assert read_marker(os.path.join(run, "hf"))["kind"] == "hf-export"
+    rc, err = _memlm(["export-hf", run], capsys)
+    _one_line(err, os.path.join(run, "hf"), "--force")
+    assert rc == 2
+
+
+def test_export_module_entry_one_line(tiny_run, tmp_path):
+    """`python -m train.commands.export_hf` goes through the same error path as `memlm export-hf`."""
+    top, run = tiny_run
+    _user_dir(tmp_path / "mine")
+    before = _hashes(tmp_path)
+    res = subprocess.run([sys.executable, "-m", "train.commands.export_hf", run, "--out", str(tmp_path / "mine")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    _one_line(res.stderr, str(tmp_path / "mine"))
+    assert _hashes(tmp_path) == before
+
+
+# ---- demo / reproductions: the job's work directory ----------------------------------------------------
+def test_demo_fresh_refuses_a_directory_it_did_not_create(tmp_path, capsys, monkeypatch):
+    user = tmp_path / "user"
+    _user_dir(user)
+    before = _hashes(tmp_path)
+    for argv in (["--out", user, "--fresh"], ["--out", user]):
+        rc, err = _memlm(["demo", *argv, "--size", "cpu"], capsys)
+        assert rc == 2
+        _one_line(err, "memlm demo:", str(user))
+        assert _hashes(tmp_path) == before
+    monkeypatch.chdir(user)
+    rc, err = _memlm(["demo", "--out", ".", "--fresh", "--size", "cpu"], capsys)
+    assert rc == 2
+    _one_line(err, "working directory")
+    assert _hashes(tmp_path) == before
+
+
+def _job(tmp_path, kind="demo"):
+    """A job directory as a run of `kind` leaves it: stages created data/ and runs/; the user then added
+    notes.txt beside them."""
+    from train.experiments.stages import StageRunner
+
+    out = tmp_path / "job"
+    runner = StageRunner(str(out))
+    runner.start(kind)
+    runner.pin({"size": 1})
+
+    def stage():
+        _user_dir(out / "data")  # content does not matter: the job made the entry
+        os.makedirs(out / "runs" / "anchor")
+        return {"ok": 1}
+
+    runner.run("data", stage)
+    (out / "notes.txt").write_text("my notes\n")
+    return out
+
+
+def test_fresh_deletes_only_what_the_job_created(tmp_path, capsys):
+    from model.errors import OutputExistsError
+    from train.experiments.stages import StageRunner
+
+    out = _job(tmp_path)
+    assert read_marker(str(out))["entries"] == ["data", "runs", "settings.json", "stages"]
+    note = _hashes(out)["notes.txt"]
+    StageRunner(str(out)).start("demo", fresh=True)
+    assert sorted(os.listdir(out)) == [MARKER, "notes.txt"] and _hashes(out)["notes.txt"] == note
+    assert "--fresh kept ['notes.txt']" in capsys.readouterr().out
+    with pytest.raises(OutputExistsError, match="'demo' directory"):  # another job's directory is not reused
+        StageRunner(str(out)).start("reproduce_lacy", fresh=True)
+    assert _hashes(out)["notes.txt"] == note and read_marker(str(out))["kind"] == "demo"
+
+
+def test_failed_stage_records_its_entries(tmp_path):
+    from train.experiments.stages import StageRunner
+
+    out = tmp_path / "job"
+    runner = StageRunner(str(out))
+    runner.start("demo")
+
+    def crash():
+        os.makedirs(out / "data")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        runner.run("data", crash)
+    assert read_marker(str(out))["entries"] == ["data"]
+
+
+def test_reproduce_fresh_refuses_foreign_dir(tmp_path, capsys):
+    from scripts import reproduce_memory
+    from train.cli import run_command
+
+    user = tmp_path / "user"
+    _user_dir(user)
+    before = _hashes(tmp_path)
+    rc = run_command("reproduce_memory", reproduce_memory.main, ["--out", str(user), "--fresh", "--size", "quick"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    _one_line(err, "reproduce_memory:", str(user))
+    assert _hashes(tmp_path) == before
+
+
+def test_redo_removes_only_job_entries(tmp_path):
+    from model.atomic import remove_work_entry
+    from model.errors import OutputExistsError
+
+    out = _job(tmp_path)
+    with pytest.raises(OutputExistsError, match="not created by demo"):
+        remove_work_entry(str(out), "demo", str(out / "notes.txt"))
+    with pytest.raises(OutputExistsError):
+        remove_work_entry(str(out), "demo", str(tmp_path))  # outside the job dir
+    remove_work_entry(str(out), "demo", str(out / "runs" / "anchor"))
+    assert os.listdir(out / "runs") == [] and (out / "notes.txt").exists()
+    assert json.loads((out / "settings.json").read_text()) == {"size": 1}
