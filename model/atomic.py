@@ -169,7 +169,8 @@ def check_output_dir(path: str, kind: str, replace: bool = False, flag: str = "-
         raise OutputExistsError(f"{path}: {why}; choose a new output directory")
     for source in sources:
         if _inside(source, path):
-            raise OutputExistsError(f"{path}: holds {source}, which this command reads; choose a new output "
+            what = "is" if os.path.realpath(source) == os.path.realpath(path) else "holds"
+            raise OutputExistsError(f"{path}: {what} {source}, which this command reads; choose a new output "
                                     "directory")
     if not os.listdir(path):
         return True
