@@ -230,25 +230,25 @@ def remove_dir(path: str, kind: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def claim_work_dir(path: str, kind: str, flag: str = "--fresh") -> None:
+def claim_work_dir(path: str, kind: str, option: str = "--out") -> None:
     """Make `path` the work directory of a job of `kind` that fills it in place over many steps (the demo,
     a reproduction): a new or empty directory is created / adopted and marked, one this kind of job marked
-    is reused. Anything else is refused with OutputExistsError naming `path`: a file, a protected
-    directory, another kind's directory, or a directory holding files memlm did not put there (`flag` only
-    clears a directory the job marked, so it does not help there)."""
+    is reused. Anything else is refused with OutputExistsError naming `path` and `option` (the flag that
+    chose it): a file, a protected directory, another kind's directory, or a directory holding files
+    memlm did not put there (no flag allows those)."""
     if os.path.lexists(path):
         if not os.path.isdir(path) or os.path.islink(path):
-            raise OutputExistsError(f"{path}: exists and is not a directory; choose another --out")
+            raise OutputExistsError(f"{path}: exists and is not a directory; choose another {option}")
         why = _protected(path)
         if why:
-            raise OutputExistsError(f"{path}: {why}; choose a new --out directory")
+            raise OutputExistsError(f"{path}: {why}; choose a new {option} directory")
         marker = read_marker(path)
         if marker is not None and marker.get("kind") == kind:
             return
         if marker is not None or os.listdir(path):
             what = f"a memlm {marker.get('kind')!r} directory" if marker else "files memlm did not put there"
             raise OutputExistsError(f"{path}: exists and holds {what}; {kind} writes only into a new or empty "
-                                    f"directory or its own (even with {flag}): choose another --out")
+                                    f"directory or one it made: choose another {option}")
     os.makedirs(path, exist_ok=True)
     atomic_write_json(os.path.join(path, MARKER), {
         "kind": kind, "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -18,6 +17,8 @@ from dataclasses import dataclass, field
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from model.atomic import add_entries, claim_work_dir, remove_work_entry  # noqa: E402
 BIOS = dict(vocab_size=512, val_fraction=0.1, window_tokens=256, n_people=150, top_docs=60)
 K, LEVELS, CALLS = 2, 2, "calls_golden"
 
@@ -161,9 +162,14 @@ def cpu_info() -> dict:
 
 
 class Workspace:
-    """One data dir and the recipe runs of one invocation (a run another recipe needs is trained once)."""
+    """One data dir and the recipe runs of one invocation (a run another recipe needs is trained once).
+    `path` is memlm's work directory (new, empty, or an earlier workspace: model.atomic.claim_work_dir);
+    a recipe's old run is deleted only from there."""
+
+    KIND = "loss-compare"
 
     def __init__(self, path: str, extra: list[str] = (), log=print):
+        claim_work_dir(path, self.KIND, option="--keep")
         self.path, self.extra, self.log = path, list(extra), log
         self.data, self.runs = os.path.join(path, "data"), os.path.join(path, "runs")
         self.fingerprint = None
@@ -171,6 +177,7 @@ class Workspace:
 
     def prepare(self) -> dict:
         if self.fingerprint is None:
+            add_entries(self.path, ["data"])
             self.fingerprint = build_data(self.data)
         return self.fingerprint
 
@@ -183,7 +190,9 @@ class Workspace:
             self.run(r.needs)
         self.prepare()
         run_dir = os.path.join(self.runs, name)
-        shutil.rmtree(run_dir, ignore_errors=True)  # never resume=auto from an older run of this workspace
+        add_entries(self.path, ["runs"])
+        if os.path.lexists(run_dir):  # never resume=auto from an older run of this workspace
+            remove_work_entry(self.path, self.KIND, run_dir)
         os.makedirs(self.runs, exist_ok=True)
         argv = launcher(r, sys.executable) + overrides(r, self.data, self.runs, self.extra)
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MKL_DYNAMIC="FALSE", PYTHONHASHSEED="0",

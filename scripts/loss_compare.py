@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from golden_recipes import BIOS, RECIPES, ROOT, RunFailed, Workspace, command, cpu_info, write_text  # noqa: E402
+from model.errors import MemlmError  # noqa: E402
 
 GOLDEN_DIR = os.path.join(ROOT, "tests", "golden")
 TRAIN_KEYS = ("loss", "grad_norm", "lr")
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if not a.keep:
                 shutil.rmtree(work, ignore_errors=True)
-    except BadInput as e:
+    except (BadInput, MemlmError) as e:  # MemlmError: e.g. --keep names a directory memlm did not make
         print(f"loss_compare: error: {e}", file=sys.stderr)
         return 2
 

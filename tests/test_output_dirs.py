@@ -235,3 +235,17 @@ def test_redo_removes_only_job_entries(tmp_path):
     remove_work_entry(str(out), "demo", str(out / "runs" / "anchor"))
     assert os.listdir(out / "runs") == [] and (out / "notes.txt").exists()
     assert json.loads((out / "settings.json").read_text()) == {"size": 1}
+
+
+def test_loss_compare_keep_refuses_foreign_dir(tmp_path, capsys):
+    from scripts import loss_compare
+    from scripts.golden_recipes import RECIPES
+
+    user = tmp_path / "user"
+    _user_dir(user)
+    (user / "runs" / next(iter(RECIPES))).mkdir(parents=True)  # named like a recipe's run: still the user's
+    before = _hashes(tmp_path)
+    rc = loss_compare.main(["--recipe", next(iter(RECIPES)), "--keep", str(user)])
+    assert rc == 2
+    _one_line(capsys.readouterr().err, str(user), "--keep")
+    assert _hashes(tmp_path) == before and (user / "runs" / next(iter(RECIPES))).is_dir()
