@@ -113,7 +113,8 @@ def test_export_new_dir_then_force_replaces_only_own(tiny_run, capsys, monkeypat
     empty = tmp_path / "empty"
     empty.mkdir()
     rc, err = _memlm(["export-hf", run, "--out", empty], capsys)  # an empty directory may be used
-    assert rc == 0, err and read_marker(str(empty))["kind"] == "hf-export"
+    assert rc == 0, err
+    assert read_marker(str(empty))["kind"] == "hf-export"
 
 
 def test_export_default_out_inside_run(tiny_run, capsys):
