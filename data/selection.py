@@ -20,6 +20,7 @@ token count is an error naming the file.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,7 +61,10 @@ def read_array(sh, name: str, required: bool = True) -> np.ndarray | None:
     """A per-token array [n_tokens] of a shard, checked against the shard's token count."""
     if not has_array(sh, name):
         if required:
-            raise SelectionError(f"{array_path(sh, name)}: missing array {name!r}")
+            data = os.path.dirname(os.path.dirname(sh.prefix))
+            how = f"memlm tag {data}" if name == "factual" else \
+                f"memlm score {data} --model RUN --name {name[5:]}" if name.startswith("loss_") else "the command that writes it"
+            raise SelectionError(f"{array_path(sh, name)}: missing array {name!r}; run `{how}` first")
         return None
     arr = np.asarray(sh.array(name))
     if arr.shape != (sh.n_tokens,):

@@ -181,9 +181,14 @@ def shard_name(level: int, top: int, j: int) -> str:
 def read_index(bank_dir: str) -> dict:
     path = os.path.join(bank_dir, "index.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{bank_dir}: no index.json (not a memlm bank checkpoint, or an unfinished save)")
-    with open(path) as f:
-        idx = json.load(f)
+        raise CheckpointError(f"{bank_dir}: no index.json (not a memlm bank checkpoint, or an unfinished save)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            idx = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable bank index ({e}); resume from an older checkpoint") from None
+    if not isinstance(idx, dict):
+        raise CheckpointError(f"{path}: not a bank index (a JSON {type(idx).__name__}, not an object)")
     if idx.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format {idx.get('format')!r}, expected {FORMAT!r}")
     if idx.get("version") != VERSION:
@@ -250,7 +255,7 @@ def load_level_shards(bank_dir: str, level_entry: dict, tops: set | None):
             continue
         path = os.path.join(bank_dir, s["file"])
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{bank_dir}/index.json lists {s['file']} but the file is missing")
+            raise CheckpointError(f"{bank_dir}/index.json lists {s['file']} but the file is missing")
         arrays, _ = open_safetensors(path, "r")
         rows = arrays.get("rows")
         if rows is None or rows.ndim != 1 or (len(rows) and (rows.min() < s["start"] or rows.max() >= s["stop"])):

@@ -369,12 +369,19 @@ class Router:
         jp, sp = d / "router.json", d / "router.safetensors"
         for p in (jp, sp):
             if not p.exists():
-                raise FileNotFoundError(f"router: {p} not found (run `memlm cluster DATA` to fit a router)")
-        info = json.loads(jp.read_text())
+                raise DataError(f"router: {p} not found (run `memlm cluster DATA` to fit a router)")
+        try:
+            info = json.loads(jp.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise CheckpointError(f"router: {jp}: unreadable ({e}); run `memlm cluster DATA --refit` again") from None
         for key in ("k", "levels"):
-            if key not in info:
-                raise CheckpointError(f"router: {jp}: missing key {key!r}")
-        tensors = load_file(str(sp))
+            if not isinstance(info, dict) or key not in info:
+                raise CheckpointError(f"router: {jp}: missing key {key!r}; run `memlm cluster DATA --refit` again")
+        try:
+            tensors = load_file(str(sp))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+            raise CheckpointError(f"router: {sp}: damaged ({' '.join(str(e).split())[:200]}); run `memlm cluster "
+                                  "DATA --refit` again") from None
         cents = []
         for l in range(info["levels"]):
             name = f"centroids.level{l + 1}"

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from memory.router import Router, _gemm, _gemm_chunks, balanced_assign, capacity
+from model.errors import DataError
 
 
 def skewed_data(n=4000, dim=16, seed=0):
@@ -67,7 +68,7 @@ def test_tiny_and_empty_nodes_do_not_crash():
 
 
 def test_load_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="router.json"):
+    with pytest.raises(DataError, match="router.json"):
         Router.load(tmp_path)
     with pytest.raises(ValueError, match="level 2 centroids"):
         Router([np.zeros((4, 3), np.float32), np.zeros((4, 3), np.float32)], k=4)

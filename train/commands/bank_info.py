@@ -15,6 +15,9 @@ import sys
 
 import numpy as np
 
+from model.errors import CheckpointError
+from train.cli import ArgumentParser
+
 
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -74,7 +77,8 @@ def resident_info(step_dir: str) -> dict:
 
     cfg = read_run_config(step_dir)
     if cfg.memory is None:
-        raise SystemExit(f"memlm bank-info: {step_dir}: this run has no memory (config.yaml has no memory section)")
+        raise CheckpointError(f"{step_dir}: this run has no memory bank (its config.yaml has no memory section); "
+                              "bank-info is for memory runs")
     mem, mc = cfg.memory, cfg.model
     n_mem, d = len(mem.layer_ids(mc.n_layer)), mc.n_embd
     levels = []
@@ -120,18 +124,15 @@ def print_table(info: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="memlm bank-info", description=__doc__,
+    ap = ArgumentParser(prog="memlm bank-info", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="run dir (newest checkpoint), checkpoint step dir, or bank dir with index.json")
     ap.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     args = ap.parse_args(argv)
-    if not os.path.exists(args.run):
-        raise SystemExit(f"memlm bank-info: {args.run}: no such run, checkpoint or bank directory")
-    try:
-        bank_dir, step_dir = _locate(args.run)
-        info = bank_info(bank_dir) if bank_dir else resident_info(step_dir)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"memlm bank-info: {args.run}: {e}") from None
+    if not os.path.isdir(args.run):
+        raise CheckpointError(f"{args.run}: no such run, checkpoint or bank directory")
+    bank_dir, step_dir = _locate(args.run)
+    info = bank_info(bank_dir) if bank_dir else resident_info(step_dir)
     if args.json:
         json.dump(info, sys.stdout, indent=1)
         print()
@@ -141,4 +142,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from train.cli import run_command
+
+    sys.exit(run_command("memlm bank-info", main))

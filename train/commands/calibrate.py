@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     from train.lacy.factscore import parse_slm
     from train.lacy.score import Scorer
 
+    from train.checkpoint import find_step_dir
+
+    for spec in args.slm:  # every run exists before the first one is scored
+        find_step_dir(parse_slm(spec)[1])
     dd = open_data(args.data)
     tok = dd.tokenizer()
     cid = call_id(tok, os.path.join(args.data, "tokenizer"))
@@ -110,4 +114,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from train.cli import run_command
+
+    sys.exit(run_command("memlm calibrate", main))

@@ -15,22 +15,23 @@ import sys
 
 import torch
 
-from train.cli import ArgumentParser
+from train.cli import ArgumentParser, nonnegative_float, nonnegative_int, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="memlm cascade", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--slm", required=True, help="memlm run (or step dir) of the small model")
     p.add_argument("--large", default=None, help="transformers model dir or memlm run (default: SmolLM2-135M)")
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
-    p.add_argument("--tau", type=float, default=None,
-                   help="call when P(<CALL>) >= tau (default: when <CALL> is the SLM's greedy choice)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="SLM decisions per prompt (tokens + calls)")
+    p.add_argument("--tau", type=nonnegative_float, default=None,
+                   help="call when P(<CALL>) >= tau, tau >= 0 (default: when <CALL> is the SLM's greedy choice; "
+                        "a tau > 1 never calls)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=48, help="SLM decisions per prompt (tokens + calls)")
     p.add_argument("--stop", default=None, help='stop once the completion ends with this text (e.g. "." for one sentence)')
-    p.add_argument("--max-word-tokens", type=int, default=8, help="cap on large-model tokens per call")
-    p.add_argument("--temperature", type=float, default=0.0, help="SLM sampling temperature (0 = greedy)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--max-word-tokens", type=positive_int, default=8, help="cap on large-model tokens per call")
+    p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="SLM sampling temperature (0 = greedy)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="sampling seed")
     p.add_argument("--mode", default="fetched", choices=("fetched", "generic", "anchor"),
                    help="memory SLM: fetched (route the prompt), generic block, or anchor only")
     p.add_argument("--no-calls", action="store_true", help="the SLM alone (<CALL> suppressed)")
@@ -50,6 +51,10 @@ def load_cascade(slm_path: str, large_path: str | None, device: str = "cpu", tau
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not all(p.strip() for p in args.prompt):
+        from model.errors import ConfigError
+
+        raise ConfigError("--prompt: an empty prompt; give the text the SLM continues")
     cascade = load_cascade(args.slm, args.large, args.device, args.tau, args.mode, args.max_word_tokens,
                            allow_calls=not args.no_calls)
     if args.temperature > 0:  # sampling: one prompt at a time
@@ -68,4 +73,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from train.cli import run_command
+
+    sys.exit(run_command("memlm cascade", main))

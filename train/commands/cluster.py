@@ -34,26 +34,28 @@ import numpy as np
 
 from memory.embed import EMB, EMB_SENTENCES, MAX_TOKENS, embed_windows, has_embeddings, window_texts
 from model.errors import ConfigError, DataError
+from train.cli import ArgumentParser, nonnegative_int, number, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="memlm cluster", description=__doc__,
+    p = ArgumentParser(prog="memlm cluster", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="data dir written by `memlm prepare`")
-    p.add_argument("--levels", type=int, default=3, help="depth of the cluster tree (= number of memory levels)")
-    p.add_argument("--k", type=int, default=16, help="branching factor (children per node)")
-    p.add_argument("--seed", type=int, default=0, help="seed of k-means and of the --max-fit sample")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--levels", type=positive_int, default=3, help="depth of the cluster tree (= number of memory levels)")
+    p.add_argument("--k", type=number(int, 2), default=16, help="branching factor (children per node, >= 2)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of k-means and of the --max-fit sample")
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="at most N texts per MiniLM forward pass (default 64 on CPU, 512 on GPU; windows are "
                         "sorted by length first, so a batch pads little)")
-    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS,
+    p.add_argument("--max-tokens", type=number(int, 1, MAX_TOKENS), default=MAX_TOKENS,
                    help=f"MiniLM reads the first N word pieces of each window (default {MAX_TOKENS}, the "
                         "encoder's limit; embedding cost grows with N, so CPU demos use 64)")
-    p.add_argument("--max-fit", type=int, default=None,
+    p.add_argument("--max-fit", type=positive_int, default=None,
                    help="fit the tree on at most N train windows (seeded sample; default: all)")
-    p.add_argument("--max-share", type=float, default=None,
-                   help="balancing bound: max fraction of a parent's points in one child (default 1.5/k)")
-    p.add_argument("--niter", type=int, default=20, help="k-means iterations per node")
+    p.add_argument("--max-share", type=number(float, 0, 1, low_open=True), default=None,
+                   help="balancing bound in (0, 1]: max fraction of a parent's points in one child (default 1.5/k; "
+                        "never below 1/k)")
+    p.add_argument("--niter", type=positive_int, default=20, help="k-means iterations per node")
     p.add_argument("--splits", default="train,val", help="comma-separated splits to embed and assign")
     p.add_argument("--device", default=None, help="device for MiniLM (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
@@ -133,31 +135,29 @@ def keyed_router(spec: str, train_shards, all_shards, tokenizer, k: int, levels:
     return router, out
 
 
-def _die(data: str, problem: str):
-    raise DataError(f"{data}: {problem}")
+MAX_LEAVES = 1 << 24  # k ** levels leaves; counts and key tables are dense over them
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.levels < 1:
-        _die(args.data, f"--levels must be >= 1, got {args.levels}")
-    if args.k < 2:
-        _die(args.data, f"--k must be >= 2, got {args.k}")
-    from data.shards import open_data
+    from data.shards import SPLITS, open_data
     from memory.embed import MiniLM
     from memory.router import Router
 
-    try:
-        dd = open_data(args.data)
-    except (FileNotFoundError, ValueError) as e:
-        raise DataError(str(e)) from None
+    dd = open_data(args.data)
+    if args.k ** args.levels > MAX_LEAVES:
+        raise ConfigError(f"--k {args.k} --levels {args.levels}: {args.k ** args.levels:,} leaves is more than "
+                          f"{MAX_LEAVES:,}; use fewer levels or a smaller k")
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise ConfigError(f"--splits {args.splits}: unknown split(s) {unknown}; choose among {', '.join(SPLITS)}")
     if "train" not in splits:
-        _die(args.data, "--splits must include train (the tree is fitted on it)")
+        raise ConfigError(f"--splits {args.splits}: must include train (the tree is fitted on it)")
     shards = {s: (dd.shards(s) if s in dd.manifest["splits"] else []) for s in splits}
     n_train = sum(sh.n_windows for sh in shards["train"])
     if n_train == 0:
-        _die(dd.manifest_path, "no train windows to cluster")
+        raise DataError(f"{dd.manifest_path}: no train windows to cluster; prepare the data with more documents")
     if n_train < args.k:
         print(f"warning: only {n_train} train windows for k={args.k}; many clusters will be empty", file=sys.stderr)
 
@@ -233,4 +233,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from train.cli import run_command
+
+    sys.exit(run_command("memlm cluster", main))

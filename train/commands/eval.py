@@ -36,28 +36,30 @@ import torch
 
 import numpy as np
 
-from train.evaluation.memory_eval import (ALL_MODES, DIFF_PAIRS, _die, cluster_table, eval_val, loss_routed_paths,
+from model.errors import CheckpointError, ConfigError, DataError
+from train.cli import ArgumentParser, nonnegative_int, positive_int
+from train.evaluation.memory_eval import (ALL_MODES, DIFF_PAIRS, cluster_table, eval_val, loss_routed_paths,
                                           probe_correct, probe_diffs, probe_summary, sample_probes, write_json)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="memlm eval", description=__doc__,
+    p = ArgumentParser(prog="memlm eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run dir (its newest checkpoint) or a checkpoint step dir")
     p.add_argument("--data", required=True, help="data dir (memlm prepare + memlm cluster) whose val split and "
                                                  "bios probes are evaluated")
     p.add_argument("--out", help="output dir for eval.json and eval.png (default: RUN/eval)")
-    p.add_argument("--val-batches", type=int, default=None,
+    p.add_argument("--val-batches", type=positive_int, default=None,
                    help="evaluate N batches of a seeded shuffle of the val rows (default: the whole val split)")
-    p.add_argument("--probes-per-bucket", type=int, default=100,
+    p.add_argument("--probes-per-bucket", type=nonnegative_int, default=100,
                    help="at most N probes per frequency bucket (seeded sample; 0 skips the probes)")
     p.add_argument("--modes", default=",".join(ALL_MODES),
                    help="comma-separated modes among fetched, generic, anchor (an anchor run: anchor only)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the probe sample and of the val row order")
-    p.add_argument("--batch-size", type=int, default=None, help="val rows per batch (default: the run's)")
-    p.add_argument("--seq-len", type=int, default=None, help="val row length (default: the run's data.seq_len)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the probe sample and of the val row order")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="val rows per batch (default: the run's)")
+    p.add_argument("--seq-len", type=positive_int, default=None, help="val row length (default: the run's data.seq_len)")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
-    p.add_argument("--route-top", type=int, default=0, metavar="M",
+    p.add_argument("--route-top", type=nonnegative_int, default=0, metavar="M",
                    help="also score fetched_top<M>: route each prompt to the one of its M nearest leaves whose "
                         "memory gives the prompt the lowest loss (default 0: off)")
     return p
@@ -72,7 +74,7 @@ def route_probes(model, router, data, tokenizer, probes, route_top: int, device,
     from train.evaluation.routing import consistency, hit_rates, key_leaves, oracle_paths, prompt_router
 
     if router is None:
-        _die(step_dir, "memory run without a router: cannot route the probe prompts")
+        raise CheckpointError(f"{step_dir}: memory run without a router: cannot route the probe prompts")
     prompts = [p["prompt"] for p in probes]
     t1 = time.time()
     paths = {"fetched": prompt_router(router)(prompts)}
@@ -102,14 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     step_dir = find_step_dir(args.run)
     model, tokenizer, cfg, router = load_run(step_dir)
-    try:
-        data = open_data(args.data)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"memlm eval: --data {args.data}: {e}") from None
+    data = open_data(args.data)
     if tokenizer is None:
         tokenizer = data.tokenizer()
     elif tokenizer_hash(tokenizer) != data.manifest["tokenizer_hash"]:
-        _die(args.data, f"its tokenizer differs from the run's ({step_dir}/tokenizer); evaluate on the data the "
+        raise DataError(f"--data {args.data}: its tokenizer differs from the run's ({step_dir}/tokenizer); evaluate on the data the "
                         "run was trained with (or data prepared with the same tokenizer)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device).eval()
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in ALL_MODES]
     if bad or not modes:
-        _die("--modes", f"unknown mode(s) {bad}; choose among {', '.join(ALL_MODES)}")
+        raise ConfigError(f"--modes {args.modes}: unknown mode(s) {bad}; choose among {', '.join(ALL_MODES)}")
     modes = [m for m in ALL_MODES if m in modes]  # canonical order
     if not is_mem:
         if modes != ["anchor"]:
@@ -170,5 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from train.cli import run_command
+
+    sys.exit(run_command("memlm eval", main))
 

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed-check", type=nonnegative_int, default=0,
                    help="time the one-prompt loop vs the batched cascade on this many prompts (first --slm)")
     p.add_argument("--mode", default="fetched", choices=("fetched", "generic", "anchor"), help="memory SLMs")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling people (and the bootstrap)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for sampling people (and the bootstrap)")
     p.add_argument("--out", default="factscore", help="output directory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     return p
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from data.factscore import FactParser, bios_paths, load_kb, person_buckets, sample_people, summarize
     from model.atomic import atomic_file, atomic_write_json
     from model.errors import ConfigError, DataError
+    from train.checkpoint import find_step_dir
     from train.lacy.cascade import Cascade, large_alone_batch, load_large, load_memlm
     from train.evaluation.stats import ratio_ci
     from train.lacy.factscore import curves, evaluate, parse_slm, plot_curves, speed_check, table, tau_name
@@ -98,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("--slm: give at least one --slm RUN (or --large-alone)")
     if len(args.area) != 2 or not args.area[0] < args.area[1]:
         raise ConfigError(f"--area: need LO,HI with LO < HI, got {args.area}")
+    try:
+        args.prompt.format(name="Ada Lovelace")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"--prompt {args.prompt!r}: bad placeholder ({e!r}); the only one is {{name}}") from None
+    for spec in args.slm:  # before the large model loads
+        find_step_dir(parse_slm(spec)[1])
     kb_path, probes_path = bios_paths(args.data)
     try:
         kb = load_kb(kb_path)
@@ -165,4 +172,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from train.cli import run_command
+
+    sys.exit(run_command("memlm factscore", main))

@@ -14,11 +14,13 @@ import os
 import sys
 import time
 
+from train.cli import ArgumentParser, positive_int
+
 
 def build_parser() -> argparse.ArgumentParser:
     from train.evaluation.harness import MODES
 
-    p = argparse.ArgumentParser(prog="memlm harness", description=__doc__,
+    p = ArgumentParser(prog="memlm harness", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run dir (its newest checkpoint) or a checkpoint step dir")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
@@ -26,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="fetched", choices=MODES, help="memory mode (default fetched: routed per prompt)")
     p.add_argument("--data", default=None, help="the run's data dir (mode oracle)")
     p.add_argument("--key-field", default="title", help="mode oracle: task document field naming the training document")
-    p.add_argument("--limit", type=int, default=None, help="at most N documents per task")
-    p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
+    p.add_argument("--limit", type=positive_int, default=None, help="at most N documents per task")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="rows per forward pass")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     p.add_argument("--out", default=None, help="output dir for harness.json (default RUN/harness-<mode>)")
     return p
@@ -56,4 +58,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from train.cli import run_command
+
+    sys.exit(run_command("memlm harness", main))

@@ -14,24 +14,27 @@ skipped unless --overwrite.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 import numpy as np
 import torch
 
+from model.errors import ConfigError, DataError
+from train.cli import ArgumentParser, number, positive_int
 from train.lacy.score import Scorer, score_shard
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="memlm score", description=__doc__,
+    p = ArgumentParser(prog="memlm score", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="data dir written by `memlm prepare`")
     p.add_argument("--model", required=True, help="memlm run / step dir, or a transformers model dir")
     p.add_argument("--name", default="ref", help="array suffix: loss_<name> (ref = the SLM reference, "
                                                   "large = the bigger model for rho)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--max-len", type=int, default=None,
-                   help="longest chunk per forward (default: the model's max_seq_len)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass")
+    p.add_argument("--max-len", type=number(int, 2), default=None,
+                   help="longest chunk per forward, >= 2 (default: the model's max_seq_len)")
     p.add_argument("--mode", default=None, choices=("fetched", "generic", "anchor"),
                    help="memory runs: which memory to use (default fetched if the data is clustered, else generic)")
     p.add_argument("--splits", default="train,val", help="comma-separated splits (missing ones are skipped)")
@@ -43,16 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from data.selection import has_array, shard_label, shards_of
-    from data.shards import open_data
+    from data.shards import SPLITS, open_data
     from tqdm import tqdm
 
-    try:
-        dd = open_data(args.data)
-        tok = dd.tokenizer()
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"memlm score: {e}")
+    if not re.fullmatch(r"\w+", args.name):
+        raise ConfigError(f"--name {args.name!r}: use letters, digits and _ only (it names the files loss_<name>.npy)")
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown or not splits:
+        raise ConfigError(f"--splits {args.splits!r}: unknown split(s) {unknown}; choose among {', '.join(SPLITS)}")
+    dd = open_data(args.data)
+    tok = dd.tokenizer()
     name = f"loss_{args.name}"
-    todo = [sh for split in args.splits.split(",") if split.strip() for sh in shards_of(dd, split.strip())]
+    todo = [sh for split in splits for sh in shards_of(dd, split)]
     skip = [sh for sh in todo if has_array(sh, name) and not args.overwrite]
     for sh in skip:
         print(f"skip {shard_label(sh)} (has {name})")
@@ -65,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         clustered = all(sh.paths is not None for sh in todo)
         scorer.mode = args.mode or ("fetched" if clustered else "generic")
         if scorer.mode == "fetched" and not clustered:
-            raise SystemExit(f"memlm score: {args.data}: mode fetched needs cluster paths (run `memlm cluster`)")
+            raise DataError(f"{args.data}: --mode fetched needs cluster paths (run `memlm cluster {args.data}`)")
         print(f"memory run: scoring with mode {scorer.mode!r}")
     max_len = args.max_len or scorer.max_len
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -85,5 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from train.cli import run_command
+
+    sys.exit(run_command("memlm score", main))
 

@@ -9,36 +9,48 @@ Signals: "loss_<--loss>" (memlm score), "loss_<--loss-large>" (rho), "factual" (
 from __future__ import annotations
 
 import argparse
+import re
 import sys
-from data.selection import (RULES)
 
+from data.selection import RULES
+from model.errors import ConfigError
+from train.cli import ArgumentParser, nonnegative_int, rate
 from train.lacy.select import run
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="memlm select", description=__doc__,
+    p = ArgumentParser(prog="memlm select", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="data dir written by `memlm prepare` (tagged / scored as the rule needs)")
     p.add_argument("--rule", required=True, choices=RULES, help="selection rule")
-    p.add_argument("--call-rate", type=float, default=0.05, help="share of all tokens to delegate (0.05 = 5%%)")
-    p.add_argument("--seed", type=int, default=0, help="seed for random selection and tie-breaking")
+    p.add_argument("--call-rate", type=rate, default=0.05,
+                   help="share of all tokens to delegate, in (0, 1] (0.05 = 5%%)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for random selection and tie-breaking")
     p.add_argument("--splits", default="train,val", help="comma-separated splits (missing ones are skipped)")
     p.add_argument("--loss", default="ref", help="reference loss array name suffix (loss_<name>)")
     p.add_argument("--loss-large", default="large", help="large-model loss array suffix for rule rho")
     p.add_argument("--name", default=None, help="output array name (default calls_<rule>)")
-    p.add_argument("--examples", type=int, default=5, help="example windows rendered in the summary")
+    p.add_argument("--examples", type=nonnegative_int, default=5, help="example windows rendered in the summary")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError) as e:  # SelectionError, TokenizerError, bad manifest
-        raise SystemExit(f"memlm select: {e}")
+    from data.shards import SPLITS
+
+    for flag, value in (("--name", args.name), ("--loss", args.loss), ("--loss-large", args.loss_large)):
+        if value is not None and not re.fullmatch(r"\w+", value):
+            raise ConfigError(f"{flag} {value!r}: use letters, digits and _ only (it names a shard array file)")
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown or not splits:
+        raise ConfigError(f"--splits {args.splits!r}: unknown split(s) {unknown}; choose among {', '.join(SPLITS)}")
+    run(args)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from train.cli import run_command
+
+    sys.exit(run_command("memlm select", main))
 

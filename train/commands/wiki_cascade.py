@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--large-alone", action="store_true", help="also score the large model alone")
     p.add_argument("--diagnose", type=nonnegative_int, default=0, help="call sites per kind and rule")
     p.add_argument("--tag-calls", action="store_true", help="spaCy-tag generation-time calls (needs spaCy)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the lead sample and the bootstrap")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the lead sample and the bootstrap")
     p.add_argument("--out", default="wiki_cascade", help="output directory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     return p
@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from data.wiki_facts import read_facts
+    from data.wiki_facts import KINDS, read_facts
+    from train.checkpoint import find_step_dir
     from model.atomic import atomic_file, atomic_write_json
     from model.errors import ConfigError
     from train.lacy import wiki
@@ -66,14 +67,22 @@ def main(argv: list[str] | None = None) -> int:
     from train.lacy.curves import compare, tau_name
     from train.lacy.factscore import parse_slm, plot_curves
 
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise ConfigError(f"--kinds {args.kinds!r}: unknown kind(s) {bad}; choose among {', '.join(KINDS)}")
+    if len(args.area) != 2 or not args.area[0] < args.area[1]:
+        raise ConfigError(f"--area: need LO,HI with LO < HI, got {args.area}")
+    if not args.facts_only:
+        if not args.slm and not args.large_alone:
+            raise ConfigError("--slm: give at least one --slm RUN (or --large-alone)")
+        for spec in args.slm:  # before the facts are parsed and the large model loads
+            find_step_dir(parse_slm(spec)[1])
     path = wiki.facts_path(args.data, args.split)
     if args.facts_only or not os.path.isfile(path):
         wiki.build_facts(args.data, args.split)
         if args.facts_only:
             return 0
-    if not args.slm and not args.large_alone:
-        raise ConfigError("--slm: give at least one --slm RUN (or --large-alone)")
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     leads = wiki.split_leads(args.data, args.split)
     items = wiki.clozes(read_facts(path), leads, kinds, args.max_leads, args.per_lead, args.max_prompt_chars,
                         args.seed)
@@ -185,4 +194,6 @@ def _cut(text: str, stop: str | None) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from train.cli import run_command
+
+    sys.exit(run_command("memlm wiki-cascade", main))

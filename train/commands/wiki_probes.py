@@ -12,26 +12,26 @@ from __future__ import annotations
 import argparse
 import sys
 
+from train.cli import ArgumentParser, nonnegative_int, number, positive_int
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="memlm wiki-probes", description=__doc__,
+    p = ArgumentParser(prog="memlm wiki-probes", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="data dir prepared from --corpus wiki-leads")
     p.add_argument("--out", required=True, help="output dir for the probe files and task YAMLs")
-    p.add_argument("--choices", type=int, default=4, help="choices per probe, the answer included (default 4)")
-    p.add_argument("--max-per-set", type=int, default=None, help="at most N probes per set (seeded sample)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the choice order and of the sample")
+    p.add_argument("--choices", type=number(int, 2), default=4,
+                   help="choices per probe, the answer included (>= 2, default 4)")
+    p.add_argument("--max-per-set", type=positive_int, default=None, help="at most N probes per set (seeded sample)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the choice order and of the sample")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from data.shards import open_data
-    from model.errors import ConfigError
     from train.evaluation.wiki_probes import build_wiki_probes
 
-    if args.choices < 2:
-        raise ConfigError(f"--choices {args.choices}: must be >= 2")
     s = build_wiki_probes(open_data(args.data), args.out, n_choices=args.choices, max_per_set=args.max_per_set,
                           seed=args.seed)
     for name, v in s.items():
@@ -41,4 +41,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from train.cli import run_command
+
+    sys.exit(run_command("memlm wiki-probes", main))

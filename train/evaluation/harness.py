@@ -16,11 +16,13 @@ or `memlm harness RUN --tasks TASK --include-path DIR --mode fetched`. Model arg
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.errors import ConfigError
+from model.errors import CheckpointError, ConfigError
 
 MODES = ("fetched", "oracle", "generic", "anchor")
 
@@ -41,15 +43,15 @@ class MemlmLM(LM):
         from train.checkpoint import load_run
 
         if mode not in MODES:
-            raise ConfigError(f"memlm harness: mode={mode!r}: choose among {', '.join(MODES)}")
+            raise ConfigError(f"--mode {mode!r}: choose among {', '.join(MODES)}")
         self.device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.tok, self.cfg, self.router = load_run(run)
         self.model = self.model.to(self.device_).eval()
         self.is_mem = self.model.has_memory
         if mode != "anchor" and not self.is_mem:
-            raise ConfigError(f"memlm harness: {run} has no memory; use mode=anchor")
+            raise ConfigError(f"--mode {mode}: {run} has no memory; use --mode anchor")
         if self.tok is None:
-            raise ConfigError(f"memlm harness: {run} has no tokenizer in its checkpoint")
+            raise CheckpointError(f"{run}: no tokenizer in its checkpoint; copy the tokenizer/ of its data dir into it")
         self.mode, self.key_field, self.batch_size_ = mode, key_field, int(batch_size)
         self.max_len = int(self.cfg.model.max_seq_len)
         self._route = None
@@ -60,7 +62,7 @@ class MemlmLM(LM):
             self._route = prompt_router(self.router)
         if mode == "oracle":
             if not data:
-                raise ConfigError("memlm harness: mode=oracle needs data=DATA (the run's data dir)")
+                raise ConfigError("--mode oracle needs --data DATA (the run's data dir)")
             from data.shards import open_data
             from train.evaluation.routing import key_leaves
 
@@ -162,7 +164,13 @@ def evaluate(run: str, tasks: list[str], include_path: str | None = None, mode: 
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    lm = MemlmLM(run, mode=mode, data=data, key_field=key_field, device=device, batch_size=batch_size)
+    if include_path is not None and not os.path.isdir(include_path):
+        raise ConfigError(f"--include-path {include_path}: not a directory of lm-eval task YAML files")
     tm = TaskManager(include_path=include_path) if include_path else TaskManager()
+    unknown = [t for t in tasks if t not in tm.all_tasks]
+    if unknown or not tasks:
+        raise ConfigError(f"--tasks: unknown lm-eval task(s) {unknown or tasks}; list them with `lm-eval ls tasks`"
+                          + ("" if include_path else " (local task files: --include-path DIR)"))
+    lm = MemlmLM(run, mode=mode, data=data, key_field=key_field, device=device, batch_size=batch_size)
     return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=limit, log_samples=True,
                                    bootstrap_iters=0)

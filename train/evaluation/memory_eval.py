@@ -32,13 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from data.tokenizer import encode_text
+from model.errors import ConfigError
 
 ALL_MODES = ("fetched", "generic", "anchor")
 IGNORE = -100
-
-
-def _die(where: str, problem: str):
-    raise SystemExit(f"memlm eval: {where}: {problem}")
 
 
 def _stats(nats: float, n: int) -> dict:
@@ -63,8 +60,8 @@ def eval_val(model, data, modes, seq_len, batch_size, seed, max_batches, by_leaf
     try:
         ds = PackedDataset(data, "val", seq_len=seq_len, batch_size=batch_size, seed=seed, by_leaf=by_leaf,
                            shuffle=True, infinite=False)
-    except ValueError as e:
-        _die(data.path, f"{e} (try a smaller --batch-size or --seq-len)")
+    except ConfigError as e:
+        raise ConfigError(f"{e} (try a smaller --batch-size or --seq-len)") from None
     n_batches = len(ds) if max_batches is None else min(max_batches, len(ds))
     tot = {m: [0.0, 0] for m in modes}
     per = {m: {} for m in modes}

@@ -8,7 +8,6 @@ Signals: "loss_<--loss>" (memlm score), "loss_<--loss-large>" (rho), "factual" (
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -68,15 +67,11 @@ def _markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def run(args) -> dict:
+    """Select with `args` (the parsed flags of `memlm select`); every split is computed before any array is
+    written, so a split that lacks a signal leaves the data dir as it was. SelectionError names the file."""
     from data.shards import open_data
+    from model.atomic import atomic_write, atomic_write_json
 
     dd = open_data(args.data)
     tok = dd.tokenizer()
@@ -85,11 +80,14 @@ def run(args) -> dict:
     name = args.name or f"calls_{args.rule}"
     summary = {"rule": args.rule, "call_rate": args.call_rate, "seed": args.seed, "array": name,
                "loss": f"loss_{args.loss}", "splits": {}, "examples": []}
+    todo = []
     for split in [s.strip() for s in args.splits.split(",") if s.strip()]:
         shards = shards_of(dd, split)
-        if not shards:
-            continue
-        sig, sizes = _signals(dd, shards, args.rule, args, special)
+        if shards:
+            todo.append((split, shards, *_signals(dd, shards, args.rule, args, special)))
+    if not todo:
+        raise SelectionError(f"{args.data}: no shards in splits {args.splits!r}")
+    for split, shards, sig, sizes in todo:
         sel = select(args.rule, sig, args.call_rate, seed=args.seed)
         masks = np.split(sel.mask, np.cumsum(sizes)[:-1])
         for sh, m in zip(shards, masks):
@@ -115,11 +113,9 @@ def run(args) -> dict:
             summary["examples"] = _examples(tok, shards, masks, args.examples)
         print(f"{split}: {n_del}/{sel.n_tokens} tokens delegated ({sel.rate:.2%}, target {args.call_rate:.2%})"
               + ("" if fact_del is None else f", {fact_del:.1%} of them factual"))
-    if not summary["splits"]:
-        raise SelectionError(f"{args.data}: no shards in splits {args.splits!r}")
     out_dir = os.path.join(args.data, "selection")
     os.makedirs(out_dir, exist_ok=True)
-    _write_atomic(os.path.join(out_dir, f"{name}.json"), json.dumps(summary, indent=2) + "\n")
-    _write_atomic(os.path.join(out_dir, f"{name}.md"), _markdown(summary))
+    atomic_write_json(os.path.join(out_dir, f"{name}.json"), summary, indent=2)
+    atomic_write(os.path.join(out_dir, f"{name}.md"), _markdown(summary))
     print(f"wrote array {name!r} and {os.path.join(out_dir, name)}.{{json,md}}")
     return summary
