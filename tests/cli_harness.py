@@ -3,6 +3,9 @@ failed cleanly.
 
     from cli_harness import assert_clean_failure, run_memlm, tree_hashes
 
+`run_memlm_inprocess` runs the same entry (`train.cli.main`) inside the test process: same checks, no
+interpreter start-up (a subprocess `memlm pretrain` costs ~8 s of imports on 2 cores).
+
     before = tree_hashes(tmp_path)
     result = run_memlm(["prepare", "--corpus", str(bad), "--out", str(out)], cwd=tmp_path)
     assert_clean_failure(result, names=[str(bad), "line 2"], before=before, root=tmp_path)
@@ -37,6 +40,36 @@ def run_memlm(args: Iterable, cwd, env: dict | None = None, timeout: float = 120
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "train.cli", *map(str, args)], cwd=str(cwd), env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_memlm_inprocess(args: Iterable, cwd) -> subprocess.CompletedProcess:
+    """`run_memlm` without a new interpreter: the same `train.cli.main` entry in this process, with stdout
+    and stderr captured and `cwd` as the working directory (for commands whose imports cost seconds, e.g.
+    pretrain). MEMLM_DEBUG must be unset in the test environment."""
+    import contextlib
+    import io
+
+    from train.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old = os.getcwd()
+    os.chdir(str(cwd))
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main([str(a) for a in args])
+            except SystemExit as e:  # argparse's exit (ArgumentParser.error) carries an int
+                if not isinstance(e.code, int):  # SystemExit(message) from library code: not the one error path
+                    raise
+                rc = e.code
+            except BaseException:  # noqa: BLE001 - a traceback the user would have seen
+                import traceback
+
+                traceback.print_exc(file=err)
+                rc = 1
+    finally:
+        os.chdir(old)
+    return subprocess.CompletedProcess(list(args), rc, out.getvalue(), err.getvalue())
 
 
 def tree_hashes(path) -> dict[str, str]:

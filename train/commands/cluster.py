@@ -70,20 +70,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def key_pattern(spec: str) -> re.Pattern | None:
+    """The compiled REGEX of `id:REGEX` (None for id / entity); ConfigError naming --paths-from otherwise."""
+    if spec.startswith("id:"):
+        try:
+            return re.compile(spec[3:])
+        except re.error as e:
+            raise ConfigError(f"--paths-from {spec}: bad regular expression: {e}") from None
+    if spec not in ("id", "entity"):
+        raise ConfigError(f"--paths-from {spec}: expected id, id:REGEX or entity")
+    return None
+
+
 def document_keys(shards, tokenizer, spec: str) -> list[list[str | None]]:
     """Per shard, the key of each window's document (None: the document has no key). `spec`: id,
     id:REGEX or entity (see --paths-from)."""
     if spec == "entity":
         from data.entity_keys import entity_keys
 
-    pattern = None
-    if spec.startswith("id:"):
-        try:
-            pattern = re.compile(spec[3:])
-        except re.error as e:
-            raise ConfigError(f"--paths-from {spec}: bad regular expression: {e}") from None
-    elif spec not in ("id", "entity"):
-        raise ConfigError(f"--paths-from {spec}: expected id, id:REGEX or entity")
+    pattern = key_pattern(spec)
     out = []
     for sh in shards:
         docs = sh.docs
@@ -148,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.k ** args.levels > MAX_LEAVES:
         raise ConfigError(f"--k {args.k} --levels {args.levels}: {args.k ** args.levels:,} leaves is more than "
                           f"{MAX_LEAVES:,}; use fewer levels or a smaller k")
+    if args.paths_from:
+        key_pattern(args.paths_from)  # before any embedding work
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:

@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memlm score: nothing to do (all shards have {name}; --overwrite to redo)")
         return 0
     scorer = Scorer(args.model, tok, args.device)
+    if args.mode is not None and not scorer.memory:
+        raise ConfigError(f"--mode {args.mode}: {args.model} has no memory; --mode is for memory runs (drop it)")
     if scorer.memory:
         clustered = all(sh.paths is not None for sh in todo)
         scorer.mode = args.mode or ("fetched" if clustered else "generic")

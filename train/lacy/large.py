@@ -341,11 +341,13 @@ class MemlmLargeModel(_TokenLM):
 def load_memlm(path: str, device: str = "cpu"):
     """train.checkpoint.load_run (model, tokenizer, config, router) with its failures as CheckpointError
     naming the run, and a check that the run has its tokenizer."""
-    from model.errors import CheckpointError
+    from model.errors import CheckpointError, MemlmError
     from train.checkpoint import load_run  # lazy: the checkpoint code may move, the call stays
 
     try:
         model, tok, cfg, router = load_run(path, device=device)
+    except MemlmError:  # already names the file
+        raise
     except (FileNotFoundError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot load the memlm run: {e}") from e
     if tok is None:
