@@ -135,6 +135,19 @@ def _scored(r):
     return d
 
 
+def _damaged_probes(r):
+    d = r.data()
+    with open(os.path.join(d, "bios", "probes.jsonl"), "a") as f:
+        f.write('{"person": 1}\n')
+    return d
+
+
+def _damaged_kb(r):
+    d = r.data()
+    edit_json(os.path.join(d, "bios", "kb.json"), lambda kb: kb["people"][0].pop("name"))
+    return d
+
+
 def _no_call_tokenizer(r):
     """A run whose tokenizer has no <CALL> token (a plain BPE saved in its checkpoint)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -161,6 +174,9 @@ ROWS = [
     ("pretrain-batch-size-0", lambda r: (pretrain(r, "data.batch_size=0"), ["data.batch_size=0"])),
     ("pretrain-lr-not-a-number", lambda r: (pretrain(r, "optim.lr=abc"), ["optim.lr", "abc"])),
     ("pretrain-lr-nan", lambda r: (pretrain(r, "optim.lr=nan"), ["optim.lr"])),
+    ("pretrain-lr-inf", lambda r: (pretrain(r, "optim.lr=inf"), ["optim.lr=inf", "finite"])),
+    ("pretrain-name-escapes-runs-dir", lambda r: (pretrain(r, "name=../../x"), ["name=", "runs_dir"])),
+    ("pretrain-seq-len-longer-than-data", lambda r: (pretrain(r, "data.seq_len=100000"), ["100000", "batch_size"])),
     ("pretrain-max-steps-inf", lambda r: (pretrain(r, "trainer.max_steps=inf"), ["trainer.max_steps"])),
     ("pretrain-unknown-key", lambda r: (pretrain(r, "optim.learning_rate=0.1"), ["optim.learning_rate"])),
     ("pretrain-unknown-section", lambda r: (pretrain(r, "foo.bar=1"), ["foo"])),
@@ -180,6 +196,7 @@ ROWS = [
     ("pretrain-config-missing", lambda r: (["pretrain", "--config", r.tmp / "nope.yaml"], [str(r.tmp / "nope.yaml")])),
     ("pretrain-config-not-yaml", lambda r: (["pretrain", "--config", r.file("bad.yaml", "model: [unclosed\n")],
                                             [str(r.tmp / "bad.yaml")])),
+    ("pretrain-config-is-a-directory", lambda r: (["pretrain", "--config", r.dir("cfg")], [str(r.tmp / "cfg")])),
     ("pretrain-calls-array-missing", lambda r: (pretrain(r, "data.calls=calls_lacy"), ["calls_lacy"])),
     # --- pretrain: data directories (V4, V5) ---
     ("pretrain-data-missing", lambda r: (pretrain(r, data=str(r.tmp / "nodata")), [str(r.tmp / "nodata")])),
@@ -211,6 +228,9 @@ ROWS = [
                                              ["--data", "tokenizer"])),
     ("eval-batch-too-large", lambda r: (["eval", r.run(), "--data", r.data(), "--batch-size", "100000"],
                                         ["--batch-size"])),
+    ("eval-out-is-a-file", lambda r: (["eval", r.run(), "--data", r.data(), "--out", r.file("o.txt", "x")],
+                                      ["--out", str(r.tmp / "o.txt")])),
+    ("eval-damaged-probes", lambda r: (["eval", r.run(), "--data", _damaged_probes(r)], ["probes.jsonl", "line"])),
     # --- score ---
     ("score-batch-size-0", lambda r: (["score", r.data(), "--model", r.run(), "--batch-size", "0"], ["--batch-size"])),
     ("score-max-len-1", lambda r: (["score", r.data(), "--model", r.run(), "--max-len", "1"], ["--max-len"])),
@@ -222,6 +242,8 @@ ROWS = [
                                                [str(r.tmp / "run"), "tokenizer"])),
     ("score-memory-mode-on-anchor-run", lambda r: (["score", r.data(), "--model", r.run(), "--mode", "fetched"],
                                                    ["--mode", "no memory"])),
+    ("score-damaged-hf-dir", lambda r: (["score", r.data(), "--model", os.path.dirname(r.file("hf/config.json", "{"))],
+                                        [str(r.tmp / "hf")])),
     ("score-truncated-weights", lambda r: (["score", r.data(), "--model", _truncated_weights(r)],
                                            ["model.safetensors"])),
     # --- select ---
@@ -250,6 +272,8 @@ ROWS = [
                                                    "--no-calls"], ["<CALL>"])),
     ("cascade-slm-truncated-weights", lambda r: (["cascade", "--slm", _truncated_weights(r), "--prompt", "Hi",
                                                   "--no-calls"], ["model.safetensors"])),
+    ("cascade-memory-mode-on-anchor-run", lambda r: (["cascade", "--slm", r.run(), "--prompt", "Hi", "--no-calls",
+                                                      "--mode", "generic"], ["--mode", "no memory"])),
     # --- factscore ---
     ("factscore-per-bucket-0", lambda r: (["factscore", "--slm", r.run(), "--data", r.data(), "--per-bucket", "0"],
                                           ["--per-bucket"])),
@@ -262,6 +286,19 @@ ROWS = [
     ("factscore-data-without-kb", lambda r: (["factscore", "--slm", r.run(), "--data", r.dir("empty")], ["kb.json"])),
     ("factscore-missing-slm", lambda r: (["factscore", "--slm", f"a={r.tmp / 'ghost'}", "--data", r.data()],
                                          [str(r.tmp / "ghost")])),
+    ("factscore-damaged-kb", lambda r: (["factscore", "--slm", r.run(), "--data", _damaged_kb(r)], ["kb.json"])),
+    ("factscore-damaged-probes", lambda r: (["factscore", "--slm", r.run(), "--data", _damaged_probes(r)],
+                                            ["probes.jsonl", "line"])),
+    ("factscore-out-under-a-file", lambda r: (["factscore", "--slm", r.run(), "--data", r.data(), "--out",
+                                               os.path.join(r.file("f", "x"), "sub")], ["--out"])),
+    # --- calibrate, wiki-probes, wiki-cascade, harness ---
+    ("calibrate-untagged-data", lambda r: (["calibrate", r.data(), "--slm", r.run()], ["factual.npy", "memlm tag"])),
+    ("calibrate-bins-0", lambda r: (["calibrate", r.data(), "--slm", r.run(), "--bins", "0"], ["--bins"])),
+    ("wiki-probes-on-bios-data", lambda r: (["wiki-probes", r.data(), "--out", r.tmp / "wp"], ["wiki-leads"])),
+    ("wiki-cascade-unknown-kind", lambda r: (["wiki-cascade", r.data(), "--slm", r.run(), "--kinds", "colour"],
+                                             ["--kinds", "colour"])),
+    ("harness-unknown-task", lambda r: (["harness", r.run(), "--tasks", "no_such_task", "--mode", "anchor"],
+                                        ["--tasks", "no_such_task"])),
     # --- cluster (flags are refused before MiniLM loads) ---
     ("cluster-levels-0", lambda r: (["cluster", r.data(), "--levels", "0"], ["--levels"])),
     ("cluster-k-1", lambda r: (["cluster", r.data(), "--k", "1"], ["--k"])),

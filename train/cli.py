@@ -87,6 +87,19 @@ probability = number(float, 0, 1)  # [0, 1]
 rate = number(float, 0, 1, low_open=True)  # (0, 1]
 
 
+def check_out_dir(path: str, flag: str = "--out") -> str:
+    """Refuse, before any work, an output directory that cannot be made: `path` is a file, or under one.
+    ConfigError names the flag and the path; returns `path` (created later, by the writer)."""
+    from model.errors import ConfigError
+
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise ConfigError(f"{flag} {path}: {p} is a file, not a directory; give another {flag}")
+    return path
+
+
 def run_command(prog: str, main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
     """Run a command's `main(argv)`: MemlmError -> one line on stderr, exit code 2 (traceback with --debug
     or MEMLM_DEBUG=1); Ctrl-C -> exit code 130."""

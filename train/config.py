@@ -208,6 +208,9 @@ def _check_value(key: str, value) -> None:
 def check(cfg: RunConfig) -> RunConfig:
     """Raise ConfigError naming the dotted key of the first value out of range (RANGES, CHOICES, and
     min_lr <= lr); return cfg."""
+    if cfg.name in ("", ".", "..") or "/" in cfg.name or os.sep in cfg.name:
+        raise ConfigError(f"name={cfg.name!r}: a run name is one directory name (no '/', not '.' or '..'); the "
+                          "run lives in runs_dir/name")
     for key in RANGES:
         if not (key.startswith("memory.") and cfg.memory is None):
             _check_value(key, get_key(cfg, key))
@@ -277,6 +280,8 @@ def _coerce(value, tp, key: str):
             value = parse_value(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r}: expected a number")
+        if math.isinf(value):
+            raise ConfigError(f"{key}={value}: expected a finite number")
         return float(value)
     if tp is str:
         if isinstance(value, (dict, list)):
@@ -385,6 +390,8 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
                 raw = yaml.safe_load(f) or {}
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
+        except OSError as e:  # a directory, no permission, ...
+            raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
         if not isinstance(raw, dict):

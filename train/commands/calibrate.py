@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import torch
 
-from train.cli import ArgumentParser, positive_int
+from train.cli import ArgumentParser, check_out_dir, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +61,8 @@ def plot(results: dict, path: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.out is not None:
+        check_out_dir(args.out)
     from data.selection import call_id, read_array, shards_of
     from data.shards import open_data
     from model.atomic import atomic_write_json

@@ -32,28 +32,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-word-tokens", type=positive_int, default=8, help="cap on large-model tokens per call")
     p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="SLM sampling temperature (0 = greedy)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="sampling seed")
-    p.add_argument("--mode", default="fetched", choices=("fetched", "generic", "anchor"),
-                   help="memory SLM: fetched (route the prompt), generic block, or anchor only")
+    p.add_argument("--mode", default=None, choices=("fetched", "generic", "anchor"),
+                   help="memory SLM: fetched (route the prompt; the default), generic block, or anchor only")
     p.add_argument("--no-calls", action="store_true", help="the SLM alone (<CALL> suppressed)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     return p
 
 
-def load_cascade(slm_path: str, large_path: str | None, device: str = "cpu", tau=None, mode="fetched",
+def load_cascade(slm_path: str, large_path: str | None, device: str = "cpu", tau=None, mode: str | None = None,
                  max_word_tokens: int = 8, allow_calls: bool = True):
+    """The SLM run at `slm_path` + the large model (None: SmolLM2) as a Cascade. `mode` (memory SLMs only;
+    default fetched): ConfigError for an SLM without memory."""
+    from model.errors import ConfigError
     from train.lacy.cascade import Cascade, load_large, load_memlm
 
     slm, tok, _, router = load_memlm(slm_path, device)
+    if mode is not None and not slm.has_memory:  # before the large model loads
+        raise ConfigError(f"--mode {mode}: the SLM {slm_path} has no memory; --mode is for memory runs (drop it)")
     large = load_large(large_path, device=device, max_word_tokens=max_word_tokens) if allow_calls else None
-    return Cascade(slm, tok, large, tau=tau, router=router, mode=mode, allow_calls=allow_calls)
+    return Cascade(slm, tok, large, tau=tau, router=router, mode=mode or "fetched", allow_calls=allow_calls)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not all(p.strip() for p in args.prompt):
-        from model.errors import ConfigError
+    from model.errors import ConfigError
 
+    if not all(p.strip() for p in args.prompt):
         raise ConfigError("--prompt: an empty prompt; give the text the SLM continues")
     cascade = load_cascade(args.slm, args.large, args.device, args.tau, args.mode, args.max_word_tokens,
                            allow_calls=not args.no_calls)

@@ -37,7 +37,7 @@ import torch
 import numpy as np
 
 from model.errors import CheckpointError, ConfigError, DataError
-from train.cli import ArgumentParser, nonnegative_int, positive_int
+from train.cli import ArgumentParser, check_out_dir, nonnegative_int, positive_int
 from train.evaluation.memory_eval import (ALL_MODES, DIFF_PAIRS, cluster_table, eval_val, loss_routed_paths,
                                           probe_correct, probe_diffs, probe_summary, sample_probes, write_json)
 
@@ -95,6 +95,8 @@ def route_probes(model, router, data, tokenizer, probes, route_top: int, device,
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.out is not None:
+        check_out_dir(args.out)
     from data.shards import open_data
     from data.tokenizer import tokenizer_hash
     from train.build import check_cluster_paths

@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from train.cli import ArgumentParser, nonnegative_int, positive_int, probability
+from train.cli import ArgumentParser, check_out_dir, nonnegative_int, positive_int, probability
 
 
 def _taus(text: str) -> list:
@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.out is not None:
+        check_out_dir(args.out)
     from data.bios import load_probes
     from data.factscore import FactParser, bios_paths, load_kb, person_buckets, sample_people, summarize
     from model.atomic import atomic_file, atomic_write_json
@@ -111,8 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise DataError(str(e)) from e
     probes = load_probes(probes_path) if os.path.isfile(probes_path) else None
-    people = sample_people(kb, person_buckets(kb, probes), args.per_bucket, args.seed)
-    parser = FactParser(kb)
+    try:
+        people = sample_people(kb, person_buckets(kb, probes), args.per_bucket, args.seed)
+        parser = FactParser(kb)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{kb_path}: damaged knowledge base (a person lacks {e}); prepare the bios data again") from None
     taus = args.taus or [args.tau]
     print(f"{len(people)} bios ({args.per_bucket} per bucket) from {kb_path}; thresholds "
           f"{', '.join(tau_name(t) for t in taus)}")

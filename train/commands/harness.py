@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from train.cli import ArgumentParser, positive_int
+from train.cli import ArgumentParser, check_out_dir, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.out is not None:
+        check_out_dir(args.out)
     from model.atomic import atomic_write_json
     from train.evaluation.harness import evaluate
 

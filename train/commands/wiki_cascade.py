@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from train.cli import ArgumentParser, nonnegative_int, positive_int
+from train.cli import ArgumentParser, check_out_dir, nonnegative_int, positive_int
 from train.commands.factscore import _rates, _taus
 
 
@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.out is not None:
+        check_out_dir(args.out)
     from data.wiki_facts import KINDS, read_facts
     from train.checkpoint import find_step_dir
     from model.atomic import atomic_file, atomic_write_json

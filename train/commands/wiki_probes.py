@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.cli import ArgumentParser, nonnegative_int, number, positive_int
+from train.cli import ArgumentParser, check_out_dir, nonnegative_int, number, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.out is not None:
+        check_out_dir(args.out)
     from data.shards import open_data
     from train.evaluation.wiki_probes import build_wiki_probes
 
