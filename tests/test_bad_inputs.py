@@ -209,6 +209,11 @@ ROWS = [
     ("pretrain-init-from-truncated-weights", lambda r: (pretrain(r, f"init_from={_truncated_weights(r)}"),
                                                         ["model.safetensors"])),
     ("pretrain-init-from-missing", lambda r: (pretrain(r, f"init_from={r.tmp / 'ghost'}"), [str(r.tmp / "ghost")])),
+    ("pretrain-init-from-damaged-hf-config", lambda r: (
+        pretrain(r, f"init_from={os.path.dirname(r.file('hf/config.json', '{'))}"), ["init_from", str(r.tmp / "hf")])),
+    ("pretrain-init-from-non-llama-hf-model", lambda r: (
+        pretrain(r, f"init_from={os.path.dirname(r.file('hf/config.json', json.dumps({'model_type': 'gpt2'})))}"),
+        ["init_from", "Llama"])),
     ("pretrain-init-from-other-preset", lambda r: (pretrain(r, f"init_from={r.run()}", "model.preset=small"),
                                                    ["init_from", "model.n_layer"])),
     # --- eval ---
@@ -265,6 +270,8 @@ ROWS = [
     ("cascade-tau-negative", lambda r: (["cascade", "--slm", r.run(), "--prompt", "Hi", "--tau", "-0.5"], ["--tau"])),
     ("cascade-temperature-nan", lambda r: (["cascade", "--slm", r.run(), "--prompt", "Hi", "--temperature", "nan"],
                                            ["--temperature"])),
+    ("cascade-temperature-inf", lambda r: (["cascade", "--slm", r.run(), "--prompt", "Hi", "--temperature", "inf"],
+                                           ["--temperature", "finite"])),
     ("cascade-empty-prompt", lambda r: (["cascade", "--slm", r.run(), "--prompt", "", "--no-calls"], ["--prompt"])),
     ("cascade-large-not-a-model", lambda r: (["cascade", "--slm", r.run(), "--prompt", "Hi", "--large", r.dir("empty")],
                                              [str(r.tmp / "empty")])),

@@ -74,11 +74,15 @@ def test_cluster_bad_input(tmp_path, data_dir, capsys):
     from train.cli import run_command
     from train.commands.cluster import main
 
-    for argv, msg in [([str(tmp_path)], r"memlm cluster: .*manifest"), ([data_dir, "--k", "1"], r"--k must be >= 2"),
-                      ([data_dir, "--splits", "val"], r"--splits must include train")]:
+    for argv, msg in [([str(tmp_path)], r"memlm cluster: .*manifest"),
+                      ([data_dir, "--splits", "val"], r"--splits val: must include train")]:
         assert run_command("memlm cluster", main, argv) == 2
         err = capsys.readouterr().err
         assert re.search(msg, err) and err.count("\n") == 1, err
+    with pytest.raises(SystemExit) as e:  # a flag out of range: argparse's one line, before any work
+        run_command("memlm cluster", main, [data_dir, "--k", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and re.search(r"--k: must be an integer >= 2", err) and err.count("\n") == 1, err
 
 
 def test_cluster_paths_from_document_keys(data_dir, tmp_path):

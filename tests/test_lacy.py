@@ -214,9 +214,9 @@ def test_select_errors(selected, tmp_path):
     shutil.copytree(selected["data"], data)
     sh = open_data(data).shards("train")[1]
     np.save(sh.file("loss_ref.npy"), np.zeros(sh.n_tokens - 3, dtype=np.float16))
-    with pytest.raises(SystemExit, match=r"train/00001\.loss_ref\.npy"):
+    with pytest.raises(DataError, match=r"train/00001\.loss_ref\.npy"):
         cmd_select.main([data, "--rule", "loss"])
-    with pytest.raises(SystemExit, match="loss_nope"):
+    with pytest.raises(DataError, match="loss_nope"):
         cmd_select.main([data, "--rule", "lacy", "--loss", "nope"])
     from transformers import PreTrainedTokenizerFast
 

@@ -96,11 +96,18 @@ class InitSource:
 
 
 def is_hf_dir(path: str) -> bool:
+    """True for a transformers model directory (config.json with a model_type); ConfigError naming the file
+    when config.json is there but unreadable."""
     cfg = os.path.join(path, "config.json")
     if not os.path.isfile(cfg):
         return False
-    with open(cfg) as f:
-        return json.load(f).get("model_type") is not None
+    try:
+        with open(cfg, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"init_from={path}: {cfg} is not valid JSON ({e}); give a transformers model "
+                          "directory or a memlm run") from None
+    return isinstance(obj, dict) and obj.get("model_type") is not None
 
 
 def resolve_init_from(path: str) -> InitSource:
@@ -112,7 +119,12 @@ def resolve_init_from(path: str) -> InitSource:
 
         from model.hf import config_from_llama
 
-        mc = config_from_llama(AutoConfig.from_pretrained(path), os.path.basename(os.path.normpath(path)))
+        try:
+            mc = config_from_llama(AutoConfig.from_pretrained(path, local_files_only=True),
+                                   os.path.basename(os.path.normpath(path)))
+        except (OSError, ValueError, KeyError) as e:  # unreadable config.json, or not a Llama model
+            raise ConfigError(f"init_from={path}: not a transformers Llama model memlm can start from "
+                              f"({' '.join(str(e).split())[:200]})") from None
         return InitSource("hf", path, mc, path)
     from train.checkpoint import find_step_dir, read_run_config
 

@@ -56,20 +56,21 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def number(kind: type, low=None, high=None, low_open: bool = False, high_open: bool = False):
-    """An argparse `type=` that parses `kind` and checks the interval (the message names the bound)."""
+    """An argparse `type=` that parses `kind` and checks the interval (the message names the bound); NaN and
+    infinities are always refused."""
     bounds = []
     if low is not None:
         bounds.append(f"> {low}" if low_open else f">= {low}")
     if high is not None:
         bounds.append(f"< {high}" if high_open else f"<= {high}")
-    what = ("an integer" if kind is int else "a number") + (" " + " and ".join(bounds) if bounds else "")
+    what = ("an integer" if kind is int else "a finite number") + (" " + " and ".join(bounds) if bounds else "")
 
     def parse(text: str):
         try:
             value = kind(text)
         except (TypeError, ValueError):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        bad = value != value or (low is not None and (value <= low if low_open else value < low)) or \
+        bad = value != value or value in (float("inf"), float("-inf")) or (low is not None and (value <= low if low_open else value < low)) or \
             (high is not None and (value >= high if high_open else value > high))
         if bad:
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
