@@ -70,7 +70,8 @@ def number(kind: type, low=None, high=None, low_open: bool = False, high_open: b
             value = kind(text)
         except (TypeError, ValueError):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        bad = value != value or value in (float("inf"), float("-inf")) or (low is not None and (value <= low if low_open else value < low)) or \
+        bad = value != value or value in (float("inf"), float("-inf")) or \
+            (low is not None and (value <= low if low_open else value < low)) or \
             (high is not None and (value >= high if high_open else value > high))
         if bad:
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
