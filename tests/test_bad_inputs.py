@@ -209,6 +209,8 @@ ROWS = [
     ("pretrain-init-from-truncated-weights", lambda r: (pretrain(r, f"init_from={_truncated_weights(r)}"),
                                                         ["model.safetensors"])),
     ("pretrain-init-from-missing", lambda r: (pretrain(r, f"init_from={r.tmp / 'ghost'}"), [str(r.tmp / "ghost")])),
+    ("pretrain-init-from-other-tokenizer", lambda r: (pretrain(r, f"init_from={r.run()}", data=_other_tokenizer_data(r)),
+                                                      ["init_from", "tokenizer"])),
     ("pretrain-init-from-damaged-hf-config", lambda r: (
         pretrain(r, f"init_from={os.path.dirname(r.file('hf/config.json', '{'))}"), ["init_from", str(r.tmp / "hf")])),
     ("pretrain-init-from-non-llama-hf-model", lambda r: (
@@ -233,6 +235,8 @@ ROWS = [
                                              ["--data", "tokenizer"])),
     ("eval-batch-too-large", lambda r: (["eval", r.run(), "--data", r.data(), "--batch-size", "100000"],
                                         ["--batch-size"])),
+    ("eval-route-top-on-anchor-run", lambda r: (["eval", r.run(), "--data", r.data(), "--route-top", "3"],
+                                                ["--route-top", "no memory"])),
     ("eval-out-is-a-file", lambda r: (["eval", r.run(), "--data", r.data(), "--out", r.file("o.txt", "x")],
                                       ["--out", str(r.tmp / "o.txt")])),
     ("eval-damaged-probes", lambda r: (["eval", r.run(), "--data", _damaged_probes(r)], ["probes.jsonl", "line"])),

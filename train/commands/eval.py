@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(device).eval()
 
     is_mem = model.has_memory
+    if args.route_top and not is_mem:
+        raise ConfigError(f"--route-top {args.route_top}: {step_dir} has no memory; --route-top is for memory runs")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in ALL_MODES]
     if bad or not modes:
