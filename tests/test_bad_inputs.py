@@ -338,6 +338,8 @@ ROWS = [
                                            ["index.json"])),
     # --- demo (flags; its directory rules: tests of the demo command) ---
     ("demo-unknown-stage", lambda r: (["demo", "--out", r.tmp / "demo", "--until", "everything"], ["--until"])),
+    ("demo-steps-scale-0", lambda r: (["demo", "--out", r.tmp / "demo", "--steps-scale", "0"], ["--steps-scale"])),
+    ("demo-seed-negative", lambda r: (["demo", "--out", r.tmp / "demo", "--seed", "-1"], ["--seed"])),
     ("demo-unknown-size", lambda r: (["demo", "--out", r.tmp / "demo", "--size", "galactic"], ["--size"])),
 ]
 
