@@ -29,15 +29,19 @@ def _foreign(dir_: str, names) -> None:
 @pytest.fixture
 def workdir(bios_data, tmp_path):
     """cwd: the user's prepared data in ./data (plus an __init__.py), foreign model/ memory/ kernels/
-    scripts/ packages, a ./train folder of files; a 'site' dir of foreign packages (as if installed
-    from PyPI) on PYTHONPATH; the repository is not on it."""
+    scripts/ train/ packages; a 'site' dir of foreign packages (as if installed from PyPI) on PYTHONPATH;
+    the repository is not on it. `python -m train.pretrain` then needs the start-up hook that
+    scripts/setup_env.sh installs (train/own_packages.py)."""
+    from train.own_packages import PTH_NAME
+
+    import sysconfig
+    assert os.path.isfile(os.path.join(sysconfig.get_paths()["purelib"], PTH_NAME)), \
+        f"{PTH_NAME} is not installed in this environment: run `make setup` (scripts/setup_env.sh)"
     cwd = tmp_path / "work"
     shutil.copytree(bios_data, cwd / "data")
-    _foreign(str(cwd), ["data", "model", "memory", "kernels", "scripts"])
-    (cwd / "train").mkdir()
-    (cwd / "train" / "notes.txt").write_text("a folder of the user's, not a package\n")
+    _foreign(str(cwd), ["data", "model", "memory", "kernels", "scripts", "train"])
     site = tmp_path / "site"
-    _foreign(str(site), ["data", "model", "memory", "kernels"])
+    _foreign(str(site), ["data", "model", "memory", "kernels", "train"])
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(PYTHONPATH=str(site), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     return cwd, env
@@ -71,14 +75,18 @@ def test_pretrain_launch_from_dir_with_package_named_folders(workdir, launcher):
 
 
 def test_foreign_modules_imported_first_are_replaced(tmp_path):
-    """A foreign `data` imported before memlm (e.g. by the user's code) gives way to memlm's on `import train`."""
+    """A foreign `data` imported before memlm gives way to memlm's on `import train` (the start-up hook's finder
+    removed, as in an environment without it); with the hook, `import data` is memlm's from the start."""
     site = tmp_path / "site"
     (site / "data").mkdir(parents=True)
     (site / "data" / "__init__.py").write_text("FOREIGN = True\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(site)
-    code = "import data; assert data.FOREIGN; import train, data.tokenizer; print(data.tokenizer.__file__)"
-    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert os.path.realpath(res.stdout.strip()) == os.path.realpath(os.path.join(ROOT, "data", "tokenizer.py"))
+    unhook = "import sys; sys.meta_path[:] = [f for f in sys.meta_path if not str(f).endswith('.MemlmPackages\\'>')]; "
+    want = os.path.realpath(os.path.join(ROOT, "data", "tokenizer.py"))
+    for code in (unhook + "import data; assert data.FOREIGN; import train, data.tokenizer; print(data.tokenizer.__file__)",
+                 "import data, data.tokenizer; assert not hasattr(data, 'FOREIGN'); print(data.tokenizer.__file__)"):
+        res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert os.path.realpath(res.stdout.strip()) == want

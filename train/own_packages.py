@@ -8,10 +8,12 @@ resolves exactly these names and their submodules to this installation, and drop
 that an earlier import took from elsewhere; every other import is left alone. `train/__init__.py` and the
 entry modules (train.pretrain, train.cli) call it before they import anything else of memlm.
 
-What it cannot cover: `python -m train.pretrain` resolves `train` itself before any memlm code runs, so a
-`./train` *package* (a folder with `__init__.py`) in the working directory, or a PyPI package named
-`train`, wins; launch `memlm pretrain ...` / `torchrun ... --no-python memlm pretrain ...` from there
-(README, "Launching from any directory").
+`python -m train.pretrain` resolves `train` itself before any memlm code runs, so for a `./train` *package*
+(a folder with `__init__.py`) in the working directory, or a PyPI package named `train`, the finder must be
+in place earlier: `scripts/setup_env.sh` calls `install_pth()`, which writes
+`memlm-own-packages.pth` into the environment's site-packages; Python executes it at start-up (before `-m`
+resolves its module) and it installs the same finder. A missing repository (moved or deleted) makes it do
+nothing.
 """
 from __future__ import annotations
 
@@ -47,10 +49,36 @@ def _is_ours(module, name: str) -> bool:
 
 def claim() -> None:
     """Install the finder (once) and forget foreign modules of memlm's names (not `train`: it is running)."""
-    if MemlmPackages not in sys.meta_path:
+    # by name: the start-up hook loads this file as another module, with its own class object
+    if not any(isinstance(f, type) and f.__name__ == MemlmPackages.__name__ for f in sys.meta_path):
         sys.meta_path.insert(0, MemlmPackages)
     for name in PACKAGES:
         module = sys.modules.get(name)
         if module is not None and name != "train" and not _is_ours(module, name):
             for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
                 del sys.modules[key]
+
+
+PTH_NAME = "memlm-own-packages.pth"
+
+
+def pth_line(root: str = ROOT) -> str:
+    """The start-up hook: one `import` line (what site.py executes in a .pth file) that loads this file by
+    path and calls claim(); silent when the file is gone."""
+    path = os.path.join(root, "train", "own_packages.py")
+    code = (f"import importlib.util as u, os\np = {path!r}\nif os.path.isfile(p):\n"
+            "    s = u.spec_from_file_location('memlm_own_packages', p); m = u.module_from_spec(s)\n"
+            "    s.loader.exec_module(m); m.claim()\n")
+    return f"import sys; exec({code!r})\n"
+
+
+def install_pth() -> str:
+    """Write the start-up hook into this environment's site-packages (atomically); returns its path."""
+    import sysconfig
+
+    from model.atomic import atomic_write
+
+    path = os.path.join(sysconfig.get_paths()["purelib"], PTH_NAME)
+    atomic_write(path, pth_line())
+    return path
+
