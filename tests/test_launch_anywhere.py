@@ -31,8 +31,8 @@ def workdir(bios_data, tmp_path):
     """cwd: the user's prepared data in ./data (plus an __init__.py), foreign model/ memory/ kernels/
     scripts/ train/ packages; a 'site' dir of foreign packages (as if installed from PyPI) on PYTHONPATH;
     the repository is not on it. `python -m train.pretrain` then needs the start-up hook that
-    scripts/setup_env.sh installs (train/own_packages.py)."""
-    from train.own_packages import PTH_NAME
+    scripts/setup_env.sh installs (train/__init__.py)."""
+    from train import PTH_NAME
 
     import sysconfig
     assert os.path.isfile(os.path.join(sysconfig.get_paths()["purelib"], PTH_NAME)), \

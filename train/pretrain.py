@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from train.own_packages import claim
+from train import claim
 
 claim()  # first: a ./data folder or a PyPI `data` must not shadow memlm's packages
 
