@@ -309,6 +309,11 @@ def remove_work_entry(root: str, kind: str, path: str) -> None:
         _trash(path)
 
 
+def is_leftover(name: str) -> bool:
+    """Whether `name` is a temporary / trash sibling this module leaves when a process is killed mid-write."""
+    return bool(_LEFTOVER.match(name))
+
+
 def remove_leftovers(parent: str) -> list[str]:
     """Delete the temporary / trash siblings this module leaves when a process is killed mid-write
     (`.<name>.tmp-…`, `.old-…`, `.del-…` in `parent`); nothing else. Returns what was removed. Call it only

@@ -301,14 +301,14 @@ class LacyRepro:
                    "--large-alone", "--per-bucket", s.per_bucket, "--max-new-tokens", s.max_new_tokens,
                    "--taus", s.taus, "--match-rates", "0,0.05,0.1,0.2", "--speed-check", s.speed_prompts,
                    "--seed", self.args.seed,
-                   "--out", os.path.join(self.out, "factscore"))
+                   "--out", os.path.join(self.out, "factscore"), "--force")
 
     def stage_bios_calibrate(self):
         first = [self.label(r, self.rates[0]) for r in self.rules] + [f"memory+lacy {self.pct(self.rates[0])}%"]
         labels = {k: v for k, v in self.bios_slms().items() if k in first}
         slms = [a for label, run in labels.items() for a in ("--slm", f"{label}={run}")]
         self.memlm("calibrate", self.data("bios"), *slms, "--max-windows", self.size.calib_windows,
-                   "--out", os.path.join(self.out, "calibration-bios"))
+                   "--out", os.path.join(self.out, "calibration-bios"), "--force")
 
     def stage_wiki_cascade(self):
         s = self.size
@@ -318,12 +318,12 @@ class LacyRepro:
         self.memlm("wiki-cascade", self.data("wiki"), *slms, *large, "--large-alone", "--max-leads", s.wiki_leads,
                    "--taus", s.wiki_taus, "--match-rates", "0,0.05,0.1,0.2", "--diagnose", 30,
                    *([] if gpu else ["--tag-calls"]),
-                   "--seed", self.args.seed, "--out", os.path.join(self.out, "wiki-cascade"))
+                   "--seed", self.args.seed, "--out", os.path.join(self.out, "wiki-cascade"), "--force")
 
     def stage_wiki_calibrate(self):
         slms = [a for r in self.rules for a in ("--slm", f"{r}={self.run_dir(f'wiki-{r}')}")]
         self.memlm("calibrate", self.data("wiki"), *slms, "--max-windows", self.size.calib_windows,
-                   "--out", os.path.join(self.out, "calibration-wiki"))
+                   "--out", os.path.join(self.out, "calibration-wiki"), "--force")
 
     def stage_report(self):
         from train.experiments.lacy_report import write_lacy_report

@@ -184,7 +184,7 @@ class MemoryRepro:
 
     def evaluate(self, run: str, data: str, out: str, *extra, per_bucket: int = 100000):
         self.memlm("eval", run, "--data", data, "--out", out, "--probes-per-bucket", per_bucket, "--seed",
-                   self.args.seed, "--route-top", 2, *extra)
+                   self.args.seed, "--route-top", 2, "--force", *extra)
 
     # ---- 1. mechanism check ---------------------------------------------------------------------
     def mech_runs(self) -> list[tuple[str, int]]:
@@ -273,7 +273,7 @@ class MemoryRepro:
                ("wiki-cluster-minilm", lambda: self.cluster(data["minilm"], s.wiki_k)),
                ("wiki-cluster-entity", lambda: self.cluster(data["entity"], s.wiki_k, "--paths-from", "entity")),
                ("wiki-probes", lambda: self.memlm("wiki-probes", data["minilm"], "--out", probes, "--max-per-set",
-                                                  s.wiki_probes, "--seed", self.args.seed)),
+                                                  s.wiki_probes, "--seed", self.args.seed, "--force")),
                ("wiki-anchor", lambda: self.pretrain(anchor, data["minilm"], A, s.lr, *s.anchor)),
                ("wiki-anchor-cont", lambda: self.pretrain(os.path.join(d, "runs", "anchor-cont"), data["minilm"], M,
                                                           s.memory_lr, *s.anchor, f"init_from={anchor}")),
@@ -290,7 +290,7 @@ class MemoryRepro:
             extra = ["--data", dd] if dd else []
             out.append((f"wiki-harness-{run}-{mode}", lambda run=run, mode=mode, extra=extra: self.memlm(
                 "harness", os.path.join(d, "runs", run), "--tasks", tasks, "--include-path", probes, "--mode", mode,
-                "--out", os.path.join(d, "harness", f"{run}-{mode}"), *extra)))
+                "--out", os.path.join(d, "harness", f"{run}-{mode}"), "--force", *extra)))
         return out
 
     # ---- plan / report --------------------------------------------------------------------------

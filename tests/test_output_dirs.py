@@ -250,3 +250,159 @@ def test_loss_compare_keep_refuses_foreign_dir(tmp_path, capsys):
     assert rc == 2
     _one_line(capsys.readouterr().err, str(user), "--keep")
     assert _hashes(tmp_path) == before and (user / "runs" / next(iter(RECIPES))).is_dir()
+
+
+# ---- commands that write an output directory: eval, factscore, calibrate, wiki-cascade, harness, wiki-probes,
+# and pretrain's run dir. Each row: build(tmp, run, data) -> (argv, the path the one error line must name).
+def _mine(tmp, name="mine") -> str:
+    _user_dir(tmp / name)
+    return str(tmp / name)
+
+
+def _earlier(tmp, kind, name="earlier") -> str:
+    """An earlier output of `kind` (memlm's marker), as a finished command leaves it."""
+    from model.atomic import write_marker
+
+    os.makedirs(tmp / name)
+    (tmp / name / "old.json").write_text("{}\n")
+    write_marker(str(tmp / name), kind)
+    return str(tmp / name)
+
+
+def _run_copy(tmp, run, entry=None) -> str:
+    """A copy of the tiny run, with a directory of the user's at RUN/`entry` (a command's default --out)."""
+    import shutil
+
+    shutil.copytree(run, tmp / "run")
+    if entry:
+        _user_dir(tmp / "run" / entry)
+    return str(tmp / "run")
+
+
+def _pretrain(tmp, data, *over):
+    kv = {"data.path": data, "runs_dir": str(tmp / "runs"), "name": "new", "trainer.max_steps": 1, "data.seq_len": 32,
+          "data.batch_size": 2, "trainer.val_every": 0, "logging.logger": "none"}
+    return ["pretrain", "--config", RECIPE, *[f"{k}={v}" for k, v in kv.items()], *over]
+
+
+def _file(path, text) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+OUT_ROWS = [
+    ("eval-out-holds-user-files", lambda t, r, d: (["eval", r, "--data", d, "--out", _mine(t)], str(t / "mine"))),
+    ("eval-force-on-user-files", lambda t, r, d: (["eval", r, "--data", d, "--out", _mine(t), "--force"],
+                                                  str(t / "mine"))),
+    ("eval-out-is-the-run", lambda t, r, d: (["eval", r, "--data", d, "--out", r, "--force"], r)),
+    ("eval-out-is-the-data", lambda t, r, d: (["eval", r, "--data", d, "--out", d, "--force"], d)),
+    ("eval-out-is-the-cwd", lambda t, r, d: (["eval", r, "--data", d, "--out", str(t), "--force"], str(t))),
+    ("eval-earlier-eval-without-force", lambda t, r, d: (["eval", r, "--data", d, "--out", _earlier(t, "eval")],
+                                                         "--force")),
+    ("eval-force-on-an-export", lambda t, r, d: (["eval", r, "--data", d, "--out", _earlier(t, "hf-export"),
+                                                  "--force"], str(t / "earlier"))),
+    ("eval-default-out-holds-user-files", lambda t, r, d: (["eval", _run_copy(t, r, "eval"), "--data", d],
+                                                           str(t / "run" / "eval"))),
+    ("factscore-out-holds-user-files", lambda t, r, d: (["factscore", "--slm", r, "--data", d, "--out", _mine(t)],
+                                                        str(t / "mine"))),
+    ("factscore-out-is-the-data", lambda t, r, d: (["factscore", "--slm", r, "--data", d, "--out", d, "--force"], d)),
+    ("factscore-default-out-holds-user-files", lambda t, r, d: (["factscore", "--slm", r, "--data", d],
+                                                                _mine(t, "factscore") and "factscore")),
+    ("factscore-earlier-calibration-with-force", lambda t, r, d: (
+        ["factscore", "--slm", r, "--data", d, "--out", _earlier(t, "calibrate"), "--force"], str(t / "earlier"))),
+    ("calibrate-out-holds-user-files", lambda t, r, d: (["calibrate", d, "--slm", r, "--out", _mine(t)],
+                                                        str(t / "mine"))),
+    ("calibrate-out-is-the-run", lambda t, r, d: (["calibrate", d, "--slm", r, "--out", r, "--force"], r)),
+    ("calibrate-default-out-holds-user-files", lambda t, r, d: (["calibrate", d, "--slm", r],
+                                                                _mine(t, "calibration") and "calibration")),
+    ("wiki-cascade-out-holds-user-files", lambda t, r, d: (["wiki-cascade", d, "--slm", r, "--out", _mine(t),
+                                                            "--force"], str(t / "mine"))),
+    ("wiki-cascade-earlier-without-force", lambda t, r, d: (["wiki-cascade", d, "--slm", r, "--out",
+                                                             _earlier(t, "wiki-cascade")], "--force")),
+    ("harness-out-holds-user-files", lambda t, r, d: (["harness", r, "--tasks", "x", "--mode", "anchor", "--out",
+                                                       _mine(t)], str(t / "mine"))),
+    ("harness-default-out-holds-user-files", lambda t, r, d: (["harness", _run_copy(t, r, "harness-anchor"), "--tasks",
+                                                               "x", "--mode", "anchor"], str(t / "run" / "harness-anchor"))),
+    ("harness-out-is-the-include-path", lambda t, r, d: (["harness", r, "--tasks", "x", "--mode", "anchor",
+                                                          "--include-path", _mine(t), "--out", str(t / "mine"),
+                                                          "--force"], str(t / "mine"))),
+    ("wiki-probes-out-holds-user-files", lambda t, r, d: (["wiki-probes", d, "--out", _mine(t)], str(t / "mine"))),
+    ("wiki-probes-out-is-the-data", lambda t, r, d: (["wiki-probes", d, "--out", d, "--force"], d)),
+    ("pretrain-run-dir-holds-user-files", lambda t, r, d: (_pretrain(t, d) if _mine(t / "runs", "new") else None,
+                                                           str(t / "runs" / "new"))),
+    ("pretrain-config-yaml-not-memlm", lambda t, r, d: (
+        _pretrain(t, d) if _file(str(t / "runs" / "new" / "config.yaml"), "thesis: [draft]\n") else None,
+        str(t / "runs" / "new" / "config.yaml"))),
+    ("pretrain-run-dir-is-a-file", lambda t, r, d: (_pretrain(t, d) if _file(str(t / "runs" / "new"), "x") else None,
+                                                    str(t / "runs" / "new"))),
+    ("pretrain-resume-another-run-into-user-dir", lambda t, r, d: (
+        ["pretrain", "--config", os.path.join(r, "config.yaml"), f"runs_dir={t / 'runs'}", "name=new",
+         f"checkpoint.resume={r}"] if _mine(t / "runs", "new") else None, str(t / "runs" / "new"))),
+]
+
+
+@pytest.mark.parametrize("build", [b for _, b in OUT_ROWS], ids=[i for i, _ in OUT_ROWS])
+def test_output_dir_refused(tmp_path, tiny_run, bios_data, build, one_thread):
+    """Exit 2, one line naming the directory, no traceback, every file (the user's, the run, the data) intact."""
+    from cli_harness import assert_clean_failure, run_memlm_inprocess, tree_hashes
+
+    top, run = tiny_run
+    argv, name = build(tmp_path, run, bios_data)
+    roots = (tmp_path, top, bios_data)
+    before = [tree_hashes(p) for p in roots]
+    result = run_memlm_inprocess(argv, cwd=tmp_path)
+    assert_clean_failure(result, names=[name])
+    assert result.returncode == 2
+    assert [tree_hashes(p) for p in roots] == before
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+def test_eval_force_replaces_only_its_own_output(tiny_run, bios_data, tmp_path, capsys, monkeypatch):
+    top, run = tiny_run
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "ev"
+    argv = ["eval", run, "--data", bios_data, "--out", out, "--val-batches", 1, "--probes-per-bucket", 1]
+    rc, err = _memlm(argv, capsys)
+    assert rc == 0, err
+    assert read_marker(str(out))["kind"] == "eval" and {"eval.json", "eval.png", MARKER} == set(os.listdir(out))
+    first = json.load(open(out / "eval.json"))
+    rc, err = _memlm(argv, capsys)
+    assert rc == 2
+    _one_line(err, str(out), "--force")
+    rc, err = _memlm(argv + ["--force"], capsys)
+    assert rc == 0, err
+    assert json.load(open(out / "eval.json"))["val"] == first["val"]  # the same numbers, written again
+    assert sorted(os.listdir(tmp_path)) == ["ev"]  # no temporary or trash sibling left
+
+
+def test_factscore_force_replaces_only_its_own_output(tiny_run, bios_data, tmp_path, capsys, monkeypatch):
+    top, run = tiny_run
+    monkeypatch.chdir(tmp_path)
+    _user_dir(tmp_path / "mine")
+    mine = _hashes(tmp_path / "mine")
+    argv = ["factscore", "--large", run, "--large-alone", "--data", bios_data, "--per-bucket", 1,
+            "--max-new-tokens", 2, "--n-boot", 10, "--device", "cpu", "--out", "fs"]
+    assert _memlm(argv, capsys)[0] == 0
+    assert read_marker(str(tmp_path / "fs"))["kind"] == "factscore"
+    assert _memlm(argv, capsys)[0] == 2
+    rc, err = _memlm(argv + ["--force"], capsys)
+    assert rc == 0, err
+    assert {"factscore.json", "samples.jsonl", MARKER} <= set(os.listdir(tmp_path / "fs"))
+    assert sorted(os.listdir(tmp_path)) == ["fs", "mine"] and _hashes(tmp_path / "mine") == mine
+
+
+def test_pretrain_restarts_a_run_killed_before_its_first_checkpoint(tiny_run, bios_data, tmp_path, capsys):
+    """Only memlm's config.yaml + metrics.jsonl (and a marked eval dir) in the run dir: a fresh start is fine."""
+    from train.config import load_config, save_config
+
+    top, run = tiny_run
+    new = tmp_path / "runs" / "new"
+    os.makedirs(new)
+    save_config(load_config(os.path.join(run, "config.yaml")), str(new / "config.yaml"))
+    (new / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "lo')
+    _earlier(new, "eval", "eval")
+    rc, err = _memlm(_pretrain(tmp_path, bios_data), capsys)
+    assert rc == 0, err
+    assert os.listdir(new / "checkpoints") and read_marker(str(new / "eval"))["kind"] == "eval"

@@ -38,9 +38,9 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 import torch
 
-from model.atomic import (atomic_write_json, publish_dir, read_marker, remove_dir, remove_leftovers,
+from model.atomic import (atomic_write_json, is_leftover, publish_dir, read_marker, remove_dir, remove_leftovers,
                           verify_dir, write_marker)
-from model.errors import CheckpointError, ConfigError
+from model.errors import CheckpointError, ConfigError, MemlmError
 from model.weights import load_weights, read_weights, save_weights
 from train.config import RunConfig, get_key, load_config, save_config
 
@@ -134,6 +134,35 @@ def choose_resume(cfg: RunConfig, log: Callable[[str], None]) -> str | None:
     for bad, why in skipped:
         log(f"skipping damaged checkpoint {bad} ({why}); resuming from {found}")
     return found
+
+
+# What a fresh start may find in its run dir: what an earlier start of the run wrote before it was killed
+# (before its first checkpoint), logger output, and directories memlm marked as its own (eval, hf exports).
+RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "checkpoints", "bank_live", "wandb", "lightning_logs"}
+
+
+def check_fresh_run_dir(run_dir: str) -> None:
+    """Refuse to start a new run in `run_dir` unless it is new, empty, or holds only what memlm's own runs
+    write there (RUN_ENTRIES with a memlm config.yaml, memlm-marked directories, leftovers of atomic writes):
+    a fresh start rewrites config.yaml and metrics.jsonl. ConfigError naming the directory otherwise."""
+    if not os.path.lexists(run_dir):
+        return
+    where = f"{run_dir} (runs_dir/name)"
+    if not os.path.isdir(run_dir):
+        raise ConfigError(f"{where}: exists and is not a directory; choose another name= or runs_dir=")
+    foreign = sorted(n for n in os.listdir(run_dir) if n not in RUN_ENTRIES and not is_leftover(n)
+                     and not (os.path.isdir(os.path.join(run_dir, n)) and read_marker(os.path.join(run_dir, n))))
+    if foreign:
+        raise ConfigError(f"{where}: holds files that are not a memlm run's ({', '.join(foreign[:3])}"
+                          f"{', ...' if len(foreign) > 3 else ''}); a new run would overwrite config.yaml and "
+                          "metrics.jsonl there: choose another name= or runs_dir=")
+    config = os.path.join(run_dir, "config.yaml")
+    if os.path.lexists(config):
+        try:
+            load_config(config)
+        except (MemlmError, OSError, ValueError) as e:
+            raise ConfigError(f"{config}: not a memlm run config ({str(e).splitlines()[0][:80]}); a new run would "
+                              "overwrite it: choose another name= or runs_dir=") from None
 
 
 def read_run_config(step_dir: str) -> RunConfig:

@@ -112,6 +112,9 @@ def run(cfg) -> dict:
     if resume_dir:
         checkpoint.check_resume(checkpoint.read_run_config(resume_dir), cfg, resume_dir)
         start_step = checkpoint.read_step(resume_dir)
+    own = resume_dir and os.path.realpath(resume_dir).startswith(os.path.realpath(cfg.run_dir) + os.sep)
+    if not own:  # a new run (or one resumed from another's checkpoint): on every rank, before any write
+        checkpoint.check_fresh_run_dir(cfg.run_dir)
 
     fabric, precision = _fabric(cfg, world, local, num_nodes)
     if fabric.is_global_zero:

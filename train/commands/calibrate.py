@@ -19,6 +19,9 @@ import torch
 from train.cli import ArgumentParser, check_out_dir, positive_int
 
 
+KIND = "calibrate"  # the kind in the marker of the output directory (model/atomic.py)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="memlm calibrate", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bins", type=positive_int, default=10, help="equal-width bins of P(<CALL>) for ECE")
     p.add_argument("--n-boot", type=positive_int, default=200, help="bootstrap resamples of windows")
     p.add_argument("--batch-size", type=positive_int, default=32, help="windows per forward pass")
-    p.add_argument("--out", default="calibration", help="output directory")
+    p.add_argument("--out", default="calibration", help="output directory, new or empty (written under a temporary "
+                                                        "name and renamed into place)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it holds an earlier memlm calibrate output (never any other directory)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     return p
 
@@ -65,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         check_out_dir(args.out)
     from data.selection import call_id, read_array, shards_of
     from data.shards import open_data
-    from model.atomic import atomic_write_json
+    from model.atomic import atomic_dir, atomic_write_json, check_output_dir
     from model.errors import DataError
     from train.lacy.calibration import positions, summarize
     from train.lacy.factscore import parse_slm
@@ -75,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for spec in args.slm:  # every run exists before the first one is scored
         find_step_dir(parse_slm(spec)[1])
+    sources = [args.data, *(parse_slm(spec)[1] for spec in args.slm)]
+    check_output_dir(args.out, KIND, args.force, sources=sources)
     dd = open_data(args.data)
     tok = dd.tokenizer()
     cid = call_id(tok, os.path.join(args.data, "tokenizer"))
@@ -106,11 +114,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{part} AUROC {r[part]['auroc']['point']:.3f} ECE {r[part]['ece']['point']:.3f} "
             f"(n={r[part]['n']}, wrong {r[part]['wrong_rate']:.2f}, mean P(<CALL>) {r[part]['mean_p_call']:.3f})"
             for part in ("factual", "non_factual") if r[part]["n"]))
-    os.makedirs(args.out, exist_ok=True)
-    atomic_write_json(os.path.join(args.out, "calibration.json"),
-                      {"data": args.data, "split": args.split, "bins": args.bins, "max_windows": args.max_windows,
-                       "runs": dict(map(parse_slm, args.slm)), "results": results})
-    plot(results, os.path.join(args.out, "calibration.png"))
+    with atomic_dir(args.out, KIND, replace=args.force, sources=sources) as tmp:
+        atomic_write_json(os.path.join(tmp, "calibration.json"),
+                          {"data": args.data, "split": args.split, "bins": args.bins, "max_windows": args.max_windows,
+                           "runs": dict(map(parse_slm, args.slm)), "results": results})
+        plot(results, os.path.join(tmp, "calibration.png"))
     print(f"wrote {args.out}/calibration.json, calibration.png")
     return 0
 

@@ -20,7 +20,8 @@ A plain anchor run has the mode "anchor" only.
   (fetched - generic, oracle - router, ...) has a 95% bootstrap interval (paired over the same probes),
   and validation-loss differences between modes one over the same rows.
 
-Writes OUT/eval.json (default OUT = RUN/eval):
+Writes OUT/eval.json (default OUT = RUN/eval), under a temporary name renamed into place with memlm's
+marker; an existing OUT is replaced only when it is an earlier eval output and --force is given:
     {"run", "data", "val": {mode: {"loss", "ppl", "tokens"}},
      "per_cluster": {mode: {"<top-level id>": {"loss", "ppl", "tokens"}}},
      "probes": {mode: {"bucket_<b>": {"acc", "n"}}}}          (buckets without probes are left out)
@@ -41,6 +42,8 @@ from train.cli import ArgumentParser, check_out_dir, nonnegative_int, positive_i
 from train.evaluation.memory_eval import (ALL_MODES, DIFF_PAIRS, cluster_table, eval_val, loss_routed_paths,
                                           probe_correct, probe_diffs, probe_summary, sample_probes, write_json)
 
+EVAL_KIND = "eval"  # the kind in the marker of an eval output directory (model/atomic.py)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="memlm eval", description=__doc__,
@@ -48,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run dir (its newest checkpoint) or a checkpoint step dir")
     p.add_argument("--data", required=True, help="data dir (memlm prepare + memlm cluster) whose val split and "
                                                  "bios probes are evaluated")
-    p.add_argument("--out", help="output dir for eval.json and eval.png (default: RUN/eval)")
+    p.add_argument("--out", help="output dir for eval.json and eval.png, new or empty (default: RUN/eval)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it holds an earlier memlm eval output (never any other directory)")
     p.add_argument("--val-batches", type=positive_int, default=None,
                    help="evaluate N batches of a seeded shuffle of the val rows (default: the whole val split)")
     p.add_argument("--probes-per-bucket", type=nonnegative_int, default=100,
@@ -99,12 +104,17 @@ def main(argv: list[str] | None = None) -> int:
         check_out_dir(args.out)
     from data.shards import open_data
     from data.tokenizer import tokenizer_hash
+    from model.atomic import atomic_dir, check_output_dir
     from train.build import check_cluster_paths
     from train.checkpoint import find_step_dir, load_run
     from train.experiments.report import eval_table, plot_memory_eval
 
     t0 = time.time()
     step_dir = find_step_dir(args.run)
+    out = args.out or os.path.join(args.run, "eval")
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))
+    sources = (args.run, run_dir, args.data)
+    check_output_dir(out, EVAL_KIND, args.force, sources=sources)  # before the model loads
     model, tokenizer, cfg, router = load_run(step_dir)
     data = open_data(args.data)
     if tokenizer is None:
@@ -160,10 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     ev = {"run": os.path.abspath(step_dir), "data": os.path.abspath(args.data), "val": val,
           "per_cluster": per_cluster, "val_diffs": diffs, "probes": probes_res, "probe_diffs": pdiffs,
           "probe_routing": routing, "probe_items": items}
-    out = args.out or os.path.join(args.run, "eval")
-    os.makedirs(out, exist_ok=True)
-    write_json(os.path.join(out, "eval.json"), ev)
-    plot_memory_eval(ev, os.path.join(out, "eval.png"))
+    with atomic_dir(out, EVAL_KIND, replace=args.force, sources=sources) as tmp:
+        write_json(os.path.join(tmp, "eval.json"), ev)
+        plot_memory_eval(ev, os.path.join(tmp, "eval.png"))
     print(eval_table(ev))
     ct = cluster_table(ev)
     if ct:

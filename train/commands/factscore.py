@@ -55,6 +55,9 @@ def _rates(text: str) -> list[float]:
     return out
 
 
+KIND = "factscore"  # the kind in the marker of the output directory (model/atomic.py)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="memlm factscore", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time the one-prompt loop vs the batched cascade on this many prompts (first --slm)")
     p.add_argument("--mode", default="fetched", choices=("fetched", "generic", "anchor"), help="memory SLMs")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for sampling people (and the bootstrap)")
-    p.add_argument("--out", default="factscore", help="output directory")
+    p.add_argument("--out", default="factscore", help="output directory, new or empty (written under a temporary "
+                                                      "name and renamed into place)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it holds an earlier memlm factscore output (never any other directory)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     return p
 
@@ -90,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         check_out_dir(args.out)
     from data.bios import load_probes
     from data.factscore import FactParser, bios_paths, load_kb, person_buckets, sample_people, summarize
-    from model.atomic import atomic_file, atomic_write_json
+    from model.atomic import atomic_dir, atomic_file, atomic_write_json, check_output_dir
     from model.errors import ConfigError, DataError
     from train.checkpoint import find_step_dir
     from train.lacy.cascade import Cascade, large_alone_batch, load_large, load_memlm
@@ -107,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--prompt {args.prompt!r}: bad placeholder ({e!r}); the only one is {{name}}") from None
     for spec in args.slm:  # before the large model loads
         find_step_dir(parse_slm(spec)[1])
+    sources = [args.data, *(parse_slm(spec)[1] for spec in args.slm), *([args.large] if args.large else [])]
+    check_output_dir(args.out, KIND, args.force, sources=sources)
     kb_path, probes_path = bios_paths(args.data)
     try:
         kb = load_kb(kb_path)
@@ -159,18 +167,18 @@ def main(argv: list[str] | None = None) -> int:
             results[key] = {"label": lab, "tau": tau, **summarize(sel), "factscore_ci": ci.to_dict()}
     curve, diffs = ({}, {}) if not swept else curves(rows, swept, args.match_rates, tuple(args.area), args.n_boot,
                                                      args.seed)
-    os.makedirs(args.out, exist_ok=True)
     report = {"data": args.data, "large": args.large or "smollm2-135m-instruct", "per_bucket": args.per_bucket,
               "prompt": args.prompt, "max_new_tokens": args.max_new_tokens, "stop": args.stop,
               "taus": [tau_name(t) for t in taus], "match_rates": args.match_rates, "area": args.area,
               "runs": dict(map(parse_slm, args.slm)), "results": results, "curves": curve, "diffs": diffs,
               "speed": speed}
-    atomic_write_json(os.path.join(args.out, "factscore.json"), report)
-    with atomic_file(os.path.join(args.out, "samples.jsonl")) as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    if curve:
-        plot_curves(curve, os.path.join(args.out, "curves.png"), rates=args.match_rates)
+    with atomic_dir(args.out, KIND, replace=args.force, sources=sources) as tmp:
+        atomic_write_json(os.path.join(tmp, "factscore.json"), report)
+        with atomic_file(os.path.join(tmp, "samples.jsonl")) as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        if curve:
+            plot_curves(curve, os.path.join(tmp, "curves.png"), rates=args.match_rates)
     print(table(results))
     print(f"wrote {args.out}/factscore.json, samples.jsonl" + (", curves.png" if curve else ""))
     return 0

@@ -4,7 +4,9 @@ The run is wrapped by train/evaluation/harness.py (registered with lm-eval as `m
 context is routed through the run's router (mode fetched), or gets the leaf holding most of the training
 windows of the document named by the task document's --key-field (mode oracle, needs --data), the generic
 block (generic) or no memory (anchor). Writes OUT/harness.json: per task the accuracy and per-probe
-results (for paired intervals between modes), and prints one line per task. Needs the optional extra
+results (for paired intervals between modes), and prints one line per task. OUT is written under a temporary
+name and renamed into place with memlm's marker; an existing OUT is replaced only when it is an earlier
+harness output and --force is given. Needs the optional extra
 `lm-eval` (pip install 'memlm[eval]').
 """
 from __future__ import annotations
@@ -15,6 +17,9 @@ import sys
 import time
 
 from train.cli import ArgumentParser, check_out_dir, positive_int
+
+
+KIND = "harness"  # the kind in the marker of the output directory (model/atomic.py)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=positive_int, default=None, help="at most N documents per task")
     p.add_argument("--batch-size", type=positive_int, default=16, help="rows per forward pass")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
-    p.add_argument("--out", default=None, help="output dir for harness.json (default RUN/harness-<mode>)")
+    p.add_argument("--out", default=None, help="output dir for harness.json, new or empty (default RUN/harness-<mode>)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it holds an earlier memlm harness output (never any other directory)")
     return p
 
 
@@ -39,10 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.out is not None:
         check_out_dir(args.out)
-    from model.atomic import atomic_write_json
+    from model.atomic import atomic_dir, atomic_write_json, check_output_dir
     from train.evaluation.harness import evaluate
 
     t0 = time.time()
+    out_dir = args.out or os.path.join(args.run, f"harness-{args.mode}")
+    sources = [p for p in (args.run, args.data, args.include_path) if p]
+    check_output_dir(out_dir, KIND, args.force, sources=sources)  # before the run loads
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     res = evaluate(args.run, tasks, include_path=args.include_path, mode=args.mode, data=args.data,
                    key_field=args.key_field, device=args.device, batch_size=args.batch_size, limit=args.limit)
@@ -53,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         acc = sum(items.values()) / max(len(items), 1)
         out["tasks"][t] = {"acc": acc, "n": len(items), "items": items}
         print(f"memlm harness: {t}: acc {acc:.4f} over {len(items)} documents (mode {args.mode})")
-    path = os.path.join(args.out or os.path.join(args.run, f"harness-{args.mode}"), "harness.json")
-    atomic_write_json(path, out)
+    with atomic_dir(out_dir, KIND, replace=args.force, sources=sources) as tmp:
+        atomic_write_json(os.path.join(tmp, "harness.json"), out)
+    path = os.path.join(out_dir, "harness.json")
     print(f"memlm harness: wrote {path} in {time.time() - t0:.1f}s")
     return 0
 

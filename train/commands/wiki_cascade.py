@@ -27,6 +27,9 @@ from train.cli import ArgumentParser, check_out_dir, nonnegative_int, positive_i
 from train.commands.factscore import _rates, _taus
 
 
+KIND = "wiki-cascade"  # the kind in the marker of the output directory (model/atomic.py)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="memlm wiki-cascade", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diagnose", type=nonnegative_int, default=0, help="call sites per kind and rule")
     p.add_argument("--tag-calls", action="store_true", help="spaCy-tag generation-time calls (needs spaCy)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the lead sample and the bootstrap")
-    p.add_argument("--out", default="wiki_cascade", help="output directory")
+    p.add_argument("--out", default="wiki_cascade", help="output directory, new or empty (written under a temporary "
+                                                         "name and renamed into place)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it holds an earlier memlm wiki-cascade output (never any other directory)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     return p
 
@@ -62,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         check_out_dir(args.out)
     from data.wiki_facts import KINDS, read_facts
     from train.checkpoint import find_step_dir
-    from model.atomic import atomic_file, atomic_write_json
+    from model.atomic import atomic_dir, atomic_file, atomic_write_json, check_output_dir
     from model.errors import ConfigError
     from train.lacy import wiki
     from train.lacy.cascade import Cascade, HFLargeModel, large_alone_batch, load_large, load_memlm
@@ -80,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--slm: give at least one --slm RUN (or --large-alone)")
         for spec in args.slm:  # before the facts are parsed and the large model loads
             find_step_dir(parse_slm(spec)[1])
+    sources = [args.data, *(parse_slm(spec)[1] for spec in args.slm), *(p for p in (args.large, args.judge) if p)]
+    if not args.facts_only:  # --facts-only writes only into the data dir
+        check_output_dir(args.out, KIND, args.force, sources=sources)
     path = wiki.facts_path(args.data, args.split)
     if args.facts_only or not os.path.isfile(path):
         wiki.build_facts(args.data, args.split)
@@ -153,24 +162,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.large_alone:
         la = [r for r in rows if r["label"] == "large alone"]
         alone = {"exact": sum(r["correct"] for r in la) / len(la), "n": len(la)}
-    os.makedirs(args.out, exist_ok=True)
-    atomic_write_json(os.path.join(args.out, "wiki_cascade.json"),
-                      {"data": args.data, "split": args.split, "large": args.large or "smollm2-135m-instruct",
-                       "judge": None if judge is None else (args.judge or args.large or "smollm2-135m-instruct"),
-                       "kinds": kinds,
-                       "clozes": len(items), "leads": len({c["title"] for c in items}),
-                       "kind_counts": {k: sum(c["kind"] == k for c in items) for k in kinds},
-                       "taus": [tau_name(t) for t in args.taus], "match_rates": args.match_rates,
-                       "runs": dict(map(parse_slm, args.slm)), "curves": curve, "diffs": diffs,
-                       "large_alone": alone, "diagnosis": diagnosis, "generation_calls": tagged})
-    with atomic_file(os.path.join(args.out, "samples.jsonl")) as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    if curve:
-        plot_curves(curve, os.path.join(args.out, "curves.png"), "wiki-leads: exact facts vs generation call rate",
-                    rates=args.match_rates, ylabel="exact-match rate of cloze answers",
-                    second=("nll", "NLL/token of the SLM's own text") if judge is not None
-                    else ("facts_per_bio", "clozes"))
+    with atomic_dir(args.out, KIND, replace=args.force, sources=sources) as tmp:
+        atomic_write_json(os.path.join(tmp, "wiki_cascade.json"),
+                          {"data": args.data, "split": args.split, "large": args.large or "smollm2-135m-instruct",
+                           "judge": None if judge is None else (args.judge or args.large or "smollm2-135m-instruct"),
+                           "kinds": kinds,
+                           "clozes": len(items), "leads": len({c["title"] for c in items}),
+                           "kind_counts": {k: sum(c["kind"] == k for c in items) for k in kinds},
+                           "taus": [tau_name(t) for t in args.taus], "match_rates": args.match_rates,
+                           "runs": dict(map(parse_slm, args.slm)), "curves": curve, "diffs": diffs,
+                           "large_alone": alone, "diagnosis": diagnosis, "generation_calls": tagged})
+        with atomic_file(os.path.join(tmp, "samples.jsonl")) as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        if curve:
+            plot_curves(curve, os.path.join(tmp, "curves.png"), "wiki-leads: exact facts vs generation call rate",
+                        rates=args.match_rates, ylabel="exact-match rate of cloze answers",
+                        second=("nll", "NLL/token of the SLM's own text") if judge is not None
+                        else ("facts_per_bio", "clozes"))
     for label, c in curve.items():
         m = c["matched"]
         print(f"{label}: " + ", ".join(f"exact@{r} {m[r]['factscore']['point']:.3f}" for r in m))

@@ -4,7 +4,9 @@ Exact-answer clozes (years, dates, countries, places, nationalities, occupations
 from the train articles ("seen") and the val articles ("held-out"), each with n-1 distractors of the same
 kind with the closest training counts and the answer's count in training. Writes DIR/wiki_seen.jsonl,
 DIR/wiki_heldout.jsonl and lm-eval task files memlm_wiki_seen / memlm_wiki_heldout (score them with
-`memlm harness RUN --include-path DIR --tasks memlm_wiki_seen,memlm_wiki_heldout`). Needs spaCy's
+`memlm harness RUN --include-path DIR --tasks memlm_wiki_seen,memlm_wiki_heldout`). DIR is written under a
+temporary name and renamed into place with memlm's marker; an existing DIR is replaced only when it holds
+earlier probes and --force is given. Needs spaCy's
 English pipeline (parses ~50 leads/s on 2 cores).
 """
 from __future__ import annotations
@@ -15,11 +17,16 @@ import sys
 from train.cli import ArgumentParser, check_out_dir, nonnegative_int, number, positive_int
 
 
+KIND = "wiki-probes"  # the kind in the marker of the output directory (model/atomic.py)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="memlm wiki-probes", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="data dir prepared from --corpus wiki-leads")
-    p.add_argument("--out", required=True, help="output dir for the probe files and task YAMLs")
+    p.add_argument("--out", required=True, help="output dir for the probe files and task YAMLs, new or empty")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it holds earlier memlm wiki-probes output (never any other directory)")
     p.add_argument("--choices", type=number(int, 2), default=4,
                    help="choices per probe, the answer included (>= 2, default 4)")
     p.add_argument("--max-per-set", type=positive_int, default=None, help="at most N probes per set (seeded sample)")
@@ -32,10 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         check_out_dir(args.out)
     from data.shards import open_data
+    from model.atomic import atomic_dir, check_output_dir
     from train.evaluation.wiki_probes import build_wiki_probes
 
-    s = build_wiki_probes(open_data(args.data), args.out, n_choices=args.choices, max_per_set=args.max_per_set,
-                          seed=args.seed)
+    check_output_dir(args.out, KIND, args.force, sources=[args.data])  # before the leads are parsed
+    data = open_data(args.data)
+    with atomic_dir(args.out, KIND, replace=args.force, sources=[args.data]) as tmp:
+        s = build_wiki_probes(data, tmp, n_choices=args.choices, max_per_set=args.max_per_set, seed=args.seed,
+                              final_dir=args.out)
     for name, v in s.items():
         print(f"memlm wiki-probes: {name}: {v['n']} probes ({', '.join(f'{k} {n}' for k, n in sorted(v['kinds'].items()))})")
     print(f"memlm wiki-probes: wrote {args.out}")

@@ -71,8 +71,10 @@ def distractors(answer: str, kind: str, pool: dict[str, list[tuple[int, str]]], 
 
 
 def build_wiki_probes(data, out: str, n_choices: int = 4, max_per_set: int | None = None, seed: int = 0,
-                      nlp=None, progress=None) -> dict:
-    """Write the probe sets and task files of data dir `data` (an opened DataDir) into `out`.
+                      nlp=None, progress=None, final_dir: str | None = None) -> dict:
+    """Write the probe sets and task files of data dir `data` (an opened DataDir) into `out`; the task files
+    name the probe files under `final_dir` (default `out`: where `out` will be renamed to, when it is a
+    temporary directory).
     Returns {"seen": n, "heldout": n, "kinds": {...}}. Raises DataError if the data is not wiki-leads."""
     from data.corpora import wiki_leads_path
     from data.wiki_facts import answer_counts, country_names, facts_from_leads
@@ -111,9 +113,10 @@ def build_wiki_probes(data, out: str, n_choices: int = 4, max_per_set: int | Non
                          "count": counts[f.answer], "split": name})
         if max_per_set is not None and len(rows) > max_per_set:
             rows = sorted(random.Random(seed).sample(rows, max_per_set), key=lambda r: int(r["id"].split("-")[1]))
-        path = os.path.abspath(os.path.join(out, f"wiki_{name}.jsonl"))
+        path = os.path.join(out, f"wiki_{name}.jsonl")
         atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        atomic_write(os.path.join(out, f"{TASKS[name]}.yaml"), TASK_YAML.format(task=TASKS[name], path=path))
+        final = os.path.abspath(os.path.join(final_dir or out, f"wiki_{name}.jsonl"))
+        atomic_write(os.path.join(out, f"{TASKS[name]}.yaml"), TASK_YAML.format(task=TASKS[name], path=final))
         kinds: dict[str, int] = {}
         for r in rows:
             kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1

@@ -138,7 +138,8 @@ class Demo:
         out = os.path.join(self.out, "eval")
         batches = [] if self.size.eval_batches is None else ["--val-batches", self.size.eval_batches]
         self.memlm("eval", os.path.join(self.runs, "memory"), "--data", self.data, "--out", out, *batches,
-                   "--probes-per-bucket", self.size.probes_per_bucket, "--seed", self.args.seed)
+                   "--probes-per-bucket", self.size.probes_per_bucket, "--seed", self.args.seed,
+                   "--force")  # the demo owns its eval output: a redone stage replaces it
         return {"eval": os.path.join(out, "eval.json")}
 
     def stage_lacy(self):
