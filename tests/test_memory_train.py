@@ -259,6 +259,14 @@ def test_harness_modes_on_a_local_task(runs, tmp_path):
                              "--out", out, "--batch-size", "2"]) == 0
         res = json.load(open(os.path.join(out, "harness.json")))["tasks"]["tiny_mc"]
         assert res["n"] == 2 and set(res["items"]) == {"a", "b"} and 0 <= res["acc"] <= 1
+    from model.errors import OutputExistsError
+
+    with pytest.raises(OutputExistsError, match="--force"):  # an earlier harness output: replaced only with --force
+        harness_main([runs["memory"], "--tasks", "tiny_mc", "--include-path", str(tmp_path), "--mode", "anchor",
+                      "--out", out, "--batch-size", "2"])
+    assert harness_main([runs["memory"], "--tasks", "tiny_mc", "--include-path", str(tmp_path), "--mode", "anchor",
+                         "--out", out, "--batch-size", "2", "--force"]) == 0
+    assert json.load(open(os.path.join(out, "harness.json")))["mode"] == "anchor"
 
     model, tok, _, router = load_run(runs["memory"])
     lm = MemlmLM(runs["memory"], mode="fetched", batch_size=3)

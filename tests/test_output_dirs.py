@@ -323,8 +323,9 @@ OUT_ROWS = [
                                                              _earlier(t, "wiki-cascade")], "--force")),
     ("harness-out-holds-user-files", lambda t, r, d: (["harness", r, "--tasks", "x", "--mode", "anchor", "--out",
                                                        _mine(t)], str(t / "mine"))),
-    ("harness-default-out-holds-user-files", lambda t, r, d: (["harness", _run_copy(t, r, "harness-anchor"), "--tasks",
-                                                               "x", "--mode", "anchor"], str(t / "run" / "harness-anchor"))),
+    ("harness-default-out-holds-user-files", lambda t, r, d: (
+        ["harness", _run_copy(t, r, "harness-anchor"), "--tasks", "x", "--mode", "anchor"],
+        str(t / "run" / "harness-anchor"))),
     ("harness-out-is-the-include-path", lambda t, r, d: (["harness", r, "--tasks", "x", "--mode", "anchor",
                                                           "--include-path", _mine(t), "--out", str(t / "mine"),
                                                           "--force"], str(t / "mine"))),
@@ -406,3 +407,50 @@ def test_pretrain_restarts_a_run_killed_before_its_first_checkpoint(tiny_run, bi
     rc, err = _memlm(_pretrain(tmp_path, bios_data), capsys)
     assert rc == 0, err
     assert os.listdir(new / "checkpoints") and read_marker(str(new / "eval"))["kind"] == "eval"
+
+
+def test_wiki_probes_force_replaces_only_its_own_output(bios_data, tmp_path, capsys, monkeypatch):
+    """The command's directory handling (the probe builder, which needs wiki-leads data and spaCy, is stubbed):
+    the task YAML names the probe file where the directory ends up, not the temporary one."""
+    import train.evaluation.wiki_probes as wp
+
+    def fake(data, out, n_choices=4, max_per_set=None, seed=0, final_dir=None):
+        with open(os.path.join(out, "memlm_wiki_seen.yaml"), "w") as f:
+            f.write(f"path: {os.path.abspath(os.path.join(final_dir, 'wiki_seen.jsonl'))}\n")
+        return {"seen": {"n": seed, "kinds": {}}}
+
+    monkeypatch.setattr(wp, "build_wiki_probes", fake)
+    monkeypatch.chdir(tmp_path)
+    argv = ["wiki-probes", bios_data, "--out", "probes"]
+    assert _memlm(argv, capsys)[0] == 0
+    assert _memlm(argv + ["--seed", 1], capsys)[0] == 2
+    rc, err = _memlm(argv + ["--seed", 1, "--force"], capsys)
+    assert rc == 0, err
+    assert read_marker(str(tmp_path / "probes"))["kind"] == "wiki-probes"
+    assert (tmp_path / "probes" / "memlm_wiki_seen.yaml").read_text() == \
+        f"path: {tmp_path / 'probes' / 'wiki_seen.jsonl'}\n"
+    assert sorted(os.listdir(tmp_path)) == ["probes"]
+
+
+def test_calibrate_force_replaces_only_its_own_output(tiny_run, bios_data, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import numpy as np
+
+    from data.shards import open_data
+
+    top, run = tiny_run
+    data = str(tmp_path / "data")
+    shutil.copytree(bios_data, data)
+    for sh in open_data(data).shards("val"):  # as `memlm tag` leaves it (every 3rd token factual)
+        sh.write_array("factual", (np.arange(sh.n_tokens) % 3 == 0).astype(np.uint8))
+    monkeypatch.chdir(tmp_path)
+    argv = ["calibrate", data, "--slm", f"a={run}", "--max-windows", 4, "--n-boot", 5, "--device", "cpu"]
+    rc, err = _memlm(argv, capsys)
+    assert rc == 0, err
+    assert read_marker(str(tmp_path / "calibration"))["kind"] == "calibrate"
+    assert _memlm(argv, capsys)[0] == 2
+    rc, err = _memlm(argv + ["--force"], capsys)
+    assert rc == 0, err
+    assert {"calibration.json", "calibration.png", MARKER} == set(os.listdir(tmp_path / "calibration"))
+    assert sorted(os.listdir(tmp_path)) == ["calibration", "data"]

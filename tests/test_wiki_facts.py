@@ -129,7 +129,7 @@ def test_build_wiki_probes(tmp_path, nlp):
         assert len(rows[name]) == summary[name]["n"]
         assert {r["title"] for r in rows[name]} <= split_titles[split]
         yaml = (tmp_path / "probes" / f"memlm_wiki_{name}.yaml").read_text()
-        assert f"task: memlm_wiki_{name}" in yaml and f"wiki_{name}.jsonl" in yaml
+        assert f"task: memlm_wiki_{name}" in yaml and str(tmp_path / "probes" / f"wiki_{name}.jsonl") in yaml
     kinds = {}
     for r in rows["seen"] + rows["heldout"]:
         kinds.setdefault(r["kind"], set()).add(r["answer"])
