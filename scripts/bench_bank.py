@@ -18,7 +18,6 @@ config. Acceptance: 2b-mmap within 1.10x of 10m in step time and within 15% in p
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -160,27 +159,35 @@ def one(name: str, steps: int, warmup: int, batch: int, seq_len: int, workdir: s
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="10m,100m,1b,1b-mmap,2b-mmap,100m-resident-dense", help=f"comma list of {','.join(CONFIGS)}")
-    ap.add_argument("--steps", type=int, default=30, help="timed steps per config")
-    ap.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    ap.add_argument("--batch", type=int, default=4, help="rows per step (distinct paths)")
-    ap.add_argument("--seq-len", type=int, default=128, help="tokens per row")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per config (0: torch's default)")
-    ap.add_argument("--rounds", type=int, default=1, help="repeat the whole sweep; report the best median")
+    import argparse
+
+    from train.cli import ArgumentParser, check_out_dir, comma_list, nonnegative_int, positive_int
+
+    ap = ArgumentParser(prog="bench_bank.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", type=comma_list(choices=CONFIGS), default="10m,100m,1b,1b-mmap,2b-mmap,100m-resident-dense",
+                    help=f"comma list of {','.join(CONFIGS)}")
+    ap.add_argument("--steps", type=positive_int, default=30, help="timed steps per config")
+    ap.add_argument("--warmup", type=nonnegative_int, default=5, help="untimed steps first")
+    ap.add_argument("--batch", type=positive_int, default=4, help="rows per step (distinct paths)")
+    ap.add_argument("--seq-len", type=positive_int, default=128, help="tokens per row")
+    ap.add_argument("--threads", type=nonnegative_int, default=1, help="torch threads per config (0: torch's default)")
+    ap.add_argument("--rounds", type=positive_int, default=1, help="repeat the whole sweep; report the best median")
     ap.add_argument("--dir", default=None, help="scratch dir for mmap files and checkpoints (default: a temp dir)")
     ap.add_argument("--csv", default=None, help="also write the rows as CSV here")
-    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one config, print JSON
+    ap.add_argument("--one", choices=CONFIGS, default=None, help=argparse.SUPPRESS)  # internal: one config, print JSON
     args = ap.parse_args(argv)
+    if args.dir:
+        check_out_dir(args.dir, "--dir")
+    if args.csv and os.path.isdir(args.csv):
+        from model.errors import ConfigError
+
+        raise ConfigError(f"--csv {args.csv}: is a directory; give a file name")
 
     if args.one:
         print("RESULT " + json.dumps(one(args.one, args.steps, args.warmup, args.batch, args.seq_len, args.dir, args.threads)))
         return 0
 
-    names = [n.strip() for n in args.configs.split(",") if n.strip()]
-    for n in names:
-        if n not in CONFIGS:
-            raise SystemExit(f"bench_bank: unknown config {n!r}; choose from {', '.join(CONFIGS)}")
+    names = args.configs
     base = args.dir or tempfile.mkdtemp(prefix="memlm-bench-bank-")
     results: dict[str, dict] = {}
     try:
@@ -196,7 +203,9 @@ def main(argv=None) -> int:
                 line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
                 if proc.returncode != 0 or not line:
                     print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-                    raise SystemExit(f"bench_bank: config {n} failed (exit {proc.returncode})")
+                    from model.errors import TrainingError
+
+                    raise TrainingError(f"config {n} failed (exit {proc.returncode}); its output is above")
                 res = json.loads(line[0][len("RESULT "):])
                 cpu_best = min(res["cpu_ms_step"], results[n]["cpu_ms_step"]) if n in results else res["cpu_ms_step"]
                 if n not in results or res["step_ms_median"] < results[n]["step_ms_median"]:
@@ -240,7 +249,9 @@ def main(argv=None) -> int:
     if args.csv:
         import csv
 
-        with open(args.csv, "w", newline="") as f:
+        from model.atomic import atomic_path
+
+        with atomic_path(args.csv) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=sorted({k for r in results.values() for k in r}))
             w.writeheader()
             w.writerows(results.values())
@@ -248,4 +259,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from train.cli import run_command
+
+    sys.exit(run_command("bench_bank.py", main))

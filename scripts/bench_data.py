@@ -95,15 +95,17 @@ def bench_model(vocab_size: int, seq_len: int, batch_size: int, steps: int, whic
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from train.cli import ArgumentParser, nonnegative_int, number, positive_int
+
+    p = ArgumentParser(prog="bench_data.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", default="wiki-leads", help="corpus spec to tokenize (default wiki-leads)")
-    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocab trained for the benchmark")
-    p.add_argument("--batch-docs", type=int, default=512, help="documents per encode batch (both paths)")
-    p.add_argument("--seq-len", type=int, default=256, help="packed row length")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per batch")
-    p.add_argument("--loader-batches", type=int, default=300, help="batches timed for the loader")
-    p.add_argument("--model-steps", type=int, default=5, help="training steps timed for the model")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for the loader bench")
+    p.add_argument("--vocab-size", type=number(int, 512), default=8192, help="BPE vocab trained for the benchmark")
+    p.add_argument("--batch-docs", type=positive_int, default=512, help="documents per encode batch (both paths)")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="packed row length")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="rows per batch")
+    p.add_argument("--loader-batches", type=positive_int, default=300, help="batches timed for the loader")
+    p.add_argument("--model-steps", type=positive_int, default=5, help="training steps timed for the model")
+    p.add_argument("--num-workers", type=nonnegative_int, default=0, help="DataLoader workers for the loader bench")
     p.add_argument("--model", default="both", choices=["anchor", "torch", "both"],
                    help="model whose training speed is the reference (model.Anchor tiny, a torch 4x128 "
                         "transformer, or both: the faster one sets the ratio)")
@@ -132,4 +134,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from train.cli import run_command
+
+    sys.exit(run_command("bench_data.py", main))

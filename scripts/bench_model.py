@@ -50,14 +50,21 @@ def bench_preset(name: str, batch: int, seq: int, iters: int, warmup: int = 1) -
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", nargs="+", default=["tiny", "160m"], help="model presets to benchmark")
-    p.add_argument("--batch", type=int, nargs="+", default=None,
-                   help="batch size per preset (default: 8 for tiny/tiny-2x/small, else 1)")
-    p.add_argument("--seq", type=int, default=256, help="sequence length")
-    p.add_argument("--iters", type=int, default=3, help="timed fwd+bwd steps per preset")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    from model.config import presets
+    from model.errors import ConfigError
+    from train.cli import ArgumentParser, positive_int
+
+    p = ArgumentParser(prog="bench_model.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=["tiny", "160m"], choices=list(presets), metavar="PRESET",
+                   help=f"model presets to benchmark (of {', '.join(presets)})")
+    p.add_argument("--batch", type=positive_int, nargs="+", default=None,
+                   help="batch size per preset, or one for all (default: 8 for tiny/tiny-2x/small, else 1)")
+    p.add_argument("--seq", type=positive_int, default=256, help="sequence length")
+    p.add_argument("--iters", type=positive_int, default=3, help="timed fwd+bwd steps per preset")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.batch and len(args.batch) not in (1, len(args.presets)):
+        raise ConfigError(f"--batch: {len(args.batch)} values for {len(args.presets)} presets; give one, or one per preset")
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = args.batch or [8 if n in ("tiny", "tiny-2x", "small") else 1 for n in args.presets]
@@ -92,4 +99,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from train.cli import run_command
+
+    sys.exit(run_command("bench_model.py", main))

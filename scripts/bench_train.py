@@ -88,15 +88,26 @@ def memlm_loop(cfg, steps: int, warmup: int) -> tuple[float, float]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from model.config import presets as known_presets
+    from model.errors import ConfigError, DataError
+    from train.cli import ArgumentParser, comma_list, nonnegative_int, positive_int
+
+    p = ArgumentParser(prog="bench_train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="prepared data dir (default: a small bios dir in a temp folder)")
-    p.add_argument("--presets", default=None, help="comma list (default: tiny; tiny,160m with CUDA)")
-    p.add_argument("--steps", type=int, default=80, help="optimizer steps per run (80: rounds differ by ~2%% on a quiet CPU)")
-    p.add_argument("--warmup", type=int, default=10, help="steps excluded from timing")
-    p.add_argument("--rounds", type=int, default=5,
+    p.add_argument("--presets", type=comma_list(choices=list(known_presets)), default=None,
+                   help="comma list (default: tiny; tiny,160m with CUDA)")
+    p.add_argument("--steps", type=positive_int, default=80,
+                   help="optimizer steps per run, >= --warmup + 5 (80: rounds differ by ~2%% on a quiet CPU)")
+    p.add_argument("--warmup", type=nonnegative_int, default=10, help="steps excluded from timing")
+    p.add_argument("--rounds", type=positive_int, default=5,
                    help="rounds of (bare, memlm) in alternating order; medians are reported (robust to a "
                         "shared, noisy machine)")
     args = p.parse_args(argv)
+    if args.steps < args.warmup + 5:  # the timed window spans two log rows (trainer.log_every=5)
+        raise ConfigError(f"--steps {args.steps}: must be at least --warmup + 5 ({args.warmup + 5}): "
+                          "too few steps would be timed")
+    if args.data and not os.path.isdir(args.data):
+        raise DataError(f"--data {args.data}: no such directory; give a directory made by `memlm prepare`")
 
     import torch
 
@@ -106,7 +117,7 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     # the peak is measured once, first, like `memlm pretrain` does (CPU: fp32 2048^3 matmul)
     peak = device_peak_flops("cuda" if cuda else "cpu", "bf16-mixed" if cuda else "32-true")
-    presets = (args.presets or ("tiny,160m" if cuda else "tiny")).split(",")
+    presets = args.presets or (["tiny", "160m"] if cuda else ["tiny"])
     tmp = tempfile.mkdtemp(prefix="memlm-bench-")
     data = args.data
     if not data:
@@ -169,4 +180,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from train.cli import run_command
+
+    sys.exit(run_command("bench_train.py", main))

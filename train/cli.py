@@ -89,6 +89,28 @@ probability = number(float, 0, 1)  # [0, 1]
 rate = number(float, 0, 1, low_open=True)  # (0, 1]
 
 
+def comma_list(item: Callable[[str], object] | None = None, choices=None):
+    """An argparse `type=` for `a,b,c`: a non-empty list, each entry in `choices` (if given) and parsed by
+    `item` (e.g. `positive_int`); argparse names the flag in the one-line error."""
+
+    def parse(text: str):
+        entries = [x.strip() for x in text.split(",") if x.strip()]
+        if not entries:
+            raise argparse.ArgumentTypeError(f"must be a comma-separated list, got {text!r}")
+        out = []
+        for x in entries:
+            if choices is not None and x not in choices:
+                raise argparse.ArgumentTypeError(f"unknown {x!r} in {text!r}; choose from {', '.join(choices)}")
+            try:
+                out.append(item(x) if item else x)
+            except argparse.ArgumentTypeError as e:
+                raise argparse.ArgumentTypeError(f"{x!r} in {text!r}: {e}") from None
+        return out
+
+    parse.__name__ = "list"
+    return parse
+
+
 def check_out_dir(path: str, flag: str = "--out") -> str:
     """Refuse, before any work, an output directory that cannot be made: `path` is a file, or under one.
     ConfigError names the flag and the path; returns `path` (created later, by the writer)."""
