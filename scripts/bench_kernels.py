@@ -19,6 +19,12 @@ import sys
 import time
 import traceback
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `python scripts/bench_kernels.py` as well as `memlm bench-kernels`
+    sys.path.insert(0, ROOT)
+
+from train.cli import ArgumentParser, positive_int  # noqa: E402
+
 SHAPES = {  # name: (d, F, R) — R = sum of the per-level memory widths of the paper's configs
     "160M": (512, 2048, 336),
     "410M": (1024, 2816, 672),
@@ -28,24 +34,40 @@ PROVIDERS = ("reference-eager", "reference-compile", "triton")
 PASSES = ("fwd", "bwd", "fwd+bwd")
 
 
+def _paths(text: str) -> str:
+    """--paths entry: 'all' or an integer >= 1 (kept as text: it labels the CSV rows)."""
+    if text != "all":
+        try:
+            positive_int(text)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"must be 'all' or an integer >= 1, got {text!r}") from None
+    return text
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="memlm bench-kernels", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", nargs="+", default=list(SHAPES), help=f"model shapes to run (of {', '.join(SHAPES)})")
-    p.add_argument("--tokens", nargs="+", type=int, default=[16384, 32768, 65536], help="tokens per step (B*T)")
-    p.add_argument("--seq-len", type=int, default=2048, help="T, tokens per row; B = tokens // T")
-    p.add_argument("--paths", nargs="+", default=["1", "16", "all"],
-                   help="distinct memory blocks per step: integers, or 'all' (one block per row)")
+    from model.errors import ConfigError
+
+    p = ArgumentParser(prog="memlm bench-kernels", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES), metavar="SHAPE",
+                   help=f"model shapes to run (of {', '.join(SHAPES)})")
+    p.add_argument("--tokens", nargs="+", type=positive_int, default=[16384, 32768, 65536], help="tokens per step (B*T)")
+    p.add_argument("--seq-len", type=positive_int, default=2048, help="T, tokens per row; B = tokens // T")
+    p.add_argument("--paths", nargs="+", type=_paths, default=["1", "16", "all"],
+                   help="distinct memory blocks per step: integers >= 1, or 'all' (one block per row)")
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS, help="what to time")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype of all tensors")
-    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up time in ms")
-    p.add_argument("--rep", type=int, default=100, help="do_bench measurement time in ms")
+    p.add_argument("--warmup", type=positive_int, default=25, help="do_bench warm-up time in ms")
+    p.add_argument("--rep", type=positive_int, default=100, help="do_bench measurement time in ms")
     p.add_argument("--out", default=None,
                    help="CSV file to write (default runs/bench-kernels/memory_ffn-<dtype>.csv, "
                         "or memory_ffn-cpu-reference.csv with --cpu-reference)")
     p.add_argument("--quick", action="store_true", help="only 16k tokens and paths 1 and all (a smoke run)")
     p.add_argument("--cpu-reference", action="store_true",
                    help="without a GPU: time the PyTorch reference only, on tiny CPU shapes (labelled as such)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.out and os.path.isdir(args.out):
+        raise ConfigError(f"--out {args.out}: is a directory; give the CSV file to write")
+    return args
 
 
 def flops(N, d, H):
@@ -119,16 +141,15 @@ def print_table(rows):
 
 
 def write_csv(rows, path):
+    from model.atomic import atomic_path
+
     if not rows:
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fields = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
     print(f"wrote {path} ({len(rows)} rows)")
 
 
@@ -188,9 +209,6 @@ def main(argv: list[str] | None = None) -> int:
     from kernels.memory_ffn.reference import memory_ffn_reference
     from kernels.memory_ffn.testing import rel_err
 
-    unknown = [s for s in args.shapes if s not in SHAPES]
-    if unknown:
-        raise SystemExit(f"memlm bench-kernels: unknown shape(s) {unknown}; known: {list(SHAPES)}")
     if args.quick:
         args.tokens, args.paths = [16384], ["1", "all"]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -266,4 +284,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from train.cli import run_command
+
+    sys.exit(run_command("memlm bench-kernels", main))

@@ -40,6 +40,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_check_runner import DEVICE_MISSING, ROOT, Check, Step, dry_run, python, run_steps, tail  # noqa: E402
 
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+from train.cli import ArgumentParser, comma_list, positive_float  # noqa: E402  (stdlib only: safe on the GPU machine)
+
 DEFAULT_PREPARED = "runs/gpu-check-prepared"
 SMOKE_RTOL, SMOKE_ATOL = 2e-2, 5e-2  # bf16, 50 steps, two kernel implementations: curves drift, not jump
 DEMO_STEPS_SCALE = 0.1
@@ -256,14 +260,14 @@ def prepare(dirpath: str) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="gpu_check.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/gpu-check", help="results directory (default runs/gpu-check)")
     p.add_argument("--work", default="runs/gpu-check-work", help="scratch dir for runs and logs (not returned)")
     p.add_argument("--prepared", default=DEFAULT_PREPARED, help=f"dir built by --prepare (default {DEFAULT_PREPARED})")
-    p.add_argument("--budget", type=float, default=480, help="seconds for all steps together (default 480)")
-    p.add_argument("--only", default=None, help="comma-separated steps to run (others are skipped)")
-    p.add_argument("--skip", default="", help="comma-separated steps to skip")
+    p.add_argument("--budget", type=positive_float, default=480, help="seconds for all steps together (default 480)")
+    p.add_argument("--only", type=comma_list(), default=None, help="comma-separated steps to run (others are skipped)")
+    p.add_argument("--skip", type=comma_list(), default=[], help="comma-separated steps to skip")
     p.add_argument("--dry-run", action="store_true",
                    help="list every step with its commands and check that each parses (with the GPU machine's "
                         "missing packages hidden); runs nothing")
@@ -273,6 +277,13 @@ def main(argv=None) -> int:
         return prepare(args.prepare)
     out, work = os.path.abspath(args.out), os.path.abspath(args.work)
     steps = build_steps(os.path.abspath(args.prepared), out, work)
+    names = [s.name for s in steps]
+    for flag, chosen in (("--only", args.only or []), ("--skip", args.skip)):
+        unknown = [n for n in chosen if n not in names]
+        if unknown:
+            from model.errors import ConfigError
+
+            raise ConfigError(f"{flag} {','.join(chosen)}: unknown step {unknown[0]!r}; steps: {', '.join(names)}")
     if args.dry_run:
         return 1 if dry_run(steps) else 0
     if not os.path.isdir(args.prepared):
@@ -288,8 +299,8 @@ def main(argv=None) -> int:
         shutil.copytree(os.path.join(args.prepared, "demo"), os.path.join(work, "demo"))  # written to by the demo
     vers = versions()
     print("[gpu-check] " + json.dumps(vers), flush=True)
-    only = set(args.only.split(",")) if args.only else None
-    records = run_steps(steps, args.budget, os.path.join(work, "logs"), only, set(filter(None, args.skip.split(","))))
+    records = run_steps(steps, args.budget, os.path.join(work, "logs"), set(args.only) if args.only else None,
+                        set(args.skip))
     path = write_results(out, records, vers, t0, args.budget)
     print(open(path).read())
     bad = [r["name"] for r in records if r["status"] in ("failed", "timeout")]
@@ -299,4 +310,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from train.cli import run_command
+
+    sys.exit(run_command("gpu_check.py", main))

@@ -31,14 +31,15 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from golden_recipes import BIOS, RECIPES, ROOT, RunFailed, Workspace, command, cpu_info, write_text  # noqa: E402
-from model.errors import MemlmError  # noqa: E402
+from model.errors import ConfigError, MemlmError  # noqa: E402
+from train.cli import ArgumentParser, nonnegative_float  # noqa: E402
 
 GOLDEN_DIR = os.path.join(ROOT, "tests", "golden")
 TRAIN_KEYS = ("loss", "grad_norm", "lr")
 VAL_KEYS = ("val_loss",)
 
 
-class BadInput(Exception):
+class BadInput(ConfigError):
     """Bad command line or input file: one line on stderr, exit 2."""
 
 
@@ -212,8 +213,8 @@ def recipe_tolerance(golden: dict, rtol: float | None = None, atol: float | None
 
 
 # ---- command line -----------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse would print the whole usage first)
+class _Parser(ArgumentParser):
+    def error(self, message):  # raised, not exited: main() returns 2 in-process too
         raise BadInput(message)
 
 
@@ -231,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exact", action="store_true",
                    help="bit-identical floats (default for --baseline/--test, and for recipes on the CPU kind "
                         "that recorded them; elsewhere recipes use the FALLBACK tolerances: %s)" % describe(FALLBACK))
-    p.add_argument("--rtol", type=float, help="relative tolerance |test-base| <= atol + rtol*|base| (e.g. bf16 GPU)")
-    p.add_argument("--atol", type=float, help="absolute tolerance (see --rtol)")
+    p.add_argument("--rtol", type=nonnegative_float,
+                   help="relative tolerance |test-base| <= atol + rtol*|base| (e.g. bf16 GPU), >= 0")
+    p.add_argument("--atol", type=nonnegative_float, help="absolute tolerance (see --rtol), >= 0")
     p.add_argument("--record", action="store_true",
                    help="re-record the stored curves of the chosen recipes (trains each twice; refuses if the "
                         "two runs differ). Needs --reason")

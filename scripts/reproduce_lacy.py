@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from train.cli import ArgumentParser, comma_list, nonnegative_int, number, positive_float, positive_int  # noqa: E402
 from train.experiments.stages import StageRunner, recipe, short_path  # noqa: E402
 
 RULES = ("lacy", "loss", "rho", "random", "none")
@@ -108,23 +109,23 @@ SIZES = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="reproduce_lacy.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = ArgumentParser(prog="reproduce_lacy.py", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--out", default=None, help="output directory (default runs/repro-lacy[-SIZE])")
     p.add_argument("--size", default="default", choices=list(SIZES), help="preset (default: default)")
     p.add_argument("--quick", action="store_true", help="same as --size quick")
-    p.add_argument("--scale", type=float, default=1.0, help="multiply every step count and the corpus size")
-    p.add_argument("--call-rates", default="0.1,0.2",
-                   help="training call rates (comma-separated; default 0.1,0.2); wiki and memory use the first")
-    p.add_argument("--rules", default=",".join(RULES), help=f"comma-separated rules among {', '.join(RULES)}")
-    p.add_argument("--parts", default=",".join(PARTS),
+    p.add_argument("--scale", type=positive_float, default=1.0, help="multiply every step count and the corpus size")
+    p.add_argument("--call-rates", type=comma_list(number(float, 0, 1, low_open=True, high_open=True)), default="0.1,0.2",
+                   help="training call rates in (0, 1) (comma-separated; default 0.1,0.2); wiki and memory use the first")
+    p.add_argument("--rules", type=comma_list(choices=RULES), default=",".join(RULES),
+                   help=f"comma-separated rules among {', '.join(RULES)}")
+    p.add_argument("--parts", type=comma_list(choices=PARTS), default=",".join(PARTS),
                    help=f"comma-separated parts among {', '.join(PARTS)}; runs with different parts may share --out "
                         "(also at the same time); a later run with every part reuses their stages")
     p.add_argument("--prepare-only", action="store_true",
                    help="run only the stages that need spaCy / faiss / MiniLM (then carry --out to a GPU)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the corpus, training, selection and samples")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the corpus, training, selection and samples")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--dry-run", action="store_true", help="print the stages and their commands; run nothing")
     p.add_argument("--fresh", action="store_true",
                    help="start over: delete what an earlier run of this script created in the output directory")
@@ -141,29 +142,16 @@ def scaled(size: Size, scale: float) -> Size:
         wiki_leads=s(size.wiki_leads, 4))
 
 
-def _split(text: str, allowed, flag: str) -> list[str]:
-    out = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [x for x in out if x not in allowed]
-    if bad:
-        raise SystemExit(f"reproduce_lacy.py: {flag}: unknown {bad}; choose from {list(allowed)}")
-    return out
-
-
 class LacyRepro:
     def __init__(self, args, argv: list[str] | None = None):
         self.args = args
         self.size_name = "quick" if args.quick else args.size
         self.size = scaled(SIZES[self.size_name], args.scale)
-        self.rules = _split(args.rules, RULES, "--rules")
-        self.parts = _split(args.parts, PARTS, "--parts")
+        self.rules = list(args.rules)
+        self.parts = list(args.parts)
         if self.size_name == "gpu" and "memory" in self.parts:
             self.parts.remove("memory")  # routing prompts needs MiniLM, not on the GPU machine
-        try:
-            self.rates = [float(x) for x in args.call_rates.split(",") if x.strip()]
-        except ValueError:
-            raise SystemExit(f"reproduce_lacy.py: --call-rates: numbers in (0, 1), got {args.call_rates!r}") from None
-        if not self.rates or any(not 0 < r < 1 for r in self.rates):
-            raise SystemExit(f"reproduce_lacy.py: --call-rates: numbers in (0, 1), got {args.call_rates!r}")
+        self.rates = list(args.call_rates)
         default_out = "runs/repro-lacy" + ("" if self.size_name == "default" else f"-{self.size_name}")
         self.out = short_path(args.out or default_out)
         self.stages = StageRunner(self.out, dry_run=args.dry_run)
@@ -358,4 +346,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from train.cli import run_command
 
-    sys.exit(run_command("reproduce_lacy", main))
+    sys.exit(run_command("reproduce_lacy.py", main))

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from model.errors import ConfigError  # noqa: E402
+from train.cli import ArgumentParser, comma_list, nonnegative_int, positive_int  # noqa: E402
 from train.experiments.stages import StageRunner, recipe, short_path  # noqa: E402
 
 PARTS = ("mech", "cap", "wiki")
@@ -110,16 +112,15 @@ SIZES = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="reproduce_memory.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = ArgumentParser(prog="reproduce_memory.py", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--size", default="default", choices=sorted(SIZES), help="preset (default: default)")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts among {', '.join(PARTS)}")
+    p.add_argument("--parts", type=comma_list(choices=PARTS), default=",".join(PARTS), help=f"comma-separated parts among {', '.join(PARTS)}")
     p.add_argument("--out", default=None, help="output directory (default runs/repro-memory-<size>)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the corpora, clustering, training and probes")
-    p.add_argument("--mech-variants", default=",".join(MECH_VARIANTS),
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the corpora, clustering, training and probes")
+    p.add_argument("--mech-variants", type=comma_list(choices=MECH_VARIANTS), default=",".join(MECH_VARIANTS),
                    help=f"leaf assignments of the mechanism check (default all: {', '.join(MECH_VARIANTS)})")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--dry-run", action="store_true", help="print the stages and their commands; run nothing")
     p.add_argument("--prepare-only", action="store_true",
                    help="run only the stages that need CPU-side packages (prepare, cluster: faiss + MiniLM, "
@@ -135,15 +136,11 @@ class MemoryRepro:
         self.args = args
         self.size_name = args.size
         self.size = SIZES[args.size]
-        self.parts = [c.strip() for c in args.parts.split(",") if c.strip()]
-        bad = [c for c in self.parts if c not in PARTS]
-        if bad:
-            raise SystemExit(f"reproduce_memory.py: --parts: unknown part {bad}; choose from {list(PARTS)}")
-        self.variants = [v.strip() for v in args.mech_variants.split(",") if v.strip()]
-        bad = [v for v in self.variants if v not in MECH_VARIANTS] + ([] if "minilm" in self.variants else ["minilm missing"])
-        if bad:
-            raise SystemExit(f"reproduce_memory.py: --mech-variants: {bad}; choose from {list(MECH_VARIANTS)}, "
-                             "minilm included (its data dir holds the tokenizer)")
+        self.parts = list(args.parts)
+        self.variants = list(args.mech_variants)
+        if "minilm" not in self.variants:
+            raise ConfigError(f"--mech-variants {','.join(self.variants)}: must include minilm (its data dir holds "
+                              "the tokenizer)")
         self.out = short_path(args.out or f"runs/repro-memory-{args.size}")
         self.stages = StageRunner(self.out, dry_run=args.dry_run)
         self.memlm = self.stages.memlm
@@ -335,4 +332,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from train.cli import run_command
 
-    sys.exit(run_command("reproduce_memory", main))
+    sys.exit(run_command("reproduce_memory.py", main))

@@ -57,8 +57,9 @@ def test_memory_options(tmp_path, capsys):
     stages = _stages(capsys.readouterr().out)
     assert stages and all(any(x in st for x in ("-data", "-other", "-cluster", "wiki-probes")) for st in stages)
     assert "wiki-probes" in stages and "cap-cluster" in stages
-    with pytest.raises(SystemExit, match="unknown part"):
+    with pytest.raises(SystemExit) as e:
         reproduce_memory.main(["--dry-run", "--out", str(tmp_path / "m"), "--parts", "nope"])
+    assert e.value.code == 2 and "--parts: unknown 'nope'" in capsys.readouterr().err
 
 
 def test_lacy_dry_run_plan(tmp_path, capsys):
@@ -81,10 +82,11 @@ def test_lacy_dry_run_plan(tmp_path, capsys):
     assert "memory.freeze_anchor=false" in out and "data.by_leaf=true" in out
     assert "memlm calibrate" in out and "--tag-calls" in out and "--diagnose" in out
     assert not out_dir.exists()
-    with pytest.raises(SystemExit, match="unknown"):
-        reproduce_lacy.main(["--dry-run", "--out", str(out_dir), "--rules", "lacy,llm-judge"])
-    with pytest.raises(SystemExit, match="--call-rates"):
-        reproduce_lacy.main(["--dry-run", "--out", str(out_dir), "--call-rates", "0,0.1"])
+    for flag, value, message in (("--rules", "lacy,llm-judge", "--rules: unknown 'llm-judge'"),
+                                 ("--call-rates", "0,0.1", "--call-rates: '0' in '0,0.1': must be a finite number > 0")):
+        with pytest.raises(SystemExit) as e:
+            reproduce_lacy.main(["--dry-run", "--out", str(out_dir), flag, value])
+        assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_lacy_gpu_size_prepares_on_cpu(tmp_path, capsys):
