@@ -25,11 +25,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
 
 def step_times(args) -> list[tuple[str, str]]:
+    import torch
+
     from memory.config import MemoryConfig
     from memory.model import MemoryLM
     from model.config import ModelConfig
@@ -99,6 +98,7 @@ def step_times(args) -> list[tuple[str, str]]:
 def encode_before(enc, texts: list[str], batch_size: int = 64) -> np.ndarray:
     """The embedding loop `memlm cluster` used before length-sorted batching (the baseline of the
     comparison): chunks of max(16 x batch, 256) windows, each sorted by characters, tokenized per batch."""
+    import numpy as np
     import torch
 
     out = np.zeros((len(texts), enc.dim), dtype=np.float32)
@@ -123,6 +123,7 @@ def embed_times(args) -> list[tuple[str, str]]:
     and larger batches on GPU) on windows of mixed length, interleaved rounds, best kept."""
     import importlib.util
 
+    import numpy as np
     import torch
 
     from memory.embed import MiniLM, default_batch
@@ -166,6 +167,7 @@ def embed_times(args) -> list[tuple[str, str]]:
 
 
 def router_times(args) -> list[tuple[str, str]]:
+    import numpy as np
     from memory.router import Router
 
     rows = []
@@ -236,6 +238,8 @@ def main(argv=None) -> int:
     if args.skip_router:
         args.skip_embed = args.skip_fit = args.skip_assign = True
     if args.threads:
+        import torch
+
         torch.set_num_threads(args.threads)
     rows = []
     if not args.skip_steps:

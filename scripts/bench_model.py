@@ -13,12 +13,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-
-from model import Anchor, ModelConfig  # noqa: E402
-
 
 def matmul_gflops(n: int = 2048, iters: int = 5) -> float:
+    import torch
+
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b  # warm-up
     t = time.perf_counter()
@@ -28,6 +26,10 @@ def matmul_gflops(n: int = 2048, iters: int = 5) -> float:
 
 
 def bench_preset(name: str, batch: int, seq: int, iters: int, warmup: int = 1) -> dict:
+    import torch
+
+    from model import Anchor, ModelConfig
+
     torch.manual_seed(0)
     model = Anchor(ModelConfig.from_name(name, max_seq_len=max(seq, 256)))
     x = torch.randint(0, model.config.vocab_size, (batch, seq))
@@ -65,6 +67,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.batch and len(args.batch) not in (1, len(args.presets)):
         raise ConfigError(f"--batch: {len(args.batch)} values for {len(args.presets)} presets; give one, or one per preset")
+    import torch
+
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = args.batch or [8 if n in ("tiny", "tiny-2x", "small") else 1 for n in args.presets]
