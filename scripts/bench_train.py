@@ -97,14 +97,14 @@ def main(argv=None) -> int:
     p.add_argument("--presets", type=comma_list(choices=list(known_presets)), default=None,
                    help="comma list (default: tiny; tiny,160m with CUDA)")
     p.add_argument("--steps", type=positive_int, default=80,
-                   help="optimizer steps per run, >= --warmup + 5 (80: rounds differ by ~2%% on a quiet CPU)")
+                   help="optimizer steps per run, >= --warmup + 10 (80: rounds differ by ~2%% on a quiet CPU)")
     p.add_argument("--warmup", type=nonnegative_int, default=10, help="steps excluded from timing")
     p.add_argument("--rounds", type=positive_int, default=5,
                    help="rounds of (bare, memlm) in alternating order; medians are reported (robust to a "
                         "shared, noisy machine)")
     args = p.parse_args(argv)
-    if args.steps < args.warmup + 5:  # the timed window spans two log rows (trainer.log_every=5)
-        raise ConfigError(f"--steps {args.steps}: must be at least --warmup + 5 ({args.warmup + 5}): "
+    if args.steps < args.warmup + 10:  # the timed window must span two log rows (trainer.log_every=5)
+        raise ConfigError(f"--steps {args.steps}: must be at least --warmup + 10 ({args.warmup + 10}): "
                           "too few steps would be timed")
     if args.data and not os.path.isdir(args.data):
         raise DataError(f"--data {args.data}: no such directory; give a directory made by `memlm prepare`")

@@ -38,7 +38,8 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from train.cli import ArgumentParser, comma_list, nonnegative_int, number, positive_float, positive_int  # noqa: E402
+from train.cli import (ArgumentParser, check_out_dir, comma_list, nonnegative_int, number,  # noqa: E402
+                       positive_float, positive_int)
 from train.experiments.stages import StageRunner, recipe, short_path  # noqa: E402
 
 RULES = ("lacy", "loss", "rho", "random", "none")
@@ -153,7 +154,7 @@ class LacyRepro:
             self.parts.remove("memory")  # routing prompts needs MiniLM, not on the GPU machine
         self.rates = list(args.call_rates)
         default_out = "runs/repro-lacy" + ("" if self.size_name == "default" else f"-{self.size_name}")
-        self.out = short_path(args.out or default_out)
+        self.out = short_path(check_out_dir(args.out or default_out))
         self.stages = StageRunner(self.out, dry_run=args.dry_run)
         self.memlm = self.stages.memlm
         self.command = "python scripts/reproduce_lacy.py " + " ".join(sys.argv[1:] if argv is None else argv)

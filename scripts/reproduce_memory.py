@@ -32,7 +32,7 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model.errors import ConfigError  # noqa: E402
-from train.cli import ArgumentParser, comma_list, nonnegative_int, positive_int  # noqa: E402
+from train.cli import ArgumentParser, check_out_dir, comma_list, nonnegative_int, positive_int  # noqa: E402
 from train.experiments.stages import StageRunner, recipe, short_path  # noqa: E402
 
 PARTS = ("mech", "cap", "wiki")
@@ -141,7 +141,7 @@ class MemoryRepro:
         if "minilm" not in self.variants:
             raise ConfigError(f"--mech-variants {','.join(self.variants)}: must include minilm (its data dir holds "
                               "the tokenizer)")
-        self.out = short_path(args.out or f"runs/repro-memory-{args.size}")
+        self.out = short_path(check_out_dir(args.out or f"runs/repro-memory-{args.size}"))
         self.stages = StageRunner(self.out, dry_run=args.dry_run)
         self.memlm = self.stages.memlm
         self.command = "python scripts/reproduce_memory.py " + " ".join(sys.argv[1:] if argv is None else argv)

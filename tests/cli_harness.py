@@ -46,10 +46,25 @@ def run_memlm_inprocess(args: Iterable, cwd) -> subprocess.CompletedProcess:
     """`run_memlm` without a new interpreter: the same `train.cli.main` entry in this process, with stdout
     and stderr captured and `cwd` as the working directory (for commands whose imports cost seconds, e.g.
     pretrain). MEMLM_DEBUG must be unset in the test environment."""
+    from train.cli import main
+
+    return _inprocess(main, args, cwd)
+
+
+def run_script_inprocess(script: str, args: Iterable, cwd) -> subprocess.CompletedProcess:
+    """`python scripts/SCRIPT.py ARGS` in this process: the script's `main` through train/cli.py's
+    `run_command` under the name its `__main__` uses (`SCRIPT.py`); check it with `prog="SCRIPT.py"`."""
+    import importlib
+
+    from train.cli import run_command
+
+    module = importlib.import_module(f"scripts.{script}")
+    return _inprocess(lambda argv: run_command(f"{script}.py", module.main, argv), args, cwd)
+
+
+def _inprocess(main, args: Iterable, cwd) -> subprocess.CompletedProcess:
     import contextlib
     import io
-
-    from train.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     old = os.getcwd()
@@ -93,19 +108,21 @@ def tree_hashes(path) -> dict[str, str]:
     return out
 
 
-def error_lines(result: subprocess.CompletedProcess) -> list[str]:
-    """The `memlm <command>: ...` lines of a result's stderr."""
-    return [line for line in result.stderr.splitlines() if ERROR_LINE.match(line.strip("\r"))]
+def error_lines(result: subprocess.CompletedProcess, prog: str | None = None) -> list[str]:
+    """The `memlm <command>: ...` lines of a result's stderr (`prog: ...` lines when `prog` is given)."""
+    pattern = re.compile(rf"^{re.escape(prog)}: ") if prog else ERROR_LINE
+    return [line for line in result.stderr.splitlines() if pattern.match(line.strip("\r"))]
 
 
 def assert_clean_failure(result: subprocess.CompletedProcess, names: Iterable[str] = (), before: dict | None = None,
-                         root=None) -> str:
-    """Assert a clean failure (see the module docstring); returns the error line."""
+                         root=None, prog: str | None = None) -> str:
+    """Assert a clean failure (see the module docstring; `prog`: the error line's prefix when it is not
+    `memlm <command>`, e.g. a script's name); returns the error line."""
     out = result.stdout + result.stderr
     ctx = f"\n--- exit {result.returncode}\n--- stdout:\n{result.stdout[-3000:]}\n--- stderr:\n{result.stderr[-3000:]}"
     assert result.returncode != 0, "the command succeeded" + ctx
     assert "Traceback" not in out, "a traceback reached the user" + ctx
-    lines = error_lines(result)
+    lines = error_lines(result, prog)
     assert len(lines) == 1, f"expected exactly one error line, got {len(lines)}" + ctx
     line = lines[0]
     for name in names:
