@@ -47,6 +47,11 @@ from train.cli import ArgumentParser, comma_list, positive_float  # noqa: E402  
 DEFAULT_PREPARED = "runs/gpu-check-prepared"
 SMOKE_RTOL, SMOKE_ATOL = 2e-2, 5e-2  # bf16, 50 steps, two kernel implementations: curves drift, not jump
 DEMO_STEPS_SCALE = 0.1
+# What a run writes into --out (a re-run replaces exactly these; other files there are left alone) and the
+# file that marks --work as this script's scratch dir (only such a dir, or an empty one, is deleted).
+OUT_FILES = ("summary.md", "results.json", "logs.txt", "memory_ffn-bf16.csv", "smoke-triton.metrics.jsonl",
+             "smoke-reference.metrics.jsonl", "gpu-tests.errors.jsonl")
+WORK_MARK = ".gpu-check-work"
 
 
 def memlm(*args) -> list[str]:
@@ -259,6 +264,21 @@ def prepare(dirpath: str) -> int:
     return 0
 
 
+def _check_dirs(out: str, work: str) -> None:
+    """Before any work: --out and --work must be (or be creatable as) directories, and --work, which a run
+    deletes and rebuilds, must be new, empty or an earlier run's scratch dir (OutputExistsError otherwise)."""
+    from model.errors import ConfigError, OutputExistsError
+
+    for flag, path in (("--out", out), ("--work", work)):
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise ConfigError(f"{flag} {path}: is a file, not a directory; give another {flag}")
+    if os.path.isdir(work) and os.listdir(work) and not os.path.exists(os.path.join(work, WORK_MARK)):
+        raise OutputExistsError(f"--work {work}: holds files gpu_check.py did not put there and a run deletes it; "
+                                "give a new or empty --work directory")
+    if os.path.abspath(out) == os.path.abspath(work) or os.path.abspath(out).startswith(os.path.abspath(work) + os.sep):
+        raise ConfigError(f"--out {out}: inside --work {work}, which a run deletes; give --out outside it")
+
+
 def main(argv=None) -> int:
     p = ArgumentParser(prog="gpu_check.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -286,15 +306,18 @@ def main(argv=None) -> int:
             raise ConfigError(f"{flag} {','.join(chosen)}: unknown step {unknown[0]!r}; steps: {', '.join(names)}")
     if args.dry_run:
         return 1 if dry_run(steps) else 0
+    _check_dirs(out, work)
     if not os.path.isdir(args.prepared):
         print(f"[gpu-check] {args.prepared} not found: the steps that train skip. Build it on a CPU machine with "
               f"`python scripts/gpu_check.py --prepare {args.prepared}` and carry it along.", flush=True)
     t0 = time.time()
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(os.path.join(work, "logs"))
+    open(os.path.join(work, WORK_MARK), "w").close()
     os.makedirs(out, exist_ok=True)
-    for old in glob.glob(os.path.join(out, "*")):
-        os.remove(old)
+    for name in OUT_FILES:
+        if os.path.isfile(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
     if os.path.isdir(os.path.join(args.prepared, "demo")):
         shutil.copytree(os.path.join(args.prepared, "demo"), os.path.join(work, "demo"))  # written to by the demo
     vers = versions()

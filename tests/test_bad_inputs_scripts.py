@@ -26,6 +26,13 @@ def _file(tmp):
     return str(path)
 
 
+def _user_dir(tmp):
+    path = tmp / "mine"
+    path.mkdir()
+    (path / "notes.txt").write_text("the user's\n")
+    return str(path)
+
+
 # (id, script, argv builder(tmp_path) -> argv, names the error line must contain)
 ROWS = [
     ("bench_bank", lambda t: ["--steps", "0"], ["--steps", "'0'"]),
@@ -77,6 +84,9 @@ ROWS = [
     ("gpu_check", lambda t: ["--only", "demo,nope"], ["--only", "'nope'"]),
     ("gpu_check", lambda t: ["--skip", "nope", "--dry-run"], ["--skip", "'nope'"]),
     ("gpu_check", lambda t: ["--only", ","], ["--only"]),
+    ("gpu_check", lambda t: ["--work", _user_dir(t), "--out", t / "o"], ["--work", "did not put there"]),
+    ("gpu_check", lambda t: ["--out", _file(t), "--work", t / "w"], ["--out", "a-file.txt"]),
+    ("gpu_check", lambda t: ["--out", t / "w" / "o", "--work", t / "w"], ["--out", "inside --work"]),
     ("loss_compare", lambda t: ["--baseline", "a", "--test", "b", "--rtol", "-1"], ["--rtol"]),
     ("loss_compare", lambda t: ["--baseline", "a", "--test", "b", "--atol", "nan"], ["--atol"]),
     ("loss_compare", lambda t: ["--baseline", "a", "--test", "b", "--rtol", "tight"], ["--rtol", "'tight'"]),
