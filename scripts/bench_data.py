@@ -95,11 +95,12 @@ def bench_model(vocab_size: int, seq_len: int, batch_size: int, steps: int, whic
 
 
 def main(argv=None) -> int:
+    from data.tokenizer import MIN_VOCAB
     from train.cli import ArgumentParser, nonnegative_int, number, positive_int
 
     p = ArgumentParser(prog="bench_data.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", default="wiki-leads", help="corpus spec to tokenize (default wiki-leads)")
-    p.add_argument("--vocab-size", type=number(int, 512), default=8192, help="BPE vocab trained for the benchmark")
+    p.add_argument("--vocab-size", type=number(int, MIN_VOCAB), default=8192, help="BPE vocab trained for the benchmark")
     p.add_argument("--batch-docs", type=positive_int, default=512, help="documents per encode batch (both paths)")
     p.add_argument("--seq-len", type=positive_int, default=256, help="packed row length")
     p.add_argument("--batch-size", type=positive_int, default=8, help="rows per batch")
