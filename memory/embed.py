@@ -68,6 +68,12 @@ class MiniLM:
         self.dim = int(self.model.config.hidden_size)
         self._torch = torch
 
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Word-piece ids of each text ([CLS] ... [SEP], at most max_tokens). Text is text: a literal "[SEP]"
+        or "[CLS]" inside a document is split into word pieces, never read as BERT's control token."""
+        return self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens,
+                              split_special_tokens=True)["input_ids"]
+
     def encode(self, texts: list[str], batch_size: int | None = None, tokens_per_batch: int | None = None,
                on_batch=None) -> np.ndarray:
         """Embeddings float32 [len(texts), dim], L2-normalised, in input order. batch_size /
@@ -79,7 +85,7 @@ class MiniLM:
             return out
         dflt = default_batch(self.device)
         batch_size, tokens_per_batch = batch_size or dflt[0], tokens_per_batch or dflt[1]
-        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens)["input_ids"]
+        ids = self.token_ids(texts)
         lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
         order = np.argsort(lengths, kind="stable")
         pad = int(self.tokenizer.pad_token_id or 0)

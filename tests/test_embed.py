@@ -35,3 +35,16 @@ def test_sorted_batches_match_one_text_at_a_time():
     alone = np.stack([enc.encode([t], batch_size=1)[0] for t in texts])
     np.testing.assert_allclose(batched, alone, rtol=0, atol=2e-6)
     assert len({round(float(x), 4) for x in batched[:, 0]}) > 30  # distinct texts, so the order is tested
+
+
+
+@needs_minilm
+def test_special_token_text_is_embedded_as_text():
+    """A document that contains "[SEP]" / "[CLS]" is embedded as those characters, not as BERT's tokens."""
+    from memory.embed import MiniLM
+
+    enc = MiniLM(max_tokens=64)
+    tok = enc.tokenizer
+    ids = enc.token_ids(["a [SEP] b [CLS] c"])[0]
+    assert ids.count(tok.sep_token_id) == 1 and ids.count(tok.cls_token_id) == 1  # only the encoder's own pair
+    assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
