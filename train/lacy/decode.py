@@ -7,12 +7,13 @@
   identical rows once (one prompt at several thresholds τ shares the SLM's pass until their choices
   differ), forks a cache row when rows that shared it diverge, and drops rows no longer asked for.
 - `HFRows`: greedy continuation of several texts at once by a transformers causal LM (left-padded, one
-  `past_key_values` cache), each row stopping on its own test and keeping its cache for its next call.
+  KV cache), each row stopping on its own test and keeping its cache for its next call.
 
 Plain inference, no Lightning.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Hashable, Sequence
 
 import torch
@@ -174,6 +175,12 @@ def memory_rows(memory: list | None, rows: Sequence[int]) -> list | None:
     return out
 
 
+def cache_keyword(model) -> str:
+    """The name a Hugging Face model's forward takes its KV cache under: `cache` since transformers 5.2x
+    renamed it (the old `past_key_values` still works there but warns), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class HFRows:
     """Greedy continuation of several token rows at once by a transformers causal LM, keeping each row's
     KV cache between its calls (key -> tokens and per-layer keys/values): a cascade row that calls again
@@ -182,6 +189,7 @@ class HFRows:
 
     def __init__(self, model, pad_id: int | None, eos_ids: set[int], device):
         self.model, self.eos_ids, self.device = model, eos_ids, device
+        self.cache_kw = cache_keyword(model)
         self.pad = 0 if pad_id is None else pad_id
         self.store: dict[Hashable, tuple] = {}
         self.tokens_run = 0
@@ -231,8 +239,8 @@ class HFRows:
         past = self._past([(st, p) for st, p in zip(stored, past_len)])
         dev = self.device
         out = self.model(input_ids=x.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                         past_key_values=past, use_cache=True, logits_to_keep=1)
-        past, logits = out.past_key_values, out.logits[:, -1]
+                         use_cache=True, logits_to_keep=1, **{self.cache_kw: past})
+        past, logits = out[self.cache_kw], out.logits[:, -1]
         gen: list[list[int]] = [[] for _ in range(B)]
         finished = [False] * B
         nxt_pos, fed = pos[:, -1:].to(dev) + 1, 0
@@ -250,8 +258,8 @@ class HFRows:
                 break
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], 1)
             out = self.model(input_ids=torch.tensor(toks, device=dev)[:, None], attention_mask=mask.to(dev),
-                             position_ids=nxt_pos, past_key_values=past, use_cache=True, logits_to_keep=1)
-            past, logits = out.past_key_values, out.logits[:, -1]
+                             position_ids=nxt_pos, use_cache=True, logits_to_keep=1, **{self.cache_kw: past})
+            past, logits = out[self.cache_kw], out.logits[:, -1]
             nxt_pos, fed = nxt_pos + 1, fed + 1
         # keep each row's valid positions: its past, its real new tokens, the generated tokens it was fed
         kv = [(k, v) for k, v, *_ in past]

@@ -206,9 +206,9 @@ class HFLargeModel(_TokenLM):
         return self.tokenizer(text)["input_ids"][-(self.max_len - self.max_word_tokens - 1):]
 
     def _run(self, ids):
-        out = self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=self._past,
-                         use_cache=True)
-        self._past = out.past_key_values
+        kw = self._rows.cache_kw
+        out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True, **{kw: self._past})
+        self._past = out[kw]
         return out.logits[0, -1].float()
 
     def _start(self, ids, text):
