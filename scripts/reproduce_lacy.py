@@ -158,6 +158,7 @@ class LacyRepro:
         self.stages = StageRunner(self.out, dry_run=args.dry_run)
         self.memlm = self.stages.memlm
         self.command = "python scripts/reproduce_lacy.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        self.stages.invocation = self.command
 
     # ---- names ------------------------------------------------------------------------------
     def data(self, corpus: str) -> str:
@@ -317,10 +318,11 @@ class LacyRepro:
     def stage_report(self):
         from train.experiments.lacy_report import write_lacy_report
 
-        stages = [name for name, _ in self.plan() if name != "report"]
-        seconds = {st: (self.stages.done(st) or {}).get("_seconds", 0.0) for st in stages}
+        done = self.stages.finished()  # every part run into this directory, not only this invocation's
+        seconds = {st: info.get("_seconds", 0.0) for st, info in done.items()}
         path, figs = write_lacy_report(self.out, self.rules, self.rates, dataclasses.asdict(self.size),
-                                       self.size_name, self.command, seconds, self.stages.all_commands(stages))
+                                       self.size_name, self.stages.invocations(self.command), seconds,
+                                       self.stages.all_commands(list(done)))
         return {"report": path, "figures": figs}
 
     # ---- driver -----------------------------------------------------------------------------

@@ -145,6 +145,7 @@ class MemoryRepro:
         self.stages = StageRunner(self.out, dry_run=args.dry_run)
         self.memlm = self.stages.memlm
         self.command = "python scripts/reproduce_memory.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        self.stages.invocation = self.command
 
     def p(self, *parts: str) -> str:
         return os.path.join(self.out, *parts)
@@ -300,10 +301,11 @@ class MemoryRepro:
     def stage_report(self):
         from train.experiments.memory_report import write_memory_report
 
-        stages = [name for name, _ in self.plan() if name != "report"]
-        seconds = {st: (self.stages.done(st) or {}).get("_seconds", 0.0) for st in stages}
+        done = self.stages.finished()
+        seconds = {st: info.get("_seconds", 0.0) for st, info in done.items()}
         path, figs = write_memory_report(self.out, self.parts, dataclasses.asdict(self.size), self.size_name,
-                                         self.command, seconds, self.stages.all_commands(stages),
+                                         self.stages.invocations(self.command), seconds,
+                                         self.stages.all_commands(list(done)),
                                          mech_runs=self.mech_runs())
         return {"report": path, "figures": figs}
 

@@ -188,3 +188,21 @@ def test_lacy_report_from_command_outputs(tmp_path):
     assert "lacy 10% − none" in text and "**6.0×**" in text and "identical outputs 100.0%" in text
     assert "| lacy | 0.700 [0.600, 0.800] | 0.100 [0.050, 0.150] |" in text
     assert figs and all(os.path.getsize(f) > 1000 for f in figs)
+
+
+def test_report_covers_every_invocation(tmp_path):
+    """A job run part by part (`--parts bios`, then `--parts wiki`) reports the stages, times and command
+    lines of both invocations, not only of the one that writes the report."""
+    for parts, stages in (("bios", ["bios-data", "bios-ref"]), ("wiki", ["wiki-data"])):
+        runner = StageRunner(str(tmp_path))
+        runner.start("reproduce_x")
+        runner.invocation = f"python scripts/reproduce_x.py --parts {parts}"
+        for st in stages:
+            runner.run(st, lambda: {"n": 1})
+        runner.run("report", lambda: {})
+    done = StageRunner(str(tmp_path)).finished()
+    assert list(done) == ["bios-data", "bios-ref", "wiki-data"]  # in the order they finished; no report
+    assert all(info["_seconds"] >= 0 for info in done.values())
+    assert StageRunner(str(tmp_path)).invocations("fallback") == \
+        "python scripts/reproduce_x.py --parts bios; python scripts/reproduce_x.py --parts wiki"
+    assert StageRunner(str(tmp_path / "none")).invocations("fallback") == "fallback"

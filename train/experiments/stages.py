@@ -31,6 +31,7 @@ class StageRunner:
         self.commands: list[str] = []
         self.t0 = time.time()
         self.kind: str | None = None  # set by start(): the job owns self.out from then on
+        self.invocation = ""  # the job's command line, recorded with each stage it runs
 
     def start(self, kind: str, fresh: bool = False) -> list[str]:
         """Claim the job's directory for a job of `kind`: new, empty, or one such a job made; `fresh` first
@@ -120,6 +121,7 @@ class StageRunner:
             info = fn() or {}
             info["_seconds"] = round(time.time() - start, 1)
             info["_commands"] = self.commands[n_cmds:]
+            info["_invocation"] = self.invocation
             atomic_write_json(self._marker(stage), info)
         finally:  # also after a failed stage: --fresh must find what it began
             self._record(before)
@@ -142,6 +144,7 @@ class StageRunner:
         """A whole reproduction script: --fresh, pin its settings, run every stage, say where the report is."""
         self.start(prog, fresh)
         self.pin(settings)
+        self.invocation = self.invocation or f"python scripts/{prog}.py"
         print(f"{prog}: {summary}, {len(plan)} stages -> {short_path(self.out)}"
               + (" (dry run)" if self.dry_run else ""), flush=True)
         self.run_plan(plan)
@@ -153,6 +156,22 @@ class StageRunner:
         for stage in stages:
             cmds += (self.done(stage) or {}).get("_commands", [])
         return cmds
+
+    def finished(self, exclude: tuple[str, ...] = ("report",)) -> dict[str, dict]:
+        """Every finished stage in the job's directory, whichever invocation (`--parts`) ran it, in the
+        order they finished: {stage: its recorded info}. A report covers all of them, not only the stages
+        of the invocation that writes it."""
+        if not os.path.isdir(self.stage_dir):
+            return {}
+        names = [n[:-5] for n in os.listdir(self.stage_dir) if n.endswith(".json") and not n.startswith(".")
+                 and n[:-5] not in exclude]
+        names.sort(key=lambda n: os.path.getmtime(self._marker(n)))
+        return {n: self.done(n) or {} for n in names}
+
+    def invocations(self, fallback: str) -> str:
+        """The distinct command lines that ran the finished stages ("; "-joined), else `fallback`."""
+        seen = [v.get("_invocation") or fallback for v in self.finished().values()]
+        return "; ".join(dict.fromkeys(seen)) or fallback
 
 
 def recipe(name: str) -> str:
