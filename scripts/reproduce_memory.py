@@ -172,10 +172,12 @@ class MemoryRepro:
                    "logging.logger=none", f"optim.lr={lr}", f"optim.min_lr={lr / 10:g}",
                    f"optim.warmup_steps={max(steps // 20, 1)}", *overrides)
 
-    def memory(self, run, data, steps, init_from, k, width, *extra, seed=None, ckpts=1):
-        """Memories on the frozen anchor of `init_from` (the model shape comes from that run)."""
+    def memory(self, run, data, steps, init_from, k, width, *extra, model=("model.preset=tiny",), seed=None,
+               ckpts=1):
+        """Memories on the frozen anchor of `init_from`; `model`: the model.* keys that anchor was trained
+        with (pretrain refuses a model section that differs from the run it starts from)."""
         s = self.size
-        self.pretrain(run, data, steps, s.memory_lr, f"init_from={init_from}", "memory.preset=tiny",
+        self.pretrain(run, data, steps, s.memory_lr, *model, f"init_from={init_from}", "memory.preset=tiny",
                       f"memory.k={k}", f"memory.widths=[{width}]", f"memory.lr={s.memory_lr}",
                       f"memory.min_lr={s.memory_lr / 10:g}", "memory.freeze_anchor=true", "data.by_leaf=true",
                       *extra, seed=seed, ckpts=ckpts)
@@ -229,11 +231,13 @@ class MemoryRepro:
                                                          *s.anchor, f"init_from={anchor}")),
                ("cap-dense-2x", lambda: self.pretrain(os.path.join(d, "runs", "dense-2x"), data, A + M, s.lr, *s.dense)),
                ("cap-memory", lambda: self.memory(os.path.join(d, "runs", "memory"), data, M, anchor, s.cap_k,
-                                                  s.cap_width, ckpts=4)),
+                                                  s.cap_width, model=s.anchor, ckpts=4)),
                ("cap-memory-first1", lambda: self.memory(os.path.join(d, "runs", "memory-first1"), data, M, anchor,
-                                                         s.cap_k, s.cap_width * 2, "memory.layers=first:1")),
+                                                         s.cap_k, s.cap_width * 2, "memory.layers=first:1",
+                                                         model=s.anchor)),
                ("cap-memory-last1", lambda: self.memory(os.path.join(d, "runs", "memory-last1"), data, M, anchor,
-                                                        s.cap_k, s.cap_width * 2, "memory.layers=last:1"))]
+                                                        s.cap_k, s.cap_width * 2, "memory.layers=last:1",
+                                                        model=s.anchor))]
         for k in s.bank_ks:  # same width, other k: the same fetched size from a smaller / larger bank
             dk = os.path.join(d, f"data-k{k}")
             out += [(f"cap-data-k{k}", lambda dk=dk: self.prepare(dk, "bios", "--bios-preset", "capacity", "--n-people",
@@ -241,7 +245,7 @@ class MemoryRepro:
                                                                 tokenizer=os.path.join(data, "tokenizer"))),
                     (f"cap-cluster-k{k}", lambda dk=dk, k=k: self.cluster(dk, k, "--paths-from", "entity")),
                     (f"cap-memory-k{k}", lambda dk=dk, k=k: self.memory(os.path.join(d, "runs", f"memory-k{k}"), dk, M,
-                                                                      anchor, k, s.cap_width))]
+                                                                      anchor, k, s.cap_width, model=s.anchor))]
         ev, pb = os.path.join(d, "eval"), s.cap_probes
         out += [("cap-eval-anchor-cont", lambda: self.evaluate(os.path.join(d, "runs", "anchor-cont"), data,
                                                                os.path.join(ev, "anchor-cont"), per_bucket=pb)),
@@ -279,7 +283,7 @@ class MemoryRepro:
                                                        *s.dense))]
         for v in ("minilm", "entity"):
             out.append((f"wiki-memory-{v}", lambda v=v: self.memory(os.path.join(d, "runs", f"memory-{v}"), data[v], M,
-                                                                    anchor, s.wiki_k, s.wiki_width)))
+                                                                    anchor, s.wiki_k, s.wiki_width, model=s.anchor)))
         tasks = "memlm_wiki_seen,memlm_wiki_heldout"
         jobs = [("anchor-cont", "anchor", None), ("dense-2x", "anchor", None)]
         jobs += [(f"memory-{v}", m, data[v]) for v in ("minilm", "entity") for m in ("fetched", "oracle", "generic",

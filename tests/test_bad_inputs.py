@@ -208,6 +208,8 @@ ROWS = [
     # --- pretrain: init_from (E3, V2) ---
     ("pretrain-init-from-truncated-weights", lambda r: (pretrain(r, f"init_from={_truncated_weights(r)}"),
                                                         ["model.safetensors"])),
+    ("pretrain-init-from-other-shape", lambda r: (pretrain(r, f"init_from={r.run()}", "model.n_layer=3"),
+                                                  ["init_from", "model.n_layer=3 here", "give the source's values"])),
     ("pretrain-init-from-missing", lambda r: (pretrain(r, f"init_from={r.tmp / 'ghost'}"), [str(r.tmp / "ghost")])),
     ("pretrain-init-from-other-tokenizer", lambda r: (pretrain(r, f"init_from={r.run()}", data=_other_tokenizer_data(r)),
                                                       ["init_from", "tokenizer"])),

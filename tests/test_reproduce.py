@@ -206,3 +206,33 @@ def test_report_covers_every_invocation(tmp_path):
     assert StageRunner(str(tmp_path)).invocations("fallback") == \
         "python scripts/reproduce_x.py --parts bios; python scripts/reproduce_x.py --parts wiki"
     assert StageRunner(str(tmp_path / "none")).invocations("fallback") == "fallback"
+
+
+def _pretrain_configs(out: str) -> dict:
+    """{run dir: RunConfig} of every `memlm pretrain` line a dry run printed."""
+    import shlex
+
+    from train.config import load_config
+
+    cfgs = {}
+    for line in out.splitlines():
+        if line.startswith("  $ memlm pretrain "):
+            argv = shlex.split(line[len("  $ memlm pretrain "):])
+            cfg = load_config(argv[1], [a for a in argv[2:] if not a.startswith("init_from=")])
+            init = [a.split("=", 1)[1] for a in argv if a.startswith("init_from=")]
+            cfgs[os.path.join(cfg.runs_dir, cfg.name)] = (cfg, init[0] if init else None)
+    return cfgs
+
+
+@pytest.mark.parametrize("mod,size", [(reproduce_memory, "quick"), (reproduce_memory, "default"),
+                                      (reproduce_memory, "gpu"), (reproduce_lacy, "quick"),
+                                      (reproduce_lacy, "default"), (reproduce_lacy, "gpu")])
+def test_init_from_model_matches_its_source(mod, size, tmp_path, capsys):
+    """Every stage that starts from an earlier run describes that run's model (pretrain refuses otherwise,
+    hours into a reproduction): the model section of each init_from pair is the same."""
+    assert mod.main(["--size", size, "--dry-run", "--out", str(tmp_path / "r")]) == 0
+    cfgs = _pretrain_configs(capsys.readouterr().out)
+    pairs = [(run, src) for run, (_, src) in cfgs.items() if src in cfgs]
+    assert pairs  # the plans do start runs from earlier runs
+    for run, src in pairs:
+        assert cfgs[run][0].model.differences(cfgs[src][0].model) == [], f"{run} starts from {src}"

@@ -139,8 +139,8 @@ def _check_init_model(cfg: RunConfig, src: InitSource) -> None:
     if diff:
         pairs = "; ".join(f"model.{k}={a} here, {b} in the source" for k, a, b in diff[:4])
         raise ConfigError(f"init_from={src.path}: the model section differs from the model it starts from "
-                          f"({pairs}); set model.preset to the source's preset ({src.model.name}) or drop the "
-                          "differing model.* keys")
+                          f"({pairs}); give the source's values ({' '.join(f'model.{k}={b}' for k, _, b in diff)}) "
+                          "or drop the model.* keys that differ")
 
 
 def _check_init_tokenizer(data, src: InitSource) -> None:
