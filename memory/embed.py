@@ -144,6 +144,24 @@ def sentence_mean(encoder: "MiniLM", texts: list[str], batch_size: int | None = 
     return out.astype(np.float32)
 
 
+def copy_embeddings(shards, source, dim: int, emb: str = EMB) -> int:
+    """Reuse the `emb` arrays of `source` (another data dir, `data.shards.open_data`) for the shards that hold
+    the same windows: same split and name, same token sha256 and window boundaries (a data dir prepared from
+    the same documents with the same tokenizer, e.g. one per k of a bank-size sweep). Embedding is the
+    costly part of clustering on CPU. Returns the number of shards copied; the others are left to embed."""
+    copied = 0
+    for sh in shards:
+        if has_embeddings(sh, dim, emb) or sh.split not in source.manifest["splits"]:
+            continue
+        other = {o.name: o for o in source.shards(sh.split)}.get(sh.name)
+        if (other is None or other.meta["sha256"] != sh.meta["sha256"] or not has_embeddings(other, dim, emb)
+                or not np.array_equal(other.windows, sh.windows)):
+            continue
+        sh.write_array(emb, np.asarray(other.array(emb)))
+        copied += 1
+    return copied
+
+
 def has_embeddings(shard, dim: int, emb: str = EMB) -> bool:
     """Whether the shard stores a complete `emb` array [n_windows, dim]."""
     if not shard.has_array(emb):

@@ -209,7 +209,9 @@ class MemoryRepro:
             if v != "minilm":  # same corpus and tokenizer, its own paths
                 out.append((f"mech-data-{v}", lambda data=data: self.prepare(
                     data, "bios", *bios, "--seed", self.args.seed, tokenizer=tok)))
-            out.append((f"mech-cluster-{v}", lambda data=data, opts=opts: self.cluster(data, s.mech_k, *opts)))
+            same = () if v == "minilm" else ("--embeddings-from", os.path.join(d, "data-minilm"))  # same windows
+            out.append((f"mech-cluster-{v}", lambda data=data, opts=opts, same=same: self.cluster(data, s.mech_k,
+                                                                                                *opts, *same)))
         for v, sd in self.mech_runs():
             run, data = os.path.join(d, "runs", f"{v}-s{sd}"), os.path.join(d, f"data-{v}")
             out.append((f"mech-{v}-s{sd}", lambda run=run, data=data, sd=sd: self.memory(
@@ -243,7 +245,8 @@ class MemoryRepro:
             out += [(f"cap-data-k{k}", lambda dk=dk: self.prepare(dk, "bios", "--bios-preset", "capacity", "--n-people",
                                                                 s.cap_people, "--seed", self.args.seed,
                                                                 tokenizer=os.path.join(data, "tokenizer"))),
-                    (f"cap-cluster-k{k}", lambda dk=dk, k=k: self.cluster(dk, k, "--paths-from", "entity")),
+                    (f"cap-cluster-k{k}", lambda dk=dk, k=k: self.cluster(dk, k, "--paths-from", "entity",
+                                                                        "--embeddings-from", data)),
                     (f"cap-memory-k{k}", lambda dk=dk, k=k: self.memory(os.path.join(d, "runs", f"memory-k{k}"), dk, M,
                                                                       anchor, k, s.cap_width, model=s.anchor))]
         ev, pb = os.path.join(d, "eval"), s.cap_probes
@@ -273,7 +276,8 @@ class MemoryRepro:
                ("wiki-data-entity", lambda: self.prepare(data["entity"], *wiki, val=0.1,
                                                          tokenizer=os.path.join(data["minilm"], "tokenizer"))),
                ("wiki-cluster-minilm", lambda: self.cluster(data["minilm"], s.wiki_k)),
-               ("wiki-cluster-entity", lambda: self.cluster(data["entity"], s.wiki_k, "--paths-from", "entity")),
+               ("wiki-cluster-entity", lambda: self.cluster(data["entity"], s.wiki_k, "--paths-from", "entity",
+                                                            "--embeddings-from", data["minilm"])),
                ("wiki-probes", lambda: self.memlm("wiki-probes", data["minilm"], "--out", probes, "--max-per-set",
                                                   s.wiki_probes, "--seed", self.args.seed, "--force")),
                ("wiki-anchor", lambda: self.pretrain(anchor, data["minilm"], A, s.lr, *s.anchor)),

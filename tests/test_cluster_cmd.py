@@ -123,3 +123,40 @@ def test_cluster_paths_from_document_keys(data_dir, tmp_path):
         main([d, "--levels", "1", "--k", "4", "--paths-from", "id:^nomatch"])
     with pytest.raises(ConfigError, match="expected id, id:REGEX or entity"):
         main([d, "--levels", "1", "--k", "4", "--paths-from", "title"])
+
+
+def test_cluster_embeddings_from_same_tokens(data_dir, tmp_path, capsys):
+    """--embeddings-from reuses another data dir's window embeddings when its shards hold the same windows
+    (a bank-size sweep: one data dir per k), without loading MiniLM; different windows are not copied."""
+    import os
+    import shutil
+
+    from data.shards import open_data
+    from train.commands.cluster import EMB, main
+
+    assert main([data_dir, "--levels", "1", "--k", "2", "--batch-size", "8"]) == 0  # source has embeddings
+    capsys.readouterr()
+    twin = str(tmp_path / "twin")
+    shutil.copytree(data_dir, twin, ignore=shutil.ignore_patterns("*.window_minilm*.npy", "*.paths.npy", "router.*"))
+    assert main([twin, "--levels", "1", "--k", "3", "--embeddings-from", data_dir]) == 0
+    out = capsys.readouterr().out
+    n = sum(len(open_data(data_dir).shards(s)) for s in ("train", "val"))
+    assert f"embeddings: {n} shard(s) copied" in out and "MiniLM loaded" not in out
+    for split in ("train", "val"):
+        for a, b in zip(open_data(data_dir).shards(split), open_data(twin).shards(split)):
+            np.testing.assert_array_equal(a.array(EMB), b.array(EMB))
+    # Other window boundaries: nothing copied (embedding them is left to MiniLM).
+    from memory.embed import copy_embeddings
+
+    other = open_data(twin)
+    sh = other.shards("train")[0]
+    os.remove(sh.file(f"{EMB}.npy"))
+    w = np.array(sh.windows)
+    w[1] += 1
+    np.save(sh.file("windows.npy"), w)
+    assert copy_embeddings([open_data(twin, check=False).shards("train")[0]], open_data(data_dir), 384) == 0
+    # A source embedded with another --max-tokens is refused, naming the flag.
+    from model.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="embedded with --max-tokens 256, not 32"):
+        main([twin, "--levels", "1", "--k", "3", "--embeddings-from", data_dir, "--max-tokens", "32"])

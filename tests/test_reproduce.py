@@ -46,6 +46,7 @@ def test_memory_dry_run_plan(size, tmp_path, capsys):
     assert "--paths-from id:^bio-([0-9]+)-" in out and "--paths-from entity" in out and "--embed-text sentences" in out
     assert "memory.freeze_anchor=true" in out and "memory.layers=first:1" in out and "--route-top 2" in out
     assert "--mode oracle" in out and "--include-path" in out and "--corpus wiki-leads" in out
+    assert out.count("--embeddings-from") == len(reproduce_memory.MECH_VARIANTS) - 1 + len(s.bank_ks) + 1
     assert not out_dir.exists()  # a dry run writes nothing
 
 

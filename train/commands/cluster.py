@@ -32,7 +32,8 @@ import time
 
 import numpy as np
 
-from memory.embed import EMB, EMB_SENTENCES, MAX_TOKENS, embed_windows, has_embeddings, window_texts
+from memory.embed import (EMB, EMB_SENTENCES, MAX_TOKENS, copy_embeddings, embed_windows, has_embeddings,
+                          window_texts)
 from model.errors import ConfigError, DataError
 from train.cli import ArgumentParser, nonnegative_int, number, positive_int
 
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MiniLM precision (default float16 on GPU, float32 on CPU)")
     p.add_argument("--refit", action="store_true", help="fit a new tree even if DATA/router.* matches the settings")
     p.add_argument("--reembed", action="store_true", help="recompute cached embeddings")
+    p.add_argument("--embeddings-from", default=None, metavar="DATA",
+                   help="reuse the window embeddings of another data dir prepared from the same documents with "
+                        "the same tokenizer (shards with other tokens are embedded), e.g. one dir per k")
     p.add_argument("--paths-from", default=None, metavar="KEY",
                    help="leaves from a document key instead of k-means: id | id:REGEX | entity (see above)")
     p.add_argument("--embed-text", default="window", choices=["window", "sentences"],
@@ -174,6 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     all_shards = [sh for s in splits for sh in shards[s]]
     emb = EMB_SENTENCES if args.embed_text == "sentences" else EMB
+    if args.embeddings_from and not args.reembed:
+        source = open_data(args.embeddings_from)
+        if Router.exists(source.path):  # its embeddings were made with its router's settings
+            used = Router.load(source.path).meta
+            if used.get("max_tokens") != args.max_tokens:
+                raise ConfigError(f"--embeddings-from {args.embeddings_from}: embedded with --max-tokens "
+                                  f"{used.get('max_tokens')}, not {args.max_tokens}; pass the same --max-tokens")
+        n = copy_embeddings(all_shards, source, 384, emb)
+        print(f"embeddings: {n} shard(s) copied from {args.embeddings_from}")
     need = args.reembed or not all(has_embeddings(sh, 384, emb) for sh in all_shards)
     if need:
         t0 = time.time()
