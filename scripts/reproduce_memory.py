@@ -182,9 +182,10 @@ class MemoryRepro:
                       f"memory.min_lr={s.memory_lr / 10:g}", "memory.freeze_anchor=true", "data.by_leaf=true",
                       *extra, seed=seed, ckpts=ckpts)
 
-    def evaluate(self, run: str, data: str, out: str, *extra, per_bucket: int = 100000):
+    def evaluate(self, run: str, data: str, out: str, *extra, per_bucket: int = 100000, memory: bool = True):
+        """`memlm eval`; memory runs also fetch the top-2 leaves (eval refuses --route-top on an anchor)."""
         self.memlm("eval", run, "--data", data, "--out", out, "--probes-per-bucket", per_bucket, "--seed",
-                   self.args.seed, "--route-top", 2, "--force", *extra)
+                   self.args.seed, *(["--route-top", 2] if memory else []), "--force", *extra)
 
     # ---- 1. mechanism check ---------------------------------------------------------------------
     def mech_runs(self) -> list[tuple[str, int]]:
@@ -251,9 +252,11 @@ class MemoryRepro:
                                                                       anchor, k, s.cap_width, model=s.anchor))]
         ev, pb = os.path.join(d, "eval"), s.cap_probes
         out += [("cap-eval-anchor-cont", lambda: self.evaluate(os.path.join(d, "runs", "anchor-cont"), data,
-                                                               os.path.join(ev, "anchor-cont"), per_bucket=pb)),
+                                                               os.path.join(ev, "anchor-cont"), per_bucket=pb,
+                                                               memory=False)),
                 ("cap-eval-dense-2x", lambda: self.evaluate(os.path.join(d, "runs", "dense-2x"), data,
-                                                            os.path.join(ev, "dense-2x"), per_bucket=pb))]
+                                                            os.path.join(ev, "dense-2x"), per_bucket=pb,
+                                                            memory=False))]
         for i in range(1, 5):  # training-token trend: the memory run's checkpoints (the 4th is the final one)
             step = os.path.join(d, "runs", "memory", "checkpoints", f"step-{i * max(M // 4, 1):07d}")
             out.append((f"cap-eval-memory-{i}", lambda step=step, i=i: self.evaluate(

@@ -232,8 +232,14 @@ def test_init_from_model_matches_its_source(mod, size, tmp_path, capsys):
     """Every stage that starts from an earlier run describes that run's model (pretrain refuses otherwise,
     hours into a reproduction): the model section of each init_from pair is the same."""
     assert mod.main(["--size", size, "--dry-run", "--out", str(tmp_path / "r")]) == 0
-    cfgs = _pretrain_configs(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    cfgs = _pretrain_configs(out)
     pairs = [(run, src) for run, (_, src) in cfgs.items() if src in cfgs]
     assert pairs  # the plans do start runs from earlier runs
     for run, src in pairs:
         assert cfgs[run][0].model.differences(cfgs[src][0].model) == [], f"{run} starts from {src}"
+    # Memory-only flags go to memory runs only (eval and score refuse them on an anchor).
+    for line in out.splitlines():
+        if line.startswith("  $ memlm eval ") and "--route-top" in line:
+            run = line.split()[3].split("/checkpoints/")[0]
+            assert cfgs[run][0].memory is not None, line
