@@ -145,8 +145,10 @@ def plot_lines(xs, series: dict[str, list[dict]], xlabel: str, ylabel: str, titl
         hi = [p.get("hi", np.nan) if p else np.nan for p in pts]
         ax.plot(xs, ys, marker="o", color=f"C{i}", label=label)
         ax.fill_between(xs, lo, hi, color=f"C{i}", alpha=0.2)
-    if logx:
+    if logx:  # ticks at the measured points, plain numbers (no 3x10^1 minor labels)
         ax.set_xscale("log")
+        ax.set_xticks(list(xs), [f"{x:g}" for x in xs])
+        ax.xaxis.set_minor_locator(plt.NullLocator())
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
