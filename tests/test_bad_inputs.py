@@ -323,6 +323,8 @@ ROWS = [
     ("cluster-too-many-leaves", lambda r: (["cluster", r.data(), "--k", "64", "--levels", "5"], ["--levels"])),
     ("cluster-unknown-split", lambda r: (["cluster", r.data(), "--splits", "train,vall"], ["--splits", "vall"])),
     ("cluster-bad-regex", lambda r: (["cluster", r.data(), "--paths-from", "id:(unclosed"], ["--paths-from"])),
+    ("cluster-embeddings-from-not-data", lambda r: (["cluster", r.data(), "--embeddings-from", r.dir("empty")],
+                                                    ["--embeddings-from", "manifest.json"])),
     ("cluster-not-a-data-dir", lambda r: (["cluster", r.dir("empty")], ["manifest.json"])),
     ("cluster-truncated-shard", lambda r: (["cluster", _truncated_shard(r)], ["00000.tokens.bin"])),
     # --- export-hf (flags and inputs; directory overwrites: tests of the export command) ---

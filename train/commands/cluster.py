@@ -179,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     all_shards = [sh for s in splits for sh in shards[s]]
     emb = EMB_SENTENCES if args.embed_text == "sentences" else EMB
     if args.embeddings_from and not args.reembed:
-        source = open_data(args.embeddings_from)
+        try:
+            source = open_data(args.embeddings_from)
+        except DataError as e:
+            raise DataError(f"--embeddings-from {args.embeddings_from}: {e}") from None
         if Router.exists(source.path):  # its embeddings were made with its router's settings
             used = Router.load(source.path).meta
             if used.get("max_tokens") != args.max_tokens:
