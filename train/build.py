@@ -138,9 +138,10 @@ def _check_init_model(cfg: RunConfig, src: InitSource) -> None:
     diff = cfg.model.differences(src.model)
     if diff:
         pairs = "; ".join(f"model.{k}={a} here, {b} in the source" for k, a, b in diff[:4])
+        preset = f"set model.preset={src.model.name}, or " if cfg.model.name != src.model.name else ""
         raise ConfigError(f"init_from={src.path}: the model section differs from the model it starts from "
-                          f"({pairs}); give the source's values ({' '.join(f'model.{k}={b}' for k, _, b in diff)}) "
-                          "or drop the model.* keys that differ")
+                          f"({pairs}); {preset}give the source's values "
+                          f"({' '.join(f'model.{k}={b}' for k, _, b in diff)}) or drop the model.* keys that differ")
 
 
 def _check_init_tokenizer(data, src: InitSource) -> None:
