@@ -14,12 +14,14 @@ Parts (each stage is one `memlm` command; finished stages are reused when you re
    generic, anchor-only; seeds for the headline variants.
 2. cap: capacity-bound bios (`capacity` preset: every fact seen >= ~8 times, long-tailed), knowledge in
    bits above ~2 bits/parameter of the anchor; anchor trained A steps then continued, memory (entity
-   routing), dense 2x, all with the same training tokens; bank-size trend (k at a fixed fetched size),
-   training-token trend (memory checkpoints) and placement (first-N vs last-N layers).
+   routing), dense 2x, all with the same training tokens; the memory run at more seeds; bank-size trend
+   (k at a fixed fetched size), training-token trend (memory checkpoints) and placement (first-N vs last-N).
 3. wiki: wiki-leads, knowledge probes from lead facts (memlm wiki-probes), scored through
    lm-evaluation-harness (memlm harness) for fetched / oracle / generic / anchor-only / dense 2x on seen
-   and held-out articles, with MiniLM and entity routing.
-Writes <out>/report.md with 95% intervals (paired bootstrap over the same probes / rows) and PNGs.
+   and held-out articles, with leaves from MiniLM k-means (also at more seeds), entity keys and
+   sentence-averaged windows; validation loss of every run on the same held-out rows (memlm eval).
+Writes <out>/report.md with 95% intervals (paired bootstrap over the same probes / rows; Student-t over
+seeds) and PNGs.
 """
 from __future__ import annotations
 
@@ -47,6 +49,11 @@ MICRO = ("model.preset=tiny", "model.n_embd=64", "model.n_layer=2", "model.ffn_h
          "model.n_kv_head=1")
 MICRO_2X = ("model.preset=tiny", "model.n_embd=96", "model.n_layer=2", "model.ffn_hidden=192", "model.n_head=3",
             "model.n_kv_head=1")
+WIKI_VARIANTS = {  # wiki leaves: MiniLM k-means (the default), first named entity, sentence-averaged windows
+    "minilm": [],
+    "entity": ["--paths-from", "entity"],
+    "sentences": ["--embed-text", "sentences"],
+}
 # The mechanism check's anchor: the tiny preset (4 layers, d=128); with 2 layers of d=64 the memories
 # did not learn the facts (measured: oracle-routed accuracy 0.07 after ~10 passes).
 MECH_ANCHOR = ("model.preset=tiny",)
@@ -76,6 +83,7 @@ class Size:
     cap_k: int
     cap_width: int
     bank_ks: tuple         # bank-size trend: k at the same width (same fetched size)
+    cap_seeds: int         # seeds of the headline memory run (k = cap_k)
     # 3. wiki-leads
     wiki_docs: int
     wiki_anchor_steps: int
@@ -83,6 +91,8 @@ class Size:
     wiki_k: int
     wiki_width: int
     wiki_probes: int       # probes per set (seen / held-out)
+    wiki_val: float        # val fraction of the leads (held-out articles: val loss and held-out probes)
+    wiki_seeds: int        # seeds of the headline memory run (MiniLM leaves)
     cap_probes: int = 400  # capacity-bound bios probes per frequency bucket (seeded sample)
 
 
@@ -92,22 +102,24 @@ SIZES = {
     "quick": Size(anchor=MICRO, dense=MICRO_2X, vocab_size=2048, seq_len=128, batch_size=16, lr=3e-3, memory_lr=3e-3,
                   embed_tokens=128, mech_people=128, mech_anchor_steps=200, mech_memory_steps=200, mech_k=8,
                   mech_width=64, mech_seeds=1, cap_people=100, cap_anchor_steps=40, cap_memory_steps=40, cap_k=4,
-                  cap_width=16, bank_ks=(2,), wiki_docs=200, wiki_anchor_steps=40, wiki_memory_steps=40,
-                  wiki_k=4, wiki_width=16, wiki_probes=100, cap_probes=50),
+                  cap_width=16, bank_ks=(2,), cap_seeds=2, wiki_docs=200, wiki_anchor_steps=40, wiki_memory_steps=40,
+                  wiki_k=4, wiki_width=16, wiki_probes=100, wiki_val=0.1, wiki_seeds=2, cap_probes=50),
     # Token budget ~45M on the micro anchor (~25k tokens/s on an idle 2-core CPU) + MiniLM/spaCy preparation.
     "default": Size(anchor=MICRO, dense=MICRO_2X, vocab_size=2048, seq_len=128, batch_size=16, lr=3e-3,
                     memory_lr=3e-3, embed_tokens=128, mech_people=256, mech_anchor_steps=300, mech_memory_steps=750,
                     mech_k=16, mech_width=64, mech_seeds=3, cap_people=3500, cap_anchor_steps=1800,
-                    cap_memory_steps=1800, cap_k=16, cap_width=32, bank_ks=(4, 64), wiki_docs=2000,
-                    wiki_anchor_steps=800, wiki_memory_steps=600, wiki_k=16, wiki_width=32, wiki_probes=1000),
+                    cap_memory_steps=1800, cap_k=16, cap_width=32, bank_ks=(4, 64), cap_seeds=3,
+                    wiki_docs=2600, wiki_anchor_steps=800, wiki_memory_steps=600, wiki_k=16, wiki_width=32,
+                    wiki_probes=1000, wiki_val=0.25, wiki_seeds=3),
     # One H200, <= 10 minutes of training and scoring; data, clusters and probes prepared on CPU first
     # (--prepare-only: the device has no faiss, spaCy or MiniLM package). The micro anchor again, so that
     # the knowledge (8,000 people, ~372k bits) is 2.5x its ~2 bits/parameter capacity, more passes.
     "gpu": Size(anchor=MICRO, dense=MICRO_2X, vocab_size=4096, seq_len=128, batch_size=64, lr=3e-3, memory_lr=3e-3,
                 embed_tokens=48, mech_people=1024, mech_anchor_steps=300, mech_memory_steps=1500, mech_k=64,
                 mech_width=64, mech_seeds=3, cap_people=8000, cap_anchor_steps=4000, cap_memory_steps=4000,
-                cap_k=64, cap_width=32, bank_ks=(16, 256), wiki_docs=10033, wiki_anchor_steps=3000,
-                wiki_memory_steps=2000, wiki_k=64, wiki_width=32, wiki_probes=3000, cap_probes=1000),
+                cap_k=64, cap_width=32, bank_ks=(16, 256), cap_seeds=3, wiki_docs=10033, wiki_anchor_steps=3000,
+                wiki_memory_steps=2000, wiki_k=64, wiki_width=32, wiki_probes=3000, wiki_val=0.1, wiki_seeds=3,
+                cap_probes=1000),
 }
 
 
@@ -188,9 +200,13 @@ class MemoryRepro:
                    self.args.seed, *(["--route-top", 2] if memory else []), "--force", *extra)
 
     # ---- 1. mechanism check ---------------------------------------------------------------------
+    def seeds(self, n: int) -> list[int]:
+        """The base seed and n - 1 more (memory training and data order; probes stay the base seed's)."""
+        return [self.args.seed + i for i in range(n)]
+
     def mech_runs(self) -> list[tuple[str, int]]:
         """(variant, seed) memory runs: every variant at the base seed, the headline ones at more seeds."""
-        seeds = [self.args.seed + i for i in range(self.size.mech_seeds)]
+        seeds = self.seeds(self.size.mech_seeds)
         return ([(v, seeds[0]) for v in self.variants]
                 + [(v, sd) for v in ("minilm", "entity") if v in self.variants for sd in seeds[1:]])
 
@@ -250,6 +266,10 @@ class MemoryRepro:
                                                                         "--embeddings-from", data)),
                     (f"cap-memory-k{k}", lambda dk=dk, k=k: self.memory(os.path.join(d, "runs", f"memory-k{k}"), dk, M,
                                                                       anchor, k, s.cap_width, model=s.anchor))]
+        for sd in self.seeds(s.cap_seeds)[1:]:  # the headline memory run at more seeds
+            out.append((f"cap-memory-s{sd}", lambda sd=sd: self.memory(os.path.join(d, "runs", f"memory-s{sd}"), data,
+                                                                     M, anchor, s.cap_k, s.cap_width, model=s.anchor,
+                                                                     seed=sd)))
         ev, pb = os.path.join(d, "eval"), s.cap_probes
         out += [("cap-eval-anchor-cont", lambda: self.evaluate(os.path.join(d, "runs", "anchor-cont"), data,
                                                                os.path.join(ev, "anchor-cont"), per_bucket=pb,
@@ -261,6 +281,9 @@ class MemoryRepro:
             step = os.path.join(d, "runs", "memory", "checkpoints", f"step-{i * max(M // 4, 1):07d}")
             out.append((f"cap-eval-memory-{i}", lambda step=step, i=i: self.evaluate(
                 step, data, os.path.join(ev, f"memory-{i}"), per_bucket=pb)))
+        for sd in self.seeds(s.cap_seeds)[1:]:
+            out.append((f"cap-eval-memory-s{sd}", lambda sd=sd: self.evaluate(
+                os.path.join(d, "runs", f"memory-s{sd}"), data, os.path.join(ev, f"memory-s{sd}"), per_bucket=pb)))
         for name in ["memory-first1", "memory-last1"] + [f"memory-k{k}" for k in s.bank_ks]:
             dk = os.path.join(d, f"data-{name.split('-')[-1]}") if "-k" in name else data
             out.append((f"cap-eval-{name}", lambda name=name, dk=dk: self.evaluate(
@@ -272,34 +295,44 @@ class MemoryRepro:
     def plan_wiki(self):
         s, d = self.size, self.p("wiki")
         A, M = s.wiki_anchor_steps, s.wiki_memory_steps
-        data = {v: os.path.join(d, f"data-{v}") for v in ("minilm", "entity")}
-        anchor, probes = os.path.join(d, "runs", "anchor"), os.path.join(d, "probes")
-        wiki = ["wiki-leads", "--max-docs", s.wiki_docs]
-        out = [("wiki-data", lambda: self.prepare(data["minilm"], *wiki, val=0.1)),
-               ("wiki-data-entity", lambda: self.prepare(data["entity"], *wiki, val=0.1,
-                                                         tokenizer=os.path.join(data["minilm"], "tokenizer"))),
-               ("wiki-cluster-minilm", lambda: self.cluster(data["minilm"], s.wiki_k)),
-               ("wiki-cluster-entity", lambda: self.cluster(data["entity"], s.wiki_k, "--paths-from", "entity",
-                                                            "--embeddings-from", data["minilm"])),
-               ("wiki-probes", lambda: self.memlm("wiki-probes", data["minilm"], "--out", probes, "--max-per-set",
-                                                  s.wiki_probes, "--seed", self.args.seed, "--force")),
-               ("wiki-anchor", lambda: self.pretrain(anchor, data["minilm"], A, s.lr, *s.anchor)),
-               ("wiki-anchor-cont", lambda: self.pretrain(os.path.join(d, "runs", "anchor-cont"), data["minilm"], M,
-                                                          s.memory_lr, *s.anchor, f"init_from={anchor}")),
-               ("wiki-dense-2x", lambda: self.pretrain(os.path.join(d, "runs", "dense-2x"), data["minilm"], A + M, s.lr,
-                                                       *s.dense))]
-        for v in ("minilm", "entity"):
-            out.append((f"wiki-memory-{v}", lambda v=v: self.memory(os.path.join(d, "runs", f"memory-{v}"), data[v], M,
-                                                                    anchor, s.wiki_k, s.wiki_width, model=s.anchor)))
+        data = {v: os.path.join(d, f"data-{v}") for v in WIKI_VARIANTS}
+        anchor, probes, ev = os.path.join(d, "runs", "anchor"), os.path.join(d, "probes"), os.path.join(d, "eval")
+        wiki, tok = ["wiki-leads", "--max-docs", s.wiki_docs], os.path.join(data["minilm"], "tokenizer")
+        out = [("wiki-data", lambda: self.prepare(data["minilm"], *wiki, val=s.wiki_val)),
+               ("wiki-cluster-minilm", lambda: self.cluster(data["minilm"], s.wiki_k))]
+        for v in list(WIKI_VARIANTS)[1:]:  # same leads and tokenizer, other leaves
+            same = [] if "--embed-text" in WIKI_VARIANTS[v] else ["--embeddings-from", data["minilm"]]
+            out += [(f"wiki-data-{v}", lambda v=v: self.prepare(data[v], *wiki, val=s.wiki_val, tokenizer=tok)),
+                    (f"wiki-cluster-{v}", lambda v=v, same=same: self.cluster(data[v], s.wiki_k, *WIKI_VARIANTS[v],
+                                                                              *same))]
+        out += [("wiki-probes", lambda: self.memlm("wiki-probes", data["minilm"], "--out", probes, "--max-per-set",
+                                                   s.wiki_probes, "--seed", self.args.seed, "--force")),
+                ("wiki-anchor", lambda: self.pretrain(anchor, data["minilm"], A, s.lr, *s.anchor)),
+                ("wiki-anchor-cont", lambda: self.pretrain(os.path.join(d, "runs", "anchor-cont"), data["minilm"], M,
+                                                           s.memory_lr, *s.anchor, f"init_from={anchor}")),
+                ("wiki-dense-2x", lambda: self.pretrain(os.path.join(d, "runs", "dense-2x"), data["minilm"], A + M,
+                                                        s.lr, *s.dense))]
+        # memory runs: (name, variant, seed); every variant at the base seed, MiniLM leaves at more seeds
+        seeds = self.seeds(s.wiki_seeds)
+        mem = [(f"memory-{v}", v, seeds[0]) for v in WIKI_VARIANTS]
+        mem += [(f"memory-minilm-s{sd}", "minilm", sd) for sd in seeds[1:]]
+        for name, v, sd in mem:
+            out.append((f"wiki-{name}", lambda name=name, v=v, sd=sd: self.memory(
+                os.path.join(d, "runs", name), data[v], M, anchor, s.wiki_k, s.wiki_width, model=s.anchor, seed=sd)))
         tasks = "memlm_wiki_seen,memlm_wiki_heldout"
         jobs = [("anchor-cont", "anchor", None), ("dense-2x", "anchor", None)]
-        jobs += [(f"memory-{v}", m, data[v]) for v in ("minilm", "entity") for m in ("fetched", "oracle", "generic",
-                                                                                    "anchor")]
+        jobs += [(name, m, data[v]) for name, v, sd in mem
+                 for m in ("fetched", "oracle", "generic") + (("anchor",) if sd == seeds[0] else ())]
         for run, mode, dd in jobs:
             extra = ["--data", dd] if dd else []
             out.append((f"wiki-harness-{run}-{mode}", lambda run=run, mode=mode, extra=extra: self.memlm(
                 "harness", os.path.join(d, "runs", run), "--tasks", tasks, "--include-path", probes, "--mode", mode,
                 "--out", os.path.join(d, "harness", f"{run}-{mode}"), "--force", *extra)))
+        # validation loss on the held-out articles: every run on the same rows (MiniLM leaves' packing)
+        for run, dd, is_mem in [("anchor-cont", data["minilm"], False), ("dense-2x", data["minilm"], False)] + [
+                (name, data[v], True) for name, v, _ in mem]:
+            out.append((f"wiki-eval-{run}", lambda run=run, dd=dd, is_mem=is_mem: self.evaluate(
+                os.path.join(d, "runs", run), dd, os.path.join(ev, run), per_bucket=0, memory=is_mem)))
         return out
 
     # ---- plan / report --------------------------------------------------------------------------

@@ -201,7 +201,7 @@ def test_eval_json_structure(runs, tmp_path):
                       "--probes-per-bucket", "4", "--seed", "1", "--batch-size", "2"]) == 0
     ev = json.load(open(os.path.join(out, "eval.json")))
     assert set(ev) == {"run", "data", "val", "per_cluster", "val_diffs", "probes", "probe_diffs", "probe_routing",
-                       "probe_items"}
+                       "probe_items", "val_rows"}
     assert set(ev["probes"]) == {"fetched", "fetched_oracle", "generic", "anchor"}
     hit = ev["probe_routing"]["hit"]["fetched"]
     assert set(hit) == set(ev["probes"]["fetched"]) and 0 <= ev["probe_routing"]["consistency"] <= 1
@@ -218,6 +218,11 @@ def test_eval_json_structure(runs, tmp_path):
     d = ev["val_diffs"]["fetched - anchor"]
     assert d["diff"] == pytest.approx(ev["val"]["fetched"]["loss"] - ev["val"]["anchor"]["loss"], abs=1e-9)
     assert d["lo"] <= d["diff"] <= d["hi"]
+    rows = ev["val_rows"]  # per-row sums: they add up to the reported loss
+    assert (rows["seq_len"], rows["batch_size"], rows["seed"]) == (ev["val_rows"]["seq_len"], 2, 1)
+    for m, v in ev["val"].items():
+        assert len(rows[m]["nats"]) == len(rows[m]["tokens"]) == 6 and sum(rows[m]["tokens"]) == v["tokens"]
+        assert sum(rows[m]["nats"]) / sum(rows[m]["tokens"]) == pytest.approx(v["loss"], rel=1e-9)
     items = ev["probe_items"]
     for m, buckets in ev["probes"].items():
         assert buckets and all(b.startswith("bucket_") or b == "all" for b in buckets)
@@ -230,10 +235,18 @@ def test_eval_json_structure(runs, tmp_path):
     assert os.path.getsize(os.path.join(out, "eval.png")) > 1000
     # a plain anchor run: mode "anchor" only (per-cluster numbers from the stored paths)
     out2 = str(tmp_path / "ev2")
-    assert eval_main([runs["anchor"], "--data", runs["data"], "--out", out2, "--val-batches", "2",
-                      "--probes-per-bucket", "2", "--batch-size", "2"]) == 0
+    assert eval_main([runs["anchor"], "--data", runs["data"], "--out", out2, "--val-batches", "3",
+                      "--probes-per-bucket", "2", "--batch-size", "2", "--seed", "1"]) == 0
     ev2 = json.load(open(os.path.join(out2, "eval.json")))
     assert set(ev2["val"]) == set(ev2["probes"]) == {"anchor"} and ev2["per_cluster"]["anchor"]
+    # the same data, rows and seed: the two runs' losses pair row by row (the report's cross-run intervals)
+    from train.experiments.memory_report import val_diff
+
+    assert ev2["val_rows"]["anchor"]["tokens"] == ev["val_rows"]["fetched"]["tokens"]
+    d = val_diff(ev, "fetched", ev2, "anchor")
+    assert d["diff"] == pytest.approx(ev["val"]["fetched"]["loss"] - ev2["val"]["anchor"]["loss"], abs=1e-9)
+    assert d["lo"] <= d["diff"] <= d["hi"]
+    assert val_diff(ev, "fetched", {**ev2, "data": "/elsewhere"}, "anchor") is None
 
 
 def test_harness_modes_on_a_local_task(runs, tmp_path):

@@ -39,6 +39,19 @@ def test_memory_dry_run_plan(size, tmp_path, capsys):
               "cap-eval-memory-4", "wiki-probes", "wiki-harness-memory-entity-oracle", "wiki-harness-dense-2x-anchor"):
         assert x in stages
     assert all(f"cap-memory-k{k}" in stages for k in s.bank_ks)
+    # headline rows at more seeds: the cap memory run and the MiniLM wiki memory run, each evaluated
+    assert [x for x in stages if x.startswith("cap-memory-s")] == [f"cap-memory-s{i}" for i in range(1, s.cap_seeds)]
+    assert all(f"cap-eval-memory-s{i}" in stages for i in range(1, s.cap_seeds))
+    assert [x for x in stages if x.startswith("wiki-memory-minilm-s")] == [f"wiki-memory-minilm-s{i}"
+                                                                         for i in range(1, s.wiki_seeds)]
+    assert all(f"wiki-harness-memory-minilm-s{i}-{m}" in stages for i in range(1, s.wiki_seeds)
+               for m in ("fetched", "oracle", "generic"))
+    assert s.cap_seeds >= 2 and s.wiki_seeds >= 2 and (size == "quick" or min(s.cap_seeds, s.wiki_seeds) >= 3)
+    # wiki: every leaf variant trained and scored; validation loss of every run on the held-out articles
+    for v in reproduce_memory.WIKI_VARIANTS:
+        assert f"wiki-cluster-{v}" in stages and f"wiki-memory-{v}" in stages and f"wiki-eval-memory-{v}" in stages
+    assert "wiki-eval-anchor-cont" in stages and "wiki-eval-dense-2x" in stages
+    assert f"--val-fraction {s.wiki_val} " in out and f"--max-docs {s.wiki_docs}\n" in out
     assert stages[-1] == "report"
     # Same training tokens: anchor A then A+M for the dense model; memories on the frozen anchor.
     assert f"trainer.max_steps={s.cap_anchor_steps + s.cap_memory_steps} " in out
@@ -243,3 +256,47 @@ def test_init_from_model_matches_its_source(mod, size, tmp_path, capsys):
         if line.startswith("  $ memlm eval ") and "--route-top" in line:
             run = line.split()[3].split("/checkpoints/")[0]
             assert cfgs[run][0].memory is not None, line
+
+
+def test_memory_report_seeds_and_paired_val_loss(tmp_path):
+    """Seeds tables (mean and t interval over seeds) and validation-loss differences paired across runs
+    evaluated on the same rows; rows that differ are not paired."""
+    import json
+
+    from train.experiments.memory_report import seed_cell, wiki_section
+
+    def put(path, obj):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj))
+
+    def harness(seen):  # 4 seen probes, 4 held-out (all wrong)
+        return {"tasks": {"memlm_wiki_seen": {"items": dict(zip("abcd", seen))},
+                          "memlm_wiki_heldout": {"items": dict(zip("efgh", [0] * 4))}}}
+
+    h = tmp_path / "wiki" / "harness"
+    for run, f, g in (("memory-minilm", [1, 1, 1, 0], [1, 0, 0, 0]), ("memory-minilm-s1", [1, 1, 0, 0], [0, 0, 0, 0])):
+        put(h / f"{run}-fetched" / "harness.json", harness(f))
+        put(h / f"{run}-oracle" / "harness.json", harness(f))
+        put(h / f"{run}-generic" / "harness.json", harness(g))
+    put(h / "anchor-cont-anchor" / "harness.json", harness([0, 0, 0, 1]))
+    rows = {"seq_len": 8, "batch_size": 2, "seed": 0}
+    ev = tmp_path / "wiki" / "eval"
+    put(ev / "memory-minilm" / "eval.json", {
+        "data": "/d", "val": {"fetched": {"loss": 2.0, "ppl": 7.4, "tokens": 3}, "generic": {"loss": 3.0, "ppl": 20.1, "tokens": 3}},
+        "val_rows": {**rows, "fetched": {"nats": [2.0, 4.0], "tokens": [1, 2]}, "generic": {"nats": [3.0, 6.0], "tokens": [1, 2]}}})
+    put(ev / "anchor-cont" / "eval.json", {
+        "data": "/d", "val": {"anchor": {"loss": 2 / 3, "ppl": 1.9, "tokens": 3}},
+        "val_rows": {**rows, "anchor": {"nats": [1.0, 1.0], "tokens": [1, 2]}}})
+    put(ev / "dense-2x" / "eval.json", {  # other rows: not paired
+        "data": "/d", "val": {"anchor": {"loss": 1.0, "ppl": 2.7, "tokens": 3}},
+        "val_rows": {**rows, "anchor": {"nats": [1.0, 2.0], "tokens": [2, 1]}}})
+    text = "\n".join(wiki_section(str(tmp_path))[0])
+    assert "MiniLM-leaf memory over seeds" in text
+    # fetched - generic on seen: seed 0 0.75 - 0.25, seed 1 0.5 - 0 -> mean +0.500, interval from the t quantile
+    assert f"| fetched - generic | {seed_cell([0.5, 0.5], '+.3f')} |" in text and "+0.500 [+0.500, +0.500] (2 seeds)" in text
+    assert f"| fetched - `anchor-cont-anchor` | {seed_cell([0.5, 0.25], '+.3f')} |" in text
+    assert "| `memory-minilm` fetched - `anchor-cont` | +1.3333 [" in text  # 6/3 - 2/3, paired over the 2 rows
+    assert "| `memory-minilm` fetched - `dense-2x` | — |" in text
+    assert seed_cell([0.1]) == "0.100 (1 seed)"
+    lo, hi = (float(x) for x in seed_cell([1.0, 2.0, 3.0]).split("[")[1].split("]")[0].split(","))
+    assert (lo, hi) == pytest.approx((2 - 4.303 / 3 ** 0.5, 2 + 4.303 / 3 ** 0.5), abs=1e-3)

@@ -24,7 +24,10 @@ Writes OUT/eval.json (default OUT = RUN/eval), under a temporary name renamed in
 marker; an existing OUT is replaced only when it is an earlier eval output and --force is given:
     {"run", "data", "val": {mode: {"loss", "ppl", "tokens"}},
      "per_cluster": {mode: {"<top-level id>": {"loss", "ppl", "tokens"}}},
-     "probes": {mode: {"bucket_<b>": {"acc", "n"}}}}          (buckets without probes are left out)
+     "probes": {mode: {"bucket_<b>": {"acc", "n"}}},         (buckets without probes are left out)
+     "val_rows": {"seq_len", "batch_size", "seed", mode: {"nats": [...], "tokens": [...]}}}
+(val_rows: every val row's summed loss and target tokens, in the order evaluated: runs evaluated on the
+same data with the same seq_len, batch size and seed share these rows, so their losses can be paired.)
 and OUT/eval.png (bar charts, train.experiments.report.plot_memory_eval), and prints a table.
 """
 from __future__ import annotations
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     batch_size = args.batch_size or cfg.data.batch_size
     print(f"memlm eval: {step_dir} on {args.data} | modes {', '.join(modes)} | val rows of {seq_len} tokens, "
           f"batch {batch_size}" + (f", {args.val_batches} batches" if args.val_batches else ", whole split"))
-    val, per_cluster, diffs = eval_val(model, data, modes, seq_len, batch_size, args.seed, args.val_batches,
+    val, per_cluster, diffs, val_rows = eval_val(model, data, modes, seq_len, batch_size, args.seed, args.val_batches,
                                        by_leaf, device)
 
     probes_res, routing, pdiffs, items = {}, {}, {}, {}
@@ -169,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ev = {"run": os.path.abspath(step_dir), "data": os.path.abspath(args.data), "val": val,
           "per_cluster": per_cluster, "val_diffs": diffs, "probes": probes_res, "probe_diffs": pdiffs,
-          "probe_routing": routing, "probe_items": items}
+          "probe_routing": routing, "probe_items": items,
+          "val_rows": {"seq_len": seq_len, "batch_size": batch_size, "seed": args.seed, **val_rows}}
     with atomic_dir(out, EVAL_KIND, replace=args.force, sources=sources) as tmp:
         write_json(os.path.join(tmp, "eval.json"), ev)
         plot_memory_eval(ev, os.path.join(tmp, "eval.png"))

@@ -50,9 +50,12 @@ def _logits(model, batch, mode, device):
 
 
 @torch.no_grad()
-def eval_val(model, data, modes, seq_len, batch_size, seed, max_batches, by_leaf, device) -> tuple[dict, dict, dict]:
-    """(val, per_cluster, diffs): loss per mode, overall and per top-level cluster, and the paired
-    differences between modes on the same rows (`val_diffs`)."""
+def eval_val(model, data, modes, seq_len, batch_size, seed, max_batches, by_leaf,
+             device) -> tuple[dict, dict, dict, dict]:
+    """(val, per_cluster, diffs, rows): loss per mode, overall and per top-level cluster, the paired
+    differences between modes on the same rows (`val_diffs`), and per mode the rows' summed nats and
+    target-token counts {"nats": [...], "tokens": [...]} (rows are the same for every run evaluated on
+    the same data, seq_len, batch_size and seed, so other runs can be paired with them)."""
     from tqdm import tqdm
 
     from data.loader import PackedDataset
@@ -89,7 +92,8 @@ def eval_val(model, data, modes, seq_len, batch_size, seed, max_batches, by_leaf
                     acc[1] += b
     val = {m: _stats(*tot[m]) for m in modes}
     per_cluster = {m: {c: _stats(*per[m][c]) for c in sorted(per[m], key=int)} for m in modes}
-    return val, per_cluster, val_diffs(rows, seed)
+    row_out = {m: {"nats": rows[m][0], "tokens": rows[m][1]} for m in modes}
+    return val, per_cluster, val_diffs(rows, seed), row_out
 
 
 def val_diffs(rows: dict, seed: int = 0) -> dict:

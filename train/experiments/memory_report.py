@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from train.evaluation.stats import bootstrap_ci, paired_diff_ci, seed_ci
+from train.evaluation.stats import bootstrap_ci, paired_diff_ci, paired_ratio_diff_ci, seed_ci
 from train.experiments.report import bucket_order, machine_line, markdown_table, save_figure, write_text
 import matplotlib.pyplot as plt  # noqa: E402  (after report.py chose the Agg backend)
 
@@ -63,6 +63,28 @@ def items_diff(a: dict, la: str, b: dict, lb: str) -> dict | None:
         return None
     ci = paired_diff_ci(ia[la], ib[lb])
     return {"diff": ci.point, "lo": ci.lo, "hi": ci.hi}
+
+
+def val_diff(a: dict | None, ma: str, b: dict | None, mb: str) -> dict | None:
+    """Paired difference of validation loss (nats/token) between mode `ma` of eval.json `a` and mode `mb` of
+    `b`, bootstrapped over the val rows; None unless both were evaluated on the same rows (same data,
+    seq_len, batch size, seed and per-row token counts)."""
+    ra, rb = (a or {}).get("val_rows") or {}, (b or {}).get("val_rows") or {}
+    if ma not in ra or mb not in rb or a.get("data") != b.get("data"):
+        return None
+    if any(ra.get(k) != rb.get(k) for k in ("seq_len", "batch_size", "seed")) or ra[ma]["tokens"] != rb[mb]["tokens"]:
+        return None
+    ci = paired_ratio_diff_ci(ra[ma]["nats"], ra[ma]["tokens"], rb[mb]["nats"], rb[mb]["tokens"],
+                              np.arange(len(ra[ma]["nats"])))
+    return {"diff": ci.point, "lo": ci.lo, "hi": ci.hi}
+
+
+def seed_cell(vals: list[float], spec: str = ".3f") -> str:
+    """'mean [lo, hi] (n seeds)' with a 95% Student-t interval over seeds; the value alone for one seed."""
+    ci = seed_ci(vals)
+    if len(vals) < 2:
+        return f"{ci.point:{spec}} (1 seed)"
+    return f"{ci.point:{spec}} [{ci.lo:{spec}}, {ci.hi:{spec}}] ({len(vals)} seeds)"
 
 
 # ---- 1. mechanism check ------------------------------------------------------------------------------
@@ -229,7 +251,11 @@ def cap_section(out: str, size: dict) -> tuple[list[str], list[str]]:
     drows = [[n, ci_cell(items_diff(a, la, b, lb), "diff")] for n, a, la, b, lb in diffs]
     vd = mem.get("val_diffs") or {}
     drows.append(["val loss fetched - generic (nats, paired over rows)", ci_cell(vd.get("fetched - generic"), "diff", ".4f")])
+    for other, title in (("anchor-cont", "anchor-only (same tokens)"), ("dense-2x", "dense 2x")):
+        drows.append([f"val loss fetched - {title} (nats, paired over rows)",
+                      ci_cell(val_diff(mem, "fetched", ev.get(other), "anchor"), "diff", ".4f")])
     md += [markdown_table(["difference (all probes)", "95% interval"], drows), ""]
+    md += cap_seeds(d, ev)
     figs = [plot_buckets(curves, os.path.join(out, "cap_accuracy_by_bucket.png"),
                          "capacity-bound bios: accuracy by answer frequency")]
     md += ["![capacity-bound bios](cap_accuracy_by_bucket.png)", ""]
@@ -269,14 +295,44 @@ def cap_section(out: str, size: dict) -> tuple[list[str], list[str]]:
     return md, figs
 
 
+def cap_seeds(d: str, ev: dict) -> list[str]:
+    """The headline memory run (k = cap_k) over its seeds: memory-4 (base seed) and eval/memory-s<seed>."""
+    extra = sorted((n for n in os.listdir(os.path.join(d, "eval")) if n.startswith("memory-s")),
+                   key=lambda n: int(n[len("memory-s"):]))
+    got = [e for e in [ev.get("memory-4")] + [_load(os.path.join(d, "eval", n, "eval.json")) for n in extra] if e]
+    if len(got) < 2:
+        return []
+    acc = lambda e, m: e["probes"][m]["all"]["acc"]  # noqa: E731
+    rows = [[name, seed_cell([acc(e, m) for e in got])] for m, name in
+            (("fetched", "fetched (router)"), ("fetched_oracle", "fetched (oracle)"), ("generic", "generic"))]
+    rows.append(["fetched - generic", seed_cell([acc(e, "fetched") - acc(e, "generic") for e in got], "+.3f")])
+    for other, title in (("anchor-cont", "anchor-only continued"), ("dense-2x", "dense 2x")):
+        if ev.get(other):
+            rows.append([f"fetched - {title}", seed_cell([acc(e, "fetched") - acc(ev[other], "anchor") for e in got],
+                                                          "+.3f")])
+    rows.append(["val loss fetched - generic (nats)",
+                 seed_cell([e["val"]["fetched"]["loss"] - e["val"]["generic"]["loss"] for e in got], "+.4f")])
+    return ["Over seeds of the memory run (memory training and data order; the same probes and validation rows; "
+            "the anchor-only and dense rows are one seed each; mean with a 95% t interval):", "",
+            markdown_table(["probe accuracy, all", "over seeds"], rows), ""]
+
+
 # ---- 3. wiki-leads -------------------------------------------------------------------------------------
+WIKI_TASKS = ("memlm_wiki_seen", "memlm_wiki_heldout")
+WIKI_LEAVES = ("minilm", "entity", "sentences")
+
+
+def harness_items(r: dict | None, task: str) -> dict:
+    """{doc id: 0/1} of one task in a harness.json ({} when missing)."""
+    return (((r or {}).get("tasks") or {}).get(task) or {}).get("items", {})
+
+
 def wiki_section(out: str) -> tuple[list[str], list[str]]:
     d = os.path.join(out, "wiki", "harness")
     if not os.path.isdir(d):
         return ["## 3. Wiki-leads knowledge probes: not run", ""], []
     res = {name: _load(os.path.join(d, name, "harness.json")) for name in sorted(os.listdir(d))}
     res = {k: v for k, v in res.items() if v}
-    tasks = ("memlm_wiki_seen", "memlm_wiki_heldout")
     md = ["## 3. Wiki-leads knowledge probes (lm-evaluation-harness, 4 choices, log-probability)", "",
           "Facts (year, date, country, place, nationality, occupation) from lead sentences; distractors of the same "
           "kind with the closest training counts (chance = 0.25). *seen*: articles in training; *held-out*: val articles.",
@@ -284,8 +340,8 @@ def wiki_section(out: str) -> tuple[list[str], list[str]]:
     rows = []
     for name, r in res.items():
         cells = []
-        for t in tasks:
-            items = list(((r.get("tasks") or {}).get(t) or {}).get("items", {}).values())
+        for t in WIKI_TASKS:
+            items = list(harness_items(r, t).values())
             if items:
                 ci = bootstrap_ci(items)
                 cells.append(f"{ci.point:.3f} [{ci.lo:.3f}, {ci.hi:.3f}] (n={len(items)})")
@@ -293,17 +349,17 @@ def wiki_section(out: str) -> tuple[list[str], list[str]]:
                 cells.append("—")
         rows.append([f"`{name}`"] + cells)
     md += [markdown_table(["run-mode", "seen", "held-out"], rows), ""]
-    pairs = [(f"memory-{v}-{a}", f"memory-{v}-{b}") for v in ("minilm", "entity")
+    pairs = [(f"memory-{v}-{a}", f"memory-{v}-{b}") for v in WIKI_LEAVES
              for a, b in (("fetched", "generic"), ("oracle", "generic"), ("oracle", "fetched"))]
-    pairs += [("memory-entity-fetched", "memory-minilm-fetched"), ("memory-minilm-fetched", "anchor-cont-anchor"),
-              ("memory-minilm-fetched", "dense-2x-anchor")]
+    pairs += [(f"memory-{v}-fetched", "memory-minilm-fetched") for v in WIKI_LEAVES[1:]]
+    pairs += [("memory-minilm-fetched", "anchor-cont-anchor"), ("memory-minilm-fetched", "dense-2x-anchor")]
     drows = []
     for a, b in pairs:
         if a not in res or b not in res:
             continue
         cells = []
-        for t in tasks:
-            ia, ib = res[a]["tasks"].get(t, {}).get("items", {}), res[b]["tasks"].get(t, {}).get("items", {})
+        for t in WIKI_TASKS:
+            ia, ib = harness_items(res[a], t), harness_items(res[b], t)
             keys = sorted(set(ia) & set(ib))
             if keys:
                 ci = paired_diff_ci([ia[k] for k in keys], [ib[k] for k in keys])
@@ -313,8 +369,60 @@ def wiki_section(out: str) -> tuple[list[str], list[str]]:
         drows.append([f"`{a}` - `{b}`"] + cells)
     if drows:
         md += ["Paired differences (same probes):", "", markdown_table(["difference", "seen", "held-out"], drows), ""]
-    md += wiki_routing(out)
+    md += wiki_seeds(res) + wiki_val(out) + wiki_routing(out)
     return md, []
+
+
+def wiki_seeds(res: dict) -> list[str]:
+    """The MiniLM memory run over its seeds (memory-minilm-<mode> and memory-minilm-s<seed>-<mode>)."""
+    runs = ["memory-minilm"] + sorted({n.rsplit("-", 1)[0] for n in res if n.startswith("memory-minilm-s")})
+    runs = [r for r in runs if f"{r}-fetched" in res and f"{r}-generic" in res]
+    if len(runs) < 2:
+        return []
+    acc = lambda r, m, t: float(np.mean(list(harness_items(res.get(f"{r}-{m}"), t).values())))  # noqa: E731
+    rows = []
+    for label, f in (("fetched (router)", lambda r, t: acc(r, "fetched", t)),
+                     ("fetched (oracle)", lambda r, t: acc(r, "oracle", t)),
+                     ("generic", lambda r, t: acc(r, "generic", t)),
+                     ("fetched - generic", lambda r, t: acc(r, "fetched", t) - acc(r, "generic", t)),
+                     ("oracle - router", lambda r, t: acc(r, "oracle", t) - acc(r, "fetched", t))):
+        spec = "+.3f" if " - " in label else ".3f"
+        rows.append([label] + [seed_cell([f(r, t) for r in runs], spec) for t in WIKI_TASKS])
+    for other in ("anchor-cont-anchor", "dense-2x-anchor"):
+        if other in res:
+            rows.append([f"fetched - `{other}`"] + [seed_cell([acc(r, "fetched", t) - float(np.mean(list(
+                harness_items(res[other], t).values()))) for r in runs], "+.3f") for t in WIKI_TASKS])
+    return ["MiniLM-leaf memory over seeds (memory training and data order; the same probes; mean with a 95% t "
+            "interval; the anchor-only and dense rows are one seed each):", "",
+            markdown_table(["accuracy", "seen", "held-out"], rows), ""]
+
+
+def wiki_val(out: str) -> list[str]:
+    """Validation loss on the held-out articles, every run on the same rows where it can be paired."""
+    d = os.path.join(out, "wiki", "eval")
+    if not os.path.isdir(d):
+        return []
+    ev = {n: _load(os.path.join(d, n, "eval.json")) for n in sorted(os.listdir(d))}
+    ev = {n: e for n, e in ev.items() if e}
+    rows = [[f"`{n}`", m, f"{v['loss']:.4f}", f"{v['tokens']:,}"] for n, e in ev.items()
+            for m, v in (e.get("val") or {}).items()]
+    md = ["Validation loss on the held-out articles (nats per token):", "",
+          markdown_table(["run", "mode", "val loss", "tokens"], rows), ""]
+    base = ev.get("memory-minilm")
+    drows = []
+    if base:
+        drows.append(["`memory-minilm` fetched - generic", ci_cell((base.get("val_diffs") or {}).get("fetched - generic"),
+                                                                   "diff", ".4f")])
+        for other in ("anchor-cont", "dense-2x"):
+            drows.append([f"`memory-minilm` fetched - `{other}`",
+                          ci_cell(val_diff(base, "fetched", ev.get(other), "anchor"), "diff", ".4f")])
+    seeds = [e for n, e in ev.items() if n == "memory-minilm" or n.startswith("memory-minilm-s")]
+    if len(seeds) > 1:
+        drows.append(["`memory-minilm` fetched - generic, over seeds (t interval)",
+                      seed_cell([e["val"]["fetched"]["loss"] - e["val"]["generic"]["loss"] for e in seeds], "+.4f")])
+    if drows:
+        md += [markdown_table(["difference (paired over the same rows)", "95% interval"], drows), ""]
+    return md
 
 
 def wiki_routing(out: str) -> list[str]:
@@ -330,7 +438,7 @@ def wiki_routing(out: str) -> list[str]:
     with open(probes_file) as f:
         probes = [json.loads(line) for line in f if line.strip()]
     rows = []
-    for v in ("minilm", "entity"):
+    for v in WIKI_LEAVES:
         d = os.path.join(out, "wiki", f"data-{v}")
         if not Router.exists(d):
             continue
