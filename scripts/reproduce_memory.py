@@ -83,7 +83,7 @@ class Size:
     cap_k: int
     cap_width: int
     bank_ks: tuple         # bank-size trend: k at the same width (same fetched size)
-    cap_seeds: int         # seeds of the headline memory run (k = cap_k)
+    cap_seeds: int         # seeds of the comparison: memories (cap_k and bank_ks), anchor-only continued, dense 2x
     # 3. wiki-leads
     wiki_docs: int
     wiki_anchor_steps: int
@@ -266,10 +266,18 @@ class MemoryRepro:
                                                                         "--embeddings-from", data)),
                     (f"cap-memory-k{k}", lambda dk=dk, k=k: self.memory(os.path.join(d, "runs", f"memory-k{k}"), dk, M,
                                                                       anchor, k, s.cap_width, model=s.anchor))]
-        for sd in self.seeds(s.cap_seeds)[1:]:  # the headline memory run at more seeds
-            out.append((f"cap-memory-s{sd}", lambda sd=sd: self.memory(os.path.join(d, "runs", f"memory-s{sd}"), data,
-                                                                     M, anchor, s.cap_k, s.cap_width, model=s.anchor,
-                                                                     seed=sd)))
+        for sd in self.seeds(s.cap_seeds)[1:]:  # every row of the comparison at more seeds (training, data order)
+            out += [(f"cap-memory-s{sd}", lambda sd=sd: self.memory(os.path.join(d, "runs", f"memory-s{sd}"), data,
+                                                                    M, anchor, s.cap_k, s.cap_width, model=s.anchor,
+                                                                    seed=sd)),
+                    (f"cap-anchor-cont-s{sd}", lambda sd=sd: self.pretrain(
+                        os.path.join(d, "runs", f"anchor-cont-s{sd}"), data, M, s.memory_lr, *s.anchor,
+                        f"init_from={anchor}", seed=sd)),
+                    (f"cap-dense-2x-s{sd}", lambda sd=sd: self.pretrain(os.path.join(d, "runs", f"dense-2x-s{sd}"), data,
+                                                                       A + M, s.lr, *s.dense, seed=sd))]
+            out += [(f"cap-memory-k{k}-s{sd}", lambda sd=sd, k=k: self.memory(
+                os.path.join(d, "runs", f"memory-k{k}-s{sd}"), os.path.join(d, f"data-k{k}"), M, anchor, k,
+                s.cap_width, model=s.anchor, seed=sd)) for k in s.bank_ks]
         ev, pb = os.path.join(d, "eval"), s.cap_probes
         out += [("cap-eval-anchor-cont", lambda: self.evaluate(os.path.join(d, "runs", "anchor-cont"), data,
                                                                os.path.join(ev, "anchor-cont"), per_bucket=pb,
@@ -284,11 +292,20 @@ class MemoryRepro:
         for sd in self.seeds(s.cap_seeds)[1:]:
             out.append((f"cap-eval-memory-s{sd}", lambda sd=sd: self.evaluate(
                 os.path.join(d, "runs", f"memory-s{sd}"), data, os.path.join(ev, f"memory-s{sd}"), per_bucket=pb)))
-        for name in ["memory-first1", "memory-last1"] + [f"memory-k{k}" for k in s.bank_ks]:
-            dk = os.path.join(d, f"data-{name.split('-')[-1]}") if "-k" in name else data
+            out += [(f"cap-eval-{name}-s{sd}", lambda name=name, sd=sd: self.evaluate(
+                os.path.join(d, "runs", f"{name}-s{sd}"), data, os.path.join(ev, f"{name}-s{sd}"), per_bucket=pb,
+                memory=False)) for name in ("anchor-cont", "dense-2x")]
+        seeds = self.seeds(s.cap_seeds)
+        for name in ["memory-first1", "memory-last1"] + [f"memory-k{k}" + (f"-s{sd}" if sd != seeds[0] else "")
+                                                          for k in s.bank_ks for sd in seeds]:
+            dk = os.path.join(d, "data-" + name.split("-")[1]) if "-k" in name else data
             out.append((f"cap-eval-{name}", lambda name=name, dk=dk: self.evaluate(
                 os.path.join(d, "runs", name), dk, os.path.join(ev, name), "--modes", "fetched,generic",
                 per_bucket=pb)))
+        for k in s.bank_ks:  # the baselines on the rows of a bank's data (leaf packing): paired val losses
+            out += [(f"cap-eval-{name}-k{k}", lambda name=name, k=k: self.evaluate(
+                os.path.join(d, "runs", name), os.path.join(d, f"data-k{k}"), os.path.join(ev, f"{name}-k{k}"),
+                per_bucket=0, memory=False)) for name in ("anchor-cont", "dense-2x")]
         return out
 
     # ---- 3. wiki-leads --------------------------------------------------------------------------

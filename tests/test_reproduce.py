@@ -42,6 +42,10 @@ def test_memory_dry_run_plan(size, tmp_path, capsys):
     # headline rows at more seeds: the cap memory run and the MiniLM wiki memory run, each evaluated
     assert [x for x in stages if x.startswith("cap-memory-s")] == [f"cap-memory-s{i}" for i in range(1, s.cap_seeds)]
     assert all(f"cap-eval-memory-s{i}" in stages for i in range(1, s.cap_seeds))
+    for i in range(1, s.cap_seeds):  # every row of the cap comparison, including the bank-size trend
+        for name in ["anchor-cont", "dense-2x"] + [f"memory-k{k}" for k in s.bank_ks]:
+            assert f"cap-{name}-s{i}" in stages and f"cap-eval-{name}-s{i}" in stages
+    assert all(f"cap-eval-anchor-cont-k{k}" in stages for k in s.bank_ks)
     assert [x for x in stages if x.startswith("wiki-memory-minilm-s")] == [f"wiki-memory-minilm-s{i}"
                                                                          for i in range(1, s.wiki_seeds)]
     assert all(f"wiki-harness-memory-minilm-s{i}-{m}" in stages for i in range(1, s.wiki_seeds)
@@ -300,3 +304,30 @@ def test_memory_report_seeds_and_paired_val_loss(tmp_path):
     assert seed_cell([0.1]) == "0.100 (1 seed)"
     lo, hi = (float(x) for x in seed_cell([1.0, 2.0, 3.0]).split("[")[1].split("]")[0].split(","))
     assert (lo, hi) == pytest.approx((2 - 4.303 / 3 ** 0.5, 2 + 4.303 / 3 ** 0.5), abs=1e-3)
+
+
+def test_cap_seeds_pair_seed_by_seed(tmp_path):
+    """The cap comparison over seeds: memory seed i minus baseline seed i, averaged with a t interval."""
+    import json
+
+    from train.experiments.memory_report import cap_seeds, seed_cell
+
+    def put(name, **acc):
+        path = tmp_path / "eval" / name / "eval.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"probes": {m: {"all": {"acc": a}} for m, a in acc.items()},
+                                    "val": {m: {"loss": 1.0} for m in acc}}))
+
+    for i, (f, g, a, dn) in enumerate([(0.5, 0.1, 0.3, 0.4), (0.6, 0.2, 0.2, 0.5), (0.7, 0.1, 0.4, 0.6)]):
+        sfx = f"-s{i}" if i else ""
+        put("memory-4" if not i else f"memory-s{i}", fetched=f, generic=g)
+        put(f"anchor-cont{sfx}", anchor=a)
+        put(f"dense-2x{sfx}", anchor=dn)
+    put("memory-k4", fetched=0.2, generic=0.1)
+    text = "\n".join(cap_seeds(str(tmp_path), [4, 16], 16))
+    row16 = next(line for line in text.splitlines() if line.startswith("| k = 16 |"))
+    assert seed_cell([0.4, 0.4, 0.6], "+.3f") in row16  # fetched - generic per seed
+    assert seed_cell([0.2, 0.4, 0.3], "+.3f") in row16  # minus the anchor-only run of the same seed
+    assert seed_cell([0.1, 0.1, 0.1], "+.3f") in row16 and "(3 seeds)" in row16
+    assert "| k = 4 | 0.200 (1 seed) | +0.100 (1 seed) | -0.100 (1 seed) |" in text
+    assert f"probe accuracy {seed_cell([0.3, 0.2, 0.4])}" in text

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 
@@ -255,7 +256,6 @@ def cap_section(out: str, size: dict) -> tuple[list[str], list[str]]:
         drows.append([f"val loss fetched - {title} (nats, paired over rows)",
                       ci_cell(val_diff(mem, "fetched", ev.get(other), "anchor"), "diff", ".4f")])
     md += [markdown_table(["difference (all probes)", "95% interval"], drows), ""]
-    md += cap_seeds(d, ev)
     figs = [plot_buckets(curves, os.path.join(out, "cap_accuracy_by_bucket.png"),
                          "capacity-bound bios: accuracy by answer frequency")]
     md += ["![capacity-bound bios](cap_accuracy_by_bucket.png)", ""]
@@ -276,12 +276,22 @@ def cap_section(out: str, size: dict) -> tuple[list[str], list[str]]:
     kev = {k: (mem if k == size["cap_k"] else ev.get(f"memory-k{k}")) for k in ks}
     kpar = {k: run_params(os.path.join(d, "runs", "memory" if k == size["cap_k"] else f"memory-k{k}")) for k in ks}
     kpts = [((kev[k] or {}).get("probe_diffs") or {}).get("fetched - generic", {}).get("all") for k in ks]
-    figs.append(plot_lines(ks, {"fetched - generic": kpts}, "k (leaves; fetched size fixed)", "accuracy difference",
+    kanc = [items_diff(kev[k], "fetched", ev.get("anchor-cont"), "anchor") for k in ks]
+    kden = [items_diff(kev[k], "fetched", ev.get("dense-2x"), "anchor") for k in ks]
+    base = lambda name, k: ev.get(name) if k == size["cap_k"] else _load(os.path.join(d, "eval", f"{name}-k{k}", "eval.json"))  # noqa: E731
+    kval = [val_diff(kev[k], "fetched", base("anchor-cont", k), "anchor") for k in ks]
+    figs.append(plot_lines(ks, {"fetched - generic": kpts, "fetched - anchor-only continued": kanc,
+                                "fetched - dense 2x": kden}, "k (leaves; fetched size fixed)", "accuracy difference",
                            "gap vs bank size", os.path.join(out, "cap_gap_vs_bank.png"), logx=True))
-    md += ["Fetched - generic vs bank size at a fixed fetched size (one level, k leaves of the same width):", "",
-           markdown_table(["k", "bank params", "fetched params", "fetched - generic"],
+    md += ["Bank size at a fixed fetched size (one level, k leaves of the same width; base seed, paired over the same "
+           "probes; val loss paired over the same rows, the baselines evaluated on each bank's leaf packing):", "",
+           markdown_table(["k", "bank params", "fetched params", "fetched - generic", "fetched - anchor-only continued",
+                           "fetched - dense 2x", "val loss fetched - anchor-only"],
                           [[str(k), f"{kpar[k].get('bank', 0) / 1e3:,.0f}k", f"{kpar[k].get('fetched', 0) / 1e3:,.1f}k",
-                            ci_cell(p, "diff")] for k, p in zip(ks, kpts)]), "", "![gap vs bank](cap_gap_vs_bank.png)", ""]
+                            ci_cell(p, "diff"), ci_cell(a, "diff"), ci_cell(b, "diff"), ci_cell(v, "diff", ".4f")]
+                           for k, p, a, b, v in zip(ks, kpts, kanc, kden, kval)]), "",
+           "![gap vs bank](cap_gap_vs_bank.png)", ""]
+    md += cap_seeds(d, ks, size["cap_k"])
     prow = []
     for name, title in (("memory-first1", "first layer"), ("memory-last1", "last layer")):
         e = ev.get(name)
@@ -295,26 +305,45 @@ def cap_section(out: str, size: dict) -> tuple[list[str], list[str]]:
     return md, figs
 
 
-def cap_seeds(d: str, ev: dict) -> list[str]:
-    """The headline memory run (k = cap_k) over its seeds: memory-4 (base seed) and eval/memory-s<seed>."""
-    extra = sorted((n for n in os.listdir(os.path.join(d, "eval")) if n.startswith("memory-s")),
-                   key=lambda n: int(n[len("memory-s"):]))
-    got = [e for e in [ev.get("memory-4")] + [_load(os.path.join(d, "eval", n, "eval.json")) for n in extra] if e]
-    if len(got) < 2:
+def seed_evals(d: str, base: str, prefix: str) -> list[dict]:
+    """One cap row over its seeds: eval/<base> (the base seed) then eval/<prefix>-s<seed>, in seed order."""
+    ev_dir = os.path.join(d, "eval")
+    more = sorted((n for n in os.listdir(ev_dir) if re.fullmatch(re.escape(prefix) + r"-s\d+", n)),
+                  key=lambda n: int(n.rsplit("-s", 1)[1]))
+    return [e for e in (_load(os.path.join(ev_dir, n, "eval.json")) for n in [base] + more) if e]
+
+
+def cap_seeds(d: str, ks: list[int], cap_k: int) -> list[str]:
+    """Every row of the comparison over its seeds; memory seed i is paired with baseline seed i (the same
+    probes and validation rows), and the differences are averaged over seeds with a Student-t interval."""
+    anchor, dense = seed_evals(d, "anchor-cont", "anchor-cont"), seed_evals(d, "dense-2x", "dense-2x")
+    mems = {k: seed_evals(d, "memory-4", "memory") if k == cap_k else seed_evals(d, f"memory-k{k}", f"memory-k{k}")
+            for k in ks}
+    if max(len(anchor), len(dense), *(len(m) for m in mems.values())) < 2:
         return []
     acc = lambda e, m: e["probes"][m]["all"]["acc"]  # noqa: E731
-    rows = [[name, seed_cell([acc(e, m) for e in got])] for m, name in
-            (("fetched", "fetched (router)"), ("fetched_oracle", "fetched (oracle)"), ("generic", "generic"))]
-    rows.append(["fetched - generic", seed_cell([acc(e, "fetched") - acc(e, "generic") for e in got], "+.3f")])
-    for other, title in (("anchor-cont", "anchor-only continued"), ("dense-2x", "dense 2x")):
-        if ev.get(other):
-            rows.append([f"fetched - {title}", seed_cell([acc(e, "fetched") - acc(ev[other], "anchor") for e in got],
-                                                          "+.3f")])
-    rows.append(["val loss fetched - generic (nats)",
-                 seed_cell([e["val"]["fetched"]["loss"] - e["val"]["generic"]["loss"] for e in got], "+.4f")])
-    return ["Over seeds of the memory run (memory training and data order; the same probes and validation rows; "
-            "the anchor-only and dense rows are one seed each; mean with a 95% t interval):", "",
-            markdown_table(["probe accuracy, all", "over seeds"], rows), ""]
+    rows = []
+    for k, got in mems.items():
+        if not got:
+            continue
+        rows.append([f"k = {k}", seed_cell([acc(e, "fetched") for e in got]),
+                     seed_cell([acc(e, "fetched") - acc(e, "generic") for e in got], "+.3f"),
+                     seed_cell([acc(e, "fetched") - acc(b, "anchor") for e, b in zip(got, anchor)], "+.3f"),
+                     seed_cell([acc(e, "fetched") - acc(b, "anchor") for e, b in zip(got, dense)], "+.3f")])
+    md = ["Over seeds (memory training and data order of every row; the same probes and validation rows; memory "
+          "seed i paired with baseline seed i; mean with a 95% t interval):", "",
+          markdown_table(["memory bank", "fetched (router)", "fetched - generic", "fetched - anchor-only continued",
+                          "fetched - dense 2x"], rows), "",
+          f"- anchor only, continued: probe accuracy {seed_cell([acc(e, 'anchor') for e in anchor])}, val loss "
+          f"{seed_cell([e['val']['anchor']['loss'] for e in anchor], '.4f')}; dense 2x: "
+          f"{seed_cell([acc(e, 'anchor') for e in dense])}, val loss {seed_cell([e['val']['anchor']['loss'] for e in dense], '.4f')}."]
+    got = mems.get(cap_k) or []
+    for other, title in ((anchor, "anchor-only continued"), (dense, "dense 2x")):
+        diffs = [val_diff(e, "fetched", b, "anchor") for e, b in zip(got, other)]
+        if diffs and all(diffs):
+            md.append(f"- val loss, k = {cap_k}, fetched - {title} (nats, paired rows per seed): "
+                      f"{seed_cell([x['diff'] for x in diffs], '+.4f')}.")
+    return md + [""]
 
 
 # ---- 3. wiki-leads -------------------------------------------------------------------------------------
