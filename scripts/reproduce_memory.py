@@ -92,7 +92,7 @@ class Size:
     wiki_width: int
     wiki_probes: int       # probes per set (seen / held-out)
     wiki_val: float        # val fraction of the leads (held-out articles: val loss and held-out probes)
-    wiki_seeds: int        # seeds of the headline memory run (MiniLM leaves)
+    wiki_seeds: int        # seeds of the comparison: MiniLM-leaf memories, anchor-only continued, dense 2x
     cap_probes: int = 400  # capacity-bound bios probes per frequency bucket (seeded sample)
 
 
@@ -329,15 +329,22 @@ class MemoryRepro:
                                                            s.memory_lr, *s.anchor, f"init_from={anchor}")),
                 ("wiki-dense-2x", lambda: self.pretrain(os.path.join(d, "runs", "dense-2x"), data["minilm"], A + M,
                                                         s.lr, *s.dense))]
-        # memory runs: (name, variant, seed); every variant at the base seed, MiniLM leaves at more seeds
+        # the baselines and MiniLM-leaf memories at more seeds; every leaf variant at the base seed
         seeds = self.seeds(s.wiki_seeds)
+        for sd in seeds[1:]:
+            out += [(f"wiki-anchor-cont-s{sd}", lambda sd=sd: self.pretrain(
+                        os.path.join(d, "runs", f"anchor-cont-s{sd}"), data["minilm"], M, s.memory_lr, *s.anchor,
+                        f"init_from={anchor}", seed=sd)),
+                    (f"wiki-dense-2x-s{sd}", lambda sd=sd: self.pretrain(
+                        os.path.join(d, "runs", f"dense-2x-s{sd}"), data["minilm"], A + M, s.lr, *s.dense, seed=sd))]
         mem = [(f"memory-{v}", v, seeds[0]) for v in WIKI_VARIANTS]
         mem += [(f"memory-minilm-s{sd}", "minilm", sd) for sd in seeds[1:]]
         for name, v, sd in mem:
             out.append((f"wiki-{name}", lambda name=name, v=v, sd=sd: self.memory(
                 os.path.join(d, "runs", name), data[v], M, anchor, s.wiki_k, s.wiki_width, model=s.anchor, seed=sd)))
         tasks = "memlm_wiki_seen,memlm_wiki_heldout"
-        jobs = [("anchor-cont", "anchor", None), ("dense-2x", "anchor", None)]
+        jobs = [(f"{name}{sfx}", "anchor", None) for name in ("anchor-cont", "dense-2x")
+                for sfx in [""] + [f"-s{sd}" for sd in seeds[1:]]]
         jobs += [(name, m, data[v]) for name, v, sd in mem
                  for m in ("fetched", "oracle", "generic") + (("anchor",) if sd == seeds[0] else ())]
         for run, mode, dd in jobs:
@@ -346,7 +353,7 @@ class MemoryRepro:
                 "harness", os.path.join(d, "runs", run), "--tasks", tasks, "--include-path", probes, "--mode", mode,
                 "--out", os.path.join(d, "harness", f"{run}-{mode}"), "--force", *extra)))
         # validation loss on the held-out articles: every run on the same rows (MiniLM leaves' packing)
-        for run, dd, is_mem in [("anchor-cont", data["minilm"], False), ("dense-2x", data["minilm"], False)] + [
+        for run, dd, is_mem in [(run, data["minilm"], False) for run, _, _ in jobs if run.startswith(("anchor", "dense"))] + [
                 (name, data[v], True) for name, v, _ in mem]:
             out.append((f"wiki-eval-{run}", lambda run=run, dd=dd, is_mem=is_mem: self.evaluate(
                 os.path.join(d, "runs", run), dd, os.path.join(ev, run), per_bucket=0, memory=is_mem)))

@@ -283,6 +283,7 @@ def test_memory_report_seeds_and_paired_val_loss(tmp_path):
         put(h / f"{run}-oracle" / "harness.json", harness(f))
         put(h / f"{run}-generic" / "harness.json", harness(g))
     put(h / "anchor-cont-anchor" / "harness.json", harness([0, 0, 0, 1]))
+    put(h / "anchor-cont-s1-anchor" / "harness.json", harness([1, 1, 0, 0]))
     rows = {"seq_len": 8, "batch_size": 2, "seed": 0}
     ev = tmp_path / "wiki" / "eval"
     put(ev / "memory-minilm" / "eval.json", {
@@ -295,10 +296,12 @@ def test_memory_report_seeds_and_paired_val_loss(tmp_path):
         "data": "/d", "val": {"anchor": {"loss": 1.0, "ppl": 2.7, "tokens": 3}},
         "val_rows": {**rows, "anchor": {"nats": [1.0, 2.0], "tokens": [2, 1]}}})
     text = "\n".join(wiki_section(str(tmp_path))[0])
-    assert "MiniLM-leaf memory over seeds" in text
+    assert "Over seeds (memory training and data order of every row" in text
     # fetched - generic on seen: seed 0 0.75 - 0.25, seed 1 0.5 - 0 -> mean +0.500, interval from the t quantile
     assert f"| fetched - generic | {seed_cell([0.5, 0.5], '+.3f')} |" in text and "+0.500 [+0.500, +0.500] (2 seeds)" in text
-    assert f"| fetched - `anchor-cont-anchor` | {seed_cell([0.5, 0.25], '+.3f')} |" in text
+    # memory seed i minus anchor-only seed i: 0.75 - 0.25, 0.5 - 0.5
+    assert f"| fetched - anchor-only continued | {seed_cell([0.5, 0.0], '+.3f')} |" in text
+    assert f"| dense 2x |" not in text  # no dense harness run: no row
     assert "| `memory-minilm` fetched - `anchor-cont` | +1.3333 [" in text  # 6/3 - 2/3, paired over the 2 rows
     assert "| `memory-minilm` fetched - `dense-2x` | — |" in text
     assert seed_cell([0.1]) == "0.100 (1 seed)"

@@ -402,11 +402,17 @@ def wiki_section(out: str) -> tuple[list[str], list[str]]:
     return md, []
 
 
+def seed_runs(names, base: str) -> list[str]:
+    """`base` then `base`-s<seed> in seed order, from a collection of run names."""
+    more = {n for n in names if re.fullmatch(re.escape(base) + r"-s\d+", n)}
+    return [base] + sorted(more, key=lambda n: int(n.rsplit("-s", 1)[1]))
+
+
 def wiki_seeds(res: dict) -> list[str]:
-    """The MiniLM memory run over its seeds (memory-minilm-<mode> and memory-minilm-s<seed>-<mode>)."""
-    runs = ["memory-minilm"] + sorted({n.rsplit("-", 1)[0] for n in res if n.startswith("memory-minilm-s")})
-    runs = [r for r in runs if f"{r}-fetched" in res and f"{r}-generic" in res]
-    if len(runs) < 2:
+    """The comparison over seeds: MiniLM-leaf memory seed i against anchor-only / dense 2x seed i."""
+    runs = {n.rsplit("-", 1)[0] for n in res}
+    mem = [r for r in seed_runs(runs, "memory-minilm") if f"{r}-fetched" in res and f"{r}-generic" in res]
+    if len(mem) < 2:
         return []
     acc = lambda r, m, t: float(np.mean(list(harness_items(res.get(f"{r}-{m}"), t).values())))  # noqa: E731
     rows = []
@@ -416,13 +422,15 @@ def wiki_seeds(res: dict) -> list[str]:
                      ("fetched - generic", lambda r, t: acc(r, "fetched", t) - acc(r, "generic", t)),
                      ("oracle - router", lambda r, t: acc(r, "oracle", t) - acc(r, "fetched", t))):
         spec = "+.3f" if " - " in label else ".3f"
-        rows.append([label] + [seed_cell([f(r, t) for r in runs], spec) for t in WIKI_TASKS])
-    for other in ("anchor-cont-anchor", "dense-2x-anchor"):
-        if other in res:
-            rows.append([f"fetched - `{other}`"] + [seed_cell([acc(r, "fetched", t) - float(np.mean(list(
-                harness_items(res[other], t).values()))) for r in runs], "+.3f") for t in WIKI_TASKS])
-    return ["MiniLM-leaf memory over seeds (memory training and data order; the same probes; mean with a 95% t "
-            "interval; the anchor-only and dense rows are one seed each):", "",
+        rows.append([label] + [seed_cell([f(r, t) for r in mem], spec) for t in WIKI_TASKS])
+    for other, title in (("anchor-cont", "anchor-only continued"), ("dense-2x", "dense 2x")):
+        base = [r for r in seed_runs(runs, other) if f"{r}-anchor" in res]
+        if base:
+            rows.append([title] + [seed_cell([acc(b, "anchor", t) for b in base]) for t in WIKI_TASKS])
+            rows.append([f"fetched - {title}"] + [seed_cell([acc(r, "fetched", t) - acc(b, "anchor", t)
+                                                             for r, b in zip(mem, base)], "+.3f") for t in WIKI_TASKS])
+    return ["Over seeds (memory training and data order of every row; the same probes; MiniLM-leaf memory seed i "
+            "paired with baseline seed i; mean with a 95% t interval):", "",
             markdown_table(["accuracy", "seen", "held-out"], rows), ""]
 
 
@@ -445,10 +453,15 @@ def wiki_val(out: str) -> list[str]:
         for other in ("anchor-cont", "dense-2x"):
             drows.append([f"`memory-minilm` fetched - `{other}`",
                           ci_cell(val_diff(base, "fetched", ev.get(other), "anchor"), "diff", ".4f")])
-    seeds = [e for n, e in ev.items() if n == "memory-minilm" or n.startswith("memory-minilm-s")]
-    if len(seeds) > 1:
+    mem = [ev[n] for n in seed_runs(ev, "memory-minilm") if n in ev]
+    if len(mem) > 1:
         drows.append(["`memory-minilm` fetched - generic, over seeds (t interval)",
-                      seed_cell([e["val"]["fetched"]["loss"] - e["val"]["generic"]["loss"] for e in seeds], "+.4f")])
+                      seed_cell([e["val"]["fetched"]["loss"] - e["val"]["generic"]["loss"] for e in mem], "+.4f")])
+        for other in ("anchor-cont", "dense-2x"):
+            diffs = [val_diff(e, "fetched", ev.get(b), "anchor") for e, b in zip(mem, seed_runs(ev, other))]
+            if len(diffs) > 1 and all(diffs):
+                drows.append([f"`memory-minilm` fetched - `{other}`, seed i with seed i (t interval)",
+                              seed_cell([x["diff"] for x in diffs], "+.4f")])
     if drows:
         md += [markdown_table(["difference (paired over the same rows)", "95% interval"], drows), ""]
     return md
