@@ -352,9 +352,9 @@ class MemoryRepro:
             out.append((f"wiki-harness-{run}-{mode}", lambda run=run, mode=mode, extra=extra: self.memlm(
                 "harness", os.path.join(d, "runs", run), "--tasks", tasks, "--include-path", probes, "--mode", mode,
                 "--out", os.path.join(d, "harness", f"{run}-{mode}"), "--force", *extra)))
-        # validation loss on the held-out articles: every run on the same rows (MiniLM leaves' packing)
-        for run, dd, is_mem in [(run, data["minilm"], False) for run, _, _ in jobs if run.startswith(("anchor", "dense"))] + [
-                (name, data[v], True) for name, v, _ in mem]:
+        # validation loss on the held-out articles: the baselines on the MiniLM leaves' rows, like that memory
+        baselines = [(run, data["minilm"], False) for run, _, dd in jobs if dd is None]
+        for run, dd, is_mem in baselines + [(name, data[v], True) for name, v, _ in mem]:
             out.append((f"wiki-eval-{run}", lambda run=run, dd=dd, is_mem=is_mem: self.evaluate(
                 os.path.join(d, "runs", run), dd, os.path.join(ev, run), per_bucket=0, memory=is_mem)))
         return out
