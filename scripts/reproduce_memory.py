@@ -14,12 +14,12 @@ Parts (each stage is one `memlm` command; finished stages are reused when you re
    generic, anchor-only; seeds for the headline variants.
 2. cap: capacity-bound bios (`capacity` preset: every fact seen >= ~8 times, long-tailed), knowledge in
    bits above ~2 bits/parameter of the anchor; anchor trained A steps then continued, memory (entity
-   routing), dense 2x, all with the same training tokens; the memory run at more seeds; bank-size trend
-   (k at a fixed fetched size), training-token trend (memory checkpoints) and placement (first-N vs last-N).
+   routing), dense 2x, all with the same training tokens and at more seeds; bank-size trend (k at a fixed
+   fetched size, also at more seeds), training-token trend (memory checkpoints) and placement (first-N vs last-N).
 3. wiki: wiki-leads, knowledge probes from lead facts (memlm wiki-probes), scored through
    lm-evaluation-harness (memlm harness) for fetched / oracle / generic / anchor-only / dense 2x on seen
-   and held-out articles, with leaves from MiniLM k-means (also at more seeds), entity keys and
-   sentence-averaged windows; validation loss of every run on the same held-out rows (memlm eval).
+   and held-out articles, with leaves from MiniLM k-means, entity keys and sentence-averaged windows (the
+   MiniLM memory and both baselines also at more seeds); validation loss of every run on the same held-out rows (memlm eval).
 Writes <out>/report.md with 95% intervals (paired bootstrap over the same probes / rows; Student-t over
 seeds) and PNGs.
 """

@@ -308,9 +308,8 @@ def cap_section(out: str, size: dict) -> tuple[list[str], list[str]]:
 def seed_evals(d: str, base: str, prefix: str) -> list[dict]:
     """One cap row over its seeds: eval/<base> (the base seed) then eval/<prefix>-s<seed>, in seed order."""
     ev_dir = os.path.join(d, "eval")
-    more = sorted((n for n in os.listdir(ev_dir) if re.fullmatch(re.escape(prefix) + r"-s\d+", n)),
-                  key=lambda n: int(n.rsplit("-s", 1)[1]))
-    return [e for e in (_load(os.path.join(ev_dir, n, "eval.json")) for n in [base] + more) if e]
+    names = [base] + seed_runs(os.listdir(ev_dir), prefix)[1:]
+    return [e for e in (_load(os.path.join(ev_dir, n, "eval.json")) for n in names) if e]
 
 
 def cap_seeds(d: str, ks: list[int], cap_k: int) -> list[str]:
@@ -469,7 +468,7 @@ def wiki_val(out: str) -> list[str]:
 
 def wiki_routing(out: str) -> list[str]:
     """Router hit rates on the seen wiki probes: the prompt routed to the leaf holding most of its article's
-    training windows, for each clustering of the wiki data (MiniLM k-means, entity keys)."""
+    training windows, for each clustering of the wiki data (MiniLM k-means, entity keys, sentence-averaged)."""
     from data.shards import open_data
     from memory.router import Router
     from train.evaluation.routing import document_hit_rates
