@@ -146,18 +146,25 @@ def sentence_mean(encoder: "MiniLM", texts: list[str], batch_size: int | None = 
 
 def copy_embeddings(shards, source, dim: int, emb: str = EMB) -> int:
     """Reuse the `emb` arrays of `source` (another data dir, `data.shards.open_data`) for the shards that hold
-    the same windows: same split and name, same token sha256 and window boundaries (a data dir prepared from
-    the same documents with the same tokenizer, e.g. one per k of a bank-size sweep). Embedding is the
+    the same windows (see `copy_window_array`; e.g. one data dir per k of a bank-size sweep). Embedding is the
     costly part of clustering on CPU. Returns the number of shards copied; the others are left to embed."""
+    return copy_window_array(shards, source, emb, lambda sh: has_embeddings(sh, dim, emb))
+
+
+def copy_window_array(shards, source, name: str, complete) -> int:
+    """Copy the per-window array `name` from `source` to each shard of `shards` that lacks one and holds the
+    same windows as its namesake there: same split and name, same token sha256 and window boundaries (a data
+    dir prepared from the same documents with the same tokenizer). `complete(shard) -> bool`: the shard has a
+    whole `name` array. Returns the number of shards copied."""
     copied = 0
     for sh in shards:
-        if has_embeddings(sh, dim, emb) or sh.split not in source.manifest["splits"]:
+        if complete(sh) or sh.split not in source.manifest["splits"]:
             continue
         other = {o.name: o for o in source.shards(sh.split)}.get(sh.name)
-        if (other is None or other.meta["sha256"] != sh.meta["sha256"] or not has_embeddings(other, dim, emb)
+        if (other is None or other.meta["sha256"] != sh.meta["sha256"] or not complete(other)
                 or not np.array_equal(other.windows, sh.windows)):
             continue
-        sh.write_array(emb, np.asarray(other.array(emb)))
+        sh.write_array(name, np.asarray(other.array(name)))
         copied += 1
     return copied
 

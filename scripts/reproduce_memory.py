@@ -15,11 +15,13 @@ Parts (each stage is one `memlm` command; finished stages are reused when you re
 2. cap: capacity-bound bios (`capacity` preset: every fact seen >= ~8 times, long-tailed), knowledge in
    bits above ~2 bits/parameter of the anchor; anchor trained A steps then continued, memory (entity
    routing), dense 2x, all with the same training tokens and at more seeds; bank-size trend (k at a fixed
-   fetched size, also at more seeds), training-token trend (memory checkpoints) and placement (first-N vs last-N).
+   fetched size), training-token trend (memory checkpoints) and placement (first-N vs last-N), all three
+   at more seeds too.
 3. wiki: wiki-leads, knowledge probes from lead facts (memlm wiki-probes), scored through
-   lm-evaluation-harness (memlm harness) for fetched / oracle / generic / anchor-only / dense 2x on seen
-   and held-out articles, with leaves from MiniLM k-means, entity keys and sentence-averaged windows (the
-   MiniLM memory and both baselines also at more seeds); validation loss of every run on the same held-out rows (memlm eval).
+   lm-evaluation-harness (memlm harness) for fetched (router) / top-2 (loss-routed among the 2 nearest leaves)
+   / oracle / generic / anchor-only / dense 2x on seen and held-out articles, with leaves from MiniLM k-means,
+   entity keys and sentence-averaged windows (the MiniLM memory and both baselines also at more seeds);
+   validation loss of every run on the same held-out rows (memlm eval).
 Writes <out>/report.md with 95% intervals (paired bootstrap over the same probes / rows; Student-t over
 seeds) and PNGs.
 """
@@ -83,7 +85,7 @@ class Size:
     cap_k: int
     cap_width: int
     bank_ks: tuple         # bank-size trend: k at the same width (same fetched size)
-    cap_seeds: int         # seeds of the comparison: memories (cap_k and bank_ks), anchor-only continued, dense 2x
+    cap_seeds: int         # seeds of every cap row (memories of cap_k, bank_ks, placement; baselines)
     # 3. wiki-leads
     wiki_docs: int
     wiki_anchor_steps: int
@@ -105,11 +107,13 @@ SIZES = {
                   cap_width=16, bank_ks=(2,), cap_seeds=2, wiki_docs=200, wiki_anchor_steps=40, wiki_memory_steps=40,
                   wiki_k=4, wiki_width=16, wiki_probes=100, wiki_val=0.1, wiki_seeds=2, cap_probes=50),
     # Token budget ~45M on the micro anchor (~25k tokens/s on an idle 2-core CPU) + MiniLM/spaCy preparation.
+    # Wiki memories of width 128 trained 1,800 steps (~12 passes): with width 32 and 600 steps they stored little
+    # and none of it leaf-local (prompts routed to a wrong leaf gained as much), so no routing could matter.
     "default": Size(anchor=MICRO, dense=MICRO_2X, vocab_size=2048, seq_len=128, batch_size=16, lr=3e-3,
                     memory_lr=3e-3, embed_tokens=128, mech_people=256, mech_anchor_steps=300, mech_memory_steps=750,
                     mech_k=16, mech_width=64, mech_seeds=3, cap_people=3500, cap_anchor_steps=1800,
                     cap_memory_steps=1800, cap_k=16, cap_width=32, bank_ks=(4, 64), cap_seeds=3,
-                    wiki_docs=2600, wiki_anchor_steps=800, wiki_memory_steps=600, wiki_k=16, wiki_width=32,
+                    wiki_docs=2600, wiki_anchor_steps=800, wiki_memory_steps=1800, wiki_k=16, wiki_width=128,
                     wiki_probes=1000, wiki_val=0.25, wiki_seeds=3),
     # One H200, <= 10 minutes of training and scoring; data, clusters and probes prepared on CPU first
     # (--prepare-only: the device has no faiss, spaCy or MiniLM package). The micro anchor again, so that
@@ -118,7 +122,7 @@ SIZES = {
                 embed_tokens=48, mech_people=1024, mech_anchor_steps=300, mech_memory_steps=1500, mech_k=64,
                 mech_width=64, mech_seeds=3, cap_people=8000, cap_anchor_steps=4000, cap_memory_steps=4000,
                 cap_k=64, cap_width=32, bank_ks=(16, 256), cap_seeds=3, wiki_docs=10033, wiki_anchor_steps=3000,
-                wiki_memory_steps=2000, wiki_k=64, wiki_width=32, wiki_probes=3000, wiki_val=0.1, wiki_seeds=3,
+                wiki_memory_steps=2000, wiki_k=64, wiki_width=128, wiki_probes=3000, wiki_val=0.1, wiki_seeds=3,
                 cap_probes=1000),
 }
 
@@ -269,7 +273,7 @@ class MemoryRepro:
         for sd in self.seeds(s.cap_seeds)[1:]:  # every row of the comparison at more seeds (training, data order)
             out += [(f"cap-memory-s{sd}", lambda sd=sd: self.memory(os.path.join(d, "runs", f"memory-s{sd}"), data,
                                                                     M, anchor, s.cap_k, s.cap_width, model=s.anchor,
-                                                                    seed=sd)),
+                                                                    seed=sd, ckpts=4)),
                     (f"cap-anchor-cont-s{sd}", lambda sd=sd: self.pretrain(
                         os.path.join(d, "runs", f"anchor-cont-s{sd}"), data, M, s.memory_lr, *s.anchor,
                         f"init_from={anchor}", seed=sd)),
@@ -278,6 +282,9 @@ class MemoryRepro:
             out += [(f"cap-memory-k{k}-s{sd}", lambda sd=sd, k=k: self.memory(
                 os.path.join(d, "runs", f"memory-k{k}-s{sd}"), os.path.join(d, f"data-k{k}"), M, anchor, k,
                 s.cap_width, model=s.anchor, seed=sd)) for k in s.bank_ks]
+            out += [(f"cap-memory-{where}1-s{sd}", lambda sd=sd, where=where: self.memory(
+                os.path.join(d, "runs", f"memory-{where}1-s{sd}"), data, M, anchor, s.cap_k, s.cap_width * 2,
+                f"memory.layers={where}:1", model=s.anchor, seed=sd)) for where in ("first", "last")]
         ev, pb = os.path.join(d, "eval"), s.cap_probes
         out += [("cap-eval-anchor-cont", lambda: self.evaluate(os.path.join(d, "runs", "anchor-cont"), data,
                                                                os.path.join(ev, "anchor-cont"), per_bucket=pb,
@@ -292,12 +299,17 @@ class MemoryRepro:
         for sd in self.seeds(s.cap_seeds)[1:]:
             out.append((f"cap-eval-memory-s{sd}", lambda sd=sd: self.evaluate(
                 os.path.join(d, "runs", f"memory-s{sd}"), data, os.path.join(ev, f"memory-s{sd}"), per_bucket=pb)))
+            for i in range(1, 4):  # the training-token trend at this seed (its 4th checkpoint is the final one)
+                step = os.path.join(d, "runs", f"memory-s{sd}", "checkpoints", f"step-{i * max(M // 4, 1):07d}")
+                out.append((f"cap-eval-memory-s{sd}-{i}", lambda step=step, sd=sd, i=i: self.evaluate(
+                    step, data, os.path.join(ev, f"memory-s{sd}-{i}"), "--modes", "fetched,generic", per_bucket=pb)))
             out += [(f"cap-eval-{name}-s{sd}", lambda name=name, sd=sd: self.evaluate(
                 os.path.join(d, "runs", f"{name}-s{sd}"), data, os.path.join(ev, f"{name}-s{sd}"), per_bucket=pb,
                 memory=False)) for name in ("anchor-cont", "dense-2x")]
         seeds = self.seeds(s.cap_seeds)
-        for name in ["memory-first1", "memory-last1"] + [f"memory-k{k}" + (f"-s{sd}" if sd != seeds[0] else "")
-                                                          for k in s.bank_ks for sd in seeds]:
+        sfx = lambda sd: f"-s{sd}" if sd != seeds[0] else ""  # noqa: E731  (the base seed's runs have no suffix)
+        for name in ([f"memory-{where}1{sfx(sd)}" for where in ("first", "last") for sd in seeds]
+                     + [f"memory-k{k}{sfx(sd)}" for k in s.bank_ks for sd in seeds]):
             dk = os.path.join(d, "data-" + name.split("-")[1]) if "-k" in name else data
             out.append((f"cap-eval-{name}", lambda name=name, dk=dk: self.evaluate(
                 os.path.join(d, "runs", name), dk, os.path.join(ev, name), "--modes", "fetched,generic",
@@ -345,12 +357,16 @@ class MemoryRepro:
         tasks = "memlm_wiki_seen,memlm_wiki_heldout"
         jobs = [(f"{name}{sfx}", "anchor", None) for name in ("anchor-cont", "dense-2x")
                 for sfx in [""] + [f"-s{sd}" for sd in seeds[1:]]]
+        # every memory: router, oracle, generic; the frozen anchor once (the same for every variant); the MiniLM
+        # memories also with top-2 routing (loss-routed among the 2 nearest leaves), on the seen articles
         jobs += [(name, m, data[v]) for name, v, sd in mem
-                 for m in ("fetched", "oracle", "generic") + (("anchor",) if sd == seeds[0] else ())]
+                 for m in ("fetched", "oracle", "generic") + (("top2",) if v == "minilm" else ())
+                 + (("anchor",) if name == "memory-minilm" else ())]
         for run, mode, dd in jobs:
-            extra = ["--data", dd] if dd else []
+            extra = (["--data", dd] if dd and mode == "oracle" else []) + (["--route-top", 2] if mode == "top2" else [])
             out.append((f"wiki-harness-{run}-{mode}", lambda run=run, mode=mode, extra=extra: self.memlm(
-                "harness", os.path.join(d, "runs", run), "--tasks", tasks, "--include-path", probes, "--mode", mode,
+                "harness", os.path.join(d, "runs", run), "--tasks", "memlm_wiki_seen" if mode == "top2" else tasks,
+                "--include-path", probes, "--mode", "fetched" if mode == "top2" else mode,
                 "--out", os.path.join(d, "harness", f"{run}-{mode}"), "--force", *extra)))
         # validation loss on the held-out articles: the baselines on the MiniLM leaves' rows, like that memory
         baselines = [(run, data["minilm"], False) for run, _, dd in jobs if dd is None]

@@ -160,3 +160,60 @@ def test_cluster_embeddings_from_same_tokens(data_dir, tmp_path, capsys):
 
     with pytest.raises(ConfigError, match="embedded with --max-tokens 256, not 32"):
         main([twin, "--levels", "1", "--k", "3", "--embeddings-from", data_dir, "--max-tokens", "32"])
+
+
+PEOPLE = ["Marie Curie", "Albert Einstein", "Ada Lovelace", "Isaac Newton", "Charles Darwin", "Nikola Tesla"]
+
+
+def test_cluster_entity_keys_cached_and_copied(tmp_path, capsys, monkeypatch):
+    """--paths-from entity: a document's windows share the leaf of its first named entity; the spaCy keys are
+    cached per shard (window_entity_key), so another k on the same dir and a twin dir (--embeddings-from)
+    reuse them without tagging; a damaged cache is tagged again."""
+    import shutil
+
+    import data.entity_keys
+    from data.shards import open_data, prepare
+    from memory.keyed import path_to_leaf
+    from memory.router import Router
+    from train.commands.cluster import ENTITY_KEY, has_entity_keys, main, window_texts
+
+    src = tmp_path / "docs.jsonl"
+    with open(src, "w") as f:
+        for i in range(36):
+            f.write(json.dumps({"text": f"{PEOPLE[i % 6]} was born in Paris. {list(TOPICS.values())[i % 3]}"}) + "\n")
+    d = str(tmp_path / "data")
+    prepare(str(src), d, vocab_size=300, val_fraction=0.2, shard_tokens=600, window_tokens=64, progress=False,
+            log=lambda *a: None)
+    assert main([d, "--levels", "1", "--k", "4", "--paths-from", "entity", "--batch-size", "8"]) == 0
+    dd, tok = open_data(d), open_data(d).tokenizer()
+    assert Router.load(d).meta["paths_from"] == "entity"
+    leaf_of = {}
+    for sh in dd.shards("train") + dd.shards("val"):
+        keys = sh.array(ENTITY_KEY).tolist()
+        assert len(keys) == sh.n_windows
+        for i, (doc, key) in enumerate(zip(sh.docs, keys)):
+            if doc["chunk"] == 0:  # the cached key is the first entity of the document's first window
+                assert key == data.entity_keys.entity_keys(window_texts(sh, tok, i, i + 1))[0][0]
+            if sh.split == "train":
+                leaf_of.setdefault(key, set()).add(int(path_to_leaf(sh.paths, 4)[i]))
+    assert set(leaf_of) >= set(PEOPLE) and all(len(v) == 1 for v in leaf_of.values())
+
+    def no_tagging(*a, **k):
+        raise AssertionError("entity keys tagged again")
+
+    monkeypatch.setattr(data.entity_keys, "entity_keys", no_tagging)
+    capsys.readouterr()
+    assert main([d, "--levels", "1", "--k", "2", "--paths-from", "entity"]) == 0  # another k: cached keys
+    twin = str(tmp_path / "twin")
+    shutil.copytree(d, twin, ignore=shutil.ignore_patterns("*.window_*.npy", "*.paths.npy", "router.*"))
+    assert main([twin, "--levels", "1", "--k", "3", "--paths-from", "entity", "--embeddings-from", d]) == 0
+    n = sum(len(dd.shards(s)) for s in ("train", "val"))
+    assert f"entity keys: {n} shard(s) copied" in capsys.readouterr().out
+    for a, b in zip(dd.shards("train"), open_data(twin).shards("train")):
+        np.testing.assert_array_equal(a.array(ENTITY_KEY), b.array(ENTITY_KEY))
+    # A cache of the wrong length is not trusted: the shard is tagged again.
+    sh = open_data(twin).shards("train")[0]
+    np.save(sh.file(f"{ENTITY_KEY}.npy"), np.array(["x"]))
+    assert not has_entity_keys(sh)
+    with pytest.raises(AssertionError, match="tagged again"):
+        main([twin, "--levels", "1", "--k", "3", "--paths-from", "entity"])

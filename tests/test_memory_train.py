@@ -300,6 +300,25 @@ def test_harness_modes_on_a_local_task(runs, tmp_path):
         assert ll == pytest.approx(want, abs=1e-4)
     assert np.isfinite([g[0] for g in got]).all()
 
+    # --route-top 2: each context goes to whichever of its 2 nearest leaves gives the context the lower loss;
+    # the choices of one question share their context's path.
+    from memory.keyed import top_leaves
+    from model.errors import ConfigError
+    from train.evaluation.memory_eval import prompt_nll
+
+    ctxs = [r.args[0] for r in reqs]
+    paths = MemlmLM(runs["memory"], mode="fetched", route_top=2)._paths(reqs, ctxs)
+    uniq = [d["prompt"] for d in docs]
+    cands = top_leaves(router, router.embed(uniq), 2)
+    nll = np.stack([prompt_nll(model, tok, uniq, cands[:, j], "cpu") for j in range(2)], 1)
+    assert [p.tolist() for p in paths] == [cands[uniq.index(c), nll[uniq.index(c)].argmin()].tolist() for c in ctxs]
+    with pytest.raises(ConfigError, match="--route-top 2: routes prompts, so it needs --mode fetched"):
+        MemlmLM(runs["memory"], mode="generic", route_top=2)
+    out = str(tmp_path / "top2")
+    assert harness_main([runs["memory"], "--tasks", "tiny_mc", "--include-path", str(tmp_path), "--route-top", "2",
+                         "--out", out]) == 0
+    assert json.load(open(os.path.join(out, "harness.json")))["route_top"] == 2
+
 
 # ---- memlm export-hf --path -----------------------------------------------------------------------
 def test_export_hf_path_matches_fetched_logits(runs, tmp_path):

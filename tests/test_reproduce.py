@@ -46,10 +46,18 @@ def test_memory_dry_run_plan(size, tmp_path, capsys):
         for name in ["anchor-cont", "dense-2x"] + [f"memory-k{k}" for k in s.bank_ks]:
             assert f"cap-{name}-s{i}" in stages and f"cap-eval-{name}-s{i}" in stages
     assert all(f"cap-eval-anchor-cont-k{k}" in stages for k in s.bank_ks)
+    for i in range(1, s.cap_seeds):  # the trends at more seeds: placement, and each checkpoint of the memory run
+        assert all(f"cap-memory-{w}1-s{i}" in stages and f"cap-eval-memory-{w}1-s{i}" in stages for w in ("first", "last"))
+        assert [x for x in stages if x.startswith(f"cap-eval-memory-s{i}-")] == [f"cap-eval-memory-s{i}-{c}"
+                                                                                  for c in (1, 2, 3)]
     assert [x for x in stages if x.startswith("wiki-memory-minilm-s")] == [f"wiki-memory-minilm-s{i}"
                                                                          for i in range(1, s.wiki_seeds)]
     assert all(f"wiki-harness-memory-minilm-s{i}-{m}" in stages for i in range(1, s.wiki_seeds)
-               for m in ("fetched", "oracle", "generic"))
+               for m in ("fetched", "oracle", "generic", "top2"))
+    assert "wiki-harness-memory-minilm-top2" in stages and "wiki-harness-memory-entity-top2" not in stages
+    assert "wiki-harness-memory-entity-anchor" not in stages  # the frozen anchor is scored once
+    assert ("--tasks memlm_wiki_seen --include-path " + str(out_dir / "wiki" / "probes") + " --mode fetched --out "
+            + str(out_dir / "wiki" / "harness" / "memory-minilm-top2") + " --force --route-top 2") in out
     assert s.cap_seeds >= 2 and s.wiki_seeds >= 2 and (size == "quick" or min(s.cap_seeds, s.wiki_seeds) >= 3)
     # wiki: every leaf variant trained and scored; validation loss of every run on the held-out articles
     for v in reproduce_memory.WIKI_VARIANTS:
@@ -135,9 +143,9 @@ def test_memory_report_from_eval_json(tmp_path):
 
     def ev(f, o, g, a):
         items = {"person": list(range(8)), "bucket": [0] * 4 + [1] * 4, "fetched": f, "fetched_oracle": o,
-                 "generic": g, "anchor": a}
+                 "generic": g, "anchor": a, "hit": [1, 1, 1, 1, 0, 0, 0, 0]}
         probes = {k: {"all": {"acc": sum(v) / 8, "lo": 0.0, "hi": 1.0, "n": 8}} for k, v in items.items()
-                  if k not in ("person", "bucket")}
+                  if k not in ("person", "bucket", "hit")}
         return {"probes": probes, "probe_items": items,
                 "probe_diffs": {"fetched_oracle - fetched": {"all": {"diff": (sum(o) - sum(f)) / 8, "lo": -0.1,
                                                                      "hi": 0.2, "n": 8}}},
@@ -158,6 +166,9 @@ def test_memory_report_from_eval_json(tmp_path):
     text = open(report).read()
     assert "leaves: `minilm`" in text and "0.375 [" in text and "0.500 [0.200, 0.800]" in text
     assert "+0.625 [-0.100, +0.200]" in text  # the router gap row
+    # the gain on router hits (probes 0-3: fetched 1,1,0,0 vs generic 0) and misses (1,0,0,0)
+    assert "| `minilm` | +0.500 [" in text and "(n=4) | +0.250 [" in text
+    assert "(n=4) | +0.750 [" in text  # oracle (all 1) - fetched on the misses
     assert "2. Capacity-bound bios: not run" in text and "3. Wiki-leads knowledge probes: not run" in text
 
 
@@ -282,6 +293,7 @@ def test_memory_report_seeds_and_paired_val_loss(tmp_path):
         put(h / f"{run}-fetched" / "harness.json", harness(f))
         put(h / f"{run}-oracle" / "harness.json", harness(f))
         put(h / f"{run}-generic" / "harness.json", harness(g))
+        put(h / f"{run}-top2" / "harness.json", {"tasks": {"memlm_wiki_seen": {"items": dict(zip("abcd", [1] * 4))}}})
     put(h / "anchor-cont-anchor" / "harness.json", harness([0, 0, 0, 1]))
     put(h / "anchor-cont-s1-anchor" / "harness.json", harness([1, 1, 0, 0]))
     rows = {"seq_len": 8, "batch_size": 2, "seed": 0}
@@ -302,6 +314,9 @@ def test_memory_report_seeds_and_paired_val_loss(tmp_path):
     # memory seed i minus anchor-only seed i: 0.75 - 0.25, 0.5 - 0.5
     assert f"| fetched - anchor-only continued | {seed_cell([0.5, 0.0], '+.3f')} |" in text
     assert f"| dense 2x |" not in text  # no dense harness run: no row
+    # top-2 all right (1 - 0.75, 1 - 0.5), scored on the seen articles only
+    assert f"| top-2 - router | {seed_cell([0.25, 0.5], '+.3f')} | — |" in text
+    assert f"| top-2 - anchor-only continued | {seed_cell([0.75, 0.5], '+.3f')} |" in text
     assert "| `memory-minilm` fetched - `anchor-cont` | +1.3333 [" in text  # 6/3 - 2/3, paired over the 2 rows
     assert "| `memory-minilm` fetched - `dense-2x` | — |" in text
     assert seed_cell([0.1]) == "0.100 (1 seed)"
@@ -313,12 +328,12 @@ def test_cap_seeds_pair_seed_by_seed(tmp_path):
     """The cap comparison over seeds: memory seed i minus baseline seed i, averaged with a t interval."""
     import json
 
-    from train.experiments.memory_report import cap_seeds, seed_cell
+    from train.experiments.memory_report import cap_seeds, seed_cell, seed_evals
 
     def put(name, **acc):
         path = tmp_path / "eval" / name / "eval.json"
         path.parent.mkdir(parents=True)
-        path.write_text(json.dumps({"probes": {m: {"all": {"acc": a}} for m, a in acc.items()},
+        path.write_text(json.dumps({"run": name, "probes": {m: {"all": {"acc": a}} for m, a in acc.items()},
                                     "val": {m: {"loss": 1.0} for m in acc}}))
 
     for i, (f, g, a, dn) in enumerate([(0.5, 0.1, 0.3, 0.4), (0.6, 0.2, 0.2, 0.5), (0.7, 0.1, 0.4, 0.6)]):
@@ -327,6 +342,14 @@ def test_cap_seeds_pair_seed_by_seed(tmp_path):
         put(f"anchor-cont{sfx}", anchor=a)
         put(f"dense-2x{sfx}", anchor=dn)
     put("memory-k4", fetched=0.2, generic=0.1)
+    for name in ("memory-1", "memory-s2-1", "memory-s1-1", "memory-first1", "memory-first1-s1"):
+        put(name, fetched=0.1, generic=0.0)
+    # a row over seeds: its base-seed eval, then <prefix>-s<seed><suffix> in seed order, nothing else
+    assert len(seed_evals(str(tmp_path), "memory-4", "memory")) == 3
+    assert [e["run"] for e in seed_evals(str(tmp_path), "memory-1", "memory", suffix="-1")] == [
+        "memory-1", "memory-s1-1", "memory-s2-1"]
+    assert [e["run"] for e in seed_evals(str(tmp_path), "memory-first1", "memory-first1")] == [
+        "memory-first1", "memory-first1-s1"]
     text = "\n".join(cap_seeds(str(tmp_path), [4, 16], 16))
     row16 = next(line for line in text.splitlines() if line.startswith("| k = 16 |"))
     assert seed_cell([0.4, 0.4, 0.6], "+.3f") in row16  # fetched - generic per seed

@@ -111,3 +111,16 @@ def test_document_hit_rates_on_a_fake_data_dir():
     assert r["consistency"] == pytest.approx((2 / 3 + 1) / 2)
     assert r["hit"]["all"]["share"] == pytest.approx(2 / 3) and r["hit"]["year"]["share"] == 0.5
     assert r["hit"]["place"]["share"] == 1.0
+    assert r["hits"] == [1, 0, 1]  # per probe, in probe order
+
+
+def test_gain_by_hit_splits_paired_differences():
+    """The memory's gain on router hits and on misses: paired means on each subset, None for an empty one."""
+    from train.experiments.memory_report import gain_by_hit, gain_cells
+
+    g = gain_by_hit([1, 1, 0, 1, 1], [0, 1, 0, 1, 0], [1, 1, 0, 0, 0])
+    assert g["hits"]["diff"] == pytest.approx(0.5) and g["hits"]["n"] == 2
+    assert g["misses"]["diff"] == pytest.approx(1 / 3) and g["misses"]["n"] == 3
+    assert g["hits"]["lo"] <= 0.5 <= g["hits"]["hi"]
+    g = gain_by_hit([1, 0], [0, 0], [1, 1])
+    assert g["misses"] is None and gain_cells(g)[1] == "—" and gain_cells(g)[0].startswith("+0.500")

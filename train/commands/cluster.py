@@ -16,7 +16,8 @@ the document's key, keys are spread over the leaves so that leaves hold about as
 (largest keys first, to the least-loaded leaf). KEY is `id` (the document id), `id:REGEX` (the first
 group of REGEX searched in the id, e.g. `id:^bio-([0-9]+)-` = the bios person) or `entity` (the first named
 entity of the document's first window, spaCy; the key -> leaf table is saved in router.json and prompts
-are routed by their first known entity). The saved router's centroids are the mean embeddings of each
+are routed by their first known entity; the keys are cached per shard as the `window_entity_key` array,
+so a re-run, another k or `--embeddings-from` do not tag again). The saved router's centroids are the mean embeddings of each
 node's windows, so a prompt without a known key (and any text, for `id` keys) is routed to the node
 whose windows it resembles. Windows whose key was not seen in train are routed the same way.
 
@@ -32,8 +33,8 @@ import time
 
 import numpy as np
 
-from memory.embed import (EMB, EMB_SENTENCES, MAX_TOKENS, copy_embeddings, embed_windows, has_embeddings,
-                          window_texts)
+from memory.embed import (EMB, EMB_SENTENCES, MAX_TOKENS, copy_embeddings, copy_window_array, embed_windows,
+                          has_embeddings, window_texts)
 from model.errors import ConfigError, DataError
 from train.cli import ArgumentParser, nonnegative_int, number, positive_int
 
@@ -62,10 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="MiniLM precision (default float16 on GPU, float32 on CPU)")
     p.add_argument("--refit", action="store_true", help="fit a new tree even if DATA/router.* matches the settings")
-    p.add_argument("--reembed", action="store_true", help="recompute cached embeddings")
+    p.add_argument("--reembed", action="store_true", help="recompute cached embeddings (and entity keys)")
     p.add_argument("--embeddings-from", default=None, metavar="DATA",
-                   help="reuse the window embeddings of another data dir prepared from the same documents with "
-                        "the same tokenizer (shards with other tokens are embedded), e.g. one dir per k")
+                   help="reuse the window embeddings (and, with --paths-from entity, the entity keys) of another "
+                        "data dir prepared from the same documents with the same tokenizer (shards with other "
+                        "tokens are embedded), e.g. one dir per k")
     p.add_argument("--paths-from", default=None, metavar="KEY",
                    help="leaves from a document key instead of k-means: id | id:REGEX | entity (see above)")
     p.add_argument("--embed-text", default="window", choices=["window", "sentences"],
@@ -86,24 +88,45 @@ def key_pattern(spec: str) -> re.Pattern | None:
     return None
 
 
-def document_keys(shards, tokenizer, spec: str) -> list[list[str | None]]:
-    """Per shard, the key of each window's document (None: the document has no key). `spec`: id,
-    id:REGEX or entity (see --paths-from)."""
-    if spec == "entity":
-        from data.entity_keys import entity_keys
+ENTITY_KEY = "window_entity_key"  # per-window str array ("" = no key): the spaCy keys of --paths-from entity
 
+
+def has_entity_keys(shard) -> bool:
+    """Whether the shard caches a complete ENTITY_KEY array (one key per window)."""
+    try:
+        return shard.has_array(ENTITY_KEY) and shard.array(ENTITY_KEY).shape == (shard.n_windows,)
+    except DataError:  # unreadable: tag again
+        return False
+
+
+def shard_entity_keys(shard, tokenizer, recompute: bool = False) -> list[str | None]:
+    """The key of each window's document: the first named entity of the document's first window (spaCy).
+    Cached per shard as the ENTITY_KEY array (tagging is the costly part of entity keys on CPU: a re-run,
+    another k on the same dir or `--embeddings-from` reuse it)."""
+    if has_entity_keys(shard) and not recompute:
+        return [key or None for key in shard.array(ENTITY_KEY, mmap=False).tolist()]
+    from data.entity_keys import entity_keys
+
+    docs = shard.docs
+    first = [i for i, d in enumerate(docs) if d["chunk"] == 0]
+    texts = [window_texts(shard, tokenizer, i, i + 1)[0] for i in first]
+    doc_key = {docs[i]["doc_id"]: (ks[0] if ks else None) for i, ks in zip(first, entity_keys(texts))}
+    keys = [doc_key.get(d["doc_id"]) for d in docs]
+    shard.write_array(ENTITY_KEY, np.array([key or "" for key in keys], dtype=str))
+    return keys
+
+
+def document_keys(shards, tokenizer, spec: str, recompute: bool = False) -> list[list[str | None]]:
+    """Per shard, the key of each window's document (None: the document has no key). `spec`: id,
+    id:REGEX or entity (see --paths-from; entity keys are cached per shard, `recompute` redoes them)."""
     pattern = key_pattern(spec)
     out = []
     for sh in shards:
-        docs = sh.docs
         if spec == "entity":
-            first = [i for i, d in enumerate(docs) if d["chunk"] == 0]
-            texts = [window_texts(sh, tokenizer, i, i + 1)[0] for i in first]
-            doc_key = {docs[i]["doc_id"]: (ks[0] if ks else None) for i, ks in zip(first, entity_keys(texts))}
-            out.append([doc_key.get(d["doc_id"]) for d in docs])
+            out.append(shard_entity_keys(sh, tokenizer, recompute))
             continue
         keys = []
-        for d in docs:
+        for d in sh.docs:
             key = d["doc_id"]
             if pattern is not None:
                 m = pattern.search(key)
@@ -116,11 +139,12 @@ def document_keys(shards, tokenizer, spec: str) -> list[list[str | None]]:
     return out
 
 
-def keyed_router(spec: str, train_shards, all_shards, tokenizer, k: int, levels: int, emb: str):
+def keyed_router(spec: str, train_shards, all_shards, tokenizer, k: int, levels: int, emb: str,
+                 recompute: bool = False):
     """(router, {shard: paths}): leaves from document keys, centroids from the windows' embeddings."""
     from memory.keyed import balance_keys, leaf_to_path, router_from_paths
 
-    keys = document_keys(all_shards, tokenizer, spec)
+    keys = document_keys(all_shards, tokenizer, spec, recompute)
     by_shard = dict(zip([id(sh) for sh in all_shards], keys))
     train_keys = [key for sh in train_shards for key in by_shard[id(sh)] if key is not None]
     if not train_keys:
@@ -190,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                                   f"{used.get('max_tokens')}, not {args.max_tokens}; pass the same --max-tokens")
         n = copy_embeddings(all_shards, source, 384, emb)
         print(f"embeddings: {n} shard(s) copied from {args.embeddings_from}")
+        if args.paths_from == "entity":
+            n = copy_window_array(all_shards, source, ENTITY_KEY, has_entity_keys)
+            print(f"entity keys: {n} shard(s) copied from {args.embeddings_from}")
     need = args.reembed or not all(has_embeddings(sh, 384, emb) for sh in all_shards)
     if need:
         t0 = time.time()
@@ -207,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     router, keyed = None, None
     if args.paths_from:
         router, keyed = keyed_router(args.paths_from, shards["train"], all_shards, dd.tokenizer(), args.k,
-                                     args.levels, emb)
+                                     args.levels, emb, recompute=args.reembed)
         router.meta.update(settings=settings, max_tokens=args.max_tokens, embed_text=args.embed_text)
         router.save(dd.path)
         print(f"router: {router.meta['n_keys']:,} keys from --paths-from {args.paths_from} spread over "

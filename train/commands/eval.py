@@ -25,6 +25,7 @@ marker; an existing OUT is replaced only when it is an earlier eval output and -
     {"run", "data", "val": {mode: {"loss", "ppl", "tokens"}},
      "per_cluster": {mode: {"<top-level id>": {"loss", "ppl", "tokens"}}},
      "probes": {mode: {"bucket_<b>": {"acc", "n"}}},         (buckets without probes are left out)
+     "probe_items": {"person", "bucket", label: [0/1 per probe], "hit": [0/1: routed to the majority leaf]},
      "val_rows": {"seq_len", "batch_size", "seed", mode: {"nats": [...], "tokens": [...]}}}
 (val_rows: every val row's summed loss and target tokens, in the order evaluated: runs evaluated on the
 same data with the same seq_len, batch size and seed share these rows, so their losses can be paired.)
@@ -169,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         pdiffs = probe_diffs(items, buckets, DIFF_PAIRS + [(f"fetched_top{args.route_top}", "fetched")], args.seed)
         items = {"person": [p.get("person") for p in probes], "bucket": buckets,
                  **{k: v.astype(int).tolist() for k, v in items.items()}}
+        if "fetched_oracle" in paths:  # per probe: routed to the person's majority leaf (1) or not (0)
+            items["hit"] = np.all(paths["fetched"] == paths["fetched_oracle"], axis=1).astype(int).tolist()
 
     ev = {"run": os.path.abspath(step_dir), "data": os.path.abspath(args.data), "val": val,
           "per_cluster": per_cluster, "val_diffs": diffs, "probes": probes_res, "probe_diffs": pdiffs,

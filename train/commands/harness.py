@@ -1,7 +1,8 @@
 """`memlm harness RUN --tasks T --include-path DIR --mode fetched`: lm-evaluation-harness tasks on a run.
 
 The run is wrapped by train/evaluation/harness.py (registered with lm-eval as `memlm`): every request's
-context is routed through the run's router (mode fetched), or gets the leaf holding most of the training
+context is routed through the run's router (mode fetched; with --route-top M, to the one of its M nearest
+leaves whose memory gives the context the lowest loss), or gets the leaf holding most of the training
 windows of the document named by the task document's --key-field (mode oracle, needs --data), the generic
 block (generic) or no memory (anchor). Writes OUT/harness.json: per task the accuracy and per-probe
 results (for paired intervals between modes), and prints one line per task. OUT is written under a temporary
@@ -16,7 +17,7 @@ import os
 import sys
 import time
 
-from train.cli import ArgumentParser, check_out_dir, positive_int
+from train.cli import ArgumentParser, check_out_dir, nonnegative_int, positive_int
 
 
 KIND = "harness"  # the kind in the marker of the output directory (model/atomic.py)
@@ -33,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="fetched", choices=MODES, help="memory mode (default fetched: routed per prompt)")
     p.add_argument("--data", default=None, help="the run's data dir (mode oracle)")
     p.add_argument("--key-field", default="title", help="mode oracle: task document field naming the training document")
+    p.add_argument("--route-top", type=nonnegative_int, default=0, metavar="M",
+                   help="mode fetched: of each context's M nearest leaves, use the one whose memory gives the context "
+                        "itself the lowest loss (default 0: the router's leaf)")
     p.add_argument("--limit", type=positive_int, default=None, help="at most N documents per task")
     p.add_argument("--batch-size", type=positive_int, default=16, help="rows per forward pass")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
@@ -55,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     check_output_dir(out_dir, KIND, args.force, sources=sources)  # before the run loads
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     res = evaluate(args.run, tasks, include_path=args.include_path, mode=args.mode, data=args.data,
-                   key_field=args.key_field, device=args.device, batch_size=args.batch_size, limit=args.limit)
-    out = {"run": os.path.abspath(args.run), "mode": args.mode, "tasks": {}}
+                   key_field=args.key_field, device=args.device, batch_size=args.batch_size, limit=args.limit,
+                   route_top=args.route_top)
+    out = {"run": os.path.abspath(args.run), "mode": args.mode, "route_top": args.route_top, "tasks": {}}
     for t in tasks:
         samples = res.get("samples", {}).get(t, [])
         items = {str(s["doc"].get("id", s["doc_id"])): float(s["acc"]) for s in samples}

@@ -12,6 +12,8 @@ or `memlm harness RUN --tasks TASK --include-path DIR --mode fetched`. Model arg
   mode       fetched (routed per prompt) | oracle (fetched, leaf of the document's key) | generic | anchor
   data       data dir of the run (mode=oracle: where the key's training windows went)
   key_field  mode=oracle: the task document's field holding the key, e.g. the wiki title (default title)
+  route_top  mode=fetched, M > 1: of each context's M nearest leaves, the one whose memory gives the context
+             itself the lowest loss (as `memlm eval --route-top`; M forwards per distinct context)
   device     cpu / cuda (default: cuda if available);  batch_size  rows per forward (default 16)
 """
 from __future__ import annotations
@@ -37,13 +39,16 @@ class MemlmLM(LM):
     """A memlm run as an lm-eval `LM` (loglikelihood, loglikelihood_rolling, generate_until)."""
 
     def __init__(self, run: str, mode: str = "fetched", data: str | None = None, key_field: str = "title",
-                 device: str | None = None, batch_size: int | str = 16, **_):
+                 device: str | None = None, batch_size: int | str = 16, route_top: int | str = 0, **_):
         if register_model is not None:
             super().__init__()
         from train.checkpoint import load_run
 
         if mode not in MODES:
             raise ConfigError(f"--mode {mode!r}: choose among {', '.join(MODES)}")
+        self.route_top = int(route_top)
+        if self.route_top > 1 and mode != "fetched":
+            raise ConfigError(f"--route-top {self.route_top}: routes prompts, so it needs --mode fetched (not {mode})")
         self.device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.tok, self.cfg, self.router = load_run(run)
         self.model = self.model.to(self.device_).eval()
@@ -70,6 +75,15 @@ class MemlmLM(LM):
 
     # ---- routing ------------------------------------------------------------------------------
     def _paths(self, requests, contexts: list[str]) -> np.ndarray | None:
+        if self.mode == "fetched" and self.route_top > 1:
+            from memory.keyed import top_leaves
+            from train.evaluation.memory_eval import loss_routed_paths
+
+            uniq = list(dict.fromkeys(contexts))  # the choices of one question share its context: route it once
+            cands = top_leaves(self.router, self.router.embed(uniq), self.route_top)
+            paths = loss_routed_paths(self.model, self.tok, uniq, cands, self.device_)
+            row = {c: i for i, c in enumerate(uniq)}
+            return paths[[row[c] for c in contexts]]
         if self.mode == "fetched":
             return self._route(contexts)
         if self.mode == "oracle":
@@ -156,7 +170,7 @@ if register_model is not None:
 
 def evaluate(run: str, tasks: list[str], include_path: str | None = None, mode: str = "fetched",
              data: str | None = None, key_field: str = "title", device: str | None = None,
-             batch_size: int = 16, limit: int | None = None) -> dict:
+             batch_size: int = 16, limit: int | None = None, route_top: int = 0) -> dict:
     """`lm_eval.simple_evaluate` on a memlm run; returns its results dict (with per-sample logs)."""
     if register_model is None:
         raise ConfigError("memlm harness needs lm-evaluation-harness: pip install 'memlm[eval]' "
@@ -171,6 +185,7 @@ def evaluate(run: str, tasks: list[str], include_path: str | None = None, mode: 
     if unknown or not tasks:
         raise ConfigError(f"--tasks: unknown lm-eval task(s) {unknown or tasks}; list them with `lm-eval ls tasks`"
                           + ("" if include_path else " (local task files: --include-path DIR)"))
-    lm = MemlmLM(run, mode=mode, data=data, key_field=key_field, device=device, batch_size=batch_size)
+    lm = MemlmLM(run, mode=mode, data=data, key_field=key_field, device=device, batch_size=batch_size,
+                 route_top=route_top)
     return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=limit, log_samples=True,
                                    bootstrap_iters=0)

@@ -84,9 +84,11 @@ def prompt_router(router, nlp=None) -> Callable[[list[str]], np.ndarray]:
 def document_hit_rates(data, router, probes: list[dict], key_field: str = "title", group_field: str = "kind",
                        route=None) -> dict:
     """Hit rates of probes keyed by the document they come from (e.g. wiki facts by article title):
-    {"consistency", "hit": {group | "all": {"share", "lo", "hi", "n"}}}. The document id is the key."""
+    {"consistency", "hit": {group | "all": {"share", "lo", "hi", "n"}}, "hits": [0/1 per probe]}. The document
+    id is the key."""
     leaves = key_leaves(data, lambda doc_id: doc_id)
     orc = oracle_paths([p[key_field] for p in probes], leaves, router.k, router.levels)
     routed = (route or prompt_router(router))([p["prompt"] for p in probes])
     hits = hit_rates([p.get(group_field, "all") for p in probes], routed, orc)
-    return {"consistency": consistency(leaves), "hit": {k.removeprefix("bucket_"): v for k, v in hits.items()}}
+    return {"consistency": consistency(leaves), "hit": {k.removeprefix("bucket_"): v for k, v in hits.items()},
+            "hits": np.all(np.asarray(routed) == orc, axis=1).astype(int).tolist()}

@@ -66,6 +66,31 @@ def items_diff(a: dict, la: str, b: dict, lb: str) -> dict | None:
     return {"diff": ci.point, "lo": ci.lo, "hi": ci.hi}
 
 
+def gain_by_hit(a, b, hit) -> dict[str, dict | None]:
+    """Paired mean(a) - mean(b) (per-probe 0/1) on the probes the router sent to the majority leaf ("hits")
+    and on the others ("misses"): {"hits" | "misses": {"diff", "lo", "hi", "n"} or None when empty}. Knowledge
+    stored in the memory of the leaf that saw it helps on hits only; a gain as large on misses is not
+    leaf-local (any leaf's memory gives it), so no router can add to it."""
+    a, b, hit = np.asarray(a, float), np.asarray(b, float), np.asarray(hit, bool)
+    out = {}
+    for name, m in (("hits", hit), ("misses", ~hit)):
+        ci = paired_diff_ci(a[m], b[m]) if m.any() else None
+        out[name] = {"diff": ci.point, "lo": ci.lo, "hi": ci.hi, "n": int(m.sum())} if ci else None
+    return out
+
+
+def gain_cells(g: dict[str, dict | None], which=("hits", "misses")) -> list[str]:
+    return [f"{ci_cell(g[k], 'diff')} (n={g[k]['n']})" if g[k] else "—" for k in which]
+
+
+def hit_split_cells(fetched, generic, oracle, hit) -> list[str]:
+    """[fetched − generic on hits, on misses, oracle − fetched on misses (what a perfect router would add)]."""
+    return gain_cells(gain_by_hit(fetched, generic, hit)) + gain_cells(gain_by_hit(oracle, fetched, hit), ("misses",))
+
+
+HIT_SPLIT_HEADER = ["fetched − generic, hits", "fetched − generic, misses", "oracle − fetched, misses"]
+
+
 def val_diff(a: dict | None, ma: str, b: dict | None, mb: str) -> dict | None:
     """Paired difference of validation loss (nats/token) between mode `ma` of eval.json `a` and mode `mb` of
     `b`, bootstrapped over the val rows; None unless both were evaluated on the same rows (same data,
@@ -114,6 +139,13 @@ def mech_section(out: str, mech_runs: list[tuple[str, int]]) -> tuple[list[str],
         rows.append([name] + [ci_cell(((e.get("probe_diffs") or {}).get(pair) or {}).get("all"), "diff")
                               for e in base.values()])
     md += [markdown_table(["probe accuracy (all facts)"] + [f"leaves: `{v}`" for v in variants], rows), ""]
+    grows = [[f"`{v}`"] + hit_split_cells(*(e["probe_items"][m] for m in ("fetched", "generic", "fetched_oracle", "hit")))
+             for v, e in base.items() if "hit" in (e.get("probe_items") or {})]
+    if grows:
+        md += ["Where the memory's gain sits: fetched (router) − generic on the probes routed to the person's "
+               "majority leaf (hits) and on the others (misses), and what the oracle leaf adds on the misses. "
+               "Knowledge stored in the memory of the leaf that saw it helps on hits far more than on misses.", "",
+               markdown_table(["leaves"] + HIT_SPLIT_HEADER, grows), ""]
     png = plot_mech(base, os.path.join(out, "mech_accuracy.png"))
     md += ["![mechanism check](mech_accuracy.png)", ""]
     # seeds: headline variants
@@ -268,9 +300,14 @@ def cap_section(out: str, size: dict) -> tuple[list[str], list[str]]:
     figs.append(plot_lines(tx, {"fetched (router) - generic": pts, "fetched (oracle) - generic": orc},
                            "training tokens (M, anchor + memory phase)", "accuracy difference", "gap vs training tokens",
                            os.path.join(out, "cap_gap_vs_tokens.png")))
-    md += ["Fetched - generic vs training tokens (memory checkpoints):", "",
-           markdown_table(["memory steps", "fetched - generic", "oracle - generic"],
-                          [[str(s), ci_cell(a, "diff"), ci_cell(b, "diff")] for s, a, b in zip(steps, pts, orc)]),
+    gap = lambda e: e["probes"]["fetched"]["all"]["acc"] - e["probes"]["generic"]["all"]["acc"]  # noqa: E731
+    over = [seed_cell([gap(e) for e in seed_evals(d, f"memory-{i}", "memory", suffix=f"-{i}" if i < 4 else "")],
+                      "+.3f") for i in range(1, 5)]
+    md += ["Fetched - generic vs training tokens (memory checkpoints; base seed paired over the same probes, and the "
+           "mean over seeds with a 95% t interval):", "",
+           markdown_table(["memory steps", "fetched - generic", "oracle - generic", "fetched - generic, over seeds"],
+                          [[str(s), ci_cell(a, "diff"), ci_cell(b, "diff"), o]
+                           for s, a, b, o in zip(steps, pts, orc, over)]),
            "", "![gap vs tokens](cap_gap_vs_tokens.png)", ""]
     ks = sorted([size["cap_k"]] + list(size["bank_ks"]))
     kev = {k: (mem if k == size["cap_k"] else ev.get(f"memory-k{k}")) for k in ks}
@@ -292,23 +329,34 @@ def cap_section(out: str, size: dict) -> tuple[list[str], list[str]]:
                            for k, p, a, b, v in zip(ks, kpts, kanc, kden, kval)]), "",
            "![gap vs bank](cap_gap_vs_bank.png)", ""]
     md += cap_seeds(d, ks, size["cap_k"])
-    prow = []
+    prow, place = [], {}
     for name, title in (("memory-first1", "first layer"), ("memory-last1", "last layer")):
         e = ev.get(name)
         if e:
+            place[title] = seed_evals(d, name, name)
             prow.append([title, ci_cell(e["probes"]["fetched"].get("all")), ci_cell(e["probes"]["generic"].get("all")),
                          ci_cell(e["probe_diffs"].get("fetched - generic", {}).get("all"), "diff"),
-                         f"{e['val']['fetched']['loss']:.4f}"])
+                         seed_cell([gap(x) for x in place[title]], "+.3f"), f"{e['val']['fetched']['loss']:.4f}"])
     if prow:
-        md += ["Placement (memory in one of the two layers, twice the width: the same fetched size):", "",
-               markdown_table(["memory layer", "fetched", "generic", "fetched - generic", "val loss fetched"], prow), ""]
+        md += ["Placement (memory in one of the two layers, twice the width: the same fetched size; base seed with "
+               "bootstrap intervals, and fetched - generic over seeds):", "",
+               markdown_table(["memory layer", "fetched", "generic", "fetched - generic", "fetched - generic, over seeds",
+                               "val loss fetched"], prow), ""]
+        first, last = place.get("first layer") or [], place.get("last layer") or []
+        if len(first) > 1 and len(first) == len(last):
+            acc = lambda e: e["probes"]["fetched"]["all"]["acc"]  # noqa: E731
+            md += [f"- first - last layer, fetched accuracy (seed i with seed i): "
+                   f"{seed_cell([acc(a) - acc(b) for a, b in zip(first, last)], '+.3f')}.", ""]
     return md, figs
 
 
-def seed_evals(d: str, base: str, prefix: str) -> list[dict]:
-    """One cap row over its seeds: eval/<base> (the base seed) then eval/<prefix>-s<seed>, in seed order."""
+def seed_evals(d: str, base: str, prefix: str, suffix: str = "") -> list[dict]:
+    """One cap row over its seeds: eval/<base> (the base seed) then eval/<prefix>-s<seed><suffix>, in seed
+    order (suffix "-i": the i-th checkpoint of each seed's run)."""
     ev_dir = os.path.join(d, "eval")
-    names = [base] + seed_runs(os.listdir(ev_dir), prefix)[1:]
+    names = os.listdir(ev_dir)
+    seeds = seed_runs({n.removesuffix(suffix) for n in names if n.endswith(suffix)}, prefix)[1:]
+    names = [base] + [n + suffix for n in seeds]
     return [e for e in (_load(os.path.join(ev_dir, n, "eval.json")) for n in names) if e]
 
 
@@ -363,7 +411,9 @@ def wiki_section(out: str) -> tuple[list[str], list[str]]:
     res = {k: v for k, v in res.items() if v}
     md = ["## 3. Wiki-leads knowledge probes (lm-evaluation-harness, 4 choices, log-probability)", "",
           "Facts (year, date, country, place, nationality, occupation) from lead sentences; distractors of the same "
-          "kind with the closest training counts (chance = 0.25). *seen*: articles in training; *held-out*: val articles.",
+          "kind with the closest training counts (chance = 0.25). *seen*: articles in training; *held-out*: val articles. "
+          "Modes: `fetched` (router), `top2` (of the prompt's 2 nearest leaves, the one whose memory gives the prompt "
+          "the lowest loss), `oracle` (the leaf holding most of the article's windows), `generic`, `anchor` (frozen anchor).",
           ""]
     rows = []
     for name, r in res.items():
@@ -378,9 +428,10 @@ def wiki_section(out: str) -> tuple[list[str], list[str]]:
         rows.append([f"`{name}`"] + cells)
     md += [markdown_table(["run-mode", "seen", "held-out"], rows), ""]
     pairs = [(f"memory-{v}-{a}", f"memory-{v}-{b}") for v in WIKI_LEAVES
-             for a, b in (("fetched", "generic"), ("oracle", "generic"), ("oracle", "fetched"))]
+             for a, b in (("fetched", "generic"), ("oracle", "generic"), ("oracle", "fetched"), ("top2", "fetched"),
+                          ("oracle", "top2"))]
     pairs += [(f"memory-{v}-fetched", "memory-minilm-fetched") for v in WIKI_LEAVES[1:]]
-    pairs += [("memory-minilm-fetched", "anchor-cont-anchor"), ("memory-minilm-fetched", "dense-2x-anchor")]
+    pairs += [(f"memory-minilm-{m}", f"{b}-anchor") for m in ("fetched", "top2") for b in ("anchor-cont", "dense-2x")]
     drows = []
     for a, b in pairs:
         if a not in res or b not in res:
@@ -397,7 +448,7 @@ def wiki_section(out: str) -> tuple[list[str], list[str]]:
         drows.append([f"`{a}` - `{b}`"] + cells)
     if drows:
         md += ["Paired differences (same probes):", "", markdown_table(["difference", "seen", "held-out"], drows), ""]
-    md += wiki_seeds(res) + wiki_val(out) + wiki_routing(out)
+    md += wiki_seeds(res) + wiki_val(out) + wiki_routing(out, res)
     return md, []
 
 
@@ -413,21 +464,35 @@ def wiki_seeds(res: dict) -> list[str]:
     mem = [r for r in seed_runs(runs, "memory-minilm") if f"{r}-fetched" in res and f"{r}-generic" in res]
     if len(mem) < 2:
         return []
-    acc = lambda r, m, t: float(np.mean(list(harness_items(res.get(f"{r}-{m}"), t).values())))  # noqa: E731
+    def acc(r: str, m: str, t: str) -> float:
+        items = list(harness_items(res.get(f"{r}-{m}"), t).values())
+        return float(np.mean(items)) if items else float("nan")
+
+    def cell(vals: list[float], spec: str) -> str:  # "—" where a mode was not scored on a task (top-2: seen only)
+        return "—" if any(np.isnan(vals)) else seed_cell(vals, spec)
+
     rows = []
     for label, f in (("fetched (router)", lambda r, t: acc(r, "fetched", t)),
+                     ("fetched (top-2)", lambda r, t: acc(r, "top2", t)),
                      ("fetched (oracle)", lambda r, t: acc(r, "oracle", t)),
                      ("generic", lambda r, t: acc(r, "generic", t)),
                      ("fetched - generic", lambda r, t: acc(r, "fetched", t) - acc(r, "generic", t)),
-                     ("oracle - router", lambda r, t: acc(r, "oracle", t) - acc(r, "fetched", t))):
+                     ("oracle - router", lambda r, t: acc(r, "oracle", t) - acc(r, "fetched", t)),
+                     ("top-2 - router", lambda r, t: acc(r, "top2", t) - acc(r, "fetched", t)),
+                     ("oracle - top-2", lambda r, t: acc(r, "oracle", t) - acc(r, "top2", t))):
+        if "top-2" in label and not all(f"{r}-top2" in res for r in mem):
+            continue
         spec = "+.3f" if " - " in label else ".3f"
-        rows.append([label] + [seed_cell([f(r, t) for r in mem], spec) for t in WIKI_TASKS])
+        rows.append([label] + [cell([f(r, t) for r in mem], spec) for t in WIKI_TASKS])
     for other, title in (("anchor-cont", "anchor-only continued"), ("dense-2x", "dense 2x")):
         base = [r for r in seed_runs(runs, other) if f"{r}-anchor" in res]
         if base:
             rows.append([title] + [seed_cell([acc(b, "anchor", t) for b in base]) for t in WIKI_TASKS])
-            rows.append([f"fetched - {title}"] + [seed_cell([acc(r, "fetched", t) - acc(b, "anchor", t)
-                                                             for r, b in zip(mem, base)], "+.3f") for t in WIKI_TASKS])
+            for m, name in (("fetched", "fetched"), ("top2", "top-2")):
+                if all(f"{r}-{m}" in res for r in mem):
+                    rows.append([f"{name} - {title}"] + [cell([acc(r, m, t) - acc(b, "anchor", t)
+                                                               for r, b in zip(mem, base)], "+.3f")
+                                                         for t in WIKI_TASKS])
     return ["Over seeds (memory training and data order of every row; the same probes; MiniLM-leaf memory seed i "
             "paired with baseline seed i; mean with a 95% t interval):", "",
             markdown_table(["accuracy", "seen", "held-out"], rows), ""]
@@ -466,9 +531,10 @@ def wiki_val(out: str) -> list[str]:
     return md
 
 
-def wiki_routing(out: str) -> list[str]:
+def wiki_routing(out: str, res: dict) -> list[str]:
     """Router hit rates on the seen wiki probes: the prompt routed to the leaf holding most of its article's
-    training windows, for each clustering of the wiki data (MiniLM k-means, entity keys, sentence-averaged)."""
+    training windows, for each clustering of the wiki data (MiniLM k-means, entity keys, sentence-averaged);
+    and the memory's gain (fetched - generic, harness items in `res`) on hits and on misses."""
     from data.shards import open_data
     from memory.router import Router
     from train.evaluation.routing import document_hit_rates
@@ -484,11 +550,18 @@ def wiki_routing(out: str) -> list[str]:
         if not Router.exists(d):
             continue
         r = document_hit_rates(open_data(d), Router.load(d), probes)
-        rows.append([f"`{v}`", f"{r['consistency']:.3f}", ci_cell(r["hit"]["all"], "share")])
+        cells = ["—"] * len(HIT_SPLIT_HEADER)
+        got = [harness_items(res.get(f"memory-{v}-{m}"), "memlm_wiki_seen") for m in ("fetched", "generic", "oracle")]
+        if all(p["id"] in x for x in got for p in probes):
+            cells = hit_split_cells(*([x[p["id"]] for p in probes] for x in got), r["hits"])
+        rows.append([f"`{v}`", f"{r['consistency']:.3f}", ci_cell(r["hit"]["all"], "share")] + cells)
     if not rows:
         return []
-    return ["Routing on real text (seen probes): share of an article's windows in its majority leaf, and share of "
-            "probe prompts routed there:", "", markdown_table(["leaves", "consistency", "hit rate"], rows), ""]
+    return ["Routing on real text (seen probes): share of an article's windows in its majority leaf (consistency), "
+            "share of probe prompts routed there (hit rate), the memory's gain (fetched − generic) on the probes "
+            "routed there (hits) and elsewhere (misses), and what the oracle leaf adds on the misses; knowledge "
+            "stored in the leaf that saw the article would help on hits far more than on misses (as on bios, "
+            "section 1):", "", markdown_table(["leaves", "consistency", "hit rate"] + HIT_SPLIT_HEADER, rows), ""]
 
 
 def write_memory_report(out: str, parts: list[str], size: dict, size_name: str, command: str,
