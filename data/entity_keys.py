@@ -10,6 +10,25 @@ from __future__ import annotations
 KEY_LABELS = ("PERSON", "ORG", "GPE", "LOC", "FAC", "NORP", "EVENT", "WORK_OF_ART", "PRODUCT", "LAW", "LANGUAGE")
 
 
+def keys_fingerprint(labels=KEY_LABELS) -> str:
+    """8 hex characters naming what entity keys depend on: the spaCy pipeline `load_spacy()` loads first
+    (installed package and version, read without loading it) and the key labels. Caches of keys carry it,
+    so keys made by another pipeline are never reused."""
+    import hashlib
+    import importlib.metadata
+
+    from data.tagging import SPACY_MODELS
+
+    pipeline = "none"
+    for name in SPACY_MODELS:
+        try:
+            pipeline = f"{name}=={importlib.metadata.version(name)}"
+            break
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return hashlib.sha256(f"{pipeline}|{','.join(labels)}".encode()).hexdigest()[:8]
+
+
 def entity_keys(texts: list[str], nlp=None, batch_size: int = 128, labels=KEY_LABELS) -> list[list[str]]:
     """For each text, the texts of its named entities with a label in `labels`, in order of appearance
     (duplicates removed). `nlp`: a spaCy pipeline (default: data.tagging.load_spacy())."""

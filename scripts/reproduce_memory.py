@@ -18,8 +18,8 @@ Parts (each stage is one `memlm` command; finished stages are reused when you re
    fetched size), training-token trend (memory checkpoints) and placement (first-N vs last-N), all three
    at more seeds too.
 3. wiki: wiki-leads, knowledge probes from lead facts (memlm wiki-probes), scored through
-   lm-evaluation-harness (memlm harness) for fetched (router) / top-2 (loss-routed among the 2 nearest leaves)
-   / oracle / generic / anchor-only / dense 2x on seen and held-out articles, with leaves from MiniLM k-means,
+   lm-evaluation-harness (memlm harness) for fetched (router) / oracle / generic / anchor-only / dense 2x on
+   seen and held-out articles, top-2 (loss-routed among the 2 nearest leaves) on seen ones, with leaves from MiniLM k-means,
    entity keys and sentence-averaged windows (the MiniLM memory and both baselines also at more seeds);
    validation loss of every run on the same held-out rows (memlm eval).
 Writes <out>/report.md with 95% intervals (paired bootstrap over the same probes / rows; Student-t over
@@ -40,6 +40,9 @@ from train.cli import ArgumentParser, check_out_dir, comma_list, nonnegative_int
 from train.experiments.stages import StageRunner, recipe, short_path  # noqa: E402
 
 PARTS = ("mech", "cap", "wiki")
+# Raised when a stage of the same name comes to mean another thing (e.g. 2: the cap seed runs keep 4
+# checkpoints), so that an output directory of an older plan is not resumed with stages it cannot serve.
+PLAN = 2
 MECH_VARIANTS = {  # name -> memlm cluster options (leaves), the routing options tried
     "minilm": [],
     "keyed": ["--paths-from", "id:^bio-([0-9]+)-"],
@@ -198,10 +201,12 @@ class MemoryRepro:
                       f"memory.min_lr={s.memory_lr / 10:g}", "memory.freeze_anchor=true", "data.by_leaf=true",
                       *extra, seed=seed, ckpts=ckpts)
 
-    def evaluate(self, run: str, data: str, out: str, *extra, per_bucket: int = 100000, memory: bool = True):
-        """`memlm eval`; memory runs also fetch the top-2 leaves (eval refuses --route-top on an anchor)."""
+    def evaluate(self, run: str, data: str, out: str, *extra, per_bucket: int = 100000, memory: bool = True,
+                 route_top: bool = True):
+        """`memlm eval`; memory runs also fetch the top-2 leaves unless `route_top` is False (eval refuses
+        --route-top on an anchor)."""
         self.memlm("eval", run, "--data", data, "--out", out, "--probes-per-bucket", per_bucket, "--seed",
-                   self.args.seed, *(["--route-top", 2] if memory else []), "--force", *extra)
+                   self.args.seed, *(["--route-top", 2] if memory and route_top else []), "--force", *extra)
 
     # ---- 1. mechanism check ---------------------------------------------------------------------
     def seeds(self, n: int) -> list[int]:
@@ -302,7 +307,8 @@ class MemoryRepro:
             for i in range(1, 4):  # the training-token trend at this seed (its 4th checkpoint is the final one)
                 step = os.path.join(d, "runs", f"memory-s{sd}", "checkpoints", f"step-{i * max(M // 4, 1):07d}")
                 out.append((f"cap-eval-memory-s{sd}-{i}", lambda step=step, sd=sd, i=i: self.evaluate(
-                    step, data, os.path.join(ev, f"memory-s{sd}-{i}"), "--modes", "fetched,generic", per_bucket=pb)))
+                    step, data, os.path.join(ev, f"memory-s{sd}-{i}"), "--modes", "fetched,generic", per_bucket=pb,
+                    route_top=False)))
             out += [(f"cap-eval-{name}-s{sd}", lambda name=name, sd=sd: self.evaluate(
                 os.path.join(d, "runs", f"{name}-s{sd}"), data, os.path.join(ev, f"{name}-s{sd}"), per_bucket=pb,
                 memory=False)) for name in ("anchor-cont", "dense-2x")]
@@ -395,7 +401,7 @@ class MemoryRepro:
 
     def run(self) -> None:
         settings = {"size": dataclasses.asdict(self.size), "parts": self.parts, "seed": self.args.seed,
-                    "mech_variants": self.variants}
+                    "mech_variants": self.variants, "plan": PLAN}
         plan = self.plan()
         if self.args.prepare_only:
             prep = ("-data", "-other", "-cluster", "wiki-probes")

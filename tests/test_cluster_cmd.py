@@ -175,7 +175,7 @@ def test_cluster_entity_keys_cached_and_copied(tmp_path, capsys, monkeypatch):
     from data.shards import open_data, prepare
     from memory.keyed import path_to_leaf
     from memory.router import Router
-    from train.commands.cluster import ENTITY_KEY, has_entity_keys, main, window_texts
+    from train.commands.cluster import entity_key_array, has_entity_keys, main, window_texts
 
     src = tmp_path / "docs.jsonl"
     with open(src, "w") as f:
@@ -185,7 +185,7 @@ def test_cluster_entity_keys_cached_and_copied(tmp_path, capsys, monkeypatch):
     prepare(str(src), d, vocab_size=300, val_fraction=0.2, shard_tokens=600, window_tokens=64, progress=False,
             log=lambda *a: None)
     assert main([d, "--levels", "1", "--k", "4", "--paths-from", "entity", "--batch-size", "8"]) == 0
-    dd, tok = open_data(d), open_data(d).tokenizer()
+    dd, tok, ENTITY_KEY = open_data(d), open_data(d).tokenizer(), entity_key_array()
     assert Router.load(d).meta["paths_from"] == "entity"
     leaf_of = {}
     for sh in dd.shards("train") + dd.shards("val"):
@@ -217,3 +217,8 @@ def test_cluster_entity_keys_cached_and_copied(tmp_path, capsys, monkeypatch):
     assert not has_entity_keys(sh)
     with pytest.raises(AssertionError, match="tagged again"):
         main([twin, "--levels", "1", "--k", "3", "--paths-from", "entity"])
+    # Keys made by another spaCy pipeline (another fingerprint) are not reused either.
+    import data.entity_keys as ek
+
+    monkeypatch.setattr(ek, "keys_fingerprint", lambda: "0ther000")
+    assert not has_entity_keys(open_data(d).shards("train")[0])

@@ -249,7 +249,7 @@ def test_eval_json_structure(runs, tmp_path):
     assert val_diff(ev, "fetched", {**ev2, "data": "/elsewhere"}, "anchor") is None
 
 
-def test_harness_modes_on_a_local_task(runs, tmp_path):
+def test_harness_modes_on_a_local_task(runs, tmp_path, monkeypatch):
     """memlm harness: a two-document local multiple-choice task, offline; the adapter's log-likelihood
     equals a direct forward pass of the run (fetched on the routed path, generic, anchor)."""
     pytest.importorskip("lm_eval")
@@ -306,18 +306,39 @@ def test_harness_modes_on_a_local_task(runs, tmp_path):
     from model.errors import ConfigError
     from train.evaluation.memory_eval import prompt_nll
 
+    import shutil
+
+    import train.evaluation.memory_eval as memory_eval
+
     ctxs = [r.args[0] for r in reqs]
-    paths = MemlmLM(runs["memory"], mode="fetched", route_top=2)._paths(reqs, ctxs)
+    top2 = MemlmLM(runs["memory"], mode="fetched", route_top=2)
+    paths = top2._paths(reqs, ctxs)
     uniq = [d["prompt"] for d in docs]
     cands = top_leaves(router, router.embed(uniq), 2)
     nll = np.stack([prompt_nll(model, tok, uniq, cands[:, j], "cpu") for j in range(2)], 1)
     assert [p.tolist() for p in paths] == [cands[uniq.index(c), nll[uniq.index(c)].argmin()].tolist() for c in ctxs]
+    # a memory that makes the second-nearest leaf the better one: every context goes there, not to the router's
+    calls = []
+
+    def second_best(model, tokenizer, prompts, paths, device, batch_size=64):
+        calls.append(len(prompts))  # once per distinct context and candidate
+        return np.where((np.asarray(paths) == cands[:, 1]).all(1), 0.0, 1.0)
+
+    monkeypatch.setattr(memory_eval, "prompt_nll", second_best)
+    paths = top2._paths(reqs, ctxs)
+    assert [p.tolist() for p in paths] == [cands[uniq.index(c), 1].tolist() for c in ctxs]
+    assert (paths != router.route(ctxs)).any(1).all() and calls == [2, 2]
     with pytest.raises(ConfigError, match="--route-top 2: routes prompts, so it needs --mode fetched"):
         MemlmLM(runs["memory"], mode="generic", route_top=2)
-    out = str(tmp_path / "top2")
-    assert harness_main([runs["memory"], "--tasks", "tiny_mc", "--include-path", str(tmp_path), "--route-top", "2",
-                         "--out", out]) == 0
-    assert json.load(open(os.path.join(out, "harness.json")))["route_top"] == 2
+    with pytest.raises(ConfigError, match="--route-top 2: routes prompts, so it needs --mode fetched"):
+        harness_main([runs["memory"], "--tasks", "tiny_mc", "--mode", "oracle", "--route-top", "2"])
+    # the command passes --route-top to the adapter, and writes next to the run under its own name
+    calls.clear()
+    assert harness_main([runs["memory"], "--tasks", "tiny_mc", "--include-path", str(tmp_path), "--route-top", "2"]) == 0
+    out = os.path.join(runs["memory"], "harness-fetched_top2")
+    res = json.load(open(os.path.join(out, "harness.json")))
+    shutil.rmtree(out)  # the run dir is shared by this module's tests
+    assert res["route_top"] == 2 and res["tasks"]["tiny_mc"]["n"] == 2 and sum(calls) == 2 * len(uniq)
 
 
 # ---- memlm export-hf --path -----------------------------------------------------------------------

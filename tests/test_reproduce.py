@@ -328,7 +328,7 @@ def test_cap_seeds_pair_seed_by_seed(tmp_path):
     """The cap comparison over seeds: memory seed i minus baseline seed i, averaged with a t interval."""
     import json
 
-    from train.experiments.memory_report import cap_seeds, seed_cell, seed_evals
+    from train.experiments.memory_report import by_seed, cap_seeds, seed_cell, seed_evals
 
     def put(name, **acc):
         path = tmp_path / "eval" / name / "eval.json"
@@ -350,6 +350,9 @@ def test_cap_seeds_pair_seed_by_seed(tmp_path):
         "memory-1", "memory-s1-1", "memory-s2-1"]
     assert [e["run"] for e in seed_evals(str(tmp_path), "memory-first1", "memory-first1")] == [
         "memory-first1", "memory-first1-s1"]
+    put("memory-last1-s2", fetched=0.2, generic=0.0)  # placement pairs seeds by name: only seed 0 is common here
+    assert list(by_seed(str(tmp_path), "memory-first1")) == ["", "-s1"]
+    assert list(by_seed(str(tmp_path), "memory-last1")) == ["-s2"]
     text = "\n".join(cap_seeds(str(tmp_path), [4, 16], 16))
     row16 = next(line for line in text.splitlines() if line.startswith("| k = 16 |"))
     assert seed_cell([0.4, 0.4, 0.6], "+.3f") in row16  # fetched - generic per seed

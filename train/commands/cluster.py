@@ -16,8 +16,8 @@ the document's key, keys are spread over the leaves so that leaves hold about as
 (largest keys first, to the least-loaded leaf). KEY is `id` (the document id), `id:REGEX` (the first
 group of REGEX searched in the id, e.g. `id:^bio-([0-9]+)-` = the bios person) or `entity` (the first named
 entity of the document's first window, spaCy; the key -> leaf table is saved in router.json and prompts
-are routed by their first known entity; the keys are cached per shard as the `window_entity_key` array,
-so a re-run, another k or `--embeddings-from` do not tag again). The saved router's centroids are the mean embeddings of each
+are routed by their first known entity; the keys are cached per shard as a `window_entity_key_<fingerprint
+of the spaCy pipeline>` array, so a re-run, another k or `--embeddings-from` do not tag again). The saved router's centroids are the mean embeddings of each
 node's windows, so a prompt without a known key (and any text, for `id` keys) is routed to the node
 whose windows it resembles. Windows whose key was not seen in train are routed the same way.
 
@@ -88,23 +88,29 @@ def key_pattern(spec: str) -> re.Pattern | None:
     return None
 
 
-ENTITY_KEY = "window_entity_key"  # per-window str array ("" = no key): the spaCy keys of --paths-from entity
+def entity_key_array() -> str:
+    """Name of the per-window str array ("" = no key) caching the keys of --paths-from entity; it carries the
+    fingerprint of the spaCy pipeline and labels that made them (data.entity_keys.keys_fingerprint)."""
+    from data.entity_keys import keys_fingerprint
+
+    return f"window_entity_key_{keys_fingerprint()}"
 
 
 def has_entity_keys(shard) -> bool:
-    """Whether the shard caches a complete ENTITY_KEY array (one key per window)."""
+    """Whether the shard caches a complete entity-key array of the current pipeline (one key per window)."""
+    name = entity_key_array()
     try:
-        return shard.has_array(ENTITY_KEY) and shard.array(ENTITY_KEY).shape == (shard.n_windows,)
+        return shard.has_array(name) and shard.array(name).shape == (shard.n_windows,)
     except DataError:  # unreadable: tag again
         return False
 
 
 def shard_entity_keys(shard, tokenizer, recompute: bool = False) -> list[str | None]:
     """The key of each window's document: the first named entity of the document's first window (spaCy).
-    Cached per shard as the ENTITY_KEY array (tagging is the costly part of entity keys on CPU: a re-run,
+    Cached per shard (`entity_key_array`; tagging is the costly part of entity keys on CPU: a re-run,
     another k on the same dir or `--embeddings-from` reuse it)."""
     if has_entity_keys(shard) and not recompute:
-        return [key or None for key in shard.array(ENTITY_KEY, mmap=False).tolist()]
+        return [key or None for key in shard.array(entity_key_array(), mmap=False).tolist()]
     from data.entity_keys import entity_keys
 
     docs = shard.docs
@@ -112,7 +118,7 @@ def shard_entity_keys(shard, tokenizer, recompute: bool = False) -> list[str | N
     texts = [window_texts(shard, tokenizer, i, i + 1)[0] for i in first]
     doc_key = {docs[i]["doc_id"]: (ks[0] if ks else None) for i, ks in zip(first, entity_keys(texts))}
     keys = [doc_key.get(d["doc_id"]) for d in docs]
-    shard.write_array(ENTITY_KEY, np.array([key or "" for key in keys], dtype=str))
+    shard.write_array(entity_key_array(), np.array([key or "" for key in keys], dtype=str))
     return keys
 
 
@@ -215,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         n = copy_embeddings(all_shards, source, 384, emb)
         print(f"embeddings: {n} shard(s) copied from {args.embeddings_from}")
         if args.paths_from == "entity":
-            n = copy_window_array(all_shards, source, ENTITY_KEY, has_entity_keys)
+            n = copy_window_array(all_shards, source, entity_key_array(), has_entity_keys)
             print(f"entity keys: {n} shard(s) copied from {args.embeddings_from}")
     need = args.reembed or not all(has_embeddings(sh, 384, emb) for sh in all_shards)
     if need:

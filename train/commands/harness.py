@@ -17,6 +17,7 @@ import os
 import sys
 import time
 
+from model.errors import ConfigError
 from train.cli import ArgumentParser, check_out_dir, nonnegative_int, positive_int
 
 
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=positive_int, default=None, help="at most N documents per task")
     p.add_argument("--batch-size", type=positive_int, default=16, help="rows per forward pass")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
-    p.add_argument("--out", default=None, help="output dir for harness.json, new or empty (default RUN/harness-<mode>)")
+    p.add_argument("--out", default=None, help="output dir for harness.json, new or empty (default RUN/harness-<mode>, "
+                                               "RUN/harness-fetched_top<M> with --route-top M)")
     p.add_argument("--force", action="store_true",
                    help="replace --out if it holds an earlier memlm harness output (never any other directory)")
     return p
@@ -53,8 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     from model.atomic import atomic_dir, atomic_write_json, check_output_dir
     from train.evaluation.harness import evaluate
 
+    if args.route_top > 1 and args.mode != "fetched":  # before lm-eval loads its tasks
+        raise ConfigError(f"--route-top {args.route_top}: routes prompts, so it needs --mode fetched (not {args.mode})")
     t0 = time.time()
-    out_dir = args.out or os.path.join(args.run, f"harness-{args.mode}")
+    label = f"fetched_top{args.route_top}" if args.route_top > 1 else args.mode
+    out_dir = args.out or os.path.join(args.run, f"harness-{label}")
     sources = [p for p in (args.run, args.data, args.include_path) if p]
     check_output_dir(out_dir, KIND, args.force, sources=sources)  # before the run loads
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -67,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         items = {str(s["doc"].get("id", s["doc_id"])): float(s["acc"]) for s in samples}
         acc = sum(items.values()) / max(len(items), 1)
         out["tasks"][t] = {"acc": acc, "n": len(items), "items": items}
-        print(f"memlm harness: {t}: acc {acc:.4f} over {len(items)} documents (mode {args.mode})")
+        print(f"memlm harness: {t}: acc {acc:.4f} over {len(items)} documents (mode {label})")
     with atomic_dir(out_dir, KIND, replace=args.force, sources=sources) as tmp:
         atomic_write_json(os.path.join(tmp, "harness.json"), out)
     path = os.path.join(out_dir, "harness.json")

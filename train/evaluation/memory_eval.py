@@ -155,8 +155,9 @@ def probe_correct(model, tokenizer, probes, mode: str, paths, device, batch_size
 
 @torch.no_grad()
 def prompt_nll(model, tokenizer, prompts: list[str], paths, device, batch_size: int = 64) -> np.ndarray:
-    """float [n]: mean next-token NLL (nats) of each prompt's own tokens with its fetched path [n, levels]."""
-    enc = [encode_text(tokenizer, t, "prompt") for t in prompts]
+    """float [n]: mean next-token NLL (nats) of each prompt's own tokens with its fetched path [n, levels]
+    (a prompt longer than the model's max_seq_len: its last max_seq_len tokens, as the model is scored on)."""
+    enc = [encode_text(tokenizer, t, "prompt")[-model.config.max_seq_len:] for t in prompts]
     out = np.zeros(len(prompts))
     groups: dict[int, list[int]] = {}
     for i, ids in enumerate(enc):

@@ -140,7 +140,8 @@ def mech_section(out: str, mech_runs: list[tuple[str, int]]) -> tuple[list[str],
                               for e in base.values()])
     md += [markdown_table(["probe accuracy (all facts)"] + [f"leaves: `{v}`" for v in variants], rows), ""]
     grows = [[f"`{v}`"] + hit_split_cells(*(e["probe_items"][m] for m in ("fetched", "generic", "fetched_oracle", "hit")))
-             for v, e in base.items() if "hit" in (e.get("probe_items") or {})]
+             for v, e in base.items()
+             if all(m in (e.get("probe_items") or {}) for m in ("fetched", "generic", "fetched_oracle", "hit"))]
     if grows:
         md += ["Where the memory's gain sits: fetched (router) − generic on the probes routed to the person's "
                "majority leaf (hits) and on the others (misses), and what the oracle leaf adds on the misses. "
@@ -301,8 +302,9 @@ def cap_section(out: str, size: dict) -> tuple[list[str], list[str]]:
                            "training tokens (M, anchor + memory phase)", "accuracy difference", "gap vs training tokens",
                            os.path.join(out, "cap_gap_vs_tokens.png")))
     gap = lambda e: e["probes"]["fetched"]["all"]["acc"] - e["probes"]["generic"]["all"]["acc"]  # noqa: E731
-    over = [seed_cell([gap(e) for e in seed_evals(d, f"memory-{i}", "memory", suffix=f"-{i}" if i < 4 else "")],
-                      "+.3f") for i in range(1, 5)]
+    over = [[gap(e) for e in seed_evals(d, f"memory-{i}", "memory", suffix=f"-{i}" if i < 4 else "")]
+            for i in range(1, 5)]
+    over = [seed_cell(v, "+.3f") if v else "—" for v in over]
     md += ["Fetched - generic vs training tokens (memory checkpoints; base seed paired over the same probes, and the "
            "mean over seeds with a 95% t interval):", "",
            markdown_table(["memory steps", "fetched - generic", "oracle - generic", "fetched - generic, over seeds"],
@@ -333,21 +335,30 @@ def cap_section(out: str, size: dict) -> tuple[list[str], list[str]]:
     for name, title in (("memory-first1", "first layer"), ("memory-last1", "last layer")):
         e = ev.get(name)
         if e:
-            place[title] = seed_evals(d, name, name)
+            place[title] = by_seed(d, name)
             prow.append([title, ci_cell(e["probes"]["fetched"].get("all")), ci_cell(e["probes"]["generic"].get("all")),
                          ci_cell(e["probe_diffs"].get("fetched - generic", {}).get("all"), "diff"),
-                         seed_cell([gap(x) for x in place[title]], "+.3f"), f"{e['val']['fetched']['loss']:.4f}"])
+                         seed_cell([gap(x) for x in place[title].values()], "+.3f"), f"{e['val']['fetched']['loss']:.4f}"])
     if prow:
         md += ["Placement (memory in one of the two layers, twice the width: the same fetched size; base seed with "
                "bootstrap intervals, and fetched - generic over seeds):", "",
                markdown_table(["memory layer", "fetched", "generic", "fetched - generic", "fetched - generic, over seeds",
                                "val loss fetched"], prow), ""]
-        first, last = place.get("first layer") or [], place.get("last layer") or []
-        if len(first) > 1 and len(first) == len(last):
+        first, last = place.get("first layer") or {}, place.get("last layer") or {}
+        both = [sd for sd in first if sd in last]  # seed i with seed i, never two different seeds
+        if len(both) > 1:
             acc = lambda e: e["probes"]["fetched"]["all"]["acc"]  # noqa: E731
             md += [f"- first - last layer, fetched accuracy (seed i with seed i): "
-                   f"{seed_cell([acc(a) - acc(b) for a, b in zip(first, last)], '+.3f')}.", ""]
+                   f"{seed_cell([acc(first[sd]) - acc(last[sd]) for sd in both], '+.3f')}.", ""]
     return md, figs
+
+
+def by_seed(d: str, base: str) -> dict[str, dict]:
+    """{"" (the base seed) | "-s<seed>": eval.json} of eval/<base> and eval/<base>-s<seed>, in seed order."""
+    ev_dir = os.path.join(d, "eval")
+    names = seed_runs(os.listdir(ev_dir), base)
+    got = {n.removeprefix(base): _load(os.path.join(ev_dir, n, "eval.json")) for n in names}
+    return {k: e for k, e in got.items() if e}
 
 
 def seed_evals(d: str, base: str, prefix: str, suffix: str = "") -> list[dict]:
