@@ -319,7 +319,7 @@ class MemoryRepro:
             dk = os.path.join(d, "data-" + name.split("-")[1]) if "-k" in name else data
             out.append((f"cap-eval-{name}", lambda name=name, dk=dk: self.evaluate(
                 os.path.join(d, "runs", name), dk, os.path.join(ev, name), "--modes", "fetched,generic",
-                per_bucket=pb)))
+                per_bucket=pb, route_top=False)))  # the report reads fetched and generic only
         for k in s.bank_ks:  # the baselines on the rows of a bank's data (leaf packing): paired val losses
             out += [(f"cap-eval-{name}-k{k}", lambda name=name, k=k: self.evaluate(
                 os.path.join(d, "runs", name), os.path.join(d, f"data-k{k}"), os.path.join(ev, f"{name}-k{k}"),

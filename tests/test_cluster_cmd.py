@@ -222,3 +222,18 @@ def test_cluster_entity_keys_cached_and_copied(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(ek, "keys_fingerprint", lambda: "0ther000")
     assert not has_entity_keys(open_data(d).shards("train")[0])
+
+
+def test_entity_keys_match_the_full_pipeline():
+    """Entity keys run only the recogniser (en_core_web_sm's ner has its own tok2vec): the same entities,
+    in the same order, as the whole pipeline gives."""
+    from data.entity_keys import KEY_LABELS, entity_keys, ner_pipes
+    from data.tagging import load_spacy
+
+    nlp = load_spacy()
+    texts = [f"{p} was born in Paris and worked for the Royal Society in London." for p in PEOPLE] + [
+        "The Treaty of Versailles was signed in 1919 by Germany and France.", "no entity here at all"]
+    full = [[e.text for e in doc.ents if e.label_ in KEY_LABELS] for doc in nlp.pipe(texts)]
+    full = [list(dict.fromkeys(x)) for x in full]
+    assert ner_pipes(nlp) == ["ner"] and entity_keys(texts, nlp) == full
+    assert full[0][:2] == ["Marie Curie", "Paris"] and full[-1] == []

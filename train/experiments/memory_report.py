@@ -422,7 +422,8 @@ def wiki_section(out: str) -> tuple[list[str], list[str]]:
     res = {k: v for k, v in res.items() if v}
     md = ["## 3. Wiki-leads knowledge probes (lm-evaluation-harness, 4 choices, log-probability)", "",
           "Facts (year, date, country, place, nationality, occupation) from lead sentences; distractors of the same "
-          "kind with the closest training counts (chance = 0.25). *seen*: articles in training; *held-out*: val articles. "
+          "kind with the closest training counts (chance = 0.25). *seen*: articles in training; *held-out*: val articles "
+          "(no oracle leaf: none of their windows trained a memory; the oracle harness run sends them to leaf 0). "
           "Modes: `fetched` (router), `top2` (of the prompt's 2 nearest leaves, the one whose memory gives the prompt "
           "the lowest loss), `oracle` (the leaf holding most of the article's windows), `generic`, `anchor` (frozen anchor).",
           ""]
@@ -451,7 +452,7 @@ def wiki_section(out: str) -> tuple[list[str], list[str]]:
         for t in WIKI_TASKS:
             ia, ib = harness_items(res[a], t), harness_items(res[b], t)
             keys = sorted(set(ia) & set(ib))
-            if keys:
+            if keys and not ("oracle" in a + b and t != WIKI_TASKS[0]):  # held-out articles: no oracle leaf
                 ci = paired_diff_ci([ia[k] for k in keys], [ib[k] for k in keys])
                 cells.append(f"{ci.point:+.3f} [{ci.lo:+.3f}, {ci.hi:+.3f}]")
             else:
@@ -482,6 +483,9 @@ def wiki_seeds(res: dict) -> list[str]:
     def cell(vals: list[float], spec: str) -> str:  # "—" where a mode was not scored on a task (top-2: seen only)
         return "—" if any(np.isnan(vals)) else seed_cell(vals, spec)
 
+    def f_task(f, label):  # the oracle has no leaf for held-out articles (none of their windows trained a memory)
+        return lambda r, t: float("nan") if "oracle" in label and t != WIKI_TASKS[0] else f(r, t)
+
     rows = []
     for label, f in (("fetched (router)", lambda r, t: acc(r, "fetched", t)),
                      ("fetched (top-2)", lambda r, t: acc(r, "top2", t)),
@@ -494,6 +498,7 @@ def wiki_seeds(res: dict) -> list[str]:
         if "top-2" in label and not all(f"{r}-top2" in res for r in mem):
             continue
         spec = "+.3f" if " - " in label else ".3f"
+        f = f_task(f, label)
         rows.append([label] + [cell([f(r, t) for r in mem], spec) for t in WIKI_TASKS])
     for other, title in (("anchor-cont", "anchor-only continued"), ("dense-2x", "dense 2x")):
         base = [r for r in seed_runs(runs, other) if f"{r}-anchor" in res]
