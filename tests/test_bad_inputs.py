@@ -312,6 +312,10 @@ ROWS = [
                                              ["--kinds", "colour"])),
     ("harness-unknown-task", lambda r: (["harness", r.run(), "--tasks", "no_such_task", "--mode", "anchor"],
                                         ["--tasks", "no_such_task"])),
+    ("harness-route-top-not-fetched", lambda r: (["harness", r.run(), "--tasks", "x", "--mode", "generic",
+                                                  "--route-top", "2"], ["--route-top 2", "--mode fetched"])),
+    ("harness-missing-run", lambda r: (["harness", os.path.join(str(r.tmp), "no_run"), "--tasks", "no_such_task"],
+                                       ["no_run", "no such checkpoint"])),
     # --- cluster (flags are refused before MiniLM loads) ---
     ("cluster-levels-0", lambda r: (["cluster", r.data(), "--levels", "0"], ["--levels"])),
     ("cluster-k-1", lambda r: (["cluster", r.data(), "--k", "1"], ["--k"])),

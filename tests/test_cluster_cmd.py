@@ -215,6 +215,8 @@ def test_cluster_entity_keys_cached_and_copied(tmp_path, capsys, monkeypatch):
     sh = open_data(twin).shards("train")[0]
     np.save(sh.file(f"{ENTITY_KEY}.npy"), np.array(["x"]))
     assert not has_entity_keys(sh)
+    np.save(sh.file(f"{ENTITY_KEY}.npy"), np.arange(sh.n_windows))  # the right length, not keys
+    assert not has_entity_keys(sh)
     with pytest.raises(AssertionError, match="tagged again"):
         main([twin, "--levels", "1", "--k", "3", "--paths-from", "entity"])
     # Keys made by another spaCy pipeline (another fingerprint) are not reused either.

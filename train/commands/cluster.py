@@ -100,7 +100,10 @@ def has_entity_keys(shard) -> bool:
     """Whether the shard caches a complete entity-key array of the current pipeline (one key per window)."""
     name = entity_key_array()
     try:
-        return shard.has_array(name) and shard.array(name).shape == (shard.n_windows,)
+        if not shard.has_array(name):
+            return False
+        a = shard.array(name)
+        return a.shape == (shard.n_windows,) and a.dtype.kind == "U"  # a damaged or foreign file: tag again
     except DataError:  # unreadable: tag again
         return False
 

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         check_out_dir(args.out)
     from model.atomic import atomic_dir, atomic_write_json, check_output_dir
+    from train.checkpoint import find_step_dir
     from train.evaluation.harness import evaluate
 
     if args.route_top > 1 and args.mode != "fetched":  # before lm-eval loads its tasks
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or os.path.join(args.run, f"harness-{label}")
     sources = [p for p in (args.run, args.data, args.include_path) if p]
     check_output_dir(out_dir, KIND, args.force, sources=sources)  # before the run loads
+    find_step_dir(args.run)  # a wrong run path is named before lm-eval reads its task list
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     res = evaluate(args.run, tasks, include_path=args.include_path, mode=args.mode, data=args.data,
                    key_field=args.key_field, device=args.device, batch_size=args.batch_size, limit=args.limit,
