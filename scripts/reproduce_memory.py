@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -139,7 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the corpora, clustering, training and probes")
     p.add_argument("--mech-variants", type=comma_list(choices=MECH_VARIANTS), default=",".join(MECH_VARIANTS),
                    help=f"leaf assignments of the mechanism check (default all: {', '.join(MECH_VARIANTS)})")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--jobs", type=positive_int, default=None,
+                   help="run the parts in this many processes side by side, the CPU cores shared among them; "
+                        "the stages of one part stay in order (default: as many as the parts and cores allow on "
+                        "a machine without a GPU, 1 with one)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads of each process (default: the cores divided among the --jobs processes)")
+    p.add_argument("--lane", type=comma_list(choices=PARTS), default=None, help=argparse.SUPPRESS)  # a --jobs child
     p.add_argument("--dry-run", action="store_true", help="print the stages and their commands; run nothing")
     p.add_argument("--prepare-only", action="store_true",
                    help="run only the stages that need CPU-side packages (prepare, cluster: faiss + MiniLM, "
@@ -164,7 +171,7 @@ class MemoryRepro:
         self.stages = StageRunner(self.out, dry_run=args.dry_run)
         self.memlm = self.stages.memlm
         self.command = "python scripts/reproduce_memory.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        self.stages.invocation = self.command
+        self.stages.invocation = (args.lane and os.environ.get("MEMLM_JOB_INVOCATION")) or self.command
 
     def p(self, *parts: str) -> str:
         return os.path.join(self.out, *parts)
@@ -382,11 +389,34 @@ class MemoryRepro:
         return out
 
     # ---- plan / report --------------------------------------------------------------------------
-    def plan(self) -> list[tuple[str, callable]]:
+    def plan(self, parts: list[str] | None = None, report: bool = True) -> list[tuple[str, callable]]:
         out = []
-        for part in self.parts:
+        for part in parts or self.parts:
             out += getattr(self, f"plan_{part}")()
-        return out + [("report", self.stage_report)]
+        if self.args.prepare_only:  # no report either
+            prep = ("-data", "-other", "-cluster", "wiki-probes")
+            return [(n, f) for n, f in out if any(x in n for x in prep)]
+        return out + ([("report", self.stage_report)] if report else [])
+
+    def lanes(self) -> tuple[dict[str, tuple[list[str], list[str]]], int]:
+        """({lane: (child argv, its stages)}, threads per child) for --jobs, ({}, threads) when the parts
+        run in this process."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        jobs = self.args.jobs
+        if jobs is None:
+            import torch
+
+            jobs = 1 if torch.cuda.is_available() else cores
+        groups = split_parts(self.parts, jobs, self.size_name)
+        threads = self.args.threads or max(1, cores // len(groups))
+        if len(groups) < 2 or self.args.lane:
+            return {}, threads
+        child = [sys.executable, os.path.abspath(__file__), "--size", self.size_name, "--out", self.out,
+                 "--seed", str(self.args.seed), "--parts", ",".join(self.parts), "--mech-variants",
+                 ",".join(self.variants), "--jobs", "1", "--threads", str(threads)]
+        child += ["--prepare-only"] if self.args.prepare_only else []
+        return {"+".join(g): (child + ["--lane", ",".join(g)], [n for n, _ in self.plan(g, report=False)])
+                for g in groups}, threads
 
     def stage_report(self):
         from train.experiments.memory_report import write_memory_report
@@ -396,19 +426,34 @@ class MemoryRepro:
         path, figs = write_memory_report(self.out, self.parts, dataclasses.asdict(self.size), self.size_name,
                                          self.stages.invocations(self.command), seconds,
                                          self.stages.all_commands(list(done)),
-                                         mech_runs=self.mech_runs())
+                                         mech_runs=self.mech_runs(), wall_s=time.time() - self.stages.t0,
+                                         lanes=list(self.lanes()[0]))
         return {"report": path, "figures": figs}
 
     def run(self) -> None:
         settings = {"size": dataclasses.asdict(self.size), "parts": self.parts, "seed": self.args.seed,
                     "mech_variants": self.variants, "plan": PLAN}
-        plan = self.plan()
-        if self.args.prepare_only:
-            prep = ("-data", "-other", "-cluster", "wiki-probes")
-            plan = [(n, f) for n, f in plan if any(x in n for x in prep)]
-        self.stages.run_job("reproduce_memory", plan, settings, fresh=self.args.fresh,
-                            summary=f"size {self.size_name}, parts {self.parts}"
+        lanes, threads = self.lanes()
+        plan = self.plan(self.args.lane, report=not self.args.lane)
+        where = (" side by side: " + " | ".join(lanes) + f", {threads} thread(s) each") if lanes else ""
+        self.stages.run_job("reproduce_memory", plan, settings, fresh=self.args.fresh and not self.args.lane,
+                            lanes=lanes, threads=threads,
+                            summary=f"size {self.size_name}, parts {self.args.lane or self.parts}{where}"
                                     + (" (CPU preparation only)" if self.args.prepare_only else ""))
+
+
+# Minutes of each part on an idle 2-core CPU (measured): what --jobs balances its lanes by.
+PART_MINUTES = {"quick": {"mech": 5.4, "cap": 1.9, "wiki": 4.2}, "default": {"mech": 16, "cap": 47, "wiki": 32}}
+
+
+def split_parts(parts: list[str], jobs: int, size: str = "default") -> list[list[str]]:
+    """The parts in at most `jobs` groups of about equal time (longest first into the lightest group),
+    each in the order of PARTS."""
+    minutes = PART_MINUTES.get(size, PART_MINUTES["default"])
+    groups: list[list[str]] = [[] for _ in range(max(1, min(jobs, len(parts))))]
+    for part in sorted(parts, key=lambda x: -minutes[x]):
+        min(groups, key=lambda g: sum(minutes[x] for x in g)).append(part)
+    return [[x for x in PARTS if x in g] for g in groups]
 
 
 def main(argv: list[str] | None = None) -> int:

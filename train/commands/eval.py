@@ -79,7 +79,6 @@ def route_probes(model, router, data, tokenizer, probes, route_top: int, device,
     paths ("fetched"), the person's majority leaf ("fetched_oracle") and, with route_top > 1, the
     loss-routed paths among the nearest leaves ("fetched_top<M>")."""
     from data.bios import person_of
-    from memory.keyed import top_leaves
     from train.evaluation.routing import consistency, hit_rates, key_leaves, oracle_paths, prompt_router
 
     if router is None:
@@ -90,8 +89,7 @@ def route_probes(model, router, data, tokenizer, probes, route_top: int, device,
     leaves = key_leaves(data, person_of)
     paths["fetched_oracle"] = oracle_paths([p["person"] for p in probes], leaves, router.k, router.levels)
     if route_top > 1:
-        cands = top_leaves(router, router.embed(prompts), route_top)
-        paths[f"fetched_top{route_top}"] = loss_routed_paths(model, tokenizer, prompts, cands, device)
+        paths[f"fetched_top{route_top}"] = loss_routed_paths(model, tokenizer, router, prompts, route_top, device)
     buckets = [int(p["bucket"]) for p in probes]
     routing = {"consistency": consistency(leaves),
                "hit": {label: hit_rates(buckets, p, paths["fetched_oracle"]) for label, p in paths.items()

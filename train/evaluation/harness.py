@@ -75,17 +75,14 @@ class MemlmLM(LM):
 
     # ---- routing ------------------------------------------------------------------------------
     def _paths(self, requests, contexts: list[str]) -> np.ndarray | None:
-        if self.mode == "fetched" and self.route_top > 1:
-            from memory.keyed import top_leaves
+        if self.mode == "fetched":
             from train.evaluation.memory_eval import loss_routed_paths
 
             uniq = list(dict.fromkeys(contexts))  # the choices of one question share its context: route it once
-            cands = top_leaves(self.router, self.router.embed(uniq), self.route_top)
-            paths = loss_routed_paths(self.model, self.tok, uniq, cands, self.device_)
+            paths = (loss_routed_paths(self.model, self.tok, self.router, uniq, self.route_top, self.device_)
+                     if self.route_top > 1 else self._route(uniq))
             row = {c: i for i, c in enumerate(uniq)}
-            return paths[[row[c] for c in contexts]]
-        if self.mode == "fetched":
-            return self._route(contexts)
+            return np.asarray(paths)[[row[c] for c in contexts]]
         if self.mode == "oracle":
             from train.evaluation.routing import oracle_paths
 

@@ -175,13 +175,16 @@ def prompt_nll(model, tokenizer, prompts: list[str], paths, device, batch_size: 
     return out
 
 
-def loss_routed_paths(model, tokenizer, prompts: list[str], candidates: np.ndarray, device) -> np.ndarray:
-    """int32 [n, levels]: of each prompt's candidate paths [n, m, levels], the one under whose fetched
-    memory the prompt itself has the lowest loss (the memory that recognises the prompt's entities).
-    Costs m prompt forwards; the answer is then generated with one fetched block, as for any route."""
-    n, m, _ = candidates.shape
-    nll = np.stack([prompt_nll(model, tokenizer, prompts, candidates[:, j], device) for j in range(m)], 1)
-    return candidates[np.arange(n), nll.argmin(1)].astype(np.int32)
+def loss_routed_paths(model, tokenizer, router, prompts: list[str], m: int, device) -> np.ndarray:
+    """int32 [n, levels]: each prompt routed to whichever of its m nearest leaves (`memory.keyed.top_leaves`)
+    gives the prompt itself the lowest loss under that leaf's fetched memory (the memory that recognises the
+    prompt's entities). Costs m prompt forwards; the answer is then scored with one fetched block, as for any
+    route. Used by `memlm eval --route-top` and `memlm harness --route-top`."""
+    from memory.keyed import top_leaves
+
+    cands = top_leaves(router, router.embed(prompts), m)  # [n, m, levels]
+    nll = np.stack([prompt_nll(model, tokenizer, prompts, cands[:, j], device) for j in range(m)], 1)
+    return cands[np.arange(len(prompts)), nll.argmin(1)].astype(np.int32)
 
 
 def probe_summary(items: dict[str, np.ndarray], buckets: list[int], seed: int = 0) -> dict:

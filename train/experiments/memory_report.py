@@ -582,12 +582,18 @@ def wiki_routing(out: str, res: dict) -> list[str]:
 
 def write_memory_report(out: str, parts: list[str], size: dict, size_name: str, command: str,
                         stage_seconds: dict[str, float], commands: list[str],
-                        mech_runs: list[tuple[str, int]]) -> tuple[str, list[str]]:
-    """<out>/report.md. Returns (path, PNG paths)."""
+                        mech_runs: list[tuple[str, int]], wall_s: float | None = None,
+                        lanes: list[str] | None = None) -> tuple[str, list[str]]:
+    """<out>/report.md. `wall_s`: wall-clock seconds of the invocation that writes it, whose parts ran in
+    `lanes` side by side (a job's --jobs; None: one after the other). Returns (path, PNG paths)."""
     total = sum(stage_seconds.values())
+    timing = f"- time of the stages: {total / 60:.1f} min summed over `stages/`"
+    if wall_s is not None:
+        timing += (f"; this invocation {wall_s / 60:.1f} min wall clock"
+                   + (f", parts side by side: {' | '.join(lanes)}" if lanes else ""))
     md = ["# Hierarchical memories: evidence (arXiv 2510.02375 at small scale)", "",
           f"- command: `{command}`", f"- machine, date: {machine_line()}", f"- size `{size_name}`: {json.dumps(size)}",
-          f"- wall time of the stages: {total / 60:.1f} min (sum over `stages/`)", ""]
+          timing, ""]
     figs: list[str] = []
     for part, fn in (("mech", lambda: mech_section(out, mech_runs)), ("cap", lambda: cap_section(out, size)),
                      ("wiki", lambda: wiki_section(out))):

@@ -8,6 +8,11 @@ The job's directory is memlm's work directory of the job's kind (model.atomic.cl
 new (or an empty one adopted) with memlm's marker, which lists the entries each stage created; `--fresh`
 deletes exactly those, never a directory the job did not make or files a user put into it.
 
+Independent parts of a job can run side by side (`run_lanes`, a job's `--jobs N`): each lane is a child
+process running its stages in order with its share of the CPU threads (tiny models use 2 cores poorly:
+two 1-thread trainings side by side do 1.4x the work of one 2-thread training), its output in
+`<out>/logs/<lane>.log`; this process prints each stage as it finishes and runs the report after them.
+
 With `dry_run=True` nothing runs and nothing is written: every stage that is not done yet prints the
 `memlm` command lines it would run (a job's `--dry-run` flag), so stage functions must only issue
 commands, and read the files those commands write in later stages (the report).
@@ -16,11 +21,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import time
 from typing import Callable
 
 from model.atomic import add_entries, atomic_write_json, claim_work_dir, clear_work_dir
 from model.errors import ConfigError, MemlmError
+
+# Thread pools a child process of `run_lanes` is limited by: torch / OpenMP (faiss), BLAS (spaCy's thinc,
+# numpy), the Rust tokenizers.
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS")
 
 
 class StageRunner:
@@ -140,13 +151,78 @@ class StageRunner:
             if stage == until:
                 break
 
-    def run_job(self, prog: str, plan: list, settings: dict, summary: str, fresh: bool = False) -> None:
-        """A whole reproduction script: --fresh, pin its settings, run every stage, say where the report is."""
+    def run_lanes(self, lanes: dict[str, tuple[list[str], list[str]]], threads: int, poll_s: float = 2.0) -> None:
+        """Run independent lanes side by side: {name: (argv of a child process, the stages it runs)}. Each
+        child gets `threads` CPU threads (THREAD_VARS) and writes its output to <out>/logs/<name>.log
+        (appended: a re-run keeps the earlier attempt's); this process prints each stage as its marker
+        appears. A failed lane does not stop the others. Ctrl-C / SIGTERM stop every child.
+        Raises MemlmError naming the log of each lane that failed (re-running reuses finished stages)."""
+        log_dir = os.path.join(self.out, "logs")
+        before = self._listing()
+        os.makedirs(log_dir, exist_ok=True)
+        os.makedirs(self.stage_dir, exist_ok=True)
+        self._record(before)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{v: str(threads) for v in THREAD_VARS})
+        env.setdefault("MEMLM_JOB_INVOCATION", self.invocation)  # each child records the job's command line
+        seen = {st for _, stages in lanes.values() for st in stages if self.done(st) is not None}
+        procs: dict[str, tuple[subprocess.Popen, object]] = {}
+
+        def on_term(signum, frame):
+            raise KeyboardInterrupt
+
+        old = signal.signal(signal.SIGTERM, on_term)
+        try:
+            for name, (argv, stages) in lanes.items():
+                log = open(os.path.join(log_dir, f"{name}.log"), "a")
+                procs[name] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+                todo = sum(st not in seen for st in stages)
+                print(f"[lane {name}] {todo} of {len(stages)} stages to run, {threads} thread(s), "
+                      f"output in {short_path(log.name)}", flush=True)
+            while True:
+                running = [p.poll() is None for p, _ in procs.values()]
+                for name, (_, stages) in lanes.items():
+                    for st in stages:
+                        info = self.done(st) if st not in seen else None
+                        if info is not None:
+                            seen.add(st)
+                            n = sum(x in seen for x in stages)
+                            print(f"[lane {name} {n}/{len(stages)}] {st} done in {info.get('_seconds', 0):.0f}s "
+                                  f"(elapsed {(time.time() - self.t0) / 60:.1f} min)", flush=True)
+                if not any(running):
+                    break
+                time.sleep(poll_s)
+        finally:
+            signal.signal(signal.SIGTERM, old)
+            for p, log in procs.values():
+                if p.poll() is None:
+                    p.terminate()
+                    p.wait()
+                log.close()
+            self._record(before)  # what the children created (their own records may race)
+        failed = {name: log.name for name, (p, log) in procs.items() if p.returncode != 0}
+        for name, path in failed.items():
+            with open(path, errors="replace") as f:
+                tail = f.readlines()[-12:]
+            print(f"\n[lane {name}] failed (exit code {procs[name][0].returncode}); the end of {short_path(path)}:\n"
+                  + "".join(tail), flush=True)
+        if failed:
+            raise MemlmError(f"lane(s) {', '.join(failed)} failed: see {', '.join(map(short_path, failed.values()))}; "
+                             "fix the cause and run again: finished stages are reused")
+
+    def run_job(self, prog: str, plan: list, settings: dict, summary: str, fresh: bool = False,
+                lanes: dict[str, tuple[list[str], list[str]]] | None = None, threads: int = 1) -> None:
+        """A whole reproduction script: --fresh, pin its settings, run every stage, say where the report is.
+        With `lanes` ({name: (child argv, its stages)}, see `run_lanes`) those stages run side by side in
+        child processes first, then the rest of `plan` (the report) here."""
         self.start(prog, fresh)
         self.pin(settings)
         self.invocation = self.invocation or f"python scripts/{prog}.py"
         print(f"{prog}: {summary}, {len(plan)} stages -> {short_path(self.out)}"
               + (" (dry run)" if self.dry_run else ""), flush=True)
+        if lanes and not self.dry_run:
+            self.run_lanes(lanes, threads)
+            in_lanes = {st for _, stages in lanes.values() for st in stages}
+            plan = [(st, fn) for st, fn in plan if st not in in_lanes]
         self.run_plan(plan)
         if not self.dry_run:
             print(f"\n{prog}: done -> {short_path(os.path.join(self.out, 'report.md'))}")
