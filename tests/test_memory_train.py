@@ -233,6 +233,14 @@ def test_eval_json_structure(runs, tmp_path):
     pd = ev["probe_diffs"]["fetched - generic"]["all"]
     assert pd["diff"] == pytest.approx((sum(items["fetched"]) - sum(items["generic"])) / len(items["fetched"]))
     assert os.path.getsize(os.path.join(out, "eval.png")) > 1000
+    # --route-top 2: one more probe row, loss-routed among each prompt's 2 nearest leaves, with its hit rate
+    top = str(tmp_path / "ev-top2")
+    assert eval_main([runs["memory"], "--data", runs["data"], "--out", top, "--val-batches", "1", "--probes-per-bucket",
+                      "4", "--seed", "1", "--batch-size", "2", "--modes", "fetched", "--route-top", "2"]) == 0
+    ev2 = json.load(open(os.path.join(top, "eval.json")))
+    assert {"fetched", "fetched_oracle", "fetched_top2"} <= set(ev2["probes"])
+    assert ev2["probe_routing"]["hit"]["fetched_top2"]["all"]["n"] == len(ev2["probe_items"]["fetched_top2"])
+    assert ev2["probe_items"]["fetched"] == items["fetched"]  # the router's row does not change
     # a plain anchor run: mode "anchor" only (per-cluster numbers from the stored paths)
     out2 = str(tmp_path / "ev2")
     assert eval_main([runs["anchor"], "--data", runs["data"], "--out", out2, "--val-batches", "3",
@@ -289,7 +297,11 @@ def test_harness_modes_on_a_local_task(runs, tmp_path, monkeypatch):
             self.args, self.doc = args, {}
 
     reqs = [Req(d["prompt"], " " + c) for d in docs for c in d["choices"]]
+    routed = []
+    route = lm._route
+    lm._route = lambda texts: routed.append(list(texts)) or route(texts)
     got = lm.loglikelihood(reqs)
+    assert routed == [[d["prompt"] for d in docs]]  # each distinct context embedded once, not once per choice
     for r, (ll, _) in zip(reqs, got):
         ctx, cont = tok.encode(r.args[0]), tok.encode(r.args[1])
         ids = torch.tensor([ctx + cont])

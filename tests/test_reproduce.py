@@ -128,6 +128,70 @@ def test_lacy_gpu_size_prepares_on_cpu(tmp_path, capsys):
     assert f"--large {out_dir}/runs/wiki-large" in out and "model.preset=small" in out
 
 
+def test_split_parts_balances_lanes():
+    split = reproduce_memory.split_parts
+    assert split(["mech", "cap", "wiki"], 2) == [["cap"], ["mech", "wiki"]]  # 47 | 16 + 32 minutes
+    assert split(["mech", "cap", "wiki"], 2, "quick") == [["mech"], ["cap", "wiki"]]
+    assert split(["mech", "cap", "wiki"], 1) == [["mech", "cap", "wiki"]]
+    assert split(["mech", "cap", "wiki"], 8, "gpu") == [["cap"], ["wiki"], ["mech"]]
+    assert split(["wiki"], 2) == [["wiki"]]
+
+
+def test_memory_jobs_lanes(tmp_path, capsys):
+    """--jobs N: the parts in child processes (argv of this script with --lane), the report here; each child
+    pins the job's settings (all parts) and records the job's command line."""
+    out = str(tmp_path / "m")
+    args = reproduce_memory.build_parser().parse_args(["--out", out, "--jobs", "2", "--threads", "3"])
+    repro = reproduce_memory.MemoryRepro(args, ["--out", out, "--jobs", "2", "--threads", "3"])
+    lanes, threads = repro.lanes()
+    assert list(lanes) == ["cap", "mech+wiki"] and threads == 3
+    argv, stages = lanes["mech+wiki"]
+    assert argv[argv.index("--lane") + 1] == "mech,wiki" and argv[argv.index("--parts") + 1] == "mech,cap,wiki"
+    assert "--fresh" not in argv and argv[argv.index("--jobs") + 1] == "1"
+    assert stages[0] == "mech-data" and stages[-1].startswith("wiki-") and "report" not in stages
+    assert set(stages) | set(lanes["cap"][1]) == {n for n, _ in repro.plan() if n != "report"}
+    child = reproduce_memory.build_parser().parse_args(argv[2:])
+    os.environ["MEMLM_JOB_INVOCATION"] = "python scripts/reproduce_memory.py --jobs 2"
+    try:
+        lane = reproduce_memory.MemoryRepro(child, argv[2:])
+    finally:
+        del os.environ["MEMLM_JOB_INVOCATION"]
+    assert lane.lanes()[0] == {} and [n for n, _ in lane.plan(child.lane, report=False)] == stages
+    assert lane.stages.invocation == "python scripts/reproduce_memory.py --jobs 2"
+    assert reproduce_memory.main(["--dry-run", "--out", out, "--jobs", "2"]) == 0
+    assert "side by side: cap | mech+wiki" in capsys.readouterr().out
+    reproduce_memory.main(["--dry-run", "--out", out, "--jobs", "1"])
+    assert "side by side" not in capsys.readouterr().out
+
+
+def test_run_lanes(tmp_path, capsys):
+    """Lanes run side by side with their thread share; a failing lane leaves the other's stages done, and the
+    error names its log."""
+    import sys
+
+    from model.errors import MemlmError
+
+    out = str(tmp_path / "job")
+    runner = StageRunner(out)
+    runner.start("lanes-test")
+    mark = ("import json, os, sys; d = sys.argv[1]; os.makedirs(os.path.join(d, sys.argv[2]), exist_ok=True); "
+            "[json.dump({'_seconds': 1, 'threads': os.environ['OMP_NUM_THREADS']}, open(os.path.join(d, 'stages', "
+            "s + '.json'), 'w')) for s in sys.argv[3:]]; print('lane output')")
+    lanes = {"a": ([sys.executable, "-c", mark, out, "made-by-a", "a1", "a2"], ["a1", "a2"]),
+             "b": ([sys.executable, "-c", mark + "; sys.exit(3)", out, "made-by-b", "b1"], ["b1", "b2"])}
+    with pytest.raises(MemlmError, match=r"lane\(s\) b failed: see .*logs/b.log"):
+        runner.run_lanes(lanes, threads=1, poll_s=0.05)
+    printed = capsys.readouterr().out
+    assert "[lane a 2/2] a2 done" in printed and "[lane b] failed (exit code 3)" in printed
+    assert runner.done("a1")["threads"] == "1" and runner.done("b2") is None
+    assert open(os.path.join(out, "logs", "a.log")).read() == "lane output\n"
+    from model.atomic import read_marker
+
+    assert {"made-by-a", "made-by-b", "logs", "stages"} <= set(read_marker(out)["entries"])  # --fresh removes them
+    runner.run_lanes({"a": lanes["a"]}, threads=2, poll_s=0.05)  # done stages are not announced again
+    assert "a1 done" not in capsys.readouterr().out
+
+
 def test_settings_pinned(tmp_path):
     StageRunner(str(tmp_path)).pin({"size": {"steps": 10}})
     StageRunner(str(tmp_path)).pin({"size": {"steps": 10}})  # same settings: resumable
