@@ -224,8 +224,9 @@ class StageRunner:
             in_lanes = {st for _, stages in lanes.values() for st in stages}
             plan = [(st, fn) for st, fn in plan if st not in in_lanes]
         self.run_plan(plan)
-        if not self.dry_run:
-            print(f"\n{prog}: done -> {short_path(os.path.join(self.out, 'report.md'))}")
+        if not self.dry_run:  # a --prepare-only run or a lane writes no report
+            report = any(st == "report" for st, _ in plan)
+            print(f"\n{prog}: done -> {short_path(os.path.join(self.out, 'report.md') if report else self.out)}")
 
     def all_commands(self, stages: list[str]) -> list[str]:
         cmds: list[str] = []
