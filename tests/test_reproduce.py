@@ -86,6 +86,11 @@ def test_memory_options(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         reproduce_memory.main(["--dry-run", "--out", str(tmp_path / "m"), "--parts", "nope"])
     assert e.value.code == 2 and "--parts: unknown 'nope'" in capsys.readouterr().err
+    for flag in ("--jobs", "--threads"):  # a count of processes / threads: one line naming the flag
+        with pytest.raises(SystemExit) as e:
+            reproduce_memory.main(["--dry-run", "--out", str(tmp_path / "m"), flag, "0"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"argument {flag}" in err and "Traceback" not in err
 
 
 def test_lacy_dry_run_plan(tmp_path, capsys):
