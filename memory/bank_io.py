@@ -33,6 +33,7 @@ Two things live here (numpy + JSON only, no torch):
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import shutil
@@ -86,6 +87,29 @@ def create_safetensors(path: str, specs: dict[str, tuple], metadata: dict | None
         f.truncate(info["data_start"] + info["data_len"])
 
 
+def damaged(path: str, why: str) -> CheckpointError:
+    """The error for a bank file whose contents make no sense (overwritten, bit rot, a foreign file)."""
+    return CheckpointError(f"{path}: damaged: {why}; resume from an older checkpoint or delete the damaged one")
+
+
+def _is_int(x) -> bool:
+    return type(x) is int and x >= 0
+
+
+def _tensor_spec(t) -> tuple | None:
+    """(dtype, shape, start, stop) of one safetensors header entry; None when it is not a consistent one."""
+    if not isinstance(t, dict) or not isinstance(t.get("dtype"), str) or t["dtype"] not in _NP_DTYPES:
+        return None
+    shape, offsets = t.get("shape"), t.get("data_offsets")
+    if not (isinstance(shape, list) and all(map(_is_int, shape))
+            and isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
+        return None
+    dtype, (a, b) = _NP_DTYPES[t["dtype"]], offsets
+    if b - a != math.prod(shape) * dtype.itemsize:
+        return None
+    return dtype, tuple(shape), a, b
+
+
 def open_safetensors(path: str, mode: str = "r", random_access: bool = False) -> tuple[dict[str, np.ndarray], dict]:
     """Map every tensor of a safetensors file: ({name: array view of one shared mapping}, metadata).
 
@@ -93,33 +117,40 @@ def open_safetensors(path: str, mode: str = "r", random_access: bool = False) ->
     advise the kernel that rows are read at random (MADV_RANDOM), so a page fault reads only its page:
     the default read-around fills every fault's neighbourhood (up to read_ahead_kb) into the page
     cache, which for a bank's scattered rows (and for holes of a sparse file, zero-filled) costs time and
-    RSS for pages nobody reads. Raises ValueError for a file that is not a complete safetensors file."""
+    RSS for pages nobody reads. Raises CheckpointError for a file that is not a complete safetensors file."""
     if mode not in ("r", "r+"):
         raise ConfigError(f"open_safetensors: mode must be 'r' or 'r+', got {mode!r}")
     with open(path, "rb" if mode == "r" else "r+b") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            raise damaged(path, "not a safetensors file (shorter than 8 bytes)")
         (n,) = struct.unpack("<Q", raw)
+        size = os.fstat(f.fileno()).st_size
+        if 8 + n > size:  # checked before reading: a damaged length can be any 64-bit number
+            raise damaged(path, f"header length {n} but the file has {size} bytes")
         try:
             head = json.loads(f.read(n))
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-        size = os.fstat(f.fileno()).st_size
+        except ValueError as e:  # not JSON, or not UTF-8
+            raise damaged(path, f"unreadable header: {e}") from None
+        if not isinstance(head, dict) or not isinstance(head.get("__metadata__") or {}, dict):
+            raise damaged(path, "the header is not a safetensors header")
+        meta = head.pop("__metadata__", None) or {}
+        specs = {}
+        for name, t in head.items():
+            spec = _tensor_spec(t)
+            if spec is None:
+                raise damaged(path, f"bad header entry for tensor {name!r}")
+            if 8 + n + spec[3] > size:
+                raise damaged(path, f"tensor {name!r} ends at byte {8 + n + spec[3]} but the file has {size} bytes "
+                              f"(truncated write?)")
+            specs[name] = spec
         mm = None
         if size > 8 + n:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ if mode == "r" else mmap.ACCESS_WRITE)
             if random_access and hasattr(mmap, "MADV_RANDOM"):
                 mm.madvise(mmap.MADV_RANDOM)
-    meta = head.pop("__metadata__", {}) or {}
     out = {}
-    for name, t in head.items():
-        a, b = t["data_offsets"]
-        if 8 + n + b > size:
-            raise CheckpointError(f"{path}: tensor {name!r} ends at byte {8 + n + b} but the file has {size} bytes "
-                             f"(truncated write?)")
-        dtype = _NP_DTYPES[t["dtype"]]
-        shape = tuple(t["shape"])
+    for name, (dtype, shape, a, b) in specs.items():
         if b == a:  # nothing to map
             out[name] = np.zeros(shape, dtype)
         else:
@@ -186,14 +217,51 @@ def read_index(bank_dir: str) -> dict:
         with open(path, encoding="utf-8") as f:
             idx = json.load(f)
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable bank index ({e}); resume from an older checkpoint") from None
+        raise damaged(path, f"unreadable bank index ({e})") from None
     if not isinstance(idx, dict):
         raise CheckpointError(f"{path}: not a bank index (a JSON {type(idx).__name__}, not an object)")
     if idx.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format {idx.get('format')!r}, expected {FORMAT!r}")
     if idx.get("version") != VERSION:
         raise CheckpointError(f"{path}: version {idx.get('version')!r}, this memlm reads version {VERSION}")
+    why = _index_problem(idx)
+    if why:
+        raise damaged(path, why)
     return idx
+
+
+def _index_problem(idx: dict) -> str | None:
+    """What makes a bank index inconsistent (None: nothing), so readers can index it without checks."""
+    meta, levels = idx.get("meta"), idx.get("levels")
+    if not isinstance(meta, dict):
+        return "'meta' is not an object"
+    for key in ("k", "d", "n_mem_layers", "save_seq", "world_size"):
+        if not _is_int(meta.get(key)):
+            return f"meta.{key} is not a non-negative integer"
+    if type(meta.get("seed")) is not int:
+        return "meta.seed is not an integer"
+    for key in ("widths", "layer_ids"):
+        if not isinstance(meta.get(key), list) or not all(map(_is_int, meta[key])):
+            return f"meta.{key} is not a list of non-negative integers"
+    if type(meta.get("init_std")) not in (int, float) or not isinstance(meta.get("uid"), str):
+        return "meta.init_std or meta.uid missing"
+    k, widths = meta["k"], meta["widths"]
+    if k < 1 or not isinstance(levels, list) or len(levels) != len(widths):
+        return f"'levels' does not hold one entry per level of widths {widths}"
+    for l, (lv, width) in enumerate(zip(levels, widths), 1):
+        row_dim = meta["n_mem_layers"] * 3 * width * meta["d"]
+        if not isinstance(lv, dict) or (lv.get("level"), lv.get("width"), lv.get("n_rows"), lv.get("row_dim")) != (
+                l, width, k ** l, row_dim) or not isinstance(lv.get("shards"), list):
+            return f"level {l}: entry does not match meta (level, width, n_rows, row_dim or shards)"
+        block = top_block(k, l)
+        for sh in lv["shards"]:
+            ok = (isinstance(sh, dict) and all(_is_int(sh.get(key)) for key in ("start", "stop", "top"))
+                  and isinstance(sh.get("file"), str) and sh["file"] == os.path.basename(sh["file"])
+                  and sh["file"].endswith(".safetensors"))
+            # a shard lies inside its top cluster's rows (a wrong `top` would give a rank rows it does not own)
+            if not ok or not (sh["top"] * block <= sh["start"] < sh["stop"] <= (sh["top"] + 1) * block):
+                return f"level {l}: bad shard entry {str(sh)[:80]}"
+    return None
 
 
 def link_or_copy(src: str, dst: str) -> str:
@@ -258,11 +326,13 @@ def load_level_shards(bank_dir: str, level_entry: dict, tops: set | None):
             raise CheckpointError(f"{bank_dir}/index.json lists {s['file']} but the file is missing")
         arrays, _ = open_safetensors(path, "r")
         rows = arrays.get("rows")
-        if rows is None or rows.ndim != 1 or (len(rows) and (rows.min() < s["start"] or rows.max() >= s["stop"])):
-            raise CheckpointError(f"{path}: 'rows' missing or outside the shard's range [{s['start']}, {s['stop']})")
-        for name in ROW_ARRAYS:
-            if name not in arrays or arrays[name].shape[0] != len(rows):
-                raise CheckpointError(f"{path}: array {name!r} missing or not {len(rows)} rows")
+        if (rows is None or rows.dtype != np.int64 or rows.ndim != 1
+                or (len(rows) and (rows.min() < s["start"] or rows.max() >= s["stop"]))):
+            raise damaged(path, f"'rows' missing or outside the shard's range [{s['start']}, {s['stop']})")
+        for name, (dtype, per_row) in ROW_ARRAYS.items():
+            shape = (len(rows), level_entry["row_dim"]) if per_row else (len(rows),)
+            if name not in arrays or arrays[name].dtype != dtype or arrays[name].shape != shape:
+                raise damaged(path, f"array {name!r} missing or not {np.dtype(dtype).name} {list(shape)}")
         yield s, arrays
 
 

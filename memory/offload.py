@@ -120,6 +120,9 @@ class OffloadedBank(Bank):
             if store.width == 0:
                 continue
             uniq, inv = np.unique(i.detach().cpu().numpy().astype(np.int64), return_inverse=True)
+            if len(uniq) == 0:  # every row took the generic block: nothing to read, nothing to train
+                parts.append(torch.zeros(0, self.n_mem, 3, store.width, self.d, device=self._device()))
+                continue
             rows = self._to_device(self.prefetcher.read(l + 1, "w", uniq, consume=grad))
             leaf = rows.view(len(uniq), self.n_mem, 3, store.width, self.d)
             if grad:
@@ -164,7 +167,7 @@ class OffloadedBank(Bank):
             for r, leaf in fetched:  # one add per fetch, in fetch order: deterministic on any device
                 if leaf.grad is not None:
                     pos = torch.from_numpy(np.searchsorted(rows, r)).to(dev)
-                    g.index_add_(0, pos, leaf.grad.reshape(len(r), -1).float())
+                    g.index_add_(0, pos, leaf.grad.reshape(len(r), store.row_dim).float())
             out.append((f"level{l + 1}", store, rows, g))
         return out
 

@@ -178,7 +178,8 @@ class SparseBankOptimizer:
     # ---- gradients ----------------------------------------------------------------------------
     def _harvest(self):
         if self._grads is None:
-            self._grads = self.bank.row_grads()
+            # a level with no fetched row (every row of the batch took the generic block) has nothing to update
+            self._grads = [e for e in self.bank.row_grads() if len(e[2])]
             if self.grad_divisor != 1.0:
                 for _, _, _, g in self._grads:
                     g.div_(self.grad_divisor)

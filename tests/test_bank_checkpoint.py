@@ -1,5 +1,7 @@
 """Bank checkpoints: sharded safetensors + index, incremental (unchanged shards hard-linked), crash-safe."""
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -12,6 +14,7 @@ from _bank_harness import Net, configs, make_optimizers, train
 from memory import bank_io
 from memory.bank import node_ids
 from memory.offload import OffloadedBank
+from model.errors import CheckpointError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -116,3 +119,40 @@ def test_crash_during_bank_checkpoint_resumes_from_previous(tmp_path):
     counts = resumed.save_checkpoint(str(tmp_path / "after" / "bank"))
     assert counts["linked"] > 0
     resumed.close()
+
+
+def test_damaged_bank_files_are_checkpoint_errors(tmp_path):
+    """A shard overwritten in place with random bytes (same size), a shard header or an index that decodes
+    to nonsense: loading and bank-info raise a CheckpointError naming the file, not a traceback."""
+    from train.commands.bank_info import bank_info
+
+    mem, lm, bank = setup(None, storage="host")
+    dense, dense_opt, bank_opt = make_optimizers(lm, bank)
+    train(Net(lm), dense, dense_opt, bank_opt, steps=1, B=4, mem_cfg=mem, accumulate=1)
+    bank_dir = str(tmp_path / "bank")
+    bank.save_checkpoint(bank_dir)
+    index = os.path.join(bank_dir, "index.json")
+    shard = os.path.join(bank_dir, bank_io.read_index(bank_dir)["levels"][0]["shards"][0]["file"])
+    with open(shard, "rb") as f:
+        raw = f.read()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header["w"]["shape"] = [1, 2]  # no longer matches its byte range
+    nonsense = raw[:8] + json.dumps(header, separators=(",", ":")).encode().ljust(n) + raw[8 + n:]
+    with open(index) as f:
+        idx = json.load(f)
+    idx["levels"][1]["shards"] = "L2"
+
+    mc, _ = configs()
+    cases = [(shard, np.random.default_rng(0).bytes(len(raw))), (shard, nonsense), (index, json.dumps(idx).encode())]
+    for path, content in cases:
+        with open(path, "wb") as f:
+            f.write(content)
+        assert len(content) == len(raw) or path == index
+        for read in (lambda: OffloadedBank(mem, mc, storage="host").load_checkpoint(bank_dir),
+                     lambda: bank_info(bank_dir)):
+            with pytest.raises(CheckpointError, match=re.escape(path) + ": damaged: .*older checkpoint"):
+                read()
+        with open(shard, "wb") as f:  # repair the shard for the next case
+            f.write(raw)
+    bank.close()

@@ -11,7 +11,7 @@ from memory.bank import ResidentBank
 from memory.bank import node_ids as bank_node_ids
 from memory.model import MemoryLM
 from memory.offload import OffloadedBank
-from memory.sparse_adam import ResidentSparseAdapter, SparseRowAdamW, TensorRowStore
+from memory.sparse_adam import ResidentSparseAdapter, SparseRowAdamW, TensorRowStore, clip_grad_norm_with_bank
 from model.model import Anchor
 
 
@@ -91,6 +91,49 @@ def test_untouched_rows_and_state_bit_identical(tmp_path):
                     assert torch.equal(a[keep].view(torch.uint8) if a.is_floating_point() else a[keep],
                                        c[keep].view(torch.uint8) if c.is_floating_point() else c[keep])
     off_bank.close()
+
+
+def _bank_state(bank, adapter) -> list[np.ndarray]:
+    """Every row of the bank with its optimizer state and counters, as arrays."""
+    if adapter is None:
+        return [np.array(a) for s in bank.stores for a in s.arrays.values()]
+    return [t.detach().clone().numpy() for s in adapter.stores for t in (s.weight, s.exp_avg, s.exp_avg_sq, s.step)]
+
+
+@pytest.mark.parametrize("storage", ["resident", "host", "mmap"])
+def test_step_where_every_row_takes_the_generic_block(tmp_path, storage):
+    """A batch whose rows all take the generic block fetches no bank row: the step completes, trains the
+    generic block, leaves every row and its optimizer state as they were, and training goes on."""
+    mc, mem = configs()
+    torch.manual_seed(0)
+    if storage == "resident":
+        bank = ResidentBank(mem, mc)
+        adapter = src = ResidentSparseAdapter(bank)
+    else:
+        bank = src = OffloadedBank(mem, mc, storage=storage, path=str(tmp_path / "live"))
+        adapter = None
+    lm = MemoryLM(Anchor(mc), mem, bank=bank)
+    dense, dense_opt, bank_opt = make_optimizers(lm, src)
+    train(Net(lm), dense, dense_opt, bank_opt, steps=1, B=4, mem_cfg=mem, accumulate=1)  # some rows written
+    rows_before, generic_before = _bank_state(bank, adapter), bank.generic.detach().clone()
+
+    x, y, paths, _ = batch(7, 0, 4, mem)
+    bank.prefetch(paths)  # the loader prefetched rows this batch then does not use
+    Anchor.loss(Net(lm)(x, paths, torch.ones(4, dtype=torch.bool)), y).backward()
+    bank.count_tokens(y.shape[1])
+    assert bank_opt.touched_rows() == {}
+    clip_grad_norm_with_bank(dense, bank_opt, 0.5)
+    dense_opt.step()
+    bank_opt.step()
+    dense_opt.zero_grad(set_to_none=True)
+    bank_opt.zero_grad()
+
+    assert not torch.equal(bank.generic.detach(), generic_before)
+    for now, before in zip(_bank_state(bank, adapter), rows_before):
+        assert np.array_equal(now, before)
+    train(Net(lm), dense, dense_opt, bank_opt, steps=1, B=4, mem_cfg=mem, accumulate=1, first_step=8)
+    assert not all(np.array_equal(a, b) for a, b in zip(_bank_state(bank, adapter), rows_before))
+    bank.close()
 
 
 def test_lazy_adamw_equals_torch_adamw_when_every_row_is_touched():
