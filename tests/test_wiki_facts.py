@@ -142,6 +142,10 @@ def test_build_wiki_probes(tmp_path, nlp):
         assert r["answer"] in leads[r["title"]] and leads[r["title"]].count(r["prompt"]) >= 1
     # every seen answer occurs in its own (training) lead
     assert all(r["count"] >= 1 for r in rows["seen"])
+    # more choices than any kind has answers: an error, not empty tasks
+    from model.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"--choices 1000: .*fewer --choices"):
+        build_wiki_probes(dd, str(tmp_path / "probes-1000"), n_choices=1000, nlp=nlp)
 
 
 def test_distractors_closest_counts_hash_ties():

@@ -15,6 +15,10 @@ or `memlm harness RUN --tasks TASK --include-path DIR --mode fetched`. Model arg
   route_top  mode=fetched, M > 1: of each context's M nearest leaves, the one whose memory gives the context
              itself the lowest loss (as `memlm eval --route-top`; M forwards per distinct context)
   device     cpu / cuda (default: cuda if available);  batch_size  rows per forward (default 16)
+
+As lm-eval's HF model: an empty context is the end-of-document token, an empty continuation scores
+(0.0, greedy). Greedy generation never emits <CALL> and stops at the end-of-document token or an `until`
+string. A task lm-eval cannot build (e.g. an empty "" choice in its first document) is named in one line.
 """
 from __future__ import annotations
 
@@ -101,8 +105,9 @@ class MemlmLM(LM):
     def _score(self, pairs: list[tuple[list[int], list[int]]], paths) -> list[tuple[float, bool]]:
         """Sum of log P(continuation tokens | context tokens) and whether each was the greedy choice."""
         out: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
-        for s in range(0, len(pairs), self.batch_size_):
-            chunk = list(range(s, min(s + self.batch_size_, len(pairs))))
+        todo = [i for i, (_, cont) in enumerate(pairs) if cont]  # an empty continuation: log P = 0, greedy (as HFLM)
+        for s in range(0, len(todo), self.batch_size_):
+            chunk = todo[s:s + self.batch_size_]
             seqs = [(pairs[i][0] + pairs[i][1])[-(self.max_len + 1):] for i in chunk]
             width = max(len(x) for x in seqs) - 1
             ids = torch.zeros(len(chunk), width, dtype=torch.long)
@@ -140,25 +145,56 @@ class MemlmLM(LM):
         return out
 
     def generate_until(self, requests) -> list[str]:
+        """Greedy continuations, ended by the end-of-document token, any of the request's `until` strings
+        (cut off, as lm-eval's HF model does) or max_gen_toks (default 32)."""
         ctx = [r.args[0] for r in requests]
         paths = self._paths(requests, ctx)
         out = []
         for i, r in enumerate(requests):
             kw = r.args[1] if len(r.args) > 1 else {}
             until = kw.get("until") or []
-            ids = torch.tensor([self.tok.encode(ctx[i], add_special_tokens=False)[-self.max_len // 2:]])
-            n_new = min(int(kw.get("max_gen_toks", 32)), self.max_len - ids.shape[1])
-            if self.is_mem:
-                mode = "fetched" if self.mode in ("fetched", "oracle") else self.mode
-                mp = None if paths is None else torch.as_tensor(paths[i:i + 1], dtype=torch.long)
-                gen = self.model.generate(ids.to(self.device_), n_new, mem_path=mp, mode=mode)
-            else:
-                gen = self.model.generate(ids.to(self.device_), n_new)
-            text = self.tok.decode(gen[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+            until = [u for u in ([until] if isinstance(until, str) else until) if u]
+            # an empty context starts after the end-of-document token, as every training document does
+            ids = (self.tok.encode(ctx[i], add_special_tokens=False) or [self.tok.eos_token_id])[-self.max_len // 2:]
+            n_new = min(int(kw.get("max_gen_toks", 32)), self.max_len - len(ids))
+            new = self._greedy(ids, n_new, None if paths is None else paths[i:i + 1], until)
+            text = self.tok.decode(new, skip_special_tokens=True)
             for u in until:
                 text = text.split(u)[0]
             out.append(text)
         return out
+
+    @torch.no_grad()
+    def _greedy(self, ids: list[int], n_new: int, path, until: list[str]) -> list[int]:
+        """Up to n_new greedy tokens after `ids` (KV cache). <CALL> is never chosen: there is no large model
+        to hand it to (a LaCy SLM would emit it again and again; the cascade's SLM-alone mode suppresses it
+        too). Stops before the end-of-document token (or pad), and once the text holds an `until` string."""
+        from data.tokenizer import CALL, stop_ids
+        from model.model import KVCache
+
+        banned = [t for t in [self.tok.get_vocab().get(CALL)] if t is not None]
+        stops = stop_ids(self.tok) | {self.tok.eos_token_id}
+        memory = None
+        if self.is_mem:
+            mode = "fetched" if self.mode in ("fetched", "oracle") else self.mode
+            mp = None if path is None else torch.as_tensor(path, dtype=torch.long, device=self.device_)
+            memory = self.model.memory(mp, mode, batch_size=1, device=self.device_)
+        anchor = self.model.anchor if self.is_mem else self.model
+        p = next(anchor.parameters())
+        cache = KVCache(anchor.config, 1, len(ids) + n_new, device=p.device, dtype=p.dtype)
+        x, pos, new = torch.tensor([ids], device=self.device_), 0, []
+        for _ in range(n_new):
+            logits = anchor(x, memory=memory, kv_cache=cache, start_pos=pos)[0, -1].float()
+            logits[banned] = float("-inf")
+            nxt = int(logits.argmax())
+            if nxt in stops:
+                break
+            new.append(nxt)
+            if until and any(u in self.tok.decode(new, skip_special_tokens=True) for u in until):
+                break
+            pos += x.shape[1]
+            x = torch.tensor([[nxt]], device=self.device_)
+        return new
 
 
 if register_model is not None:
@@ -182,7 +218,26 @@ def evaluate(run: str, tasks: list[str], include_path: str | None = None, mode: 
     if unknown or not tasks:
         raise ConfigError(f"--tasks: unknown lm-eval task(s) {unknown or tasks}; list them with `lm-eval ls tasks`"
                           + ("" if include_path else " (local task files: --include-path DIR)"))
+    loaded = [obj for t in tasks for obj in _load_task(tm, t)]  # before the run loads
     lm = MemlmLM(run, mode=mode, data=data, key_field=key_field, device=device, batch_size=batch_size,
                  route_top=route_top)
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=limit, log_samples=True,
+    return lm_eval.simple_evaluate(model=lm, tasks=loaded, task_manager=tm, limit=limit, log_samples=True,
                                    bootstrap_iters=0)
+
+
+def _load_task(tm, task: str) -> list:
+    """lm-eval's Task (or Group) objects of one task name. A task lm-eval itself cannot build is named in
+    one line: e.g. its data file is missing, or a multiple-choice document has an empty "" choice
+    (lm-eval's task check indexes choice[0] and raises IndexError)."""
+    import traceback
+
+    try:
+        d = tm.load(task)
+    except Exception as e:  # noqa: BLE001 - lm-eval's own failure, with the task named
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        hint = (" (lm-eval fails so on an empty \"\" choice in the task's first document)"
+                if isinstance(e, IndexError) else "")
+        raise ConfigError(f"--tasks {task}: lm-eval cannot load this task: {type(e).__name__}: {e} "
+                          f"(in {os.path.basename(where.filename)}:{where.lineno}); check its YAML and data file"
+                          + hint) from e
+    return [d["groups"][task]] if task in d["groups"] else list(d["tasks"].values())

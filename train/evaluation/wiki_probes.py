@@ -18,28 +18,34 @@ import os
 import random
 
 from model.atomic import atomic_write
-from model.errors import DataError
+from model.errors import ConfigError, DataError
 
 TASKS = {"seen": "memlm_wiki_seen", "heldout": "memlm_wiki_heldout"}
 
-TASK_YAML = """task: {task}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {path}
-output_type: multiple_choice
-test_split: test
-doc_to_text: "{{{{prompt}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-target_delimiter: " "
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
+# lm-eval task config of one probe set; `task_yaml` fills in the task name and the data file's path.
+TASK_CONFIG = {
+    "output_type": "multiple_choice",
+    "test_split": "test",
+    "doc_to_text": "{{prompt}}",
+    "doc_to_choice": "{{choices}}",
+    "doc_to_target": "label",
+    "target_delimiter": " ",
+    "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+    "metadata": {"version": 1.0},
+}
+
+
+def task_yaml(task: str, path: str) -> str:
+    """The task file of `task` reading the probes at `path`. Dumped by yaml, so a path with spaces, '#',
+    ':' or quotes stays one string (written by hand, '#' would start a YAML comment); glob-escaped, since
+    `datasets` reads data_files as patterns ('[', '*', '?' in a directory name would match nothing)."""
+    import glob
+
+    import yaml
+
+    files = {"data_files": {"test": glob.escape(path)}}
+    cfg = {"task": task, "dataset_path": "json", "dataset_kwargs": files, **TASK_CONFIG}
+    return yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True)
 
 
 def _split_titles(data) -> dict[str, list[str]]:
@@ -111,12 +117,15 @@ def build_wiki_probes(data, out: str, n_choices: int = 4, max_per_set: int | Non
             rows.append({"id": f"{name}-{i}", "title": f.title, "kind": f.kind, "prompt": f.prompt,
                          "answer": f.answer, "choices": choices, "label": choices.index(f.answer),
                          "count": counts[f.answer], "split": name})
+        if fs and not rows:  # no answer kind has that many distinct values: an empty task is no evaluation
+            raise ConfigError(f"--choices {n_choices}: none of the {len(fs)} {name} facts has {n_choices - 1} "
+                              "distinct wrong answers of its kind to choose from; give fewer --choices (e.g. 4)")
         if max_per_set is not None and len(rows) > max_per_set:
             rows = sorted(random.Random(seed).sample(rows, max_per_set), key=lambda r: int(r["id"].split("-")[1]))
         path = os.path.join(out, f"wiki_{name}.jsonl")
         atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         final = os.path.abspath(os.path.join(final_dir or out, f"wiki_{name}.jsonl"))
-        atomic_write(os.path.join(out, f"{TASKS[name]}.yaml"), TASK_YAML.format(task=TASKS[name], path=final))
+        atomic_write(os.path.join(out, f"{TASKS[name]}.yaml"), task_yaml(TASKS[name], final))
         kinds: dict[str, int] = {}
         for r in rows:
             kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
