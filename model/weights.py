@@ -34,7 +34,7 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: str) -> None:
 
 def read_weights(path: str) -> dict[str, torch.Tensor]:
     """The state dict stored by `save_weights` (CPU tensors, aliases restored). CheckpointError naming the
-    file when it is missing, truncated or not safetensors."""
+    file when it is missing, truncated or not safetensors, or when a tensor holds NaN/inf."""
     out = {}
     try:
         with safe_open(path, framework="pt") as f:
@@ -46,6 +46,10 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable weights ({e}); the file is truncated or damaged, "
                               "use another checkpoint") from None
+    for k, v in out.items():  # a diverged run's weights: every later number would be NaN
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{path}: tensor {k!r} holds NaN/inf (the run diverged, or the file is damaged); "
+                                  "use an earlier checkpoint")
     for alias, src in json.loads(meta.get("tied", "{}")).items():
         out[alias] = out[src]
     return out

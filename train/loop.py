@@ -1,7 +1,10 @@
 """The training loop: `fit()` on Lightning Fabric, in the order a step happens.
 
-    batch -> forward -> loss -> backward (x optim.accumulate) -> clip -> dense + sparse optimizer step
-          -> log -> validate -> checkpoint
+    batch -> forward -> loss -> backward (x optim.accumulate) -> clip -> finite? -> dense + sparse
+          optimizer step -> log -> validate -> finite weights? -> checkpoint
+
+A nan/inf loss or gradient norm stops the run (TrainingError) before its update is applied, so no
+checkpoint ever holds non-finite weights (see _Guard).
 
 Fabric supplies the process group (torchrun's environment), DDP / FSDP wrapping, precision and the
 loggers; everything else is in this file. The loss of a micro-batch is this rank's share of the global
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -25,8 +29,6 @@ from model.errors import TrainingError
 from model.loss import IGNORE_INDEX, nll_sum, token_nll
 from train.build import Optimizers
 from train.config import RunConfig
-
-NO_BAD_STEP = 2**62
 
 
 @dataclass
@@ -59,7 +61,9 @@ def fit(fabric, cfg: RunConfig, model, optimizers: Optimizers, train_loader, val
     raw = model.module  # the LanguageModel inside Fabric's wrapper
     bank = raw.bank if raw.has_memory else None
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    bad_step = torch.full((), -1, dtype=torch.long, device=fabric.device)  # first non-finite step, on device
+    # 16-mixed: an inf gradient norm is the loss scaler's to handle (it skips the step, lowers the scale)
+    check_norm = getattr(fabric.strategy.precision, "scaler", None) is None
+    guard = _Guard(checkpointer, state.step, fabric.device)
     batches = iter(train_loader)
     model.train()
     while state.step < t.max_steps:
@@ -72,29 +76,28 @@ def fit(fabric, cfg: RunConfig, model, optimizers: Optimizers, train_loader, val
                 fabric.backward(share * world / accumulate)
             if bank is not None:  # target tokens per fetched node (memlm bank-info)
                 bank.count_tokens((batch["labels"] != IGNORE_INDEX).sum(1))
-            share = share.detach()
-            bad = ~torch.isfinite(share)
-            bad_step = torch.where(bad & (bad_step < 0), state.step + 1, bad_step)
-            shares.append(share)
-        # ---- clip the global gradient norm, then dense step, sparse bank step, LR schedule
+            shares.append(share.detach())
+        # ---- clip the global gradient norm; a nan/inf loss or norm stops the run BEFORE the update
+        # (one host sync a step, the same verdict on every rank), so no weights ever turn non-finite
         grad_norm = clip_gradients(fabric, model, optimizers, max_norm)
+        guard.check_step(state.step + 1, torch.stack(shares), grad_norm if check_norm else None)
+        # ---- dense step, sparse bank step, LR schedule
         optimizers.step()
         state.step += 1
         last = state.step == t.max_steps
-        # ---- log (the only host syncs of a step happen here, every log_every steps)
+        # ---- log (every log_every steps)
         if state.step % t.log_every == 0 or last:
-            _stop_if_not_finite(bad_step, checkpointer)
             loss = _all_reduce(sum(shares[1:], shares[0]) / len(shares))  # mean over micro-batches, sum over ranks
             progress.train_row(state.step, float(loss.item()), optimizers.lr, float(grad_norm.item()))
         # ---- validate
         if t.val_every > 0 and state.step % t.val_every == 0:
             state.last_val = validate(model, val_loader, t.val_batches, token_bytes, fabric.device)
             progress.val_row(state.step, state.last_val)
-        # ---- checkpoint (never after a non-finite loss)
+        # ---- checkpoint (only finite weights: a finite step can still overflow them, e.g. a huge lr)
         every = cfg.checkpoint.every
         if (every > 0 and state.step % every == 0) or last:
-            _stop_if_not_finite(bad_step, checkpointer)
-            checkpointer.save(state.step, state.last_val)
+            guard.check_weights(state.step, optimizers.params())
+            guard.saved = checkpointer.save(state.step, state.last_val)
 
 
 def clip_gradients(fabric, model, optimizers: Optimizers, max_norm: float) -> torch.Tensor:
@@ -110,17 +113,57 @@ def clip_gradients(fabric, model, optimizers: Optimizers, max_norm: float) -> to
     return torch.nn.utils.clip_grad_norm_(optimizers.params(), max_norm, foreach=True)
 
 
-def _stop_if_not_finite(bad_step: torch.Tensor, checkpointer) -> None:
-    """TrainingError naming the first step with a nan/inf loss on any rank (one host sync)."""
-    b = torch.where(bad_step < 0, torch.full_like(bad_step, NO_BAD_STEP), bad_step)
-    step = int(_all_reduce(b.clone(), dist.ReduceOp.MIN).item())
-    if step < NO_BAD_STEP:
-        from train.checkpoint import newest_intact
+class _Guard:
+    """Stops the run with a TrainingError at the first non-finite loss, gradient norm or weights, before
+    they reach the weights or a checkpoint. Each check is reduced over ranks (MAX), so all ranks raise
+    together. The message names the step, what was non-finite, the last checkpoint (finite: nothing
+    non-finite is ever saved) and a remedy that works: a new run from it with init_from, which starts a
+    fresh schedule (resuming this run with another optim.lr / optim.warmup_steps is refused)."""
 
-        good, _ = newest_intact(checkpointer.cfg.run_dir)
-        keep = f"the last good checkpoint is {good}" if good else "no checkpoint was written"
-        raise TrainingError(f"non-finite loss (nan/inf) at step {step}; stopping without a checkpoint ({keep}); "
-                            "lower optim.lr or raise optim.warmup_steps, then resume")
+    def __init__(self, checkpointer, start_step: int, device):
+        self.checkpointer, self.start_step, self.device = checkpointer, start_step, device
+        self.saved: str | None = None  # the last checkpoint this fit wrote
+
+    def check_step(self, step: int, shares: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        """Before the update of `step`: shares = this rank's micro-batch losses; grad_norm None: not checked."""
+        bad = [(~torch.isfinite(shares)).any()]
+        if grad_norm is not None:
+            bad.append(~torch.isfinite(grad_norm.to(self.device)))
+        flags = _all_reduce(torch.stack(bad).to(self.device, torch.int32), dist.ReduceOp.MAX).tolist()
+        if flags[0]:
+            self._raise(f"non-finite loss (nan/inf) at step {step}")
+        if len(flags) > 1 and flags[1]:
+            self._raise(f"non-finite gradient norm (nan/inf) at step {step} (its loss was finite)")
+
+    def check_weights(self, step: int, params) -> None:
+        """Before checkpoint `step` is saved: every dense parameter (this rank's shard under FSDP) is finite."""
+        bad = torch.zeros((), dtype=torch.int32, device=self.device)
+        for p in params:
+            bad |= (~torch.isfinite(p.detach())).any().to(self.device, torch.int32)
+        if int(_all_reduce(bad, dist.ReduceOp.MAX).item()):
+            self._raise(f"non-finite weights (nan/inf) after the update of step {step} (its loss and gradient "
+                        "norm were finite)")
+
+    def last_checkpoint(self) -> str | None:
+        """The newest checkpoint of this trajectory: the last one this fit saved, else the newest intact
+        one of the run at or before the step it started from (newer ones are from an earlier attempt)."""
+        if self.saved:
+            return self.saved
+        from train.checkpoint import check_step_dir, step_dirs
+
+        ckpts = step_dirs(os.path.join(self.checkpointer.cfg.run_dir, "checkpoints"))
+        return next((p for s, p in reversed(ckpts) if s <= self.start_step and check_step_dir(p) is None), None)
+
+    def _raise(self, what: str) -> None:
+        good = self.last_checkpoint()
+        if good:
+            keep = (f"the last good checkpoint is {good}; to go on, start a new run (another name=) with "
+                    f"init_from={good} and a lower optim.lr or a higher optim.warmup_steps (init_from starts a "
+                    "fresh schedule; resuming this run with another schedule is refused), or start afresh if its "
+                    "weights had already blown up")
+        else:
+            keep = "no checkpoint was written; start again with a lower optim.lr or a higher optim.warmup_steps"
+        raise TrainingError(f"{what}; stopped without applying it or saving a checkpoint ({keep})")
 
 
 # ---------------------------------------------------------------------------------------------
