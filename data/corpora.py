@@ -31,6 +31,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple
 
+from data.tokenizer import replace_surrogates
 from model.errors import ConfigError, DataError, check_range
 
 
@@ -76,9 +77,12 @@ class Corpus:
             if text is None or not text.strip():
                 stats.empty_skipped += 1
                 continue
+            clean = replace_surrogates(text)  # a JSON "\ud800" escape: not encodable, like invalid UTF-8
+            if clean is not text:
+                stats.invalid_utf8_replaced += 1
             stats.docs += 1
-            stats.chars += len(text)
-            yield Document(str(doc_id), text)
+            stats.chars += len(clean)
+            yield Document(replace_surrogates(str(doc_id)), clean)
             if self.max_docs is not None and stats.docs >= self.max_docs:
                 return
 
@@ -151,9 +155,40 @@ def _local_files(path: str) -> list[str]:
     return [path]
 
 
-def _missing_column(where, column, available):
-    return CorpusError(f"{where}: text column {column!r} not found; available columns: "
-                       f"{sorted(map(str, available))} (choose one with --text-column)")
+_UTF16_32 = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16",
+             b"\xfe\xff": "UTF-16"}
+
+
+def _check_utf8(path: str) -> None:
+    """Text files are UTF-8: a UTF-16/32 file (its byte-order mark, or NUL bytes at the start, as every
+    ASCII character of UTF-16 has one) gets a message that says so, not a JSON or NUL-byte error."""
+    with _open(path) as f:
+        head = f.read(4096)
+    enc = next((e for bom, e in _UTF16_32.items() if head.startswith(bom)), None)
+    probe = head[:64]
+    if enc is None and len(probe) >= 8 and (probe[0::2].count(0) >= len(probe) // 4 or
+                                            probe[1::2].count(0) >= len(probe) // 4):
+        enc = "UTF-16 or UTF-32"  # ASCII in UTF-16 has a NUL in every other byte
+    if enc:
+        raise CorpusError(f"{path}: is {enc} text; memlm reads UTF-8: convert it, e.g. "
+                          f"iconv -f {enc.split()[0]} -t UTF-8 IN > OUT")
+
+
+def _missing_column(where, column, available, flag="--text-column"):
+    kind = "text" if flag == "--text-column" else "id"
+    return CorpusError(f"{where}: {kind} column {column!r} not found; available columns: "
+                       f"{sorted(map(str, available))} (choose one with {flag})")
+
+
+def _doc_id(rec, id_column, where, required=True):
+    """The record's id_column value (None: no id column given, or a null id: the reader numbers the row).
+    A misspelled id column is an error: silently numbered ids would change the train/val split. In a
+    mixture (`required=False`) a source without the column numbers its rows instead."""
+    if not id_column or (not required and id_column not in rec):
+        return None
+    if id_column not in rec:
+        raise _missing_column(where, id_column, rec.keys(), "--id-column")
+    return rec[id_column]
 
 
 def _text_value(value, where: str, column: str, stats: CorpusStats):
@@ -190,7 +225,7 @@ def _lines(path: str):
             raise CorpusError(f"{path}: cannot read: {e.strerror or e}") from e
 
 
-def _read_jsonl(path, text_column, id_column, stats, name):
+def _read_jsonl(path, text_column, id_column, stats, name, id_required=True):
     for lineno, raw in _lines(path):
         if not raw.strip():
             continue
@@ -200,15 +235,16 @@ def _read_jsonl(path, text_column, id_column, stats, name):
         except ValueError as e:
             raise CorpusError(f"{where}: invalid JSON: {e}") from e
         if not isinstance(rec, dict):
-            raise CorpusError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            raise CorpusError(f"{where}: expected a JSON object with a {text_column!r} field, got "
+                              f"{type(rec).__name__} {str(rec)[:40]!r}")
         if text_column not in rec:
             raise _missing_column(where, text_column, rec.keys())
-        doc_id = rec.get(id_column) if id_column else None
+        doc_id = _doc_id(rec, id_column, where, id_required)
         yield (f"{name}:{lineno - 1}" if doc_id is None else doc_id), \
             _text_value(rec[text_column], where, text_column, stats)
 
 
-def _read_json(path, text_column, id_column, stats, name):
+def _read_json(path, text_column, id_column, stats, name, id_required=True):
     with _open(path) as f:
         try:
             raw = f.read()
@@ -226,15 +262,18 @@ def _read_json(path, text_column, id_column, stats, name):
         raise CorpusError(f"{path}: expected a list of records or an object of records, got {type(data).__name__}")
     for i, rec in enumerate(data):
         where = f"{path}: record {i}"
-        if not isinstance(rec, dict) or text_column not in rec:
-            raise _missing_column(where, text_column, rec.keys() if isinstance(rec, dict) else [])
-        doc_id = rec.get(id_column) if id_column else rec.get("__id")
+        if not isinstance(rec, dict):
+            raise CorpusError(f"{where}: expected an object with a {text_column!r} field, got "
+                              f"{type(rec).__name__} {str(rec)[:40]!r}")
+        if text_column not in rec:
+            raise _missing_column(where, text_column, rec.keys())
+        doc_id = _doc_id(rec, id_column, where, id_required) if id_column else rec.get("__id")
         yield (f"{name}:{i}" if doc_id is None else doc_id), _text_value(rec[text_column], where, text_column, stats)
 
 
 def _no_nul(raw: bytes, where: str) -> bytes:
     if b"\x00" in raw:
-        raise CorpusError(f"{where}: holds NUL bytes: a binary file, not text")
+        raise CorpusError(f"{where}: holds NUL bytes: a binary file, or UTF-16/32 text (memlm reads UTF-8)")
     return raw
 
 
@@ -255,7 +294,7 @@ def _read_txt(path, sample_by, stats, name):
         return
     para, n = [], 0  # paragraphs: runs of lines separated by blank (whitespace-only) lines
     for lineno, raw in _lines(path):
-        if raw.strip():
+        if raw.decode("utf-8", errors="replace").strip():  # str.strip: Unicode whitespace (NBSP, U+3000) too
             para.append(_no_nul(raw, f"{path}: line {lineno}"))
             continue
         if para:
@@ -265,19 +304,40 @@ def _read_txt(path, sample_by, stats, name):
         yield f"{name}:{n}", _decode(b"\n".join(para), stats)
 
 
-def _read_with_datasets(path, text_column, id_column, stats, name):
-    """parquet/csv through `datasets` (Arrow already validated strings; bytes are decoded+counted)."""
+def _csv_header(path) -> list[str]:
+    import csv
+
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        try:
+            return next(csv.reader(f), [])
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise CorpusError(f"{path}: cannot read the CSV header: {e}") from e
+
+
+def _read_with_datasets(path, text_column, id_column, stats, name, id_required=True):
+    """parquet/csv through `datasets` (Arrow already validated strings; bytes are decoded+counted). A CSV
+    cell is text as written: every column is read as a string with pandas' NA detection off, so "NA",
+    "null" or "2024" stay documents (only an empty cell is an empty document)."""
     import datasets
 
     kind = "parquet" if path.endswith(".parquet") else "csv"
+    kw = {}
+    if kind == "csv":
+        header = _csv_header(path)
+        kw = dict(features=datasets.Features({c: datasets.Value("string") for c in header}),
+                  na_filter=False) if header and len(set(header)) == len(header) else {}
     try:
-        ds = datasets.load_dataset(kind, data_files=path, split="train")
+        ds = datasets.load_dataset(kind, data_files=path, split="train", **kw)
     except Exception as e:  # noqa: BLE001 - datasets wraps reader errors in many types
         raise CorpusError(f"{path}: cannot read as {kind}: {' '.join(str(e).split())[:300]}") from e
     if text_column not in ds.column_names:
         raise _missing_column(path, text_column, ds.column_names)
+    if id_column and id_column not in ds.column_names:
+        if id_required:
+            raise _missing_column(path, id_column, ds.column_names, "--id-column")
+        id_column = None
     for i, rec in enumerate(ds):
-        doc_id = rec.get(id_column) if id_column else None
+        doc_id = rec[id_column] if id_column else None
         where = f"{path}: row {i + 1}"
         yield (f"{name}:{i}" if doc_id is None else doc_id), _text_value(rec[text_column], where, text_column, stats)
 
@@ -285,7 +345,7 @@ def _read_with_datasets(path, text_column, id_column, stats, name):
 SAMPLE_BY = ("document", "paragraph", "line")
 
 
-def _local(path, text_column="text", id_column=None, sample_by="document", **_):
+def _local(path, text_column="text", id_column=None, sample_by="document", id_required=True, **_):
     if sample_by not in SAMPLE_BY:
         raise ConfigError(f"sample_by={sample_by!r}: must be one of {', '.join(SAMPLE_BY)}")
     files = _local_files(path)
@@ -295,18 +355,20 @@ def _local(path, text_column="text", id_column=None, sample_by="document", **_):
         for fp in files:
             rel = os.path.relpath(fp, root) if os.path.isdir(path) else os.path.basename(fp)
             # default ids "<relative path>:<row>" are unique across the files of a directory
+            if not fp.endswith(".parquet"):
+                _check_utf8(fp)
             if fp.endswith(".jsonl"):
-                yield from _read_jsonl(fp, text_column, id_column, stats, rel)
+                yield from _read_jsonl(fp, text_column, id_column, stats, rel, id_required)
             elif fp.endswith(".json"):
-                yield from _read_json(fp, text_column, id_column, stats, rel)
+                yield from _read_json(fp, text_column, id_column, stats, rel, id_required)
             elif fp.endswith(".txt"):
                 yield from _read_txt(fp, sample_by, stats, rel)
             else:
-                yield from _read_with_datasets(fp, text_column, id_column, stats, rel)
+                yield from _read_with_datasets(fp, text_column, id_column, stats, rel, id_required)
     return it
 
 
-def _hub(name, text_column="text", id_column=None, hf_split="train", **_):
+def _hub(name, text_column="text", id_column=None, hf_split="train", id_required=True, **_):
     import datasets
 
     repo, _, config = name.partition(":")
@@ -320,7 +382,7 @@ def _hub(name, text_column="text", id_column=None, hf_split="train", **_):
             where = f"hf:{name}: row {i + 1}"
             if text_column not in rec:
                 raise _missing_column(where, text_column, rec.keys())
-            doc_id = rec.get(id_column) if id_column else None
+            doc_id = _doc_id(rec, id_column, where, id_required)
             yield (f"{repo}:{i}" if doc_id is None else doc_id), _text_value(rec[text_column], where, text_column, stats)
     return it
 
@@ -330,8 +392,12 @@ def parse_mixture(spec) -> list[tuple[str, float]] | None:
     """'a:0.5,b:0.5' or [('a',0.5),...] or ['a','b'] -> [(name, weight)]; None for a single source."""
     if isinstance(spec, (list, tuple)):
         return [(s, 1.0) if isinstance(s, str) else (s[0], float(s[1])) for s in spec]
-    if "," not in spec:
-        return None
+    if "," not in spec:  # one source, perhaps with a weight ("bios:1"); "hf:NAME:CONFIG" has no number
+        name, sep, w = spec.rpartition(":")
+        try:
+            return [(name, float(w))] if sep and name and not name.endswith(":") else None
+        except ValueError:
+            return None
     out = []
     for part in spec.split(","):
         if not part.strip():
@@ -345,8 +411,9 @@ def parse_mixture(spec) -> list[tuple[str, float]] | None:
 
 
 def _mixture(parts, seed=0, **kw):
-    for name, w in parts:
-        check_range(f"mixture weight of {name!r}", w, min=0, min_open=True)
+    for name, w in parts:  # finite, so that their sum is too
+        check_range(f"mixture weight of {name!r}", w, min=0, min_open=True, max=1e9)
+    kw = {**kw, "id_required": False}  # a source without --id-column numbers its rows
     corpora = [(load_corpus(name, **kw), w) for name, w in parts]
 
     def it(stats):
@@ -369,7 +436,10 @@ def _mixture(parts, seed=0, **kw):
 
 def load_corpus(spec, max_docs: int | None = None, **kw) -> Corpus:
     """Open a corpus by spec (see module docstring). `max_docs` truncates (for tests/smoke runs)."""
-    parts = parse_mixture(spec)
+    parts = None if isinstance(spec, str) and os.path.exists(spec) else parse_mixture(spec)
+    if parts is not None and len(parts) == 1:  # "bios:1": the source itself
+        check_range(f"mixture weight of {parts[0][0]!r}", parts[0][1], min=0, min_open=True, max=1e9)
+        return load_corpus(parts[0][0], max_docs=max_docs, **kw)
     if parts is not None:
         return Corpus(",".join(f"{n}:{w:g}" for n, w in parts), _mixture(parts, **kw), max_docs)
     if spec == "bios":

@@ -193,7 +193,9 @@ def _build(out, *, corpus, corp, tokenizer, vocab_size, val_fraction, shard_toke
             log(f"tokenizer: loaded {tokenizer} ({len(tok)} tokens)")
         else:
             texts = (d.text for d in corp if split_of(d.id, val_fraction) == "train")
-            tok = train_tokenizer(texts, vocab_size or DEFAULT_VOCAB)
+            if progress:
+                log(f"tokenizer: training a byte-level BPE of {vocab_size or DEFAULT_VOCAB} tokens on the train split")
+            tok = train_tokenizer(texts, vocab_size or DEFAULT_VOCAB, progress=progress)
             log(f"tokenizer: trained byte-level BPE, vocab {len(tok)} in {time.time() - t0:.1f}s")
         save_tokenizer(tok, tok_dir, replace=True)  # a killed run may have left one in this partial dir
         tok = load_tokenizer(tok_dir)  # hash what readers will load

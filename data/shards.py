@@ -208,12 +208,24 @@ class Shard:
         try:
             arr = np.load(path, mmap_mode="r" if mmap else None)
         except (OSError, ValueError, EOFError) as e:
-            raise ShardError(f"{path}: cannot read array {name!r} ({e}); run the command that wrote it again "
-                             "with --overwrite") from e
+            raise ShardError(f"{path}: cannot read array {name!r} ({e}); {self._redo(name)}") from e
         if arr.ndim == 0 or arr.shape[0] not in (self.n_tokens, self.n_windows):
             raise ShardError(f"{path}: length {arr.shape[0] if arr.ndim else 0} matches neither {self.n_tokens} "
-                             f"tokens nor {self.n_windows} windows; run the command that wrote it again with --overwrite")
+                             f"tokens nor {self.n_windows} windows; {self._redo(name)}")
         return arr
+
+    def _redo(self, name: str) -> str:
+        """The command that writes array `name` again."""
+        data = self.data.path
+        if name == "paths" or name.startswith(("window_", "entity")):
+            return f"run `memlm cluster {data} --refit` again"
+        if name.startswith("calls_"):
+            return f"run the `memlm select {data} ...` that wrote it again (it replaces the array)"
+        if name == "factual":
+            return f"run `memlm tag {data} --overwrite`"
+        if name.startswith("loss_"):
+            return f"run `memlm score {data} --model ... --name {name[5:]} --overwrite`"
+        return "run the memlm command that wrote it again"
 
     @property
     def paths(self) -> np.ndarray | None:
@@ -221,7 +233,11 @@ class Shard:
         return self.array("paths") if self.has_array("paths") else None
 
     def write_array(self, name: str, arr: np.ndarray) -> None:
-        """Atomically write a per-token ([n_tokens, ...]) or per-window ([n_windows, ...]) array."""
+        """Atomically write a per-token ([n_tokens, ...]) or per-window ([n_windows, ...]) array. The shard's
+        own files (tokens, windows, docs) are never an array name: ShardError."""
+        if name in {f.split(".")[0] for f in SHARD_FILES}:
+            raise ShardError(f"{self.file(name + '.npy')}: {name!r} is a shard file memlm prepare wrote, not an "
+                             "array name; choose another name")
         arr = np.asarray(arr)
         if name == "paths" or name.startswith("window_"):
             per, want = "window", self.n_windows

@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
+import re
 from typing import Iterable, Sequence
 
 from model.atomic import atomic_dir, read_marker, verify_dir
@@ -39,35 +41,55 @@ class TokenizerError(DataError):
 # --- text is text ---------------------------------------------------------------------------------
 def text_only(tokenizer):
     """Make `tokenizer` (a transformers fast tokenizer) encode special-token strings in text as ordinary
-    text, in place; returns it. transformers re-applies `split_special_tokens` to the backend on every
-    call, the backend flag covers direct `tokenizers` calls."""
+    text, and whole texts with no truncation or padding, in place; returns it. transformers re-applies
+    `split_special_tokens` to the backend on every call, the backend flag covers direct `tokenizers`
+    calls, and `init_kwargs` makes `save_pretrained` keep it (so `AutoTokenizer.from_pretrained` of a
+    saved data, checkpoint or export tokenizer treats text as text too). A tokenizer.json may carry
+    truncation/padding settings (every sentence-transformers tokenizer does: 128 tokens); a document is
+    never cut or padded."""
     tokenizer.split_special_tokens = True
-    tokenizer.backend_tokenizer.encode_special_tokens = True
+    tokenizer.init_kwargs["split_special_tokens"] = True
+    backend = tokenizer.backend_tokenizer
+    backend.encode_special_tokens = True
+    if backend.truncation is not None:
+        backend.no_truncation()
+    if backend.padding is not None:
+        backend.no_padding()
     return tokenizer
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def replace_surrogates(text: str) -> str:
+    """`text` with lone UTF-16 surrogates (a JSON "\\ud800" escape, a non-UTF-8 command-line argument
+    read with surrogateescape) replaced by U+FFFD: no tokenizer can encode them."""
+    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
+
+
 def _check_text(text, where: str) -> str:
+    """`text` if it is a string, with lone surrogates (a non-UTF-8 command-line argument, a JSON "\\ud800"
+    escape) replaced by U+FFFD as the tokenizer cannot encode them; DataError naming `where` otherwise."""
     if not isinstance(text, str):
         raise DataError(f"{where}: expected text (a string), got {type(text).__name__} {str(text)[:40]!r}")
-    return text
+    return replace_surrogates(text)
 
 
 def encode_text(tokenizer, text: str, where: str = "text") -> list[int]:
     """Token ids of `text` (no BOS/EOS added; special-token strings stay text). Raises DataError naming
     `where` when `text` is not a string (a list would otherwise become a sentence pair)."""
-    _check_text(text, where)
+    text = _check_text(text, where)
     return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
 
 def encode_texts(tokenizer, texts: Sequence[str], where: str = "texts") -> list[list[int]]:
     """Batch `encode_text` through the `tokenizers` backend (releases the GIL; used by prepare's threads).
     Call `text_only(tokenizer)` once before sharing it between threads."""
-    for i, t in enumerate(texts):
-        _check_text(t, f"{where}[{i}]")
+    texts = [_check_text(t, f"{where}[{i}]") for i, t in enumerate(texts)]
     backend = tokenizer.backend_tokenizer
     backend.encode_special_tokens = True
     encode = backend.encode_batch_fast if hasattr(backend, "encode_batch_fast") else backend.encode_batch
-    return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+    return [e.ids for e in encode(texts, add_special_tokens=False)]
 
 
 def stop_ids(tokenizer) -> set[int]:
@@ -84,9 +106,26 @@ def _wrap(tok):
                                              additional_special_tokens=[CALL]))
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | None = None, length: int | None = None):
+MAX_TRAIN_WORD = 256  # characters: longer "words" are cut for the BPE trainer only
+_LONG_WORD = re.compile(r"\S{%d,}" % (MAX_TRAIN_WORD + 1))
+
+
+def _cut_long_words(text: str) -> str:
+    """`text` with every run of more than MAX_TRAIN_WORD non-space characters split by spaces. The BPE
+    trainer's time grows with the square of a word's length (a 5 MB one-word document took hours); merges
+    longer than 256 characters are useless anyway. Only the training text is cut: encoding is untouched."""
+    if len(text) <= MAX_TRAIN_WORD:
+        return text
+    return _LONG_WORD.sub(lambda m: " ".join(m.group(0)[i:i + MAX_TRAIN_WORD]
+                                             for i in range(0, len(m.group(0)), MAX_TRAIN_WORD)), text)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | None = None, length: int | None = None,
+                    progress: bool = False):
     """Train a byte-level BPE (GPT-2 style pre-tokenization) of `vocab_size` tokens (>= MIN_VOCAB, the
-    256 bytes + EOS/PAD/CALL) on `texts`; save to out_dir if given. Returns a transformers fast tokenizer."""
+    256 bytes + EOS/PAD/CALL) on `texts` (words longer than MAX_TRAIN_WORD characters are cut for the
+    trainer); save to out_dir if given; `progress` shows the `tokenizers` trainer's progress bars.
+    Returns a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     check_range("vocab_size", vocab_size, min=MIN_VOCAB, max=MAX_VOCAB)
@@ -95,8 +134,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | None =
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer, length=length)
+                                  show_progress=progress)
+    tok.train_from_iterator((_cut_long_words(t) for t in texts), trainer=trainer, length=length)
     hf = _wrap(tok)
     if out_dir:
         save_tokenizer(hf, out_dir)
@@ -140,7 +179,12 @@ def load_tokenizer(path: str, add_missing: bool = False):
     Raises TokenizerError naming `path` when it cannot be loaded, when a directory memlm saved is damaged
     (its marker lists a missing or truncated file), or when `<CALL>` is missing; add_missing=True adds the
     special tokens instead (used by `memlm prepare --tokenizer`)."""
-    if read_marker(path) is not None:
+    marker = read_marker(path)
+    if marker is not None:
+        inner = os.path.join(path, "tokenizer")
+        if marker.get("kind") != TOKENIZER_KIND and os.path.isdir(inner):  # a data dir or a checkpoint
+            raise TokenizerError(f"{path}: is a memlm {marker.get('kind')!r} directory, not a tokenizer; its "
+                                 f"tokenizer is {inner}")
         try:
             verify_dir(path, TOKENIZER_KIND)
         except CheckpointError as e:

@@ -37,19 +37,28 @@ class MemoryConfig:
 
     def __post_init__(self):
         if self.storage not in ("resident", "host", "mmap"):
-            raise ValueError(f"MemoryConfig.storage must be 'resident', 'host' or 'mmap', got {self.storage!r}")
+            raise ValueError(f"memory.storage={self.storage!r}: expected resident, host or mmap")
         self.widths = tuple(int(w) for w in self.widths)
         if isinstance(self.layers, (list, tuple)):
+            # int() would quietly turn 0.5 into layer 0: only whole numbers are layer indices
+            bad = [i for i in self.layers if isinstance(i, bool)
+                   or not (isinstance(i, int) or isinstance(i, float) and i.is_integer())]
+            if bad:
+                raise ValueError(f"memory.layers={list(self.layers)}: {bad[0]!r} is not a layer index; give "
+                                 "integers, e.g. memory.layers=[0,3]")
             self.layers = [int(i) for i in self.layers]
+        elif not isinstance(self.layers, str):
+            raise ValueError(f"memory.layers={self.layers!r}: expected all, last:N, first:N or a list of layer "
+                             "indices, e.g. memory.layers=[0,3]")
         if self.k < 1:
-            raise ValueError(f"MemoryConfig.k must be >= 1, got {self.k}")
+            raise ValueError(f"memory.k={self.k}: must be >= 1")
         if not self.widths:
-            raise ValueError("MemoryConfig.widths must name at least one level, got ()")
+            raise ValueError("memory.widths=[]: name at least one level, e.g. memory.widths=[40,16]")
         if any(w < 0 for w in self.widths):
-            raise ValueError(f"MemoryConfig.widths must be >= 0, got {self.widths}")
+            raise ValueError(f"memory.widths={list(self.widths)}: every width must be >= 0")
         p = self.generic_prob
         if p is not None and not 0.0 <= p <= 1.0:
-            raise ValueError(f"MemoryConfig.generic_prob must be in [0, 1], got {p}")
+            raise ValueError(f"memory.generic_prob={p}: must be in [0, 1]")
 
     # ---- derived quantities ---------------------------------------------------------------
     @property
@@ -82,17 +91,17 @@ class MemoryConfig:
                     try:
                         n = int(s.split(":", 1)[1])
                     except ValueError:
-                        raise ValueError(f"MemoryConfig.layers={spec!r}: expected '{kind}:N' with an integer N") from None
+                        raise ValueError(f"memory.layers={spec}: expected {kind}:N with an integer N") from None
                     if not 0 <= n <= n_layer:
-                        raise ValueError(f"MemoryConfig.layers={spec!r} asks for {n} layers but the model "
-                                         f"has n_layer={n_layer}")
+                        raise ValueError(f"memory.layers={spec} asks for {n} layers but the model has "
+                                         f"model.n_layer={n_layer}; give N in 0..{n_layer}")
                     return list(range(n_layer - n, n_layer)) if kind == "last" else list(range(n))
-            raise ValueError(f"MemoryConfig.layers={spec!r}: expected 'all', 'last:N', 'first:N' or a list of ints")
+            raise ValueError(f"memory.layers={spec}: expected all, last:N, first:N or a list of layer indices")
         ids = sorted(set(int(i) for i in spec))
         bad = [i for i in ids if not 0 <= i < n_layer]
         if bad:
-            raise ValueError(f"MemoryConfig.layers has indices {bad} out of range for the model "
-                             f"(ModelConfig.n_layer={n_layer}, valid 0..{n_layer - 1})")
+            raise ValueError(f"memory.layers={list(spec)}: indices {bad} are out of range; the model has "
+                             f"model.n_layer={n_layer} layers, valid 0..{n_layer - 1}")
         return ids
 
     def validate(self, model_cfg) -> list[int]:
@@ -100,7 +109,7 @@ class MemoryConfig:
         n_layer = int(model_cfg.n_layer)
         bad = [w for w in self.widths if w < 0]
         if bad:
-            raise ValueError(f"MemoryConfig.widths={self.widths} has negative widths (model n_embd={model_cfg.n_embd})")
+            raise ValueError(f"memory.widths={list(self.widths)}: every width must be >= 0")
         return self.layer_ids(n_layer)
 
     # ---- accounting -----------------------------------------------------------------------

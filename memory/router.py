@@ -349,6 +349,15 @@ class Router:
             raise ConfigError(f"router has {self.levels} levels with k={self.k}, but the memory bank has "
                              f"{len(mem_cfg.widths)} levels (widths={tuple(mem_cfg.widths)}) with k={mem_cfg.k}")
 
+    def same_tree(self, other: "Router") -> bool:
+        """Whether `other` routes exactly as this tree: same k and depth, identical centroids, the same
+        leaf source (`paths_from`, its key table) and window text. A run's checkpoint carries a copy of its
+        data's router; data clustered again (another seed, --paths-from) has another tree, and its stored
+        paths then address other memories."""
+        same_meta = all(self.meta.get(key) == other.meta.get(key) for key in ("paths_from", "key_table", "embed_text"))
+        return (self.k, self.levels) == (other.k, other.levels) and same_meta and \
+            all(np.array_equal(a, b) for a, b in zip(self.centroids, other.centroids))
+
     # ---- save / load --------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:
         from safetensors.numpy import save_file
@@ -367,21 +376,21 @@ class Router:
 
         d = Path(directory)
         jp, sp = d / "router.json", d / "router.safetensors"
+        refit = f"run `memlm cluster {d} --refit` again (for a checkpoint: on the run's data)"
         for p in (jp, sp):
             if not p.exists():
-                raise DataError(f"router: {p} not found (run `memlm cluster DATA` to fit a router)")
+                raise DataError(f"router: {p} not found (run `memlm cluster` on the data to fit a router)")
         try:
             info = json.loads(jp.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise CheckpointError(f"router: {jp}: unreadable ({e}); run `memlm cluster DATA --refit` again") from None
+            raise CheckpointError(f"router: {jp}: unreadable ({e}); {refit}") from None
         for key in ("k", "levels"):
             if not isinstance(info, dict) or key not in info:
-                raise CheckpointError(f"router: {jp}: missing key {key!r}; run `memlm cluster DATA --refit` again")
+                raise CheckpointError(f"router: {jp}: missing key {key!r}; {refit}")
         try:
             tensors = load_file(str(sp))
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
-            raise CheckpointError(f"router: {sp}: damaged ({' '.join(str(e).split())[:200]}); run `memlm cluster "
-                                  "DATA --refit` again") from None
+            raise CheckpointError(f"router: {sp}: damaged ({' '.join(str(e).split())[:200]}); {refit}") from None
         cents = []
         for l in range(info["levels"]):
             name = f"centroids.level{l + 1}"

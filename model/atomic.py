@@ -122,6 +122,8 @@ def verify_dir(path: str, kind: str | None = None) -> dict:
     recorded file present with its recorded size. Returns the marker; raises CheckpointError naming the
     first missing or truncated file otherwise."""
     marker = read_marker(path)
+    if marker is None and os.path.isfile(os.path.join(path, MARKER)):
+        raise CheckpointError(f"{os.path.join(path, MARKER)}: unreadable (damaged); use another one")
     if marker is None:
         raise CheckpointError(f"{path}: incomplete (no {MARKER} marker: it was not finished, or was being "
                               "deleted); use another one")
@@ -138,7 +140,33 @@ def verify_dir(path: str, kind: str | None = None) -> dict:
     return marker
 
 
-def _protected(path: str) -> str | None:
+# Top-level entries that other memlm commands add later to a directory of a kind (after its marker was
+# written): a data dir gets the router (`memlm cluster`), selection reports (`memlm select`) and wiki facts.
+# Anything else at the top level that the marker does not record was put there by someone else.
+ADDED_LATER = {"data": ("router.json", "router.safetensors", "selection", "wiki_facts")}
+
+
+def foreign_entries(path: str, marker: dict | None = None) -> list[str]:
+    """Top-level entries of marked directory `path` that memlm did not write there: not recorded in its
+    marker (files, or a directory holding recorded files), not one of ADDED_LATER for its kind, not the
+    marker, not a leftover of a killed write. A replace or remove keeps its hands off them."""
+    marker = read_marker(path) if marker is None else marker
+    if marker is None:
+        return []
+    ours = {rel.split("/")[0] for rel in (marker.get("files") or {})}
+    ours |= set(marker.get("entries") or []) | set(ADDED_LATER.get(marker.get("kind"), ()))
+    return sorted(n for n in os.listdir(path) if n != MARKER and n not in ours and not _LEFTOVER.match(n))
+
+
+def _refuse_foreign(path: str, marker: dict, what: str) -> None:
+    foreign = foreign_entries(path, marker)
+    if foreign:
+        names = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputExistsError(f"{path}: holds {names}, which memlm did not write there; {what} would delete "
+                                "it: move it out, or choose a new output directory")
+
+
+def protected_reason(path: str) -> str | None:
     """Why `path` may never be replaced or removed, or None."""
     real = os.path.realpath(path)
     cwd = os.path.realpath(os.getcwd())
@@ -149,7 +177,8 @@ def _protected(path: str) -> str | None:
     return None
 
 
-def _inside(path: str, parent: str) -> bool:
+def is_inside(path: str, parent: str) -> bool:
+    """Whether `path` is `parent` or lies under it (symbolic links resolved)."""
     real, top = os.path.realpath(path), os.path.realpath(parent)
     return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
 
@@ -160,15 +189,23 @@ def check_output_dir(path: str, kind: str, replace: bool = False, flag: str = "-
     memlm may not: a file is there, a protected directory, one of the job's `sources` (what it reads, e.g.
     the run being exported) or a parent of one, a directory memlm did not write as `kind`, or memlm's own
     output without `replace`. An empty directory may always be used."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if kind != "checkpoint" and os.path.basename(parent) == "checkpoints" and os.path.isdir(parent) and \
+            any(read_marker(os.path.join(parent, n)) for n in os.listdir(parent) if n.startswith("step-")):
+        raise OutputExistsError(f"{path}: is inside a run's checkpoints directory, where every entry is taken "
+                                "for a checkpoint; choose a new output directory")
     if not os.path.lexists(path):
         return False
-    if not os.path.isdir(path) or os.path.islink(path):
+    if os.path.islink(path):
+        raise OutputExistsError(f"{path}: is a symbolic link; give the directory itself ({os.path.realpath(path)}) "
+                                "or a new output path")
+    if not os.path.isdir(path):
         raise OutputExistsError(f"{path}: exists and is not a directory; choose another output path")
-    why = _protected(path)
+    why = protected_reason(path)
     if why:
         raise OutputExistsError(f"{path}: {why}; choose a new output directory")
     for source in sources:
-        if _inside(source, path):
+        if is_inside(source, path):
             what = "is" if os.path.realpath(source) == os.path.realpath(path) else "holds"
             raise OutputExistsError(f"{path}: {what} {source}, which this command reads; choose a new output "
                                     "directory")
@@ -182,6 +219,7 @@ def check_output_dir(path: str, kind: str, replace: bool = False, flag: str = "-
     if not replace:
         raise OutputExistsError(f"{path}: exists (an earlier {kind}); pass {flag} to replace it, or choose "
                                 "a new output directory")
+    _refuse_foreign(path, marker, flag)
     return True
 
 
@@ -206,6 +244,7 @@ def atomic_dir(path: str, kind: str, *, replace: bool = False, flag: str = "--fo
     for `sources`."""
     check_output_dir(path, kind, replace, flag, sources)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _remove_dead_siblings(path)
     tmp = _sibling(path, "tmp")
     os.makedirs(tmp)
     try:
@@ -217,14 +256,41 @@ def atomic_dir(path: str, kind: str, *, replace: bool = False, flag: str = "--fo
         raise
 
 
+def _remove_dead_siblings(path: str) -> None:
+    """Delete the temporary / trash siblings of `path` left by a writer that was killed (its process id
+    is gone from this machine): a killed `--force`/`--rebuild` would otherwise leave a hidden copy forever."""
+    parent, name = os.path.split(os.path.abspath(path))
+    for entry in os.listdir(parent):
+        m = _LEFTOVER.match(entry)
+        pid = entry.rsplit("-", 2)[-2] if m else ""
+        if m and entry.startswith(f".{name}.") and pid.isdigit() and not _alive(int(pid)):
+            full = os.path.join(parent, entry)
+            if os.path.isdir(full) and not os.path.islink(full):
+                shutil.rmtree(full, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(full)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def remove_dir(path: str, kind: str) -> None:
     """Delete a directory memlm wrote as `kind` (refused otherwise, with OutputExistsError). It is renamed
     to a hidden sibling first: a kill halfway leaves only a leftover that `remove_leftovers` deletes."""
-    why = _protected(path)
+    why = protected_reason(path)
     marker = read_marker(path)
     if why or marker is None or marker.get("kind") != kind:
         raise OutputExistsError(f"{path}: memlm did not write it as {kind} output ({why or 'no matching marker'}); "
                                 "not deleting it")
+    _refuse_foreign(path, marker, "removing it")
     trash = _sibling(path, "del")
     os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
@@ -239,7 +305,7 @@ def claim_work_dir(path: str, kind: str, option: str = "--out") -> None:
     if os.path.lexists(path):
         if not os.path.isdir(path) or os.path.islink(path):
             raise OutputExistsError(f"{path}: exists and is not a directory; choose another {option}")
-        why = _protected(path)
+        why = protected_reason(path)
         if why:
             raise OutputExistsError(f"{path}: {why}; choose a new {option} directory")
         marker = read_marker(path)
@@ -281,7 +347,7 @@ def clear_work_dir(path: str, kind: str, flag: str = "--fresh") -> list[str]:
     """Delete what a job of `kind` created in its work directory `path` (the entries its marker records);
     everything else stays. Returns the names kept. OutputExistsError (nothing deleted) when `path` does not
     carry that job's marker."""
-    why = _protected(path)
+    why = protected_reason(path)
     marker = read_marker(path)
     if why or marker is None or marker.get("kind") != kind or not marker.get("work_dir"):
         what = why or (f"it is a memlm {marker.get('kind')!r} directory" if marker else "memlm did not create it")
@@ -305,6 +371,9 @@ def remove_work_entry(root: str, kind: str, path: str) -> None:
     if marker is None or marker.get("kind") != kind or rel in (".", os.curdir) or top == os.pardir \
             or top not in marker.get("entries", []):
         raise OutputExistsError(f"{path}: not created by {kind} in {root}; not deleting it")
+    inner = read_marker(path) if os.path.isdir(path) else None
+    if inner is not None:  # a marked output of the job (a data dir, a run's export): keep what users added
+        _refuse_foreign(path, inner, "redoing it")
     if os.path.lexists(path):
         _trash(path)
 

@@ -72,6 +72,20 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ConfigError(f"model.head_dim={self.head_dim} must be even (RoPE rotates pairs)")
 
+    def param_counts(self) -> dict[str, int]:
+        """Parameters of Anchor(self) by part, in closed form (a tied head counted once), without building
+        the model: "embedding" (+ an untied head), "attention", "ffn", "norms". A run's size check uses it
+        before anything is allocated."""
+        d, q, kv = self.n_embd, self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        return {"embedding": self.vocab_size * d * (1 if self.tie_embeddings else 2),
+                "attention": self.n_layer * (2 * d * q + 2 * d * kv),  # wq, wo; wk, wv
+                "ffn": self.n_layer * 3 * d * self.ffn_hidden,
+                "norms": self.n_layer * (2 * d + (2 * self.head_dim if self.qk_norm else 0)) + d}
+
+    def num_params(self) -> int:
+        """Anchor(self).num_params(), computed from the config alone."""
+        return sum(self.param_counts().values())
+
     # ---- lookup ----
     @classmethod
     def from_name(cls, name: str, **overrides) -> "ModelConfig":

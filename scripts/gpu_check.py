@@ -22,7 +22,12 @@ Steps (each with its own time limit; all within --budget seconds; a step that ca
   bench-kernels    memlm bench-kernels --quick (alone: timings)
   demo             memlm demo --size gpu, anchor and memory stages (data and clustering prepared here)
 Results under --out (at most 8 files): summary.md (every figure, versions), results.json, logs.txt,
-memory_ffn-bf16.csv, the two smoke metrics.jsonl, gpu-tests.errors.jsonl.
+memory_ffn-bf16.csv, the two smoke metrics.jsonl, gpu-tests.errors.jsonl, and memlm's marker .memlm.json.
+
+--out and --prepare DIR are resolved against the current directory and must be new, empty, or an earlier
+output of the same kind (with memlm's marker): a re-run replaces exactly the files listed above (other
+files there stay). Anything else (a file, `.` or a parent, the home directory, --prepared, a directory
+holding other files or another memlm output) is refused before any work, in one line (exit 2).
 """
 from __future__ import annotations
 
@@ -36,12 +41,16 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_check_runner import DEVICE_MISSING, ROOT, Check, Step, dry_run, python, run_steps, tail  # noqa: E402
 
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+from model.atomic import (add_entries, atomic_path, atomic_write, atomic_write_json, claim_work_dir,  # noqa: E402
+                          clear_work_dir, is_inside, protected_reason, read_marker)
+from model.errors import ConfigError, MemlmError, OutputExistsError  # noqa: E402
 from train.cli import ArgumentParser, comma_list, positive_float  # noqa: E402  (stdlib only: safe on the GPU machine)
 
 DEFAULT_PREPARED = "runs/gpu-check-prepared"
@@ -52,6 +61,14 @@ DEMO_STEPS_SCALE = 0.1
 OUT_FILES = ("summary.md", "results.json", "logs.txt", "memory_ffn-bf16.csv", "smoke-triton.metrics.jsonl",
              "smoke-reference.metrics.jsonl", "gpu-tests.errors.jsonl")
 WORK_MARK = ".gpu-check-work"
+# model.atomic marker kinds: --out (results) and --prepare DIR (carried inputs); both are work dirs whose
+# marker lists the entries this script created (a re-run deletes / rebuilds exactly those)
+OUT_KIND, PREPARED_KIND = "gpu-check", "gpu-check-prepared"
+PREPARED_ENTRIES = ("data", "demo", "logs")
+
+
+class PrepareError(MemlmError, RuntimeError):
+    """A sub-step of --prepare failed; the message names the step, its exit code and its log."""
 
 
 def memlm(*args) -> list[str]:
@@ -123,7 +140,8 @@ def build_steps(prepared: str, out: str, work: str) -> list[Step]:
         for k in ("triton", "reference"):
             run = os.path.join(runs, f"smoke-{k}")
             if os.path.exists(os.path.join(run, "metrics.jsonl")):
-                shutil.copy(os.path.join(run, "metrics.jsonl"), os.path.join(out, f"smoke-{k}.metrics.jsonl"))
+                with atomic_path(os.path.join(out, f"smoke-{k}.metrics.jsonl")) as tmp:
+                    shutil.copy(os.path.join(run, "metrics.jsonl"), tmp)
                 fig[k] = _run_figures(run)
         return fig
 
@@ -210,12 +228,11 @@ def versions() -> dict:
 
 
 def write_results(out: str, records: list[dict], vers: dict, t0: float, budget: float) -> str:
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"versions": vers, "steps": records, "seconds": round(time.time() - t0, 1)}, f, indent=1)
-    with open(os.path.join(out, "logs.txt"), "w") as f:
-        for r in records:
-            for run in r.get("runs", []):
-                f.write(f"==== {r['name']}: {run['cmd']}\n(exit {run['rc']}, {run['seconds']} s)\n{tail(run['log'], 60)}\n\n")
+    atomic_write_json(os.path.join(out, "results.json"),
+                      {"versions": vers, "steps": records, "seconds": round(time.time() - t0, 1)})
+    atomic_write(os.path.join(out, "logs.txt"), "".join(
+        f"==== {r['name']}: {run['cmd']}\n(exit {run['rc']}, {run['seconds']} s)\n{tail(run['log'], 60)}\n\n"
+        for r in records for run in r.get("runs", [])))
     lines = [f"# memlm GPU check — {time.strftime('%Y-%m-%d %H:%M')}", "",
              f"Device: {vers.get('gpu')} ({vers.get('gpu_memory_gib', '?')} GiB, CUDA {vers.get('cuda', '?')}); "
              f"total {time.time() - t0:.0f} s of a {budget:.0f} s budget.", "",
@@ -230,53 +247,129 @@ def write_results(out: str, records: list[dict], vers: dict, t0: float, budget: 
             lines += ["", f"## {r['name']}: {r['title']}", ""]
             lines += [f"- {k}: {v}" for k, v in r["figures"].items()]
     path = os.path.join(out, "summary.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    atomic_write(path, "\n".join(lines) + "\n")
     return path
 
 
-def prepare(dirpath: str) -> int:
-    """Build the carried inputs on a CPU machine with the full install: a clustered wiki-leads data dir and
-    the GPU demo's data + clustering stages. Embedding caches are dropped (only paths and routers travel)."""
-    def run(cmd):
-        print("$ " + " ".join(map(str, cmd)), flush=True)
-        subprocess.run(list(map(str, cmd)), cwd=ROOT, check=True)
+def check_target(path: str, kind: str, flag: str, reads: tuple[tuple[str, str], ...] = ()) -> bool:
+    """Whether `path` (absolute) may be this script's `kind` output: new, empty, or carrying memlm's marker of
+    `kind`; OutputExistsError (one line naming `flag`) for a file, `.` or a parent of it, the home or root
+    directory, a directory that is, holds or lies in one of `reads` ((flag, path) of what the run reads) or
+    holds anything else. Creates nothing. True when `path` is an earlier output of `kind`."""
+    if os.path.lexists(path) and (not os.path.isdir(path) or os.path.islink(path)):
+        raise OutputExistsError(f"{flag} {path}: exists and is not a directory; give a new or empty directory")
+    why = protected_reason(path)
+    if why:
+        raise OutputExistsError(f"{flag} {path}: {why}; give a new or empty directory")
+    for rflag, rpath in reads:
+        if is_inside(rpath, path) or is_inside(path, rpath):
+            raise OutputExistsError(f"{flag} {path}: is, holds or lies in {rflag} {rpath}, which the check reads; "
+                                    "give another directory")
+    if not os.path.isdir(path):
+        return False
+    marker = read_marker(path)
+    if marker is not None and marker.get("kind") == kind:
+        return True
+    names = sorted(os.listdir(path))
+    if marker is not None or names:
+        what = (f"a memlm {marker.get('kind')!r} directory" if marker is not None else
+                f"files gpu_check.py did not write ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+        raise OutputExistsError(f"{flag} {path}: exists and holds {what}; gpu_check.py writes only into a new or "
+                                f"empty directory or an earlier {flag} of its own: give another {flag}")
+    return False
 
+
+def prepare_plan(dirpath: str) -> list[tuple[str, list[str]]]:
+    """The sub-steps of --prepare DIR (`dirpath` absolute), as (name, command); a finished clustered data dir
+    is kept (`memlm prepare` and `memlm demo` themselves reuse what is finished)."""
     data, demo = os.path.join(dirpath, "data"), os.path.join(dirpath, "demo")
+    plan = []
     if not os.path.exists(os.path.join(data, "router.json")):
-        run(memlm("prepare", "--corpus", "wiki-leads", "--out", data, "--vocab-size", 8192, "--window-tokens", 512,
-                  "--max-docs", 3000, "--no-progress"))
-        run(memlm("cluster", data, "--levels", 2, "--k", 4, "--max-tokens", 64))
-    run(memlm("demo", "--size", "gpu", "--out", demo, "--until", "data"))
+        plan += [("prepare-data", memlm("prepare", "--corpus", "wiki-leads", "--out", data, "--vocab-size", 8192,
+                                        "--window-tokens", 512, "--max-docs", 3000, "--no-progress")),
+                 ("cluster-data", memlm("cluster", data, "--levels", 2, "--k", 4, "--max-tokens", 64))]
     # the demo's own clustering settings (levels 2, k 8, seed 0, 256 pieces) in bfloat16: ~1.5x faster on
     # CPU; the demo's cluster stage then reuses these embeddings and the router
-    run(memlm("cluster", os.path.join(demo, "data"), "--levels", 2, "--k", 8, "--seed", 0, "--max-tokens", 256,
-              "--dtype", "bfloat16"))
-    run(memlm("demo", "--size", "gpu", "--out", demo, "--until", "cluster"))
-    for f in glob.glob(os.path.join(dirpath, "**", "*.window_minilm.npy"), recursive=True):
-        os.remove(f)
+    plan += [("demo-data", memlm("demo", "--size", "gpu", "--out", demo, "--until", "data")),
+             ("cluster-demo", memlm("cluster", os.path.join(demo, "data"), "--levels", 2, "--k", 8, "--seed", 0,
+                                    "--max-tokens", 256, "--dtype", "bfloat16")),
+             ("demo-cluster", memlm("demo", "--size", "gpu", "--out", demo, "--until", "cluster"))]
+    return plan
+
+
+def _run_logged(name: str, cmd: list[str], log: str) -> None:
+    """Run `cmd` (in the repository root), its output shown and kept in `log`; PrepareError if it fails."""
+    print(f"$ {' '.join(cmd)}   (log: {log})", flush=True)
+    with open(log, "w", encoding="utf-8", errors="replace") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace")
+        try:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                f.write(line)
+            rc = proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    if rc != 0:
+        last = tail(log, 1) or "no output"
+        raise PrepareError(f"--prepare: step {name} failed (exit {rc}): {last} -- full log: {log}")
+
+
+def prepare(dirpath: str, dry_run: bool = False, plan: Callable[[str], list] | None = None) -> int:
+    """Build the carried inputs on a CPU machine with the full install: a clustered wiki-leads data dir and
+    the GPU demo's data + clustering stages. Embedding caches are dropped (only paths and routers travel).
+    `dirpath` is resolved against the current directory; it must be new, empty or an earlier --prepare DIR
+    (memlm's marker, kind gpu-check-prepared); only what the sub-steps wrote under DIR/data and DIR/demo is
+    cleaned up."""
+    dirpath = os.path.abspath(dirpath)
+    check_target(dirpath, PREPARED_KIND, "--prepare")
+    steps = (plan or prepare_plan)(dirpath)
+    if dry_run:
+        print(f"[gpu-check] --prepare {dirpath}: {len(steps)} steps (dry run: nothing is written)")
+        for name, cmd in steps:
+            print(f"  {name}: {' '.join(map(str, cmd))}")
+        return 0
+    claim_work_dir(dirpath, PREPARED_KIND, option="--prepare")
+    add_entries(dirpath, PREPARED_ENTRIES)
+    logs = os.path.join(dirpath, "logs")
+    os.makedirs(logs, exist_ok=True)
+    for name, cmd in steps:
+        _run_logged(name, list(map(str, cmd)), os.path.join(logs, f"{name}.log"))
+    for entry in ("data", "demo"):  # the embedding caches the cluster steps wrote there: not carried
+        for f in glob.glob(os.path.join(glob.escape(os.path.join(dirpath, entry)), "**", "*.window_minilm.npy"),
+                           recursive=True):
+            os.remove(f)
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dirpath) for f in fs)
     print(f"prepared {dirpath}: {size / 2**20:.1f} MiB (carry it to the GPU machine with the working tree)")
     if size > 48 * 2**20:
-        print(f"gpu_check: {dirpath} is {size / 2**20:.0f} MiB, more than the 48 MiB it may take of the 64 MiB "
+        print(f"gpu_check.py: {dirpath} is {size / 2**20:.0f} MiB, more than the 48 MiB it may take of the 64 MiB "
               "that travel", file=sys.stderr)
         return 2
     return 0
 
 
-def _check_dirs(out: str, work: str) -> None:
-    """Before any work: --out and --work must be (or be creatable as) directories, and --work, which a run
-    deletes and rebuilds, must be new, empty or an earlier run's scratch dir (OutputExistsError otherwise)."""
-    from model.errors import ConfigError, OutputExistsError
-
-    for flag, path in (("--out", out), ("--work", work)):
-        if os.path.lexists(path) and not os.path.isdir(path):
-            raise ConfigError(f"{flag} {path}: is a file, not a directory; give another {flag}")
+def _check_dirs(out: str, work: str, prepared: str) -> None:
+    """Before any work (absolute paths): --out must be new, empty or an earlier run's results (memlm's marker,
+    kind gpu-check); --work, which a run deletes and rebuilds, new, empty or an earlier run's scratch dir;
+    neither may be `.`, a parent of it, the home directory, or overlap --prepared or each other."""
+    reads = (("--prepared", prepared),)
+    check_target(out, OUT_KIND, "--out", reads)
+    if os.path.lexists(work) and (not os.path.isdir(work) or os.path.islink(work)):
+        raise ConfigError(f"--work {work}: is a file, not a directory; give another --work")
+    why = protected_reason(work)
+    if why:
+        raise OutputExistsError(f"--work {work}: {why}, and a run deletes it; give a new or empty --work directory")
+    if is_inside(prepared, work) or is_inside(work, prepared):
+        raise OutputExistsError(f"--work {work}: is, holds or lies in --prepared {prepared}, which the check "
+                                "reads, and a run deletes it; give another --work")
     if os.path.isdir(work) and os.listdir(work) and not os.path.exists(os.path.join(work, WORK_MARK)):
         raise OutputExistsError(f"--work {work}: holds files gpu_check.py did not put there and a run deletes it; "
                                 "give a new or empty --work directory")
-    if os.path.abspath(out) == os.path.abspath(work) or os.path.abspath(out).startswith(os.path.abspath(work) + os.sep):
-        raise ConfigError(f"--out {out}: inside --work {work}, which a run deletes; give --out outside it")
+    if is_inside(out, work) or is_inside(work, out):
+        raise ConfigError(f"--out {out}: is, holds or lies in --work {work}, which a run deletes; give --out "
+                          "outside it")
 
 
 def main(argv=None) -> int:
@@ -294,32 +387,31 @@ def main(argv=None) -> int:
     p.add_argument("--prepare", metavar="DIR", help="build the carried inputs into DIR (CPU machine, full install)")
     args = p.parse_args(argv)
     if args.prepare:
-        return prepare(args.prepare)
-    out, work = os.path.abspath(args.out), os.path.abspath(args.work)
-    steps = build_steps(os.path.abspath(args.prepared), out, work)
+        return prepare(args.prepare, dry_run=args.dry_run)
+    out, work, prepared = (os.path.abspath(p) for p in (args.out, args.work, args.prepared))
+    steps = build_steps(prepared, out, work)
     names = [s.name for s in steps]
     for flag, chosen in (("--only", args.only or []), ("--skip", args.skip)):
         unknown = [n for n in chosen if n not in names]
         if unknown:
-            from model.errors import ConfigError
-
             raise ConfigError(f"{flag} {','.join(chosen)}: unknown step {unknown[0]!r}; steps: {', '.join(names)}")
+    _check_dirs(out, work, prepared)
     if args.dry_run:
         return 1 if dry_run(steps) else 0
-    _check_dirs(out, work)
-    if not os.path.isdir(args.prepared):
-        print(f"[gpu-check] {args.prepared} not found: the steps that train skip. Build it on a CPU machine with "
-              f"`python scripts/gpu_check.py --prepare {args.prepared}` and carry it along.", flush=True)
+    if not os.path.isdir(prepared):
+        print(f"[gpu-check] {prepared} not found: the steps that train skip. Build it on a CPU machine with "
+              f"`python scripts/gpu_check.py --prepare {prepared}` and carry it along.", flush=True)
     t0 = time.time()
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(os.path.join(work, "logs"))
     open(os.path.join(work, WORK_MARK), "w").close()
-    os.makedirs(out, exist_ok=True)
-    for name in OUT_FILES:
-        if os.path.isfile(os.path.join(out, name)):
-            os.remove(os.path.join(out, name))
-    if os.path.isdir(os.path.join(args.prepared, "demo")):
-        shutil.copytree(os.path.join(args.prepared, "demo"), os.path.join(work, "demo"))  # written to by the demo
+    # --out: adopt a new / empty dir (memlm's marker), or reuse an earlier run's: delete exactly the files the
+    # earlier run listed in its marker (files you added stay), then list this run's before any step writes one
+    claim_work_dir(out, OUT_KIND, option="--out")
+    clear_work_dir(out, OUT_KIND, flag="--out")
+    add_entries(out, OUT_FILES)
+    if os.path.isdir(os.path.join(prepared, "demo")):
+        shutil.copytree(os.path.join(prepared, "demo"), os.path.join(work, "demo"))  # written to by the demo
     vers = versions()
     print("[gpu-check] " + json.dumps(vers), flush=True)
     records = run_steps(steps, args.budget, os.path.join(work, "logs"), set(args.only) if args.only else None,

@@ -268,6 +268,14 @@ def _check_args(a) -> list[str]:
         raise BadInput("--override cannot be recorded: golden curves come from the recipes as written")
     if any("=" not in o for o in a.override):
         raise BadInput(f"--override {next(o for o in a.override if '=' not in o)!r}: expected KEY=VALUE")
+    if a.override:  # an unknown key or a bad value is the user's, not a training failure
+        from model.errors import MemlmError
+        from train.config import load_config
+
+        try:
+            load_config(None, a.override)
+        except MemlmError as e:
+            raise BadInput(f"--override {' '.join(a.override)}: {e}") from None
     return names
 
 

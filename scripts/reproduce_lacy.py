@@ -38,8 +38,8 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from train.cli import (ArgumentParser, check_out_dir, comma_list, nonnegative_int, number,  # noqa: E402
-                       positive_float, positive_int)
+from train.cli import (ArgumentParser, check_out_dir, comma_list, job_seed, number, positive_float,  # noqa: E402
+                       positive_int)
 from train.experiments.stages import StageRunner, recipe, short_path  # noqa: E402
 
 RULES = ("lacy", "loss", "rho", "random", "none")
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(also at the same time); a later run with every part reuses their stages")
     p.add_argument("--prepare-only", action="store_true",
                    help="run only the stages that need spaCy / faiss / MiniLM (then carry --out to a GPU)")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the corpus, training, selection and samples")
+    p.add_argument("--seed", type=job_seed, default=0, help="seed of the corpus, training, selection and samples")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--dry-run", action="store_true", help="print the stages and their commands; run nothing")
     p.add_argument("--fresh", action="store_true",

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model.errors import ConfigError  # noqa: E402
-from train.cli import ArgumentParser, check_out_dir, comma_list, nonnegative_int, positive_int  # noqa: E402
+from train.cli import ArgumentParser, check_out_dir, comma_list, job_seed, positive_int  # noqa: E402
 from train.experiments.stages import StageRunner, recipe, short_path  # noqa: E402
 
 PARTS = ("mech", "cap", "wiki")
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="default", choices=sorted(SIZES), help="preset (default: default)")
     p.add_argument("--parts", type=comma_list(choices=PARTS), default=",".join(PARTS), help=f"comma-separated parts among {', '.join(PARTS)}")
     p.add_argument("--out", default=None, help="output directory (default runs/repro-memory-<size>)")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the corpora, clustering, training and probes")
+    p.add_argument("--seed", type=job_seed, default=0, help="seed of the corpora, clustering, training and probes")
     p.add_argument("--mech-variants", type=comma_list(choices=MECH_VARIANTS), default=",".join(MECH_VARIANTS),
                    help=f"leaf assignments of the mechanism check (default all: {', '.join(MECH_VARIANTS)})")
     p.add_argument("--jobs", type=positive_int, default=None,

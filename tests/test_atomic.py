@@ -5,8 +5,9 @@ import os
 import numpy as np
 import pytest
 
-from model.atomic import (MARKER, JsonlAppender, atomic_dir, atomic_path, atomic_write, atomic_write_json,
-                          check_output_dir, read_jsonl, read_marker, remove_dir, remove_leftovers, verify_dir)
+from model.atomic import (MARKER, JsonlAppender, add_entries, atomic_dir, atomic_path, atomic_write, atomic_write_json,
+                          check_output_dir, claim_work_dir, read_jsonl, read_marker, remove_dir, remove_leftovers,
+                          verify_dir)
 from model.errors import CheckpointError, ConfigError, DataError, MemlmError, OutputExistsError, check_range
 
 
@@ -132,3 +133,100 @@ def test_check_range():
     with pytest.raises(ConfigError):
         check_range("optim.lr", float("nan"), min=0)
     assert issubclass(ConfigError, MemlmError) and issubclass(ConfigError, ValueError)
+
+
+def test_replace_and_remove_keep_files_memlm_did_not_write(tmp_path):
+    """A file or folder a user puts inside a memlm output is never deleted by --force, --rebuild, removal or
+    a redo: the command refuses and names it; files other commands add later to its kind are memlm's."""
+    from model.atomic import foreign_entries, remove_work_entry
+
+    out = tmp_path / "hf"
+    with atomic_dir(str(out), "hf-export") as d:
+        os.makedirs(os.path.join(d, "sub"))
+        open(os.path.join(d, "sub", "w.bin"), "w").write("x")
+    assert foreign_entries(str(out)) == []
+    (out / "NOTES.md").write_text("mine")
+    (out / "mine").mkdir()
+    assert foreign_entries(str(out)) == ["NOTES.md", "mine"]
+    with pytest.raises(OutputExistsError, match=r"NOTES\.md, mine.*--force"):
+        check_output_dir(str(out), "hf-export", replace=True)
+    with pytest.raises(OutputExistsError, match=r"NOTES\.md"):
+        remove_dir(str(out), "hf-export")
+    assert (out / "NOTES.md").read_text() == "mine" and (out / "sub" / "w.bin").exists()
+    # a data dir: the router and selection reports come later from other commands, and are memlm's
+    data = tmp_path / "data"
+    with atomic_dir(str(data), "data") as d:
+        open(os.path.join(d, "manifest.json"), "w").write("{}")
+    (data / "router.json").write_text("{}")
+    (data / "selection").mkdir()
+    assert foreign_entries(str(data)) == []
+    assert check_output_dir(str(data), "data", replace=True)
+    # a marked output inside a job's work dir (the demo's data): --redo refuses while a user file is in it
+    job = tmp_path / "job"
+    claim_work_dir(str(job), "demo")
+    with atomic_dir(str(job / "data"), "data") as d:
+        open(os.path.join(d, "manifest.json"), "w").write("{}")
+    add_entries(str(job), ["data"])
+    (job / "data" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match=r"notes\.txt.*redoing"):
+        remove_work_entry(str(job), "demo", str(job / "data"))
+    assert (job / "data" / "notes.txt").exists()
+    (job / "data" / "notes.txt").unlink()
+    remove_work_entry(str(job), "demo", str(job / "data"))
+    assert not (job / "data").exists()
+
+
+def test_pruning_keeps_a_checkpoint_holding_a_user_file(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from train.checkpoint import KIND, Checkpointer, step_dir_name
+
+    ckpt = tmp_path / "checkpoints"
+    for step in (1, 2, 3, 4):
+        with atomic_dir(str(ckpt / step_dir_name(step)), KIND) as d:
+            open(os.path.join(d, "meta.json"), "w").write("{}")
+    (ckpt / step_dir_name(1) / "notes.txt").write_text("mine")
+    fake = SimpleNamespace(cfg=SimpleNamespace(checkpoint=SimpleNamespace(keep_last_k=2)), ckpt_dir=str(ckpt))
+    Checkpointer.prune(fake)
+    assert sorted(os.listdir(ckpt)) == [step_dir_name(s) for s in (1, 3, 4)]
+    assert (ckpt / step_dir_name(1) / "notes.txt").read_text() == "mine"
+    assert "keeping" in capsys.readouterr().err
+
+
+def test_output_dir_edge_cases(tmp_path):
+    """A symlink target is named as one; a path inside a run's checkpoints/ is refused; a damaged marker is
+    named as damaged; a killed writer's hidden copy of the same target is removed by the next write."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(OutputExistsError, match="symbolic link"):
+        check_output_dir(str(tmp_path / "link"), "hf-export")
+    ckpts = tmp_path / "run" / "checkpoints"
+    with atomic_dir(str(ckpts / "step-0000001"), "checkpoint") as d:
+        open(os.path.join(d, "meta.json"), "w").write("{}")
+    with pytest.raises(OutputExistsError, match="checkpoints directory"):
+        check_output_dir(str(ckpts / "step-0000002"), "hf-export")
+    (ckpts / "step-0000001" / MARKER).write_text("{torn")
+    with pytest.raises(CheckpointError, match=r"\.memlm\.json: unreadable"):
+        verify_dir(str(ckpts / "step-0000001"))
+    dead = tmp_path / ".out.tmp-999999999-0123abcd"  # no such process
+    dead.mkdir()
+    live = tmp_path / f".out.tmp-{os.getpid()}-0123abcd"  # this process: may still be writing it
+    live.mkdir()
+    with atomic_dir(str(tmp_path / "out"), "hf-export") as d:
+        open(os.path.join(d, "f"), "w").write("x")
+    assert not dead.exists() and live.exists()
+
+
+def test_a_run_directory_has_one_writer(tmp_path):
+    from model.errors import ConfigError
+    from train.checkpoint import LOCK, check_fresh_run_dir, lock_run_dir
+
+    run = str(tmp_path / "run")
+    held = lock_run_dir(run)
+    with pytest.raises(ConfigError, match=r"another memlm pretrain is writing this run"):
+        lock_run_dir(run)
+    held.release()
+    lock_run_dir(run).release()  # free again
+    assert os.path.exists(os.path.join(run, LOCK))
+    check_fresh_run_dir(run)  # a lock file left by a run killed before config.yaml is not a stray

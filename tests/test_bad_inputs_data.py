@@ -110,7 +110,6 @@ ROWS = [
     ("nonstring-int-text", _prepare_case("nonstring_text.jsonl", ["{f}", "line 2", "int"])),
     ("list-text", _prepare_file("l.jsonl", '{"text": ["a list", "of strings"]}\n', names=("{f}", "line 1", "list"))),
     ("json-record-object-text", _prepare_file("r.json", '[{"text": {"a": 1}}]', names=("{f}", "record 0"))),
-    ("csv-number-text", _prepare_file("n.csv", "text\n12\n", names=("{f}", "row 1", "int"))),
     ("vocab-size-negative", _prepare_flags(["--vocab-size", "-5"], ["--vocab-size"])),
     ("vocab-size-below-bytes", _prepare_flags(["--vocab-size", "100"], ["--vocab-size", "259"])),
     ("val-fraction-one", _prepare_flags(["--val-fraction", "1"], ["--val-fraction"])),

@@ -224,9 +224,12 @@ def test_damaged_manifest_names_key_and_rebuild_works(bios_dir, tmp_path):
         with pytest.raises(ShardError, match=r"manifest\.json: missing key 'dtype'.*--rebuild"):
             call()
     (out / "keep.txt").write_text("a user's file inside the data dir")
+    with pytest.raises(OutputExistsError, match=r"keep\.txt.*--rebuild"):  # never deleted: named instead
+        _prep("bios", out, rebuild=True, **BIOS_KW)
+    assert (out / "keep.txt").read_text() == "a user's file inside the data dir"
+    (out / "keep.txt").unlink()
     _prep("bios", out, rebuild=True, **BIOS_KW)
     assert _shas(out) == before and open_data(str(out)).manifest["dtype"] == "uint16"
-    assert not (out / "keep.txt").exists()  # --rebuild replaces the whole (marked) data dir
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temporary leftovers
 
 

@@ -271,9 +271,9 @@ def test_harness_modes_on_a_local_task(runs, tmp_path, monkeypatch):
              "label": 0}, {"id": "b", "title": "y", "prompt": "Carl Cross studied at", "choices": ["Yale University",
                                                                                                  "Rice University"], "label": 1}]
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    from train.evaluation.wiki_probes import TASK_YAML
+    from train.evaluation.wiki_probes import task_yaml
 
-    (tmp_path / "tiny_mc.yaml").write_text(TASK_YAML.format(task="tiny_mc", path=str(tmp_path / "t.jsonl")))
+    (tmp_path / "tiny_mc.yaml").write_text(task_yaml("tiny_mc", str(tmp_path / "t.jsonl")))
     for mode in ("fetched", "generic", "anchor"):
         out = str(tmp_path / mode)
         assert harness_main([runs["memory"], "--tasks", "tiny_mc", "--include-path", str(tmp_path), "--mode", mode,
@@ -311,6 +311,15 @@ def test_harness_modes_on_a_local_task(runs, tmp_path, monkeypatch):
         want = sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
         assert ll == pytest.approx(want, abs=1e-4)
     assert np.isfinite([g[0] for g in got]).all()
+    # generate_until on the routed path: the run's own greedy continuation with that leaf's memory, to EOS
+    prompt, eos = docs[0]["prompt"], tok.eos_token_id
+    ids = tok.encode(prompt)
+    path = torch.as_tensor(router.route([prompt]), dtype=torch.long)
+    ref = model.generate(torch.tensor([ids]), 6, eos_id=eos, mem_path=path, mode="fetched")[0, len(ids):].tolist()
+    ref = ref[:ref.index(eos)] if eos in ref else ref
+    assert tok.convert_tokens_to_ids("<CALL>") not in ref
+    got = lm.generate_until([Req(prompt, {"until": [], "max_gen_toks": 6})])
+    assert got == [tok.decode(ref, skip_special_tokens=True)]
 
     # --route-top 2: each context goes to whichever of its 2 nearest leaves gives the context the lower loss;
     # the choices of one question share their context's path.
@@ -434,3 +443,23 @@ def test_e2e_fetched_beats_generic(tmp_path_factory):
     assert v["fetched"]["loss"] < v["generic"]["loss"]
     for b in rare:
         assert p["fetched"][b]["acc"] > p["generic"][b]["acc"], b
+
+
+def test_eval_refuses_data_clustered_by_another_router_and_route_top_above_k(runs, tmp_path):
+    """Data clustered again (another seed) has other paths: evaluating the run on it would send rows to
+    memories trained on other clusters. --route-top above k has no candidates to choose from."""
+    from model.errors import ConfigError, DataError
+    from train.commands.cluster import main as cluster
+    from train.commands.eval import main as ev
+
+    other = str(tmp_path / "data")
+    shutil.copytree(runs["data"], other)
+    assert cluster([other, "--levels", "2", "--k", "2", "--niter", "5", "--seed", "5", "--refit"]) == 0
+    with pytest.raises(DataError, match=r"--data .*another router than the run's"):
+        ev([runs["memory"], "--data", other, "--val-batches", "1", "--out", str(tmp_path / "e1")])
+    from train.pretrain import main as pretrain
+    with pytest.raises(DataError, match=r"init_from=.*another clustering"):
+        pretrain(_args(other, str(tmp_path), "re", 2, f"init_from={runs['memory']}", *MEM))
+    with pytest.raises(ConfigError, match=r"--route-top 5: .*k=2.*1\.\.2"):
+        ev([runs["memory"], "--data", runs["data"], "--val-batches", "1", "--probes-per-bucket", "1",
+            "--route-top", "5", "--out", str(tmp_path / "e2")])

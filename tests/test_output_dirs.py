@@ -454,3 +454,18 @@ def test_calibrate_force_replaces_only_its_own_output(tiny_run, bios_data, tmp_p
     assert rc == 0, err
     assert {"calibration.json", "calibration.png", MARKER} == set(os.listdir(tmp_path / "calibration"))
     assert sorted(os.listdir(tmp_path)) == ["calibration", "data"]
+
+
+def test_an_interrupted_subcommand_interrupts_the_job(tmp_path, monkeypatch):
+    """Ctrl-C inside a stage's memlm command (exit 130) ends the job as interrupted, not as a failure to fix."""
+    import train.cli
+    from model.errors import MemlmError
+    from train.experiments.stages import StageRunner
+
+    runner = StageRunner(str(tmp_path / "job"))
+    monkeypatch.setattr(train.cli, "main", lambda argv: 130)
+    with pytest.raises(KeyboardInterrupt):
+        runner.memlm("eval", "RUN")
+    monkeypatch.setattr(train.cli, "main", lambda argv: 2)
+    with pytest.raises(MemlmError, match="exit code 2"):
+        runner.memlm("eval", "RUN")

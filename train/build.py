@@ -75,6 +75,10 @@ def load_data_router(data, mem_cfg: MemoryConfig):
         raise DataError(f"{where}: not found; memory runs need the data's router (it is copied into every "
                         f"checkpoint): run `memlm cluster {data.path}`")
     router = Router.load(data.path)
+    if router.k != mem_cfg.k:  # the bank's branching must be the data's: say which key and value fit
+        raise ConfigError(f"memory.k={mem_cfg.k} but the data's clusters ({where}) have k={router.k}: set "
+                          f"memory.k={router.k}, or re-cluster the data with k={mem_cfg.k} "
+                          f"(`memlm cluster {data.path} --k {mem_cfg.k} --refit`)")
     try:
         router.check_bank(mem_cfg)
     except ValueError as e:
@@ -185,7 +189,93 @@ def resolve_run(cfg: RunConfig, data) -> tuple[RunConfig, InitSource | None, obj
             raise ConfigError(f"memory config vs model: {e}") from None
         check_cluster_paths(data, cfg.memory)
         router = load_data_router(data, cfg.memory)
+        _check_init_router(init, router, data)
+    check_size(cfg)
     return cfg, init, router
+
+
+def _check_init_router(init: InitSource | None, router, data) -> None:
+    """DataError when init_from is a memory run whose router is not the data's: its memories were trained
+    on other clusters, and the data's paths would fetch the wrong ones."""
+    from memory.router import Router
+
+    if init is None or init.kind != "run" or not Router.exists(init.step_dir):
+        return
+    if not router.same_tree(Router.load(init.step_dir)):
+        raise DataError(f"init_from={init.path}: its memories were trained with another clustering than "
+                        f"{data.path}'s router (re-clustered with another seed or --paths-from?); train on the data "
+                        "it was trained with, or start the memories afresh from an anchor run")
+
+
+# ---------------------------------------------------------------------------------------------
+# will it fit: a closed-form size check before anything is allocated
+
+GIB = 2**30
+
+
+def machine_memory() -> tuple[int, int | None]:
+    """(physical RAM in bytes, the CUDA device's total memory in bytes or None without CUDA)."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    gpu = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory \
+        if torch.cuda.is_available() else None
+    return ram, gpu
+
+
+def size_estimate(cfg: RunConfig) -> dict:
+    """What the run needs at least (activations not counted): {"params", "device", "host", "build",
+    "keys"}. device: bytes on the training device; trained parameters cost 16 (fp32 weights, gradients,
+    two AdamW moments; mixed precision keeps fp32 masters), frozen ones 4. host: an offloaded bank's weights
+    and moments (12 bytes a parameter) in host memory ("host"; "mmap" keeps them in files, not counted).
+    build: host bytes while the model is built in fp32 before it moves to a GPU. keys: the config keys of
+    the largest part of the model."""
+    m, mem = cfg.model, cfg.memory
+    counts = m.param_counts()
+    anchor = sum(counts.values())
+    rope = 2 * m.max_seq_len * m.head_dim * 4  # the RoPE cos/sin buffers
+    bank = generic = 0
+    if mem is not None:
+        from memory.config import bank_params, generic_params
+
+        bank, generic = bank_params(mem, m), generic_params(mem, m)
+    dense = anchor + generic + (bank if mem is not None and mem.storage == "resident" else 0)
+    frozen = anchor if mem is not None and mem.freeze_anchor else 0
+    device = 16 * dense - 12 * frozen + rope
+    if cfg.trainer.strategy == "fsdp":  # FSDP shards weights, gradients and optimizer state over the ranks
+        device //= int(os.environ.get("WORLD_SIZE", "1"))
+    host = 12 * bank if mem is not None and mem.storage == "host" else 0
+    parts = {"model.vocab_size model.n_embd": counts["embedding"],
+             "model.n_layer model.n_embd model.n_head model.head_dim model.n_kv_head": counts["attention"],
+             "model.n_layer model.n_embd model.ffn_hidden": counts["ffn"],
+             "model.max_seq_len model.head_dim": m.max_seq_len * m.head_dim,
+             "memory.k memory.widths memory.layers": bank}
+    return {"params": anchor + generic + bank, "device": device, "host": host, "build": 4 * dense + rope + host,
+            "keys": max(parts, key=parts.get).split()}
+
+
+def check_size(cfg: RunConfig, memory: tuple[int, int | None] | None = None) -> None:
+    """ConfigError naming the model's size keys when the run cannot fit in this machine's memory (RAM, or
+    the GPU's memory when training on CUDA), before anything is allocated: a typo such as
+    model.n_embd=1048576 would otherwise hang allocating or end in a RuntimeError. memory: (RAM, GPU) bytes,
+    default machine_memory()."""
+    ram, gpu = machine_memory() if memory is None else memory
+    need = size_estimate(cfg)
+    if gpu is None:
+        checks = [(need["device"] + need["host"], ram, "RAM")]
+    else:
+        checks = [(need["device"], gpu, "GPU memory"), (need["build"], ram, "RAM")]
+    for needed, has, what in checks:
+        if needed > has:
+            values = " ".join(f"{k}={_key_value(cfg, k)}" for k in need["keys"])
+            raise ConfigError(f"{values}: the model is too large for this machine: {need['params']:,} parameters "
+                              f"need ~{needed / GIB:,.1f} GiB (weights, gradients and AdamW state; activations "
+                              f"not counted) but it has {has / GIB:,.1f} GiB of {what}; make these values smaller")
+
+
+def _key_value(cfg: RunConfig, key: str):
+    from train.config import get_key
+
+    value = get_key(cfg, key)
+    return list(value) if isinstance(value, tuple) else value
 
 
 # ---------------------------------------------------------------------------------------------

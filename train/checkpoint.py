@@ -32,14 +32,15 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
 
-from model.atomic import (atomic_write_json, is_leftover, publish_dir, read_marker, remove_dir, remove_leftovers,
-                          verify_dir, write_marker)
+from model.atomic import (atomic_write_json, foreign_entries, is_leftover, publish_dir, read_marker, remove_dir,
+                          remove_leftovers, verify_dir, write_marker)
 from model.errors import CheckpointError, ConfigError, MemlmError
 from model.weights import load_weights, read_weights, save_weights
 from train.config import RunConfig, get_key, load_config, save_config
@@ -138,7 +139,24 @@ def choose_resume(cfg: RunConfig, log: Callable[[str], None]) -> str | None:
 
 # What a fresh start may find in its run dir: what an earlier start of the run wrote before it was killed
 # (before its first checkpoint), logger output, and directories memlm marked as its own (eval, hf exports).
-RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "checkpoints", "bank_live", "wandb", "lightning_logs"}
+RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "checkpoints", "bank_live", "wandb", "lightning_logs", ".lock"}
+LOCK = ".lock"  # held (flock) by the process writing the run: a second `memlm pretrain` of it is refused
+
+
+def lock_run_dir(run_dir: str):
+    """Take the run directory's lock for this process (rank 0), or raise ConfigError naming the run when
+    another process holds it (two trainings of one run would interleave their checkpoints and metrics).
+    Returns the held `filelock.FileLock`; the OS releases it if the process dies."""
+    from filelock import FileLock, Timeout
+
+    os.makedirs(run_dir, exist_ok=True)
+    lock = FileLock(os.path.join(run_dir, LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ConfigError(f"{run_dir} (runs_dir/name): another memlm pretrain is writing this run (it holds "
+                          f"{os.path.join(run_dir, LOCK)}); wait for it to finish, or choose another name=") from None
+    return lock
 
 
 def check_fresh_run_dir(run_dir: str) -> None:
@@ -157,7 +175,12 @@ def check_fresh_run_dir(run_dir: str) -> None:
                           f"{', ...' if len(foreign) > 3 else ''}); a new run would overwrite config.yaml and "
                           "metrics.jsonl there: choose another name= or runs_dir=")
     config = os.path.join(run_dir, "config.yaml")
-    if os.path.lexists(config):
+    if not os.path.lexists(config):  # a run writes config.yaml before anything else: these are not a run's
+        strays = sorted(n for n in os.listdir(run_dir) if n in RUN_ENTRIES and n != LOCK)
+        if strays:
+            raise ConfigError(f"{where}: holds {', '.join(strays)} but no config.yaml, so not a memlm run's files; "
+                              "a new run would overwrite them: choose another name= or runs_dir=")
+    else:
         try:
             load_config(config)
         except (MemlmError, OSError, ValueError) as e:
@@ -172,9 +195,25 @@ def read_run_config(step_dir: str) -> RunConfig:
     return load_config(path)
 
 
+def read_file(path: str, read: Callable[[str], Any]) -> Any:
+    """`read(path)`, with a file damaged at its recorded size (so the marker check passed) turned into a
+    CheckpointError naming it: the unpickling, JSON, zip and key errors a reader raises on garbage."""
+    try:
+        return read(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete, use another one") from None
+    except Exception as e:  # noqa: BLE001 - torch.load and json raise many types on damaged bytes
+        raise CheckpointError(f"{path}: damaged ({type(e).__name__}: {' '.join(str(e).split())[:120]}); resume from "
+                              "an older checkpoint (checkpoint.resume=RUN/checkpoints/step-...)") from None
+
+
+def _json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def read_step(step_dir: str) -> int:
-    with open(os.path.join(step_dir, "meta.json")) as f:
-        return int(json.load(f)["step"])
+    return read_file(os.path.join(step_dir, "meta.json"), lambda p: int(_json(p)["step"]))
 
 
 def check_resume(saved: RunConfig, now: RunConfig, step_dir: str) -> None:
@@ -289,6 +328,10 @@ class Checkpointer:
         k = self.cfg.checkpoint.keep_last_k
         intact = [p for _, p in step_dirs(self.ckpt_dir) if check_step_dir(p) is None]
         for old in intact[:-k] if k > 0 else []:
+            if foreign_entries(old):  # a file someone put in it: keep the whole checkpoint, say so
+                print(f"checkpoint: keeping {old} (it holds {', '.join(foreign_entries(old))}, which memlm did "
+                      "not write); delete it yourself", file=sys.stderr)
+                continue
             remove_dir(old, KIND)
 
     def _meta(self, step: int, val: dict) -> dict:
@@ -310,7 +353,8 @@ class Checkpointer:
         """Restore every component from `step_dir` (all ranks); returns (step, micro-batches this rank
         consumed). Call it last before training: it also restores this rank's RNG."""
         check_resume(read_run_config(step_dir), self.cfg, step_dir)
-        sd = torch.load(os.path.join(step_dir, "optimizer.pt"), map_location="cpu", weights_only=True)
+        sd = read_file(os.path.join(step_dir, "optimizer.pt"),
+                       lambda p: torch.load(p, map_location="cpu", weights_only=True))
         self.load_state(step_dir, sd)
         if self.model.has_memory and self.model.bank.has_checkpoint(step_dir):
             self.model.bank.load_checkpoint(self.model.bank.checkpoint_dir(step_dir))
@@ -318,11 +362,10 @@ class Checkpointer:
         batches = step * self.cfg.optim.accumulate
         path = os.path.join(step_dir, f"data_state_rank{self.rank}.json")
         if os.path.isfile(path):
-            with open(path) as f:
-                batches = int(json.load(f)["batches"])
+            batches = read_file(path, lambda p: int(_json(p)["batches"]))
         rng = os.path.join(step_dir, f"rng_rank{self.rank}.pt")
         if os.path.isfile(rng):  # another world size: rank r may have none (nothing random to replay then)
-            set_rng_state(torch.load(rng, weights_only=True))
+            read_file(rng, lambda p: set_rng_state(torch.load(p, weights_only=True)))
         return step, batches
 
 

@@ -87,6 +87,9 @@ positive_float = number(float, 0, low_open=True)
 nonnegative_float = number(float, 0)
 probability = number(float, 0, 1)  # [0, 1]
 rate = number(float, 0, 1, low_open=True)  # (0, 1]
+SEED_MAX = 2**31 - 1  # FAISS k-means takes a signed 32-bit seed
+seed = number(int, 0, SEED_MAX)
+job_seed = number(int, 0, SEED_MAX - 100)  # jobs (demo, reproductions) give their stages seed + a small offset
 
 
 def comma_list(item: Callable[[str], object] | None = None, choices=None):
@@ -109,6 +112,46 @@ def comma_list(item: Callable[[str], object] | None = None, choices=None):
 
     parse.__name__ = "list"
     return parse
+
+
+def add_output_args(p: argparse.ArgumentParser, command: str, default: str | None = None,
+                    required: bool = False, what: str = "") -> None:
+    """The `--out DIR` and `--force` pair of every command that writes an output directory (built under
+    a temporary name, marked, renamed into place: model/atomic.py). `what` says what the directory holds
+    and its default; `command` names whose earlier output `--force` may replace."""
+    p.add_argument("--out", default=default, required=required,
+                   help=f"output directory{' for ' + what if what else ''}, new or empty (written under a "
+                        f"temporary name and renamed into place)")
+    p.add_argument("--force", action="store_true",
+                   help=f"replace --out if it holds an earlier memlm {command} output (never any other directory)")
+
+
+def torch_device(text: str) -> str:
+    """An argparse `type=` for `--device`: a torch device string that exists on this machine."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be a torch device such as cpu, cuda or cuda:1, got {text!r}") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device; use cpu")
+        if dev.index is not None and dev.index >= n:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise argparse.ArgumentTypeError(f"{text!r}: memlm runs on cpu or cuda")
+    return text
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    """`--device`: a torch device that exists here (checked when parsed); default cuda when one is
+    available, else cpu."""
+    import torch
+
+    p.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device: cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
 
 
 def check_out_dir(path: str, flag: str = "--out") -> str:

@@ -12,6 +12,8 @@ checkpoint. This module never imports Lightning (inference commands read configs
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
 import math
 import os
 import types
@@ -167,22 +169,41 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+# The sections of a run config, each with an example key for error messages (`optim=3` is a mistake).
+SECTIONS: dict[str, tuple[type, str]] = {
+    "model": (ModelConfig, "model.n_layer=4"), "data": (DataConfig, "data.seq_len=256"),
+    "optim": (OptimConfig, "optim.lr=3e-4"), "trainer": (TrainerConfig, "trainer.max_steps=1000"),
+    "logging": (LoggingConfig, "logging.logger=none"), "checkpoint": (CheckpointConfig, "checkpoint.every=500"),
+    "memory": (MemoryConfig, "memory.preset=tiny"),
+}
+
+
 # ---------------------------------------------------------------------------------------------
 # value checks: every numeric key has a range (tests/test_config.py checks that none is missing)
 
+STEPS = 2**31  # upper bound of step counts: far beyond any run, but a typo such as 1e30 fails at load
+# Upper bounds of the model's sizes (a config's sanity limits; ModelConfig itself, e.g. an HF import, has
+# none). Sizes below them can still be too large for the machine: train/build.py:check_size says so.
+MODEL_LIMITS = {"vocab_size": 2**24, "n_layer": 4096, "n_embd": 2**20, "n_head": 4096, "n_kv_head": 4096,
+                "head_dim": 2**20, "ffn_hidden": 2**24, "max_seq_len": 2**20}
+
 RANGES: dict[str, dict] = {
     "seed": dict(min=0, max=2**32 - 1),
-    "data.seq_len": dict(min=1), "data.batch_size": dict(min=1), "data.num_workers": dict(min=0),
-    "optim.lr": dict(min=0.0), "optim.min_lr": dict(min=0.0), "optim.warmup_steps": dict(min=0),
+    "data.seq_len": dict(min=1, max=2**20), "data.batch_size": dict(min=1, max=2**20),
+    "data.num_workers": dict(min=0, max=1024),
+    "optim.lr": dict(min=0.0), "optim.min_lr": dict(min=0.0), "optim.warmup_steps": dict(min=0, max=STEPS),
     "optim.weight_decay": dict(min=0.0), "optim.betas": dict(min=0.0, max=1.0, max_open=True),
-    "optim.eps": dict(min=0.0, min_open=True), "optim.grad_clip": dict(min=0.0), "optim.accumulate": dict(min=1),
-    "trainer.max_steps": dict(min=1), "trainer.val_every": dict(min=0), "trainer.val_batches": dict(min=1),
-    "trainer.log_every": dict(min=1),
-    "checkpoint.every": dict(min=0), "checkpoint.keep_last_k": dict(min=0),
-    "memory.k": dict(min=1), "memory.widths": dict(min=0), "memory.generic_prob": dict(min=0.0, max=1.0),
+    "optim.eps": dict(min=0.0, min_open=True), "optim.grad_clip": dict(min=0.0),
+    "optim.accumulate": dict(min=1, max=2**20),
+    "trainer.max_steps": dict(min=1, max=STEPS), "trainer.val_every": dict(min=0, max=STEPS),
+    "trainer.val_batches": dict(min=1, max=STEPS), "trainer.log_every": dict(min=1, max=STEPS),
+    "checkpoint.every": dict(min=0, max=STEPS), "checkpoint.keep_last_k": dict(min=0, max=STEPS),
+    "memory.k": dict(min=1, max=2**20), "memory.widths": dict(min=0, max=2**24),
+    "memory.generic_prob": dict(min=0.0, max=1.0),
     "memory.init_std": dict(min=0.0), "memory.lr": dict(min=0.0), "memory.min_lr": dict(min=0.0),
-    "memory.weight_decay": dict(min=0.0), "memory.shard_mb": dict(min=1),
-    **{f"model.{k}": v for k, v in MODEL_RANGES.items()},
+    "memory.weight_decay": dict(min=0.0), "memory.shard_mb": dict(min=1, max=2**20),
+    **{f"model.{k}": dict(v, **({"max": MODEL_LIMITS[k]} if k in MODEL_LIMITS else {}))
+       for k, v in MODEL_RANGES.items()},
 }
 CHOICES: dict[str, tuple] = {
     "trainer.precision": PRECISIONS, "trainer.strategy": ("auto", "ddp", "fsdp"),
@@ -200,9 +221,12 @@ def get_key(cfg: RunConfig, key: str):
 
 
 def _check_value(key: str, value) -> None:
+    bounds = RANGES[key]
+    lower = {k: v for k, v in bounds.items() if k.startswith("min")}
     for v in value if isinstance(value, tuple) else (value,):
         if v is not None:
-            check_range(key, v, **RANGES[key])
+            check_range(key, v, **lower)  # below the minimum: only it is named (data.batch_size=-2: must be >= 1)
+            check_range(key, v, **bounds)
 
 
 def check(cfg: RunConfig) -> RunConfig:
@@ -223,6 +247,15 @@ def check(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"{section}.min_lr={s.min_lr} is above {section}.lr={s.lr}: the cosine decay "
                               f"would rise; give {section}.min_lr <= {section}.lr")
     return cfg
+
+
+def config_warnings(cfg: RunConfig) -> list[str]:
+    """Settings that are valid but most likely not meant (memlm pretrain prints them as warnings)."""
+    out = []
+    if cfg.optim.warmup_steps > cfg.trainer.max_steps:
+        out.append(f"optim.warmup_steps={cfg.optim.warmup_steps} is more than trainer.max_steps="
+                   f"{cfg.trainer.max_steps}: the learning rate never reaches optim.lr; lower optim.warmup_steps")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,32 +334,73 @@ def _coerce(value, tp, key: str):
     return value
 
 
+def known_keys() -> list[str]:
+    """Every dotted key a run config accepts (model.preset and memory.preset too)."""
+    keys = [f.name for f in dataclasses.fields(RunConfig) if f.name not in SECTIONS and f.name != "model_preset"]
+    for name, (cls, _) in SECTIONS.items():
+        keys += [f"{name}.{f.name}" for f in dataclasses.fields(cls)]
+        if name in ("model", "memory"):
+            keys.append(f"{name}.preset")
+    return keys
+
+
+def _unknown_key(full: str, prefix: str, names) -> ConfigError:
+    """The error of an unknown key, with the closest known key when there is one (`optim.max_steps` ->
+    trainer.max_steps, `optim.lrr` -> optim.lr, `model_preset` -> model.preset), else its section's keys."""
+    keys, leaf = known_keys(), full.split(".")[-1]
+    here = sorted(k[len(prefix) + 1:] for k in keys if k.startswith(prefix + ".")) if prefix else sorted(names)
+    close = [k for k in keys if k.split(".")[-1] == leaf]  # the same name in another section
+    if not close:
+        close = [f"{prefix}.{k}" for k in difflib.get_close_matches(leaf, here, n=1)] if prefix else \
+            difflib.get_close_matches(full, keys, n=1)
+    hint = f"did you mean {' or '.join(close)}?" if close else \
+        f"known under {prefix or 'the top level'}: {', '.join(here)}"
+    return ConfigError(f"unknown config key {full!r}; {hint}")
+
+
+def _show(value) -> str:
+    """A value as the user typed it (3, true, [1], foo)."""
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def _not_a_section(name: str, value) -> ConfigError:
+    example = SECTIONS[name][1]
+    key = example.split("=")[0]
+    off = ", or memory=null for no memory" if name == "memory" else ""
+    return ConfigError(f"{name}={_show(value)}: `{name}` is a section (a mapping of keys such as {key}); set its "
+                       f"keys, e.g. {example}{off}")
+
+
 def _fill_dataclass(cls, values: dict, prefix: str, base=None):
     """Build `cls` from a dict, starting from `base` (or defaults); unknown keys -> ConfigError."""
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix}: expected a mapping of keys, got {values!r}")
     obj = base if base is not None else cls()
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    # model_preset is derived from model.preset (saved under that name), never a key of its own
+    names = {f.name for f in dataclasses.fields(cls)} - {"model_preset"}
     updates = {}
     for k, v in values.items():
         full = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
-            raise ConfigError(f"unknown config key {full!r} (known under {prefix or 'top level'}: "
-                              f"{', '.join(sorted(names))})")
+            raise _unknown_key(full, prefix, names)
         sub = getattr(obj, k)
+        if not prefix and k in SECTIONS and not isinstance(v, dict):
+            raise _not_a_section(k, v)
         if dataclasses.is_dataclass(sub) and isinstance(v, dict):
             updates[k] = _fill_dataclass(type(sub), v, full, base=sub)
         else:
             updates[k] = _coerce(v, hints.get(k, Any), full)
             if full in RANGES:  # before the dataclass derives anything from it (e.g. k**level)
-                _check_value(full, updates[k])
+                _check_value(full, v if type(v) in (int, float) else updates[k])  # 1e30 as typed
     return dataclasses.replace(obj, **updates)
 
 
 def _section(cls, section, name: str):
     """A `model` / `memory` section -> (dataclass, preset name): the preset first, then field overrides.
     The dataclass's own checks (e.g. divisibility) become ConfigErrors naming the section."""
+    if section is not None and not isinstance(section, dict):
+        raise _not_a_section(name, section)
     section = dict(section or {})
     preset = section.pop("preset", None)
     try:
@@ -337,8 +411,8 @@ def _section(cls, section, name: str):
         return _fill_dataclass(cls, section, name, base=base), preset
     except ConfigError:
         raise
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"{name}: {e}") from None
+    except (ValueError, TypeError) as e:  # messages that name their key (memory.layers=...) stand alone
+        raise ConfigError(str(e) if str(e).startswith(f"{name}.") else f"{name}: {e}") from None
 
 
 def _set_dotted(tree: dict, key: str, value) -> None:
@@ -374,7 +448,9 @@ def _merge(a: dict, b: dict) -> dict:
 def from_dict(raw: dict) -> RunConfig:
     """A checked RunConfig from a nested dict (a parsed YAML recipe with overrides merged in)."""
     raw = dict(raw or {})
-    model_section, memory_section, _ = raw.pop("model", None), raw.pop("memory", None), raw.pop("model_preset", None)
+    model_section, memory_section = raw.pop("model", None), raw.pop("memory", None)
+    if isinstance(memory_section, str) and memory_section.lower() in ("null", "none"):
+        memory_section = None  # memory=none reads as the string "none": no memory, as memory=null
     cfg = _fill_dataclass(RunConfig, raw, "")
     model_cfg, preset = _section(ModelConfig, model_section, "model")
     memory_cfg = None if memory_section is None else _section(MemoryConfig, memory_section, "memory")[0]

@@ -49,8 +49,8 @@ def build_parser():
                     "dotted key=value pairs, e.g. optim.lr=3e-4 trainer.max_steps=200; every key is in "
                     "train/config.py and `--print-config` shows the resolved values.")
     p.add_argument("--config", "-c", help="YAML recipe (e.g. train/recipes/tiny-cpu.yaml); defaults otherwise")
-    p.add_argument("overrides", nargs="*", help="dotted overrides key=value (unknown keys and values out of range "
-                                               "are an error naming the key)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides key=value, before or after the options (unknown "
+                                               "keys and values out of range are an error naming the key)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p
 
@@ -94,11 +94,9 @@ def run(cfg) -> dict:
     """Train per `cfg`; returns {"run_dir", "step", "seconds"}. Raises MemlmError subclasses for every
     user mistake (bad config, data, init_from, damaged checkpoint) and TrainingError for a nan/inf loss."""
     import torch
-    from lightning.fabric.utilities.seed import seed_everything
 
     from model.errors import ConfigError
-    from train import build, checkpoint, loop
-    from train.flops import device_peak_flops, measure_cpu_peak
+    from train import build, checkpoint
 
     world, local, num_nodes, rank = _env_world()
     data = build.open_training_data(cfg)
@@ -111,14 +109,30 @@ def run(cfg) -> dict:
     resume_dir = checkpoint.choose_resume(cfg, log=lambda msg: print0(f"memlm pretrain: {msg}"))
     if resume_dir:
         checkpoint.check_resume(checkpoint.read_run_config(resume_dir), cfg, resume_dir)
-        start_step = checkpoint.read_step(resume_dir)
+        checkpoint.read_step(resume_dir)  # a damaged meta.json fails here, before anything is written
     own = resume_dir and os.path.realpath(resume_dir).startswith(os.path.realpath(cfg.run_dir) + os.sep)
     if not own:  # a new run (or one resumed from another's checkpoint): on every rank, before any write
         checkpoint.check_fresh_run_dir(cfg.run_dir)
+    lock = checkpoint.lock_run_dir(cfg.run_dir) if rank == 0 else None  # one writer per run directory
+    try:
+        return _train(cfg, data, tokenizer, init, router, resume_dir, (world, local, num_nodes))
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _train(cfg, data, tokenizer, init, router, resume_dir, layout) -> dict:
+    """`run` once the run is resolved, checked and locked: build, restore, fit."""
+    import torch
+    from lightning.fabric.utilities.seed import seed_everything
+
+    from train import build, checkpoint, loop
+    from train.flops import device_peak_flops, measure_cpu_peak
+
+    world, local, num_nodes = layout
     fabric, precision = _fabric(cfg, world, local, num_nodes)
-    if fabric.is_global_zero:
-        _prepare_run_dir(cfg, start_step if resume_dir else None)
+    if fabric.is_global_zero and not resume_dir:
+        _prepare_run_dir(cfg, None)
     if cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg.seed, workers=True, verbose=False)
@@ -141,6 +155,8 @@ def run(cfg) -> dict:
     batches = 0
     if resume_dir:  # last before training: it restores this rank's RNG too
         state.step, batches = ckpt.load(resume_dir)
+        if fabric.is_global_zero:  # after the load: a damaged checkpoint fails before the run's files change
+            _prepare_run_dir(cfg, state.step)
     bank = model.bank if model.has_memory else None
     train_loader = build.make_loader(cfg, "train", fabric.global_rank, fabric.world_size, batches, bank=bank)
     val_loader = build.make_loader(cfg, "val", fabric.global_rank, fabric.world_size) if cfg.trainer.val_every else None
@@ -205,10 +221,13 @@ def _state_io(fabric, model, wrapped, optimizers) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.config import load_config
+    from train.config import config_warnings, load_config
 
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    # intermixed: key=value overrides may come before and after options (`... data.path=D --print-config x=1`)
+    args = build_parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(args.config, args.overrides)
+    for msg in config_warnings(cfg):
+        print0(f"warning: {msg}", file=sys.stderr)
     if args.print_config:
         print(cfg.to_yaml())
         return 0

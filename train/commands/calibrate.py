@@ -14,9 +14,8 @@ import os
 import sys
 
 import numpy as np
-import torch
 
-from train.cli import ArgumentParser, check_out_dir, positive_int
+from train.cli import ArgumentParser, add_device_arg, add_output_args, check_out_dir, number, positive_int
 
 
 KIND = "calibrate"  # the kind in the marker of the output directory (model/atomic.py)
@@ -29,14 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slm", action="append", required=True, help="[LABEL=]RUN of an SLM (repeatable)")
     p.add_argument("--split", default="val", help="held-out split (default val)")
     p.add_argument("--max-windows", type=positive_int, default=400, help="windows scored per SLM")
-    p.add_argument("--bins", type=positive_int, default=10, help="equal-width bins of P(<CALL>) for ECE")
+    p.add_argument("--bins", type=number(int, 1, 1000), default=10, help="equal-width bins of P(<CALL>) for ECE (1..1000)")
     p.add_argument("--n-boot", type=positive_int, default=200, help="bootstrap resamples of windows")
     p.add_argument("--batch-size", type=positive_int, default=32, help="windows per forward pass")
-    p.add_argument("--out", default="calibration", help="output directory, new or empty (written under a temporary "
-                                                        "name and renamed into place)")
-    p.add_argument("--force", action="store_true",
-                   help="replace --out if it holds an earlier memlm calibrate output (never any other directory)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    add_output_args(p, "calibrate", default="calibration")
+    add_device_arg(p)
     return p
 
 
@@ -74,11 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     from model.atomic import atomic_dir, atomic_write_json, check_output_dir
     from model.errors import DataError
     from train.lacy.calibration import positions, summarize
-    from train.lacy.factscore import parse_slm
+    from train.lacy.factscore import check_slm_labels, parse_slm
     from train.lacy.score import Scorer
 
     from train.checkpoint import find_step_dir
 
+    check_slm_labels(args.slm)
     for spec in args.slm:  # every run exists before the first one is scored
         find_step_dir(parse_slm(spec)[1])
     sources = [args.data, *(parse_slm(spec)[1] for spec in args.slm)]

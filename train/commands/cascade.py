@@ -13,9 +13,7 @@ import argparse
 import json
 import sys
 
-import torch
-
-from train.cli import ArgumentParser, nonnegative_float, nonnegative_int, positive_int
+from train.cli import ArgumentParser, add_device_arg, nonnegative_float, positive_int, seed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,11 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", default=None, help='stop once the completion ends with this text (e.g. "." for one sentence)')
     p.add_argument("--max-word-tokens", type=positive_int, default=8, help="cap on large-model tokens per call")
     p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="SLM sampling temperature (0 = greedy)")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="sampling seed")
+    p.add_argument("--seed", type=seed, default=0, help="sampling seed")
     p.add_argument("--mode", default=None, choices=("fetched", "generic", "anchor"),
                    help="memory SLM: fetched (route the prompt; the default), generic block, or anchor only")
     p.add_argument("--no-calls", action="store_true", help="the SLM alone (<CALL> suppressed)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    add_device_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     return p
 

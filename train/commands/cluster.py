@@ -36,7 +36,7 @@ import numpy as np
 from memory.embed import (EMB, EMB_SENTENCES, MAX_TOKENS, copy_embeddings, copy_window_array, embed_windows,
                           has_embeddings, window_texts)
 from model.errors import ConfigError, DataError
-from train.cli import ArgumentParser, nonnegative_int, number, positive_int
+from train.cli import ArgumentParser, add_device_arg, number, positive_int, seed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="data dir written by `memlm prepare`")
     p.add_argument("--levels", type=positive_int, default=3, help="depth of the cluster tree (= number of memory levels)")
     p.add_argument("--k", type=number(int, 2), default=16, help="branching factor (children per node, >= 2)")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of k-means and of the --max-fit sample")
+    p.add_argument("--seed", type=seed, default=0, help="seed of k-means and of the --max-fit sample")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="at most N texts per MiniLM forward pass (default 64 on CPU, 512 on GPU; windows are "
                         "sorted by length first, so a batch pads little)")
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "never below 1/k)")
     p.add_argument("--niter", type=positive_int, default=20, help="k-means iterations per node")
     p.add_argument("--splits", default="train,val", help="comma-separated splits to embed and assign")
-    p.add_argument("--device", default=None, help="device for MiniLM (default: cuda if available, else cpu)")
+    add_device_arg(p)
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="MiniLM precision (default float16 on GPU, float32 on CPU)")
     p.add_argument("--refit", action="store_true", help="fit a new tree even if DATA/router.* matches the settings")
@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     from memory.router import Router
 
     dd = open_data(args.data)
+    if args.max_share is not None and args.max_share * args.k < 1:
+        raise ConfigError(f"--max-share {args.max_share}: below 1/k = {1 / args.k:.3g} (k={args.k}), so no child could "
+                          "hold its share; give --max-share >= 1/k")
     if args.k ** args.levels > MAX_LEAVES:
         raise ConfigError(f"--k {args.k} --levels {args.levels}: {args.k ** args.levels:,} leaves is more than "
                           f"{MAX_LEAVES:,}; use fewer levels or a smaller k")
@@ -206,9 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: only {n_train} train windows for k={args.k}; many clusters will be empty", file=sys.stderr)
 
     # 1. embed ---------------------------------------------------------------------------------
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device
     all_shards = [sh for s in splits for sh in shards[s]]
     emb = EMB_SENTENCES if args.embed_text == "sentences" else EMB
     if args.embeddings_from and not args.reembed:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-from train.cli import ArgumentParser, nonnegative_int, positive_float, run_command
+from train.cli import ArgumentParser, job_seed, positive_float, run_command
 from train.experiments.demo import Demo, SIZES, STAGES
 
 
@@ -26,7 +26,7 @@ def build_parser() -> ArgumentParser:
                    help="demo directory (default runs/demo): new, empty, or one an earlier demo made")
     p.add_argument("--size", choices=["auto", *SIZES], default="auto",
                    help="auto: gpu when CUDA is available, else cpu (fits 15 minutes on 2 cores)")
-    p.add_argument("--seed", type=nonnegative_int, default=0,
+    p.add_argument("--seed", type=job_seed, default=0,
                    help="seed of the corpus, the clustering and the training runs")
     p.add_argument("--large", default=None,
                    help="large model of the cascade: a transformers dir or memlm run (default: SmolLM2-135M)")

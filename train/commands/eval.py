@@ -42,7 +42,8 @@ import torch
 import numpy as np
 
 from model.errors import CheckpointError, ConfigError, DataError
-from train.cli import ArgumentParser, check_out_dir, nonnegative_int, positive_int
+from train.cli import (ArgumentParser, add_device_arg, add_output_args, check_out_dir, nonnegative_int, positive_int,
+                       seed)
 from train.evaluation.memory_eval import (ALL_MODES, DIFF_PAIRS, cluster_table, eval_val, loss_routed_paths,
                                           probe_correct, probe_diffs, probe_summary, sample_probes, write_json)
 
@@ -55,23 +56,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run dir (its newest checkpoint) or a checkpoint step dir")
     p.add_argument("--data", required=True, help="data dir (memlm prepare + memlm cluster) whose val split and "
                                                  "bios probes are evaluated")
-    p.add_argument("--out", help="output dir for eval.json and eval.png, new or empty (default: RUN/eval)")
-    p.add_argument("--force", action="store_true",
-                   help="replace --out if it holds an earlier memlm eval output (never any other directory)")
+    add_output_args(p, "eval", what="eval.json and eval.png (default: RUN/eval)")
     p.add_argument("--val-batches", type=positive_int, default=None,
                    help="evaluate N batches of a seeded shuffle of the val rows (default: the whole val split)")
     p.add_argument("--probes-per-bucket", type=nonnegative_int, default=100,
                    help="at most N probes per frequency bucket (seeded sample; 0 skips the probes)")
     p.add_argument("--modes", default=",".join(ALL_MODES),
                    help="comma-separated modes among fetched, generic, anchor (an anchor run: anchor only)")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the probe sample and of the val row order")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the probe sample and of the val row order")
     p.add_argument("--batch-size", type=positive_int, default=None, help="val rows per batch (default: the run's)")
     p.add_argument("--seq-len", type=positive_int, default=None, help="val row length (default: the run's data.seq_len)")
-    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    add_device_arg(p)
     p.add_argument("--route-top", type=nonnegative_int, default=0, metavar="M",
                    help="also score fetched_top<M>: route each prompt to the one of its M nearest leaves whose "
                         "memory gives the prompt the lowest loss (default 0: off)")
     return p
+
+
+def _check_same_router(router, data_dir: str, step_dir: str) -> None:
+    """DataError when --data was clustered by another tree than the run's router: its stored paths would
+    send validation rows to memories trained on other clusters."""
+    from memory.router import Router
+
+    if router is not None and Router.exists(data_dir) and not router.same_tree(Router.load(data_dir)):
+        raise DataError(f"--data {data_dir}: clustered by another router than the run's ({step_dir}/router.json): "
+                        "its paths address other memories; evaluate on the data the run was trained with (or "
+                        "clustered with the same memlm cluster command and seed)")
 
 
 def route_probes(model, router, data, tokenizer, probes, route_top: int, device, step_dir) -> tuple[dict, dict]:
@@ -124,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     elif tokenizer_hash(tokenizer) != data.manifest["tokenizer_hash"]:
         raise DataError(f"--data {args.data}: its tokenizer differs from the run's ({step_dir}/tokenizer); evaluate on the data the "
                         "run was trained with (or data prepared with the same tokenizer)")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device)
     model = model.to(device).eval()
 
     is_mem = model.has_memory
@@ -141,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         modes = ["anchor"]
     if is_mem:
         check_cluster_paths(data, model.mem_cfg)
+        _check_same_router(router, args.data, step_dir)
         by_leaf = True
     else:  # anchor runs: rows by leaf (and per-cluster numbers) when the data is clustered
         by_leaf = bool(data.n_levels) and all(sh.has_array("paths") for sh in data.shards("val"))

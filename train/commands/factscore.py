@@ -21,9 +21,8 @@ import json
 import os
 import sys
 
-import torch
-
-from train.cli import ArgumentParser, check_out_dir, nonnegative_int, positive_int, probability
+from train.cli import (ArgumentParser, add_device_arg, add_output_args, check_out_dir, nonnegative_int, positive_int,
+                       probability, seed)
 
 
 def _taus(text: str) -> list:
@@ -81,12 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed-check", type=nonnegative_int, default=0,
                    help="time the one-prompt loop vs the batched cascade on this many prompts (first --slm)")
     p.add_argument("--mode", default="fetched", choices=("fetched", "generic", "anchor"), help="memory SLMs")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for sampling people (and the bootstrap)")
-    p.add_argument("--out", default="factscore", help="output directory, new or empty (written under a temporary "
-                                                      "name and renamed into place)")
-    p.add_argument("--force", action="store_true",
-                   help="replace --out if it holds an earlier memlm factscore output (never any other directory)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--seed", type=seed, default=0, help="seed for sampling people (and the bootstrap)")
+    add_output_args(p, "factscore", default="factscore")
+    add_device_arg(p)
     return p
 
 
@@ -101,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     from train.checkpoint import find_step_dir
     from train.lacy.cascade import Cascade, large_alone_batch, load_large, load_memlm
     from train.evaluation.stats import ratio_ci
-    from train.lacy.factscore import curves, evaluate, parse_slm, plot_curves, speed_check, table, tau_name
+    from train.lacy.factscore import (check_slm_labels, curves, evaluate, parse_slm, plot_curves, speed_check, table,
+                                      tau_name)
 
     if not args.slm and not args.large_alone:
         raise ConfigError("--slm: give at least one --slm RUN (or --large-alone)")
@@ -111,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         args.prompt.format(name="Ada Lovelace")
     except (KeyError, IndexError, ValueError) as e:
         raise ConfigError(f"--prompt {args.prompt!r}: bad placeholder ({e!r}); the only one is {{name}}") from None
+    check_slm_labels(args.slm)
     for spec in args.slm:  # before the large model loads
         find_step_dir(parse_slm(spec)[1])
     sources = [args.data, *(parse_slm(spec)[1] for spec in args.slm), *([args.large] if args.large else [])]

@@ -4,8 +4,9 @@ The run is wrapped by train/evaluation/harness.py (registered with lm-eval as `m
 context is routed through the run's router (mode fetched; with --route-top M, to the one of its M nearest
 leaves whose memory gives the context the lowest loss), or gets the leaf holding most of the training
 windows of the document named by the task document's --key-field (mode oracle, needs --data), the generic
-block (generic) or no memory (anchor). Writes OUT/harness.json: per task the accuracy and per-probe
-results (for paired intervals between modes), and prints one line per task. OUT is written under a temporary
+block (generic) or no memory (anchor). Writes OUT/harness.json: per task every metric lm-eval returned
+(acc, exact_match, word_perplexity, ...) and each document's value of the task's first metric (for paired
+intervals between modes), and prints one line per task. OUT is written under a temporary
 name and renamed into place with memlm's marker; an existing OUT is replaced only when it is an earlier
 harness output and --force is given. Needs the optional extra
 `lm-eval` (pip install 'memlm[eval]').
@@ -18,7 +19,7 @@ import sys
 import time
 
 from model.errors import ConfigError
-from train.cli import ArgumentParser, check_out_dir, nonnegative_int, positive_int
+from train.cli import ArgumentParser, add_device_arg, add_output_args, check_out_dir, nonnegative_int, positive_int
 
 
 KIND = "harness"  # the kind in the marker of the output directory (model/atomic.py)
@@ -40,11 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "itself the lowest loss (default 0: the router's leaf)")
     p.add_argument("--limit", type=positive_int, default=None, help="at most N documents per task")
     p.add_argument("--batch-size", type=positive_int, default=16, help="rows per forward pass")
-    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
-    p.add_argument("--out", default=None, help="output dir for harness.json, new or empty (default RUN/harness-<mode>, "
-                                               "RUN/harness-fetched_top<M> with --route-top M)")
-    p.add_argument("--force", action="store_true",
-                   help="replace --out if it holds an earlier memlm harness output (never any other directory)")
+    add_device_arg(p)
+    add_output_args(p, "harness", what="harness.json (default RUN/harness-<mode>, "
+                                        "RUN/harness-fetched_top<M> with --route-top M)")
     return p
 
 
@@ -70,16 +69,62 @@ def main(argv: list[str] | None = None) -> int:
                    route_top=args.route_top)
     out = {"run": os.path.abspath(args.run), "mode": args.mode, "route_top": args.route_top, "tasks": {}}
     for t in tasks:
-        samples = res.get("samples", {}).get(t, [])
-        items = {str(s["doc"].get("id", s["doc_id"])): float(s["acc"]) for s in samples}
-        acc = sum(items.values()) / max(len(items), 1)
-        out["tasks"][t] = {"acc": acc, "n": len(items), "items": items}
-        print(f"memlm harness: {t}: acc {acc:.4f} over {len(items)} documents (mode {label})")
+        out["tasks"][t] = summary = task_summary(res, t)
+        print(f"memlm harness: {t}: {metrics_line(summary['metrics'])} over {summary['n']} documents (mode {label})")
     with atomic_dir(out_dir, KIND, replace=args.force, sources=sources) as tmp:
         atomic_write_json(os.path.join(tmp, "harness.json"), out)
     path = os.path.join(out_dir, "harness.json")
     print(f"memlm harness: wrote {path} in {time.time() - t0:.1f}s")
     return 0
+
+
+def _number(v):
+    """A float for a numeric metric value, None for anything else (lm-eval writes 'N/A' for a missing stderr)."""
+    try:
+        return float(v) if not isinstance(v, (str, bool)) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _jsonable(v):
+    """A per-document metric value for JSON: numbers as floats, tuples (e.g. word_perplexity's
+    (loglikelihood, words)) as lists, anything else as its string."""
+    if isinstance(v, (tuple, list)):
+        return [_jsonable(x) for x in v]
+    n = _number(v)
+    return n if n is not None else str(v)
+
+
+def task_summary(res: dict, task: str) -> dict:
+    """One task of lm-eval's results: every aggregate metric it returned (`metrics`; filter "none" drops
+    its ",none" suffix; stderr only where lm-eval computed one), the document count, and `items`: each
+    document's value of the task's first metric (`metric`; acc for a multiple-choice task) for paired
+    intervals between modes. `acc` is repeated at the top level where the task has it."""
+    metrics = {}
+    for key, v in (res.get("results", {}).get(task) or {}).items():
+        name, _, filt = key.partition(",")
+        if filt and _number(v) is not None:
+            metrics[name if filt == "none" else key] = _number(v)
+    samples = res.get("samples", {}).get(task, [])
+    first = samples[0] if samples else {}
+    metric = "acc" if "acc" in first.get("metrics", []) else (first.get("metrics") or [None])[0]
+    items = {str(s["doc"].get("id", s["doc_id"])): _jsonable(s[metric]) for s in samples
+             if metric in s and s.get("filter") == first.get("filter")}  # one filter: a document once
+    out = {"metrics": metrics, "metric": metric, "n": len(items), "items": items}
+    if "acc" in metrics:
+        out["acc"] = metrics["acc"]
+    return out
+
+
+def metrics_line(metrics: dict) -> str:
+    """'acc 0.5000 ± 0.0500, acc_norm 0.4000' (a metric's stderr after it, where lm-eval gave one)."""
+    parts = []
+    for name, v in metrics.items():
+        if "_stderr" in name:
+            continue
+        se = metrics.get(name.replace(",", "_stderr,", 1) if "," in name else f"{name}_stderr")
+        parts.append(f"{name} {v:.4f}" + (f" ± {se:.4f}" if se is not None else ""))
+    return ", ".join(parts) or "no metrics"
 
 
 if __name__ == "__main__":

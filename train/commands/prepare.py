@@ -1,7 +1,7 @@
 """`memlm prepare`: corpus -> tokenizer -> token shards (a data dir). Logic lives in data/prepare.py."""
 from __future__ import annotations
 
-from train.cli import ArgumentParser, nonnegative_float, nonnegative_int, number, positive_int
+from train.cli import ArgumentParser, nonnegative_float, number, positive_int, seed
 
 
 # the flag types of train/cli.py (one-line errors naming the bound)
@@ -53,7 +53,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--n-people", type=positive_int, default=None, help="bios: number of people (default 2000)")
     p.add_argument("--top-docs", type=positive_int, default=None,
                    help="bios: documents of the most mentioned person (Zipf head; default 800)")
-    p.add_argument("--seed", type=nonnegative_int, default=None,
+    p.add_argument("--seed", type=seed, default=None,
                    help="bios generator / mixture sampling seed (default 0)")
     p.add_argument("--rebuild", action="store_true",
                    help="prepare an existing data dir again (other settings, or a damaged manifest/tokenizer); the "

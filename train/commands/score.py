@@ -17,11 +17,11 @@ import argparse
 import re
 import sys
 import time
+
 import numpy as np
-import torch
 
 from model.errors import ConfigError, DataError
-from train.cli import ArgumentParser, number, positive_int
+from train.cli import ArgumentParser, add_device_arg, number, positive_int
 from train.lacy.score import Scorer, score_shard
 
 
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default=None, choices=("fetched", "generic", "anchor"),
                    help="memory runs: which memory to use (default fetched if the data is clustered, else generic)")
     p.add_argument("--splits", default="train,val", help="comma-separated splits (missing ones are skipped)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    add_device_arg(p)
     p.add_argument("--overwrite", action="store_true", help="re-score shards that already have the array")
     return p
 

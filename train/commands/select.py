@@ -14,7 +14,7 @@ import sys
 
 from data.selection import RULES
 from model.errors import ConfigError
-from train.cli import ArgumentParser, nonnegative_int, rate
+from train.cli import ArgumentParser, nonnegative_int, number, seed
 from train.lacy.select import run
 
 
@@ -23,13 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="data dir written by `memlm prepare` (tagged / scored as the rule needs)")
     p.add_argument("--rule", required=True, choices=RULES, help="selection rule")
-    p.add_argument("--call-rate", type=rate, default=0.05,
-                   help="share of all tokens to delegate, in (0, 1] (0.05 = 5%%)")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for random selection and tie-breaking")
+    p.add_argument("--call-rate", type=number(float, 0, 1, low_open=True, high_open=True), default=0.05,
+                   help="share of all tokens to delegate, in (0, 1) (0.05 = 5%%)")
+    p.add_argument("--seed", type=seed, default=0, help="seed for random selection and tie-breaking")
     p.add_argument("--splits", default="train,val", help="comma-separated splits (missing ones are skipped)")
     p.add_argument("--loss", default="ref", help="reference loss array name suffix (loss_<name>)")
     p.add_argument("--loss-large", default="large", help="large-model loss array suffix for rule rho")
-    p.add_argument("--name", default=None, help="output array name (default calls_<rule>)")
+    p.add_argument("--name", default=None, help="output array name calls_<something> (default calls_<rule>)")
     p.add_argument("--examples", type=nonnegative_int, default=5, help="example windows rendered in the summary")
     return p
 
@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value in (("--name", args.name), ("--loss", args.loss), ("--loss-large", args.loss_large)):
         if value is not None and not re.fullmatch(r"\w+", value):
             raise ConfigError(f"{flag} {value!r}: use letters, digits and _ only (it names a shard array file)")
+    if args.name is not None and not re.fullmatch(r"calls_\w+", args.name):
+        # other names belong to other commands' arrays (windows, paths, factual, loss_ref, ...)
+        raise ConfigError(f"--name {args.name!r}: a selection is named calls_<something> (e.g. calls_{args.name}); "
+                          "other array names belong to prepare, cluster, tag and score")
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     unknown = [s for s in splits if s not in SPLITS]
     if unknown or not splits:

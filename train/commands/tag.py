@@ -9,6 +9,7 @@ document are ordinary text.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -84,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"spaCy pipeline: {nlp.meta.get('name')} {nlp.meta.get('version')}; flags: POS {list(cfg.pos)}, "
           f"entities {list(cfg.entity_types)}")
 
+    cores = os.cpu_count() or 1
+    if args.processes > cores:  # more spaCy processes than cores only adds start-up and switching
+        print(f"memlm tag: --processes {args.processes} is more than the {cores} cores here; using {cores}",
+              file=sys.stderr)
+        args.processes = cores
     from tqdm import tqdm
     total = sum(sh.n_tokens for sh in todo)
     t0 = time.time()

@@ -21,9 +21,8 @@ import json
 import os
 import sys
 
-import torch
-
-from train.cli import ArgumentParser, check_out_dir, nonnegative_int, positive_int
+from train.cli import (ArgumentParser, add_device_arg, add_output_args, check_out_dir, nonnegative_int, positive_int,
+                       seed)
 from train.commands.factscore import _rates, _taus
 
 
@@ -53,12 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--large-alone", action="store_true", help="also score the large model alone")
     p.add_argument("--diagnose", type=nonnegative_int, default=0, help="call sites per kind and rule")
     p.add_argument("--tag-calls", action="store_true", help="spaCy-tag generation-time calls (needs spaCy)")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the lead sample and the bootstrap")
-    p.add_argument("--out", default="wiki_cascade", help="output directory, new or empty (written under a temporary "
-                                                         "name and renamed into place)")
-    p.add_argument("--force", action="store_true",
-                   help="replace --out if it holds an earlier memlm wiki-cascade output (never any other directory)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the lead sample and the bootstrap")
+    add_output_args(p, "wiki-cascade", default="wiki_cascade")
+    add_device_arg(p)
     return p
 
 
@@ -73,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from train.lacy import wiki
     from train.lacy.cascade import Cascade, HFLargeModel, large_alone_batch, load_large, load_memlm
     from train.lacy.curves import compare, tau_name
-    from train.lacy.factscore import parse_slm, plot_curves
+    from train.lacy.factscore import check_slm_labels, parse_slm, plot_curves
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     bad = [k for k in kinds if k not in KINDS]
@@ -84,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.facts_only:
         if not args.slm and not args.large_alone:
             raise ConfigError("--slm: give at least one --slm RUN (or --large-alone)")
+        check_slm_labels(args.slm)
         for spec in args.slm:  # before the facts are parsed and the large model loads
             find_step_dir(parse_slm(spec)[1])
     sources = [args.data, *(parse_slm(spec)[1] for spec in args.slm), *(p for p in (args.large, args.judge) if p)]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.cli import ArgumentParser, check_out_dir, nonnegative_int, number, positive_int
+from train.cli import ArgumentParser, add_output_args, check_out_dir, nonnegative_int, number, positive_int
 
 
 KIND = "wiki-probes"  # the kind in the marker of the output directory (model/atomic.py)
@@ -24,9 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="memlm wiki-probes", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="data dir prepared from --corpus wiki-leads")
-    p.add_argument("--out", required=True, help="output dir for the probe files and task YAMLs, new or empty")
-    p.add_argument("--force", action="store_true",
-                   help="replace --out if it holds earlier memlm wiki-probes output (never any other directory)")
+    add_output_args(p, "wiki-probes", required=True, what="the probe files and task YAMLs")
     p.add_argument("--choices", type=number(int, 2), default=4,
                    help="choices per probe, the answer included (>= 2, default 4)")
     p.add_argument("--max-per-set", type=positive_int, default=None, help="at most N probes per set (seeded sample)")

@@ -1,23 +1,18 @@
-"""`memlm eval RUN --data DATA`: validation loss / perplexity and bios probe accuracy per memory mode.
+"""The measurements behind `memlm eval` and `memlm harness` (train/commands/eval.py, harness.py).
 
-Modes (a memory run): **fetched** (each row gets the blocks of its cluster path), **generic** (every
-row gets the generic block: the paper's control for every fetched number) and **anchor** (no memory).
-A plain anchor run has the mode "anchor" only.
+Per memory mode ("fetched": the blocks of the row's or prompt's cluster path; "generic": the generic
+block, the paper's control for every fetched number, arXiv 2510.02375; "anchor": no memory):
 
-- Validation: the val split packed into rows of one cluster leaf each (the windows' stored paths, as in
-  training); loss = mean cross-entropy over every target token, ppl = exp(loss); also per top-level
-  cluster (the first node of the row's path). --val-batches N evaluates the first N batches of a
-  seeded shuffle of the rows (default: all of them).
-- Probes (bios data, DATA/bios/probes.jsonl): up to --probes-per-bucket probes per frequency bucket
-  (bucket_0 = rarest answers in training), sampled with --seed. The prompt is routed through the run's
-  router (MiniLM + greedy descent, as at inference), the model continues it greedily, and a probe is
-  correct iff the continuation starts with the answer (answers begin with a space).
+- `eval_val`: validation loss over the val split packed into rows of one cluster leaf each (the
+  windows' stored paths, as in training); loss = mean cross-entropy in nats over every target token,
+  ppl = exp(loss); per top-level cluster too; each row's summed loss kept for paired differences.
+- `probe_correct`: greedy bios probes, correct iff the continuation starts with the answer.
+- `prompt_nll` / `loss_routed_paths`: a prompt's loss under given leaves; of a router's M nearest
+  leaves, the one whose memory gives the prompt the lowest loss (`--route-top M`).
+- `probe_summary`, `probe_diffs`, `val_diffs`: accuracies and differences with 95% bootstrap intervals
+  (train.evaluation.stats), paired over the same probes or rows.
 
-Writes OUT/eval.json (default OUT = RUN/eval):
-    {"run", "data", "val": {mode: {"loss", "ppl", "tokens"}},
-     "per_cluster": {mode: {"<top-level id>": {"loss", "ppl", "tokens"}}},
-     "probes": {mode: {"bucket_<b>": {"acc", "n"}}}}          (buckets without probes are left out)
-and OUT/eval.png (bar charts, train.experiments.report.plot_memory_eval), and prints a table.
+The command modules own the flags, the output directory and the report.
 """
 from __future__ import annotations
 
@@ -179,9 +174,13 @@ def loss_routed_paths(model, tokenizer, router, prompts: list[str], m: int, devi
     """int32 [n, levels]: each prompt routed to whichever of its m nearest leaves (`memory.keyed.top_leaves`)
     gives the prompt itself the lowest loss under that leaf's fetched memory (the memory that recognises the
     prompt's entities). Costs m prompt forwards; the answer is then scored with one fetched block, as for any
-    route. Used by `memlm eval --route-top` and `memlm harness --route-top`."""
+    route. Used by `memlm eval --route-top` and `memlm harness --route-top`. ConfigError naming --route-top
+    when m exceeds the router's k (the candidates are the k leaves under the prompt's parent node)."""
     from memory.keyed import top_leaves
 
+    if m > router.k:
+        raise ConfigError(f"--route-top {m}: the run's router has k={router.k} leaves under each node, so at most "
+                          f"{router.k} candidates; choose --route-top 1..{router.k}")
     cands = top_leaves(router, router.embed(prompts), m)  # [n, m, levels]
     nll = np.stack([prompt_nll(model, tokenizer, prompts, cands[:, j], device) for j in range(m)], 1)
     return cands[np.arange(len(prompts)), nll.argmin(1)].astype(np.int32)

@@ -188,7 +188,9 @@ class Demo:
         self.stages.run_plan([(stage, getattr(self, f"stage_{stage}")) for stage in STAGES],
                              redo_from=redo_from, until=self.args.until)
         total = (time.time() - self.stages.t0) / 60
-        print(f"\nmemlm demo: finished in {total:.1f} min -> {os.path.join(self.out, 'report.md')}")
+        report = self.args.until in (None, "report")  # --until an earlier stage writes no report
+        print(f"\nmemlm demo: finished in {total:.1f} min -> "
+              f"{os.path.join(self.out, 'report.md') if report else self.out + ' (stages up to ' + self.args.until + ')'}")
 
 
 def _demo_prompts(data: str, n: int, seed: int) -> list[tuple[str, str | None]]:

@@ -111,6 +111,8 @@ class StageRunner:
         if self.dry_run:
             return
         rc = memlm_main(argv)
+        if rc == 130:  # the subcommand was interrupted (Ctrl-C): so is the job, with the same exit code
+            raise KeyboardInterrupt
         if rc:
             raise MemlmError(f"`{line}` failed with exit code {rc} (its error is above); fix it and run again: "
                              "finished stages are reused")

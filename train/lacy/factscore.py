@@ -25,6 +25,22 @@ def parse_slm(spec: str) -> tuple[str, str]:
     return os.path.basename(spec.rstrip("/")), spec
 
 
+def check_slm_labels(specs: list[str]) -> None:
+    """ConfigError naming --slm when a label is empty or two SLMs share one (results are keyed by label:
+    the second would silently replace the first)."""
+    from model.errors import ConfigError
+
+    seen = {}
+    for spec in specs:
+        label, path = parse_slm(spec)
+        if not label or not path:
+            raise ConfigError(f"--slm {spec!r}: give LABEL=RUN or RUN (an empty label or run is not allowed)")
+        if label in seen:
+            raise ConfigError(f"--slm {spec!r}: label {label!r} is already used by --slm {seen[label]!r}; give each "
+                              "SLM its own label (LABEL=RUN)")
+        seen[label] = spec
+
+
 def evaluate(gen_fn, people, parser, prompt_fmt: str, label: str, taus: list, forced_call_rate=None,
              log=print) -> list[dict]:
     """Rows (one per person and τ) of gen_fn(prompts) -> outputs[i][j] for person i at taus[j]."""

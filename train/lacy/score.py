@@ -1,15 +1,10 @@
-"""`memlm score DATA --model RUN [--name ref|large]`: per-token loss of a reference model over the shards.
+"""Per-token loss of a reference model over token shards: the scoring pass of LaCy's selection rules
+(arXiv 2602.12005; `memlm score`, train/commands/score.py, owns the flags and resumption).
 
-Stores the float16 array "loss_<name>" per shard, aligned with tokens.bin: loss[t] = -log p(token t |
-the tokens before t in the same window), computed with no grad over batches of windows. The first token
-of every window has no prefix and gets NaN (selection treats NaN as "never delegate"); so does the first
-token of every --max-len chunk of a window longer than the model's context.
-
---model is a memlm run (or step dir), or a transformers causal-LM directory (e.g. from `memlm export-hf`)
-whose tokenizer has the same vocabulary as the data. A memory run scores with each window's fetched
-memory block (needs `memlm cluster` paths; --mode generic/anchor otherwise). `--name large` with a
-bigger model gives the second signal for rule rho. Resumable: shards that already have the array are
-skipped unless --overwrite.
+`Scorer` gives logits for a memlm run (with its fetched / generic / no memory) or a transformers
+causal-LM directory; `score_shard` returns float16 loss[t] = -log p(token t | the tokens before t in
+the same window), NaN at the first token of every window and of every chunk of a window longer than
+the model's context (selection treats NaN as "never delegate").
 """
 from __future__ import annotations
 
