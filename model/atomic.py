@@ -264,12 +264,16 @@ def _remove_dead_siblings(path: str) -> None:
         m = _LEFTOVER.match(entry)
         pid = entry.rsplit("-", 2)[-2] if m else ""
         if m and entry.startswith(f".{name}.") and pid.isdigit() and not _alive(int(pid)):
-            full = os.path.join(parent, entry)
-            if os.path.isdir(full) and not os.path.islink(full):
-                shutil.rmtree(full, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(full)
+            _delete(os.path.join(parent, entry))
+
+
+def _delete(full: str) -> None:
+    """Delete a leftover file or directory (already gone is fine)."""
+    if os.path.isdir(full) and not os.path.islink(full):
+        shutil.rmtree(full, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(full)
 
 
 def _alive(pid: int) -> bool:
@@ -392,13 +396,8 @@ def remove_leftovers(parent: str) -> list[str]:
         return removed
     for name in os.listdir(parent):
         if _LEFTOVER.match(name):
-            full = os.path.join(parent, name)
-            if os.path.isdir(full) and not os.path.islink(full):
-                shutil.rmtree(full, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(full)
-            removed.append(full)
+            _delete(os.path.join(parent, name))
+            removed.append(os.path.join(parent, name))
     return removed
 
 
