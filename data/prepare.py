@@ -12,6 +12,7 @@ One call is idempotent and resumable:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import deque
@@ -93,6 +94,35 @@ def prepare(corpus, out: str, tokenizer: str | None = None, vocab_size: int | No
                shard_tokens=shard_tokens, window_tokens=window_tokens, workers=workers or os.cpu_count() or 1,
                batch_docs=batch_docs, progress=progress, log=log, corpus_kw=corpus_kw,
                settings=_settings(corp.name, window_tokens, shard_tokens, val_fraction, max_docs, corpus_kw))
+    with _one_writer(out):
+        return _prepare_into(out, _state(out), rebuild, job, log)  # the state again: another may have finished
+
+
+@contextlib.contextmanager
+def _one_writer(out: str):
+    """Hold `.<name>.lock` beside `out` while preparing it: a second `memlm prepare` of the same directory
+    (other settings, say) would otherwise interleave its shards and both report success. The lock file is
+    removed when done."""
+    from filelock import FileLock, Timeout
+
+    parent, name = os.path.split(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    path = os.path.join(parent, f".{name}.lock")
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise OutputExistsError(f"{out}: another memlm prepare is writing it (it holds {path}); wait for it to "
+                                "finish, or choose another --out") from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        lock.release()
+
+
+def _prepare_into(out: str, state: str, rebuild: bool, job: dict, log) -> dict:
     if rebuild and state == "complete":
         with atomic_dir(out, DATA_KIND, replace=True, flag="--rebuild") as tmp:
             manifest = _build(tmp, **job)

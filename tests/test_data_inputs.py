@@ -217,3 +217,16 @@ def test_a_mixture_source_without_the_id_column_numbers_its_rows(tmp_path):
     ids = _jsonl(tmp_path / "ids.jsonl", [{"text": "a", "id": "x1"}])
     plain = _jsonl(tmp_path / "plain.jsonl", [{"text": "b"}])
     assert {d.id for d in load_corpus(f"{ids}:1,{plain}:1", id_column="id")} <= {"x1", "plain.jsonl:0"}
+
+
+def test_one_prepare_writes_a_data_dir_at_a_time(tmp_path):
+    from data.prepare import _one_writer
+    from model.errors import OutputExistsError
+
+    src = _jsonl(tmp_path / "c.jsonl", [{"text": "a b c d e f g h"}] * 30)
+    out = str(tmp_path / "data")
+    with _one_writer(out):  # another prepare of the same directory is running
+        with pytest.raises(OutputExistsError, match=r"another memlm prepare is writing it"):
+            prepare(src, out, vocab_size=300, val_fraction=0.0, window_tokens=64, **QUIET)
+    prepare(src, out, vocab_size=300, val_fraction=0.0, window_tokens=64, **QUIET)
+    assert sorted(os.listdir(tmp_path)) == ["c.jsonl", "data"]  # the lock file is gone
