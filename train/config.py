@@ -475,7 +475,14 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     try:
         return from_dict(_merge(raw, parse_overrides(overrides or [])))
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+        in_file = bool(path)
+        if path and overrides:  # name the file only when the file alone is at fault, not a key=value given
+            try:
+                from_dict(raw)
+                in_file = False
+            except ConfigError:
+                pass
+        raise ConfigError(f"{path}: {e}" if in_file else str(e)) from None
 
 
 def save_config(cfg: RunConfig, path: str) -> None:
