@@ -18,6 +18,9 @@ process, or restore from a count you kept: `ds.load_state_dict(ds.state_at(n_bat
 """
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -49,6 +52,15 @@ def collate(rows: list[dict]) -> dict:
     return out
 
 
+def _router_k(path: str) -> int | None:
+    """The branching of the data's router (DATA/router.json), or None without one."""
+    try:
+        with open(os.path.join(path, "router.json"), encoding="utf-8") as f:
+            return int(json.load(f)["k"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class PackedDataset(IterableDataset):
     """Stateful iterable of packed batches (dicts of tensors, see CONTRACTS.md "Batches").
 
@@ -71,6 +83,7 @@ class PackedDataset(IterableDataset):
         check_range("rank", self.rank, min=0, max=self.world_size - 1)
         man = self.data.manifest
         self.call_id = man["special_ids"]["call"]
+        self.vocab_size = int(man["vocab_size"])
         self.shards = self.data.shards(split)
         if not self.shards:
             raise ShardError(f"{self.data.path}: split {split!r} has no shards (no documents went to it; "
@@ -88,6 +101,12 @@ class PackedDataset(IterableDataset):
         n_levels = man.get("n_levels") or 0
         if n_levels and all(s.has_array("paths") for s in self.shards):
             self.w_path = np.concatenate([np.asarray(s.paths, dtype=np.int64) for s in self.shards])
+            k = _router_k(self.data.path)
+            for s in self.shards:  # a damaged paths.npy would fetch memories that do not exist
+                p = np.asarray(s.paths)
+                if p.size and (p.min() < 0 or (k and p.max() >= k)):
+                    raise ShardError(f"{s.file('paths.npy')}: cluster ids outside 0..{k - 1 if k else '?'} (damaged); "
+                                     f"run `memlm cluster {self.data.path} --refit` again")
         else:
             self.w_path = np.zeros((len(self.w_len), 0), dtype=np.int64)
         if by_leaf and self.w_path.shape[1] == 0:
@@ -168,6 +187,9 @@ class PackedDataset(IterableDataset):
             n = s1 - s0
             sh, start = int(self.w_shard[w]), int(self.w_start[w]) + s0
             seg = self.tokens[sh][start:start + n]
+            if n and int(seg.max()) >= self.vocab_size:  # a damaged shard (sizes intact): name it, not an IndexError
+                raise self.shards[sh]._bad("tokens.bin", f"token id {int(seg.max())} >= the vocabulary's "
+                                           f"{self.vocab_size} (the file is damaged)")
             ids[pos:pos + n] = seg
             labels[pos:pos + n - 1] = seg[1:]
             if self.calls_arrays is not None and n > 1:

@@ -187,7 +187,7 @@ def _resume(out, settings, tokenizer, vocab_size, log):
             raise TokenizerError(f"{tokenizer}: tokenizer vocab does not match the shards' manifest {d.manifest_path} "
                                  f"(hash {given} != {manifest['tokenizer_hash']}); use another --out, or --rebuild")
     replaced = {s: {} for s in SPLITS}
-    for split, (i, err) in d.problems().items():
+    for split, (i, err) in d.problems(deep=True).items():  # a re-run re-reads every shard: it is the repair
         lost = manifest["splits"][split]["shards"][i:]
         log(f"{err.args[0].split(';')[0]}: rebuilding {len(lost)} {split} shard(s) from {lost[0]['name']} on")
         replaced[split] = {sh["name"]: sh["sha256"] for sh in lost}

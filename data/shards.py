@@ -133,8 +133,9 @@ class Shard:
         return ShardError(f"{self.file(kind)}: {problem}; re-run `{prepare_command(self.data.path, self.data.manifest)}` "
                           "(it rebuilds damaged shards)")
 
-    def problem(self) -> ShardError | None:
-        """The first damage of this shard's files (missing, wrong size, bad window offsets), or None."""
+    def problem(self, deep: bool = False) -> ShardError | None:
+        """The first damage of this shard's files (missing, wrong size, bad window offsets; with `deep`,
+        token bytes whose sha256 differs from the manifest's), or None."""
         dtype = np.dtype(self.data.manifest["dtype"])
         path = self.file("tokens.bin")
         if not os.path.isfile(path):
@@ -154,6 +155,8 @@ class Shard:
             self.windows  # noqa: B018  (loads and checks the offsets)
         except ShardError as e:
             return e
+        if deep and hashlib.sha256(np.ascontiguousarray(self.tokens).tobytes()).hexdigest() != self.meta["sha256"]:
+            return self._bad("tokens.bin", "sha256 differs from the manifest (damaged at its size)")
         return None
 
     @property
@@ -331,12 +334,13 @@ class DataDir:
                                                         "shape": list(arr.shape[1:])}
         atomic_write_json(self.manifest_path, self.manifest)
 
-    def problems(self) -> dict[str, tuple[int, ShardError]]:
-        """{split: (index of its first damaged shard, the error)} over all splits; {} when intact."""
+    def problems(self, deep: bool = False) -> dict[str, tuple[int, ShardError]]:
+        """{split: (index of its first damaged shard, the error)} over all splits; {} when intact. `deep`
+        also compares every shard's sha256 with the manifest (reads all tokens)."""
         out = {}
         for split in SPLITS:
             for i, sh in enumerate(self.shards(split)):
-                err = sh.problem()
+                err = sh.problem(deep)
                 if err is not None:
                     out[split] = (i, err)
                     break

@@ -376,7 +376,8 @@ class Router:
 
         d = Path(directory)
         jp, sp = d / "router.json", d / "router.safetensors"
-        refit = f"run `memlm cluster {d} --refit` again (for a checkpoint: on the run's data)"
+        refit = ("use an older checkpoint (checkpoint.resume=RUN/checkpoints/step-...)" if (d / "meta.json").exists()
+                 else f"run `memlm cluster {d} --refit` again")  # a checkpoint's router is a copy: not refit
         for p in (jp, sp):
             if not p.exists():
                 raise DataError(f"router: {p} not found (run `memlm cluster` on the data to fit a router)")

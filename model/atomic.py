@@ -189,7 +189,7 @@ def check_output_dir(path: str, kind: str, replace: bool = False, flag: str = "-
     memlm may not: a file is there, a protected directory, one of the job's `sources` (what it reads, e.g.
     the run being exported) or a parent of one, a directory memlm did not write as `kind`, or memlm's own
     output without `replace`. An empty directory may always be used."""
-    parent = os.path.dirname(os.path.abspath(path))
+    parent = os.path.realpath(os.path.dirname(os.path.abspath(path)))  # through symbolic links too
     if kind != "checkpoint" and os.path.basename(parent) == "checkpoints" and os.path.isdir(parent) and \
             any(read_marker(os.path.join(parent, n)) for n in os.listdir(parent) if n.startswith("step-")):
         raise OutputExistsError(f"{path}: is inside a run's checkpoints directory, where every entry is taken "

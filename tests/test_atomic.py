@@ -230,3 +230,22 @@ def test_a_run_directory_has_one_writer(tmp_path):
     lock_run_dir(run).release()  # free again
     assert os.path.exists(os.path.join(run, LOCK))
     check_fresh_run_dir(run)  # a lock file left by a run killed before config.yaml is not a stray
+
+
+def test_a_resume_never_replaces_a_later_checkpoint_holding_a_user_file(tmp_path):
+    from train.checkpoint import KIND, check_later_steps, step_dir_name
+
+    run = tmp_path / "run"
+    for step in (4, 8):
+        with atomic_dir(str(run / "checkpoints" / step_dir_name(step)), KIND) as d:
+            open(os.path.join(d, "meta.json"), "w").write("{}")
+    check_later_steps(str(run), 4)
+    (run / "checkpoints" / step_dir_name(8) / "NOTES.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match=r"step-0000008: holds NOTES\.txt.*resuming from step 4"):
+        check_later_steps(str(run), 4)
+    check_later_steps(str(run), 8)  # resuming from the newest rewrites nothing
+    # a symbolic link to the checkpoints folder is refused as an output like the folder itself
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "ck").symlink_to(run / "checkpoints")
+    with pytest.raises(OutputExistsError, match="checkpoints directory"):
+        check_output_dir(str(tmp_path / "out" / "ck" / "x"), "hf-export")

@@ -230,3 +230,24 @@ def test_one_prepare_writes_a_data_dir_at_a_time(tmp_path):
             prepare(src, out, vocab_size=300, val_fraction=0.0, window_tokens=64, **QUIET)
     prepare(src, out, vocab_size=300, val_fraction=0.0, window_tokens=64, **QUIET)
     assert sorted(os.listdir(tmp_path)) == ["c.jsonl", "data"]  # the lock file is gone
+
+
+def test_a_shard_damaged_at_its_size_is_named_and_prepare_repairs_it(tmp_path):
+    """Same-size damage passes the size checks: training names the shard (not an IndexError in the
+    embedding), and re-running the same prepare compares sha256 and rewrites it byte for byte."""
+    from data.loader import PackedDataset
+    from data.shards import ShardError
+
+    src = _jsonl(tmp_path / "c.jsonl", [{"text": f"doc {i} a b c d e f g h"} for i in range(40)])
+    out = str(tmp_path / "data")
+    kw = dict(vocab_size=300, val_fraction=0.0, window_tokens=32, **QUIET)
+    prepare(src, out, **kw)
+    path = os.path.join(out, "train", "00000.tokens.bin")
+    good = open(path, "rb").read()
+    open(path, "wb").write(b"\xff" * len(good))  # ids 65535 in a 300-token vocabulary
+    ds = PackedDataset(out, "train", seq_len=16, batch_size=2, infinite=False, shuffle=False)
+    with pytest.raises(ShardError, match=r"00000\.tokens\.bin: token id 65535 >= .*300.*memlm prepare"):
+        next(iter(ds))
+    logs = []
+    prepare(src, out, **{**kw, "log": logs.append})
+    assert open(path, "rb").read() == good and any("rebuilding" in str(x) for x in logs)

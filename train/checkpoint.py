@@ -41,7 +41,7 @@ import torch
 
 from model.atomic import (atomic_write_json, foreign_entries, is_leftover, publish_dir, read_marker, remove_dir,
                           remove_leftovers, verify_dir, write_marker)
-from model.errors import CheckpointError, ConfigError, MemlmError
+from model.errors import CheckpointError, ConfigError, MemlmError, OutputExistsError
 from model.weights import load_weights, read_weights, save_weights
 from train.config import RunConfig, get_key, load_config, save_config
 
@@ -137,6 +137,16 @@ def choose_resume(cfg: RunConfig, log: Callable[[str], None]) -> str | None:
     return found
 
 
+def check_later_steps(run_dir: str, step: int) -> None:
+    """Before a run resumes from `step`: OutputExistsError when a later checkpoint it may rewrite holds
+    files memlm did not write (they would be deleted with it)."""
+    for s, path in step_dirs(os.path.join(run_dir, "checkpoints")):
+        foreign = foreign_entries(path) if s > step else []
+        if foreign:
+            raise OutputExistsError(f"{path}: holds {', '.join(foreign)}, which memlm did not write there; resuming "
+                                    f"from step {step} may replace this later checkpoint: move it out first")
+
+
 # What a fresh start may find in its run dir: what an earlier start of the run wrote before it was killed
 # (before its first checkpoint), logger output, and directories memlm marked as its own (eval, hf exports).
 RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "checkpoints", "bank_live", "wandb", "lightning_logs", ".lock"}
@@ -192,7 +202,11 @@ def read_run_config(step_dir: str) -> RunConfig:
     path = os.path.join(step_dir, "config.yaml")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: missing; the checkpoint is incomplete")
-    return load_config(path)
+    try:
+        return load_config(path)
+    except ConfigError as e:  # memlm wrote it: unreadable now means damaged
+        raise CheckpointError(f"{e} (the checkpoint is damaged); use an older checkpoint "
+                              "(checkpoint.resume=RUN/checkpoints/step-...)") from None
 
 
 def read_file(path: str, read: Callable[[str], Any]) -> Any:
@@ -318,6 +332,10 @@ class Checkpointer:
         self.barrier()  # every rank's files are in
         if self.rank == 0:
             write_marker(tmp, KIND, {"step": step})
+            if os.path.isdir(final) and foreign_entries(final):  # a resumed run rewriting a later step
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise OutputExistsError(f"{final}: holds {', '.join(foreign_entries(final))}, which memlm did not "
+                                        "write there; this run would replace it: move it out and resume")
             publish_dir(tmp, final)
             self.prune()
         self.barrier()

@@ -109,8 +109,10 @@ def run(cfg) -> dict:
     resume_dir = checkpoint.choose_resume(cfg, log=lambda msg: print0(f"memlm pretrain: {msg}"))
     if resume_dir:
         checkpoint.check_resume(checkpoint.read_run_config(resume_dir), cfg, resume_dir)
-        checkpoint.read_step(resume_dir)  # a damaged meta.json fails here, before anything is written
+        resume_step = checkpoint.read_step(resume_dir)  # a damaged meta.json fails here, before any write
     own = resume_dir and os.path.realpath(resume_dir).startswith(os.path.realpath(cfg.run_dir) + os.sep)
+    if own:
+        checkpoint.check_later_steps(cfg.run_dir, resume_step)
     if not own:  # a new run (or one resumed from another's checkpoint): on every rank, before any write
         checkpoint.check_fresh_run_dir(cfg.run_dir)
     lock = checkpoint.lock_run_dir(cfg.run_dir) if rank == 0 else None  # one writer per run directory

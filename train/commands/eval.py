@@ -80,8 +80,8 @@ def _check_same_router(router, data_dir: str, step_dir: str) -> None:
 
     if router is not None and Router.exists(data_dir) and not router.same_tree(Router.load(data_dir)):
         raise DataError(f"--data {data_dir}: clustered by another router than the run's ({step_dir}/router.json): "
-                        "its paths address other memories; evaluate on the data the run was trained with (or "
-                        "clustered with the same memlm cluster command and seed)")
+                        "its paths address other memories (or the run's router file is damaged); evaluate on the "
+                        "data the run was trained with (clustered by the same memlm cluster command and seed)")
 
 
 def route_probes(model, router, data, tokenizer, probes, route_top: int, device, step_dir) -> tuple[dict, dict]:
