@@ -334,6 +334,15 @@ class DataDir:
                                                         "shape": list(arr.shape[1:])}
         atomic_write_json(self.manifest_path, self.manifest)
 
+    def fingerprint(self) -> str:
+        """sha256 (16 hex) over the tokenizer hash and every shard's recorded sha256: the same tokens in the
+        same order <=> the same fingerprint. A checkpoint records its data's, so that resuming on data
+        prepared again (other documents under the same path) is caught."""
+        shards = [(split, sh["name"], sh["sha256"]) for split in SPLITS
+                  for sh in self.manifest["splits"].get(split, {}).get("shards", [])]
+        text = json.dumps([self.manifest.get("tokenizer_hash"), shards])
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
     def problems(self, deep: bool = False) -> dict[str, tuple[int, ShardError]]:
         """{split: (index of its first damaged shard, the error)} over all splits; {} when intact. `deep`
         also compares every shard's sha256 with the manifest (reads all tokens)."""

@@ -251,3 +251,22 @@ def test_a_shard_damaged_at_its_size_is_named_and_prepare_repairs_it(tmp_path):
     logs = []
     prepare(src, out, **{**kw, "log": logs.append})
     assert open(path, "rb").read() == good and any("rebuilding" in str(x) for x in logs)
+
+
+def test_resume_refuses_data_prepared_again_with_other_documents(tmp_path):
+    """A checkpoint records its data's fingerprint: resuming on other shards under the same path (a
+    --rebuild with another seed) would read its saved data position in other documents."""
+    from model.errors import ConfigError
+    from train.pretrain import main
+
+    recipe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train", "recipes",
+                          "tiny-cpu.yaml")
+    data = str(tmp_path / "data")
+    prepare("bios", data, vocab_size=300, val_fraction=0.1, window_tokens=64, n_people=30, top_docs=10, **QUIET)
+    args = ["--config", recipe, f"data.path={data}", f"runs_dir={tmp_path}", "name=r", "data.seq_len=32",
+            "data.batch_size=2", "trainer.val_every=0", "logging.logger=none", "optim.warmup_steps=1"]
+    assert main(args + ["trainer.max_steps=2"]) == 0
+    prepare("bios", data, vocab_size=300, val_fraction=0.1, window_tokens=64, n_people=30, top_docs=10, seed=5,
+            rebuild=True, **QUIET)
+    with pytest.raises(ConfigError, match=r"data\.path=.*not the ones .*step-0000002 trained on"):
+        main(args + ["trainer.max_steps=2"])

@@ -137,6 +137,17 @@ def choose_resume(cfg: RunConfig, log: Callable[[str], None]) -> str | None:
     return found
 
 
+def check_same_data(step_dir: str, data) -> None:
+    """ConfigError when `data` (a DataDir) is not the data the checkpoint trained on (its manifest's
+    shards differ: prepared again with other documents or settings): the saved data position would point
+    into other documents. Checkpoints written before memlm recorded the fingerprint are not checked."""
+    saved = read_file(os.path.join(step_dir, "meta.json"), _json).get("data_fingerprint")
+    if saved is not None and saved != data.fingerprint():
+        raise ConfigError(f"data.path={data.path}: its shards are not the ones {step_dir} trained on (prepared "
+                          "again since?); the saved data position would point into other documents: resume on "
+                          "the data it was trained with, or start a new run (another name=) with init_from=it")
+
+
 def check_later_steps(run_dir: str, step: int) -> None:
     """Before a run resumes from `step`: OutputExistsError when a later checkpoint it may rewrite holds
     files memlm did not write (they would be deleted with it)."""
@@ -291,6 +302,7 @@ class Checkpointer:
         self.state_dicts, self.load_state = state_dicts, load_state
         self.ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
         self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.optim.accumulate * world_size
+        self._data_fp: str | None = None  # the fingerprint of the data trained on, recorded in meta.json
 
     def remove_leftovers(self) -> None:
         """Delete what a killed save left (rank 0, before any rank writes): `step-N.tmp` dirs and the hidden
@@ -361,7 +373,12 @@ class Checkpointer:
             memlm_version = version("memlm")
         except Exception:  # noqa: BLE001  (not installed: running from a checkout)
             memlm_version = None
-        return {"step": step, "tokens_seen": step * self.tokens_per_step, "val_loss": val.get("val_loss"),
+        if self._data_fp is None:  # once: the manifest of the data this run trains on
+            from data.shards import DataDir
+
+            self._data_fp = DataDir(self.cfg.data.path).fingerprint()
+        return {"step": step, "data_fingerprint": self._data_fp,
+                "tokens_seen": step * self.tokens_per_step, "val_loss": val.get("val_loss"),
                 "val_bpb": val.get("val_bpb"), "world_size": self.world_size, "time": time.time(),
                 "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                 "versions": {"torch": torch.__version__, "lightning": lightning.__version__, "memlm": memlm_version}}

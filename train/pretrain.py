@@ -110,6 +110,7 @@ def run(cfg) -> dict:
     if resume_dir:
         checkpoint.check_resume(checkpoint.read_run_config(resume_dir), cfg, resume_dir)
         resume_step = checkpoint.read_step(resume_dir)  # a damaged meta.json fails here, before any write
+        checkpoint.check_same_data(resume_dir, data)
     own = resume_dir and os.path.realpath(resume_dir).startswith(os.path.realpath(cfg.run_dir) + os.sep)
     if own:
         checkpoint.check_later_steps(cfg.run_dir, resume_step)
