@@ -22,7 +22,6 @@ written. A leading UTF-8 byte-order mark is dropped. Errors are `CorpusError` (a
 """
 from __future__ import annotations
 
-import glob
 import importlib.util
 import io
 import json
@@ -141,8 +140,10 @@ _BOM = b"\xef\xbb\xbf"
 
 def _local_files(path: str) -> list[str]:
     if os.path.isdir(path):
-        files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-                       if os.path.isfile(f) and f.endswith(LOCAL_EXTS))
+        # os.walk does not follow links to directories: a link loop (`ln -s .. dir/up`) would read the
+        # files again and again, or never end
+        files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
+                       if f.endswith(LOCAL_EXTS) and os.path.isfile(os.path.join(root, f)))
         if not files:
             raise CorpusError(f"{path}: directory holds no {'/'.join(LOCAL_EXTS)} files")
         return files

@@ -249,3 +249,30 @@ def test_a_resume_never_replaces_a_later_checkpoint_holding_a_user_file(tmp_path
     (tmp_path / "out" / "ck").symlink_to(run / "checkpoints")
     with pytest.raises(OutputExistsError, match="checkpoints directory"):
         check_output_dir(str(tmp_path / "out" / "ck" / "x"), "hf-export")
+
+
+def test_memory_bank_dir_is_never_a_data_dir_a_checkpoint_or_a_folder_of_other_files(tmp_path, monkeypatch):
+    from model.errors import ConfigError
+    from train.build import check_bank_dir
+
+    data = tmp_path / "data"
+    with atomic_dir(str(data), "data") as d:
+        open(os.path.join(d, "manifest.json"), "w").write("{}")
+    ckpt = tmp_path / "run" / "checkpoints" / "step-0000002"
+    with atomic_dir(str(ckpt), "checkpoint") as d:
+        open(os.path.join(d, "meta.json"), "w").write("{}")
+    (tmp_path / "f.txt").write_text("x")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    for bad, why in [(data, "data or checkpoint"), (data / "train", "data or checkpoint"),
+                     (ckpt, "data or checkpoint"), (tmp_path / "f.txt", "is a file"), (tmp_path / "mine", "notes.txt")]:
+        with pytest.raises(ConfigError, match=r"memory\.bank_dir=.*" + why):
+            check_bank_dir(str(bad))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="working directory"):
+        check_bank_dir(".")
+    live = tmp_path / "live"
+    live.mkdir()
+    (live / "level1.rank0-of-1.safetensors").write_bytes(b"x")
+    check_bank_dir(str(live))  # a previous run's live files: rewritten
+    check_bank_dir(str(tmp_path / "new"))

@@ -331,6 +331,13 @@ ROWS = [
     ("cascade-memory-mode-on-anchor-run", lambda r: (["cascade", "--slm", r.run(), "--prompt", "Hi", "--no-calls",
                                                       "--mode", "generic"], ["--mode", "no memory"])),
     # --- factscore ---
+    ("cascade-max-new-tokens-huge", lambda r: (["cascade", "--slm", r.run(), "--prompt", "x", "--max-new-tokens",
+                                                "99999999999"], ["--max-new-tokens"])),
+    ("cascade-empty-stop", lambda r: (["cascade", "--slm", r.run(), "--prompt", "x", "--stop", ""], ["--stop"])),
+    ("cascade-device-mps", lambda r: (["cascade", "--slm", r.run(), "--prompt", "x", "--device", "mps"],
+                                      ["--device", "cpu or cuda"])),
+    ("factscore-n-boot-huge", lambda r: (["factscore", "--slm", r.run(), "--data", r.data(), "--n-boot",
+                                          "99999999999"], ["--n-boot"])),
     ("factscore-duplicate-slm-label", lambda r: (["factscore", "--slm", f"a={r.run()}", "--slm", f"a={r.run('r2')}",
                                                   "--data", r.data()], ["--slm", "'a'", "already used"])),
     ("calibrate-bins-huge", lambda r: (["calibrate", r.data(), "--slm", r.run(), "--bins", "100000000"], ["--bins"])),

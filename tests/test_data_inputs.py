@@ -270,3 +270,31 @@ def test_resume_refuses_data_prepared_again_with_other_documents(tmp_path):
             rebuild=True, **QUIET)
     with pytest.raises(ConfigError, match=r"data\.path=.*not the ones .*step-0000002 trained on"):
         main(args + ["trainer.max_steps=2"])
+
+
+def test_a_link_loop_in_a_corpus_directory_is_not_followed(tmp_path):
+    d = tmp_path / "c"
+    d.mkdir()
+    _jsonl(d / "a.jsonl", [{"text": f"doc {i}"} for i in range(3)])
+    (d / "self").symlink_to(d)
+    (d / "up").symlink_to(tmp_path)
+    assert [x.text for x in load_corpus(str(d))] == ["doc 0", "doc 1", "doc 2"]
+
+
+def test_stop_text_matches_as_generated_or_before_trailing_space():
+    from train.lacy.cascade import stop_reached
+
+    assert stop_reached("one two ", " ") and stop_reached("a line\n", "\n") and stop_reached("Done. ", ".")
+    assert not stop_reached("Done", ".") and not stop_reached("Done.", None)
+
+
+@pytest.mark.parametrize("env,name", [({"WORLD_SIZE": "0"}, "WORLD_SIZE"), ({"WORLD_SIZE": "abc"}, "WORLD_SIZE"),
+                                      ({"RANK": "1"}, "RANK=1")])
+def test_torchrun_environment_is_checked(monkeypatch, env, name):
+    from model.errors import ConfigError
+    from train.pretrain import _env_world
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError, match=name):
+        _env_world()

@@ -457,6 +457,9 @@ def test_eval_refuses_data_clustered_by_another_router_and_route_top_above_k(run
     assert cluster([other, "--levels", "2", "--k", "2", "--niter", "5", "--seed", "5", "--refit"]) == 0
     with pytest.raises(DataError, match=r"--data .*another router than the run's"):
         ev([runs["memory"], "--data", other, "--val-batches", "1", "--out", str(tmp_path / "e1")])
+    from train.commands.score import main as score
+    with pytest.raises(DataError, match=r"DATA .*another router than the run's"):
+        score([other, "--model", runs["memory"], "--name", "x"])
     from train.pretrain import main as pretrain
     with pytest.raises(DataError, match=r"init_from=.*another clustering"):
         pretrain(_args(other, str(tmp_path), "re", 2, f"init_from={runs['memory']}", *MEM))

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -190,8 +191,50 @@ def resolve_run(cfg: RunConfig, data) -> tuple[RunConfig, InitSource | None, obj
         check_cluster_paths(data, cfg.memory)
         router = load_data_router(data, cfg.memory)
         _check_init_router(init, router, data)
+        if cfg.memory.bank_dir:
+            check_bank_dir(cfg.memory.bank_dir)
     check_size(cfg)
     return cfg, init, router
+
+
+_BANK_FILE = re.compile(r"^level\d+\.rank\d+-of-\d+\.safetensors$")  # memory/row_store.py's live files
+
+
+def check_bank_dir(path: str) -> None:
+    """ConfigError naming memory.bank_dir unless it is new, empty, or holds only an mmap bank's live files
+    (which a run rewrites): never a file, the working/home/root directory or a parent, a memlm output (a
+    data dir, a checkpoint) or a folder of other files."""
+    from model.atomic import protected_reason, read_marker
+
+    key = f"memory.bank_dir={path}"
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{key}: is a file; give a directory for the live bank files")
+    why = protected_reason(path)
+    if why:
+        raise ConfigError(f"{key}: {why}; give a new directory")
+    p = os.path.realpath(path)
+    while p != os.path.dirname(p):  # the directory and every parent: not inside a data dir or checkpoints
+        kind = (read_marker(p) or {}).get("kind") if os.path.isdir(p) else None
+        if kind in ("data", "data-partial", "checkpoint") or os.path.basename(p) == "checkpoints" or \
+                os.path.isfile(os.path.join(p, "manifest.json")):
+            raise ConfigError(f"{key}: lies in {p}, a memlm data or checkpoint directory; give a new directory "
+                              "for the live bank files")
+        p = os.path.dirname(p)
+    other = [n for n in (os.listdir(path) if os.path.isdir(path) else []) if not _BANK_FILE.match(n)]
+    if other:
+        raise ConfigError(f"{key}: holds {', '.join(sorted(other)[:3])}, which are not live bank files (a run "
+                          "rewrites that directory); give a new or empty directory")
+
+
+def check_same_router(router, data_dir: str, run: str, flag: str = "--data") -> None:
+    """DataError when the data dir was clustered by another tree than a memory run's router (the copy in
+    its checkpoint): the data's stored paths would send rows to memories trained on other clusters."""
+    from memory.router import Router
+
+    if router is not None and Router.exists(data_dir) and not router.same_tree(Router.load(data_dir)):
+        raise DataError(f"{flag} {data_dir}: clustered by another router than the run's ({run}/router.json): its "
+                        "paths address other memories (or the run's router file is damaged); use the data the run "
+                        "was trained with (clustered by the same memlm cluster command and seed)")
 
 
 def _check_init_router(init: InitSource | None, router, data) -> None:

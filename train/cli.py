@@ -87,6 +87,17 @@ positive_float = number(float, 0, low_open=True)
 nonnegative_float = number(float, 0)
 probability = number(float, 0, 1)  # [0, 1]
 rate = number(float, 0, 1, low_open=True)  # (0, 1]
+MAX_NEW_TOKENS = 2**16  # generation length flags: beyond any memlm context, and a typo of 1e11 hangs
+BOOT_MAX = 10**6  # bootstrap resamples: enough for any interval; 1e11 would allocate terabytes
+
+
+def nonempty_text(text: str) -> str:
+    """An argparse `type=` for a text that must not be empty (e.g. --stop)."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 SEED_MAX = 2**31 - 1  # FAISS k-means takes a signed 32-bit seed
 seed = number(int, 0, SEED_MAX)
 job_seed = number(int, 0, SEED_MAX - 100)  # jobs (demo, reproductions) give their stages seed + a small offset
@@ -140,7 +151,7 @@ def torch_device(text: str) -> str:
             raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device; use cpu")
         if dev.index is not None and dev.index >= n:
             raise argparse.ArgumentTypeError(f"{text!r}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
-    elif dev.type not in ("cpu", "mps", "xpu"):
+    elif dev.type != "cpu":
         raise argparse.ArgumentTypeError(f"{text!r}: memlm runs on cpu or cuda")
     return text
 

@@ -28,11 +28,25 @@ def _env_world() -> tuple[int, int, int, int]:
     """(world_size, local_world_size, num_nodes, rank) from torchrun's variables (1 process without them)."""
     from model.errors import ConfigError
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    def env_int(name: str, default: int, low: int) -> int:
+        text = os.environ.get(name, str(default))
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise ConfigError(f"{name}={text!r}: must be an integer >= {low} (torchrun sets it; unset it to train "
+                              "in one process)")
+        return value
+
+    world = env_int("WORLD_SIZE", 1, 1)
+    local = env_int("LOCAL_WORLD_SIZE", world, 1)
+    rank = env_int("RANK", 0, 0)
     if world % local:
         raise ConfigError(f"WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={local} (torchrun's environment)")
-    return world, local, world // local, int(os.environ.get("RANK", "0"))
+    if rank >= world:
+        raise ConfigError(f"RANK={rank}: must be below WORLD_SIZE={world} (torchrun's environment)")
+    return world, local, world // local, rank
 
 
 def print0(*args, **kw):

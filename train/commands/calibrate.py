@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from train.cli import ArgumentParser, add_device_arg, add_output_args, check_out_dir, number, positive_int
+from train.cli import ArgumentParser, BOOT_MAX, add_device_arg, add_output_args, check_out_dir, number, positive_int
 
 
 KIND = "calibrate"  # the kind in the marker of the output directory (model/atomic.py)
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", help="held-out split (default val)")
     p.add_argument("--max-windows", type=positive_int, default=400, help="windows scored per SLM")
     p.add_argument("--bins", type=number(int, 1, 1000), default=10, help="equal-width bins of P(<CALL>) for ECE (1..1000)")
-    p.add_argument("--n-boot", type=positive_int, default=200, help="bootstrap resamples of windows")
+    p.add_argument("--n-boot", type=number(int, 1, BOOT_MAX), default=200, help="bootstrap resamples of windows")
     p.add_argument("--batch-size", type=positive_int, default=32, help="windows per forward pass")
     add_output_args(p, "calibrate", default="calibration")
     add_device_arg(p)
@@ -92,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         scorer = Scorer(path, tok, args.device)
         if scorer.memory:
             scorer.mode = "fetched" if all(sh.paths is not None for sh in shards) else "generic"
+            if scorer.mode == "fetched":
+                from train.build import check_same_router
+                check_same_router(scorer.router, args.data, path, flag="DATA")
+            else:  # said and recorded: the numbers are of the generic block, not the run's fetched memories
+                print(f"{label}: {args.data} has no cluster paths: scoring this memory run with its generic block")
         parts = []
         left = args.max_windows
         for sh in shards:
@@ -106,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             parts.append(pos)
         pos = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         results[label] = summarize(pos, args.bins, args.n_boot)
+        if scorer.memory:
+            results[label]["mode"] = scorer.mode
         r = results[label]
         print(f"{label}: " + "; ".join(
             f"{part} AUROC {r[part]['auroc']['point']:.3f} ECE {r[part]['ece']['point']:.3f} "

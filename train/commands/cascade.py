@@ -13,7 +13,8 @@ import argparse
 import json
 import sys
 
-from train.cli import ArgumentParser, add_device_arg, nonnegative_float, positive_int, seed
+from train.cli import (ArgumentParser, MAX_NEW_TOKENS, add_device_arg, nonempty_text, nonnegative_float, number,
+                       positive_int, seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,8 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=nonnegative_float, default=None,
                    help="call when P(<CALL>) >= tau, tau >= 0 (default: when <CALL> is the SLM's greedy choice; "
                         "a tau > 1 never calls)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=48, help="SLM decisions per prompt (tokens + calls)")
-    p.add_argument("--stop", default=None, help='stop once the completion ends with this text (e.g. "." for one sentence)')
+    p.add_argument("--max-new-tokens", type=number(int, 1, MAX_NEW_TOKENS), default=48, help="SLM decisions per prompt (tokens + calls)")
+    p.add_argument("--stop", type=nonempty_text, default=None, help='stop once the completion ends with this text (e.g. "." for one sentence)')
     p.add_argument("--max-word-tokens", type=positive_int, default=8, help="cap on large-model tokens per call")
     p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="SLM sampling temperature (0 = greedy)")
     p.add_argument("--seed", type=seed, default=0, help="sampling seed")

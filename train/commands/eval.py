@@ -73,17 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_same_router(router, data_dir: str, step_dir: str) -> None:
-    """DataError when --data was clustered by another tree than the run's router: its stored paths would
-    send validation rows to memories trained on other clusters."""
-    from memory.router import Router
-
-    if router is not None and Router.exists(data_dir) and not router.same_tree(Router.load(data_dir)):
-        raise DataError(f"--data {data_dir}: clustered by another router than the run's ({step_dir}/router.json): "
-                        "its paths address other memories (or the run's router file is damaged); evaluate on the "
-                        "data the run was trained with (clustered by the same memlm cluster command and seed)")
-
-
 def route_probes(model, router, data, tokenizer, probes, route_top: int, device, step_dir) -> tuple[dict, dict]:
     """({label: paths [n, levels]}, routing diagnostics) for the probes of a memory run: the router's
     paths ("fetched"), the person's majority leaf ("fetched_oracle") and, with route_top > 1, the
@@ -117,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     from data.shards import open_data
     from data.tokenizer import tokenizer_hash
     from model.atomic import atomic_dir, check_output_dir
-    from train.build import check_cluster_paths
+    from train.build import check_cluster_paths, check_same_router
     from train.checkpoint import find_step_dir, load_run
     from train.experiments.report import eval_table, plot_memory_eval
 
@@ -151,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         modes = ["anchor"]
     if is_mem:
         check_cluster_paths(data, model.mem_cfg)
-        _check_same_router(router, args.data, step_dir)
+        check_same_router(router, args.data, step_dir)
         by_leaf = True
     else:  # anchor runs: rows by leaf (and per-cluster numbers) when the data is clustered
         by_leaf = bool(data.n_levels) and all(sh.has_array("paths") for sh in data.shards("val"))

@@ -21,8 +21,8 @@ import json
 import os
 import sys
 
-from train.cli import (ArgumentParser, add_device_arg, add_output_args, check_out_dir, nonnegative_int, positive_int,
-                       probability, seed)
+from train.cli import (ArgumentParser, BOOT_MAX, MAX_NEW_TOKENS, add_device_arg, add_output_args, check_out_dir,
+                       nonempty_text, nonnegative_int, number, positive_int, probability, seed)
 
 
 def _taus(text: str) -> list:
@@ -65,15 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="data dir prepared from the bios corpus (has bios/kb.json)")
     p.add_argument("--per-bucket", type=positive_int, default=20, help="people per frequency bucket")
     p.add_argument("--prompt", default="{name} was born", help="opening; {name} is replaced")
-    p.add_argument("--max-new-tokens", type=positive_int, default=48, help="SLM decisions per bio")
-    p.add_argument("--stop", default=None, help='end a bio once it ends with this text (e.g. ".")')
+    p.add_argument("--max-new-tokens", type=number(int, 1, MAX_NEW_TOKENS), default=48, help="SLM decisions per bio")
+    p.add_argument("--stop", type=nonempty_text, default=None, help='end a bio once it ends with this text (e.g. ".")')
     p.add_argument("--tau", type=probability, default=None, help="call when P(<CALL>) >= tau (default: argmax)")
     p.add_argument("--taus", type=_taus, default=None,
                    help="sweep thresholds, e.g. 0.02,0.05,0.1,0.2,argmax,1.01 (a value > 1 never calls)")
     p.add_argument("--match-rates", type=_rates, default=[0.05, 0.1, 0.2],
                    help="generation call rates where the sweeps are compared (default 0.05,0.1,0.2)")
     p.add_argument("--area", type=_rates, default=[0.0, 0.2], help="call-rate range LO,HI of the curve's mean")
-    p.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples of people")
+    p.add_argument("--n-boot", type=number(int, 1, BOOT_MAX), default=1000, help="bootstrap resamples of people")
     p.add_argument("--batch-size", type=positive_int, default=64, help="prompts generated together")
     p.add_argument("--slm-alone", action="store_true", help="also score each SLM with <CALL> suppressed")
     p.add_argument("--large-alone", action="store_true", help="also score the large model alone")

@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         scorer.mode = args.mode or ("fetched" if clustered else "generic")
         if scorer.mode == "fetched" and not clustered:
             raise DataError(f"{args.data}: --mode fetched needs cluster paths (run `memlm cluster {args.data}`)")
+        if scorer.mode == "fetched":
+            from train.build import check_same_router
+            check_same_router(scorer.router, args.data, args.model, flag="DATA")
         print(f"memory run: scoring with mode {scorer.mode!r}")
     max_len = args.max_len or scorer.max_len
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0

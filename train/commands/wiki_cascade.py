@@ -21,8 +21,8 @@ import json
 import os
 import sys
 
-from train.cli import (ArgumentParser, add_device_arg, add_output_args, check_out_dir, nonnegative_int, positive_int,
-                       seed)
+from train.cli import (ArgumentParser, BOOT_MAX, MAX_NEW_TOKENS, add_device_arg, add_output_args, check_out_dir,
+                       nonempty_text, nonnegative_int, number, positive_int, seed)
 from train.commands.factscore import _rates, _taus
 
 
@@ -42,12 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-leads", type=positive_int, default=150, help="leads sampled (seeded)")
     p.add_argument("--per-lead", type=positive_int, default=2, help="facts per lead (first in text order)")
     p.add_argument("--max-prompt-chars", type=positive_int, default=300, help="facts starting within this many chars")
-    p.add_argument("--max-new-tokens", type=positive_int, default=16, help="SLM decisions per completion")
-    p.add_argument("--stop", default=".", help="end a completion once it ends with this text")
+    p.add_argument("--max-new-tokens", type=number(int, 1, MAX_NEW_TOKENS), default=16, help="SLM decisions per completion")
+    p.add_argument("--stop", type=nonempty_text, default=".", help="end a completion once it ends with this text")
     p.add_argument("--taus", type=_taus, default=[0.05, 0.1, 0.2, 0.35, 0.5, None, 1.01], help="thresholds")
     p.add_argument("--match-rates", type=_rates, default=[0.05, 0.1, 0.2], help="matched generation call rates")
     p.add_argument("--area", type=_rates, default=[0.0, 0.2], help="call-rate range LO,HI of the curve's mean")
-    p.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples of leads")
+    p.add_argument("--n-boot", type=number(int, 1, BOOT_MAX), default=1000, help="bootstrap resamples of leads")
     p.add_argument("--batch-size", type=positive_int, default=64, help="prompts generated together")
     p.add_argument("--large-alone", action="store_true", help="also score the large model alone")
     p.add_argument("--diagnose", type=nonnegative_int, default=0, help="call sites per kind and rule")

@@ -75,6 +75,9 @@ class MemlmLM(LM):
             from data.shards import open_data
             from train.evaluation.routing import key_leaves
 
+            from train.build import check_same_router
+
+            check_same_router(self.router, data, run)  # the data's leaves must be the ones the run trained on
             self._oracle = key_leaves(open_data(data), lambda doc_id: doc_id)
 
     # ---- routing ------------------------------------------------------------------------------

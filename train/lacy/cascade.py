@@ -32,6 +32,12 @@ from data.tokenizer import CALL, encode_text, stop_ids
 MARKS = ("⟦", "⟧")
 
 
+def stop_reached(completion: str, stop: str | None) -> bool:
+    """Whether `completion` ends with `stop`: as generated (so a stop of "\\n" or " " can match), or
+    before trailing whitespace (a "." followed by a space token)."""
+    return bool(stop) and (completion.endswith(stop) or completion.rstrip().endswith(stop))
+
+
 # ---- the cascade -----------------------------------------------------------------------------------
 @dataclass
 class CascadeOutput:
@@ -117,7 +123,7 @@ class Cascade:
         from model.model import sample
 
         out = CascadeOutput(prompt=prompt, text=prompt)
-        ends = lambda t: bool(stop) and t[len(prompt):].rstrip().endswith(stop)  # noqa: E731
+        ends = lambda t: stop_reached(t[len(prompt):], stop)  # noqa: E731
         if not prompt:
             raise CascadeError("Cascade.generate: empty prompt")
         t0 = time.perf_counter()
@@ -210,7 +216,7 @@ class Cascade:
     def _run_rows(self, stepper, rows: list[_Row], max_new_tokens: int, stop: str | None) -> None:
         """The decision loop of `generate` (greedy), one step for every unfinished row at a time."""
         def ends(r):
-            return bool(stop) and r.out.text[len(r.out.prompt):].rstrip().endswith(stop)
+            return stop_reached(r.out.text[len(r.out.prompt):], stop)
 
         def finish(r, why):
             r.done, r.out.stopped = True, why

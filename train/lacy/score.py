@@ -23,7 +23,7 @@ class Scorer:
     def __init__(self, path: str, data_tokenizer, device: str, mode: str | None = None):
         from data.tokenizer import tokenizer_hash
 
-        self.path, self.device, self.memory = path, device, False
+        self.path, self.device, self.memory, self.router = path, device, False, None
         want = tokenizer_hash(data_tokenizer)
         if os.path.isfile(os.path.join(path, "config.json")):  # a transformers directory
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -38,7 +38,7 @@ class Scorer:
         else:
             from train.lacy.large import load_memlm
 
-            self.model, tok, cfg, _ = load_memlm(path, device)
+            self.model, tok, cfg, self.router = load_memlm(path, device)
             self.max_len = int(cfg.model.max_seq_len)
             self.memory = self.model.has_memory
             self.kind = "memlm"
