@@ -143,7 +143,7 @@ def _local_files(path: str) -> list[str]:
         # os.walk does not follow links to directories: a link loop (`ln -s .. dir/up`) would read the
         # files again and again, or never end
         files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
-                       if f.endswith(LOCAL_EXTS) and os.path.isfile(os.path.join(root, f)))
+                       if f.lower().endswith(LOCAL_EXTS) and os.path.isfile(os.path.join(root, f)))
         if not files:
             raise CorpusError(f"{path}: directory holds no {'/'.join(LOCAL_EXTS)} files")
         return files
@@ -151,7 +151,7 @@ def _local_files(path: str) -> list[str]:
         raise CorpusError(f"{path}: file not found")
     if not os.path.isfile(path):
         raise CorpusError(f"{path}: not a regular file or directory")
-    if not path.endswith(LOCAL_EXTS):
+    if not path.lower().endswith(LOCAL_EXTS):
         raise CorpusError(f"{path}: unknown file type (memlm reads {', '.join(LOCAL_EXTS)} files)")
     return [path]
 
@@ -321,7 +321,7 @@ def _read_with_datasets(path, text_column, id_column, stats, name, id_required=T
     "null" or "2024" stay documents (only an empty cell is an empty document)."""
     import datasets
 
-    kind = "parquet" if path.endswith(".parquet") else "csv"
+    kind = "parquet" if path.lower().endswith(".parquet") else "csv"
     kw = {}
     if kind == "csv":
         header = _csv_header(path)
@@ -356,13 +356,14 @@ def _local(path, text_column="text", id_column=None, sample_by="document", id_re
         for fp in files:
             rel = os.path.relpath(fp, root) if os.path.isdir(path) else os.path.basename(fp)
             # default ids "<relative path>:<row>" are unique across the files of a directory
-            if not fp.endswith(".parquet"):
+            ext = os.path.splitext(fp)[1].lower()  # .JSONL is .jsonl
+            if ext != ".parquet":
                 _check_utf8(fp)
-            if fp.endswith(".jsonl"):
+            if ext == ".jsonl":
                 yield from _read_jsonl(fp, text_column, id_column, stats, rel, id_required)
-            elif fp.endswith(".json"):
+            elif ext == ".json":
                 yield from _read_json(fp, text_column, id_column, stats, rel, id_required)
-            elif fp.endswith(".txt"):
+            elif ext == ".txt":
                 yield from _read_txt(fp, sample_by, stats, rel)
             else:
                 yield from _read_with_datasets(fp, text_column, id_column, stats, rel, id_required)
@@ -449,7 +450,7 @@ def load_corpus(spec, max_docs: int | None = None, **kw) -> Corpus:
         return Corpus("wiki-leads", _wiki_leads, max_docs)
     if spec.startswith("hf:"):
         return Corpus(spec, _hub(spec[3:], **kw), max_docs)
-    if os.path.exists(spec) or os.sep in spec or spec.endswith(LOCAL_EXTS):
+    if os.path.exists(spec) or os.sep in spec or spec.lower().endswith(LOCAL_EXTS):
         return Corpus(os.path.abspath(spec), _local(spec, **kw), max_docs)
     raise CorpusError(f"{spec}: unknown corpus (use bios, wiki-leads, a local file/directory, "
                       "hf:NAME, or a mixture 'a:0.5,b:0.5')")

@@ -110,7 +110,11 @@ class MemoryConfig:
         bad = [w for w in self.widths if w < 0]
         if bad:
             raise ValueError(f"memory.widths={list(self.widths)}: every width must be >= 0")
-        return self.layer_ids(n_layer)
+        ids = self.layer_ids(n_layer)
+        if not ids or not any(self.widths):  # a memory run without a memory unit trains the anchor, silently
+            raise ValueError(f"memory.layers={list(ids)} memory.widths={list(self.widths)}: no layer gets a memory "
+                             "unit; give at least one layer and one width > 0, or memory=null for no memory")
+        return ids
 
     # ---- accounting -----------------------------------------------------------------------
     def fetched_params(self, model_cfg) -> int:

@@ -219,3 +219,12 @@ def test_overrides_may_follow_options(tmp_path):
     bad = run_memlm_inprocess(["pretrain", "--config", RECIPE, "data.path=x", "--print-config", "--bogus"],
                               cwd=tmp_path)
     assert_clean_failure(bad, names=["--bogus"])
+
+
+@pytest.mark.parametrize("over", [{"layers": []}, {"widths": (0, 0)}])
+def test_a_memory_run_without_a_memory_unit_is_refused(over):
+    from memory.config import MemoryConfig
+    from model.config import ModelConfig
+
+    with pytest.raises(ValueError, match="no layer gets a memory unit"):
+        MemoryConfig.from_name("tiny", **over).validate(ModelConfig.from_name("tiny"))

@@ -298,3 +298,12 @@ def test_torchrun_environment_is_checked(monkeypatch, env, name):
         monkeypatch.setenv(k, v)
     with pytest.raises(ConfigError, match=name):
         _env_world()
+
+
+def test_file_extensions_are_case_insensitive(tmp_path):
+    d = tmp_path / "c"
+    d.mkdir()
+    (d / "A.JSONL").write_text('{"text": "upper"}\n')
+    (d / "b.Txt").write_text("mixed")
+    assert sorted(x.text for x in load_corpus(str(d))) == ["mixed", "upper"]
+    assert [x.text for x in load_corpus(str(d / "A.JSONL"))] == ["upper"]
