@@ -325,8 +325,11 @@ def _read_with_datasets(path, text_column, id_column, stats, name, id_required=T
     kw = {}
     if kind == "csv":
         header = _csv_header(path)
+        dup = sorted({c for c in header if header.count(c) > 1})
+        if dup:  # pandas would rename one of them silently (text, text.1)
+            raise CorpusError(f"{path}: the header names column(s) {dup} twice; give every column its own name")
         kw = dict(features=datasets.Features({c: datasets.Value("string") for c in header}),
-                  na_filter=False) if header and len(set(header)) == len(header) else {}
+                  na_filter=False) if header else {}
     try:
         ds = datasets.load_dataset(kind, data_files=path, split="train", **kw)
     except Exception as e:  # noqa: BLE001 - datasets wraps reader errors in many types

@@ -228,3 +228,16 @@ def test_a_memory_run_without_a_memory_unit_is_refused(over):
 
     with pytest.raises(ValueError, match="no layer gets a memory unit"):
         MemoryConfig.from_name("tiny", **over).validate(ModelConfig.from_name("tiny"))
+
+
+def test_dotted_keys_in_a_yaml_recipe_are_sections(tmp_path):
+    from model.errors import ConfigError
+    from train.config import load_config
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim.lr: 0.005\ntrainer:\n  max_steps: 7\ntrainer.log_every: 3\n")
+    cfg = load_config(str(recipe))
+    assert (cfg.optim.lr, cfg.trainer.max_steps, cfg.trainer.log_every) == (0.005, 7, 3)
+    recipe.write_text("optim.lrr: 0.005\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml: .*optim\.lrr.*optim\.lr"):
+        load_config(str(recipe))

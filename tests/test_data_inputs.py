@@ -307,3 +307,10 @@ def test_file_extensions_are_case_insensitive(tmp_path):
     (d / "b.Txt").write_text("mixed")
     assert sorted(x.text for x in load_corpus(str(d))) == ["mixed", "upper"]
     assert [x.text for x in load_corpus(str(d / "A.JSONL"))] == ["upper"]
+
+
+def test_a_csv_header_naming_a_column_twice(tmp_path):
+    csv = tmp_path / "d.csv"
+    csv.write_text("text,text\na,b\n")
+    with pytest.raises(CorpusError, match=r"d\.csv: the header names column\(s\) \['text'\] twice"):
+        list(load_corpus(str(csv)))

@@ -428,6 +428,18 @@ def _set_dotted(tree: dict, key: str, value) -> None:
     node[parts[-1]] = value
 
 
+def _expand_dotted(tree: dict) -> dict:
+    """A YAML mapping with dotted keys (`optim.lr: 3e-4`, as on the command line) as nested sections;
+    a dotted key wins over the same key in a section written out, as a later override would."""
+    plain = {k: (_expand_dotted(v) if isinstance(v, dict) else v) for k, v in tree.items()
+             if not (isinstance(k, str) and "." in k)}
+    dotted: dict = {}
+    for k, v in tree.items():
+        if isinstance(k, str) and "." in k:
+            _set_dotted(dotted, k, v)
+    return _merge(plain, dotted)
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     tree: dict = {}
     for item in overrides:
@@ -472,6 +484,10 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a YAML mapping at the top level")
+        try:
+            raw = _expand_dotted(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
     try:
         return from_dict(_merge(raw, parse_overrides(overrides or [])))
     except ConfigError as e:

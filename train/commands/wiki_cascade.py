@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slm", action="append", default=[], help="[LABEL=]RUN of an SLM (repeatable)")
     p.add_argument("--large", default=None, help="transformers model dir or memlm run (default: SmolLM2-135M)")
     p.add_argument("--judge", default=None, help="transformers dir scoring fluency (default: --large if HF)")
-    p.add_argument("--split", default="val", help="held-out split whose leads give the facts")
+    p.add_argument("--split", default="val", choices=("train", "val"), help="held-out split whose leads give the facts")
     p.add_argument("--facts-only", action="store_true", help="write DATA/wiki_facts/<split>.jsonl and stop")
     p.add_argument("--kinds", default="year,date,country,place,nationality,occupation", help="fact kinds")
     p.add_argument("--max-leads", type=positive_int, default=150, help="leads sampled (seeded)")
@@ -86,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     sources = [args.data, *(parse_slm(spec)[1] for spec in args.slm), *(p for p in (args.large, args.judge) if p)]
     if not args.facts_only:  # --facts-only writes only into the data dir
         check_output_dir(args.out, KIND, args.force, sources=sources)
+    from data.shards import open_data
+    from model.errors import DataError
+
+    source = open_data(args.data).manifest.get("source")
+    if source != "wiki-leads":  # before spaCy runs and writes (empty) facts into the data dir
+        raise DataError(f"{args.data}: prepared from {source!r}, not wiki-leads; wiki-cascade needs "
+                        "`memlm prepare --corpus wiki-leads` data")
     path = wiki.facts_path(args.data, args.split)
     if args.facts_only or not os.path.isfile(path):
         wiki.build_facts(args.data, args.split)
