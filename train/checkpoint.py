@@ -344,9 +344,10 @@ class Checkpointer:
         self.barrier()  # every rank's files are in
         if self.rank == 0:
             write_marker(tmp, KIND, {"step": step})
-            if os.path.isdir(final) and foreign_entries(final):  # a resumed run rewriting a later step
+            foreign = foreign_entries(final) if os.path.isdir(final) else []
+            if foreign:  # a resumed run rewriting a later step
                 shutil.rmtree(tmp, ignore_errors=True)
-                raise OutputExistsError(f"{final}: holds {', '.join(foreign_entries(final))}, which memlm did not "
+                raise OutputExistsError(f"{final}: holds {', '.join(foreign)}, which memlm did not "
                                         "write there; this run would replace it: move it out and resume")
             publish_dir(tmp, final)
             self.prune()
@@ -358,8 +359,9 @@ class Checkpointer:
         k = self.cfg.checkpoint.keep_last_k
         intact = [p for _, p in step_dirs(self.ckpt_dir) if check_step_dir(p) is None]
         for old in intact[:-k] if k > 0 else []:
-            if foreign_entries(old):  # a file someone put in it: keep the whole checkpoint, say so
-                print(f"checkpoint: keeping {old} (it holds {', '.join(foreign_entries(old))}, which memlm did "
+            foreign = foreign_entries(old)
+            if foreign:  # a file someone put in it: keep the whole checkpoint, say so
+                print(f"checkpoint: keeping {old} (it holds {', '.join(foreign)}, which memlm did "
                       "not write); delete it yourself", file=sys.stderr)
                 continue
             remove_dir(old, KIND)
