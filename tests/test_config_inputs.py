@@ -241,3 +241,17 @@ def test_dotted_keys_in_a_yaml_recipe_are_sections(tmp_path):
     recipe.write_text("optim.lrr: 0.005\n")
     with pytest.raises(ConfigError, match=r"r\.yaml: .*optim\.lrr.*optim\.lr"):
         load_config(str(recipe))
+
+
+def test_yaml_key_given_twice_is_refused_with_both_lines(tmp_path):
+    from model.errors import ConfigError
+    from train.config import load_config
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  preset: tiny\noptim:\n  lr: 1.0e-3\n  lr: 3.0e-3\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml: .*key 'lr' is given twice \(lines 4 and 5\)"):
+        load_config(str(recipe))
+    # the same key in two different sections, and YAML merge keys, are fine
+    recipe.write_text("base: &b {lr: 1.0e-3}\noptim:\n  <<: *b\n  lr: 2.0e-3\n")
+    with pytest.raises(ConfigError, match="base"):  # an unknown top-level key, not a duplicate
+        load_config(str(recipe))

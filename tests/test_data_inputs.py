@@ -314,3 +314,44 @@ def test_a_csv_header_naming_a_column_twice(tmp_path):
     csv.write_text("text,text\na,b\n")
     with pytest.raises(CorpusError, match=r"d\.csv: the header names column\(s\) \['text'\] twice"):
         list(load_corpus(str(csv)))
+
+
+# ---- compressed files and files of other types ---------------------------------------------------
+def test_compressed_files_read_as_their_plain_version(tmp_path, capsys):
+    import bz2
+    import gzip
+    import lzma
+
+    recs = [{"id": f"d{i}", "text": f"document {i}\r\nsecond line"} for i in range(4)]
+    plain = "".join(json.dumps(r) + "\n" for r in recs).encode()
+    d = tmp_path / "corpus"
+    d.mkdir()
+    (d / "a.jsonl").write_bytes(plain)
+    (d / "b.jsonl.GZ").write_bytes(gzip.compress(plain))
+    (d / "c.jsonl.bz2").write_bytes(bz2.compress(plain))
+    (d / "d.csv.gz").write_bytes(gzip.compress(b"id,text\nx1,NA\nx2,2024\n"))
+    (d / "e.txt.xz").write_bytes(lzma.compress(b"one\r\n\r\ntwo"))
+    (d / "f.jsonl.zst").write_bytes(b"not read")
+    docs = list(load_corpus(str(d), id_column="id", id_required=False, sample_by="paragraph"))
+    texts = [t for _, t in docs]
+    assert texts[:4] == texts[4:8] == texts[8:12] == [r["text"] for r in recs]
+    assert texts[12:] == ["NA", "2024", "one", "two"]
+    err = capsys.readouterr().err
+    assert "skipping 1 file(s)" in err and "f.jsonl.zst" in err
+
+
+def test_truncated_compressed_file_is_named(tmp_path):
+    import gzip
+
+    raw = gzip.compress(b"".join(json.dumps({"text": f"doc {i} " * 50}).encode() + b"\n" for i in range(200)))
+    path = tmp_path / "c.jsonl.gz"
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CorpusError, match=r"c\.jsonl\.gz: damaged \.gz file"):
+        list(load_corpus(str(path)))
+
+
+def test_unsupported_compression_refused_with_what_is_read(tmp_path):
+    path = tmp_path / "c.jsonl.zst"
+    path.write_bytes(b"x")
+    with pytest.raises(CorpusError, match=r"c\.jsonl\.zst: unknown file type .*\.gz"):
+        list(load_corpus(str(path)))

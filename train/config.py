@@ -26,7 +26,7 @@ import yaml
 from memory.config import MemoryConfig
 from model.atomic import atomic_write
 from model.config import FIELD_RANGES as MODEL_RANGES
-from model.config import ModelConfig
+from model.config import ModelConfig, load_yaml
 from model.errors import ConfigError, check_range
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
@@ -279,7 +279,7 @@ def parse_value(text: str):
         except ValueError:
             pass
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -475,7 +475,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     if path:
         try:
             with open(path, encoding="utf-8") as f:
-                raw = yaml.safe_load(f) or {}
+                raw = load_yaml(f) or {}
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
         except OSError as e:  # a directory, no permission, ...

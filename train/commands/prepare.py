@@ -22,7 +22,7 @@ def build_parser() -> ArgumentParser:
                     "damaged shard files, or says `nothing to do`. Text is text: special-token strings inside "
                     "documents (<|endoftext|>, <CALL>, ...) are encoded as ordinary text.")
     p.add_argument("--corpus", required=True,
-                   help="bios | wiki-leads | PATH (.jsonl/.json/.txt/.parquet/.csv file or directory) | hf:NAME[:CONFIG] "
+                   help="bios | wiki-leads | PATH (.jsonl/.json/.txt/.parquet/.csv file, also .gz/.bz2/.xz, or directory) | hf:NAME[:CONFIG] "
                         "| a weighted mixture 'bios:0.5,wiki-leads:0.5'")
     p.add_argument("--out", required=True,
                    help="output data dir (manifest.json, tokenizer/, train/, val/); a new or empty directory, or "
