@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import re
@@ -100,10 +101,17 @@ def read_marker(path: str) -> dict | None:
     return marker if isinstance(marker, dict) else None
 
 
-def write_marker(path: str, kind: str, meta: dict | None = None) -> dict:
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a file's bytes (about 0.6 GB/s on this project's 2-core CPU, from the page cache)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_marker(path: str, kind: str, meta: dict | None = None, checksums: bool = False) -> dict:
     """Write the marker of directory `path` (call it last: it records every file's size, and its presence
-    means "complete")."""
-    files = {}
+    means "complete"). `checksums`: also every file's sha256, so that `verify_dir(..., deep=True)` finds
+    bytes damaged at the same size (checkpoints: a flipped byte in the weights loads without an error)."""
+    files, sha = {}, {}
     for root, dirs, names in os.walk(path):
         dirs.sort()
         for name in sorted(names):
@@ -111,16 +119,22 @@ def write_marker(path: str, kind: str, meta: dict | None = None) -> dict:
             rel = os.path.relpath(full, path)
             if rel != MARKER:
                 files[rel] = os.path.getsize(full)
+                if checksums:
+                    sha[rel] = sha256_file(full)
     marker = {"kind": kind, "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "files": files, **(meta or {})}
+              "files": files, **({"sha256": sha} if checksums else {}), **(meta or {})}
     atomic_write_json(os.path.join(path, MARKER), marker)
     return marker
 
 
-def verify_dir(path: str, kind: str | None = None) -> dict:
+_VERIFIED: set = set()  # (dir, marker mtime) checked deep in this process: a command loads a run twice
+
+
+def verify_dir(path: str, kind: str | None = None, deep: bool = False) -> dict:
     """Check that `path` is a complete directory memlm wrote (of `kind`, when given): marker present, every
-    recorded file present with its recorded size. Returns the marker; raises CheckpointError naming the
-    first missing or truncated file otherwise."""
+    recorded file present with its recorded size, and with `deep` (markers written with `checksums`) its
+    recorded sha256. Returns the marker; raises CheckpointError naming the first missing, truncated or
+    damaged file otherwise."""
     marker = read_marker(path)
     if marker is None and os.path.isfile(os.path.join(path, MARKER)):
         raise CheckpointError(f"{os.path.join(path, MARKER)}: unreadable (damaged); use another one")
@@ -137,6 +151,14 @@ def verify_dir(path: str, kind: str | None = None) -> dict:
         if have != size:
             raise CheckpointError(f"{full}: {have} bytes, {size} expected (truncated or damaged); "
                                   "use another one")
+    if deep and marker.get("sha256"):
+        key = (os.path.realpath(path), os.stat(os.path.join(path, MARKER)).st_mtime_ns)
+        if key not in _VERIFIED:
+            for rel, digest in marker["sha256"].items():
+                if sha256_file(os.path.join(path, rel)) != digest:
+                    raise CheckpointError(f"{os.path.join(path, rel)}: its bytes differ from the sha256 recorded "
+                                          "when it was written (damaged at the same size); use another one")
+            _VERIFIED.add(key)
     return marker
 
 

@@ -239,6 +239,37 @@ def test_case_e3_truncated_weights_named_and_resume_falls_back(short_run, capsys
     assert _same(_final_weights(run, 6), want)
 
 
+def test_flipped_byte_at_the_same_size_named_and_resume_falls_back(short_run, capsys):
+    """A byte flipped inside the weights keeps the safetensors format readable (it would load as a wrong
+    weight): the sha256 in the marker names the file, and resume=auto continues from the older checkpoint."""
+    from model.errors import CheckpointError
+    from train.checkpoint import load_run
+    from train.cli import main as memlm
+    from train.pretrain import main
+
+    run = short_run["run"]
+    want = {k: v.clone() for k, v in _final_weights(run, 6).items()}
+    path = os.path.join(run, "checkpoints", "step-0000006", "model.safetensors")
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(size - 3)  # inside the last tensor's data, past the header
+        byte = f.read(1)
+        f.seek(size - 3)
+        f.write(bytes([byte[0] ^ 0x40]))
+    load_run(path[: -len("model.safetensors") - 1].replace("0000006", "0000004"))  # the older one loads
+    with pytest.raises(CheckpointError, match=r"step-0000006/model\.safetensors: its bytes differ from the sha256"):
+        load_run(run)
+    capsys.readouterr()
+    hf = os.path.join(run, "..", "hf")
+    assert memlm(["export-hf", run, "--out", hf]) == 2 and not os.path.exists(hf)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "step-0000006/model.safetensors" in err[0]
+    assert main(short_run["args"]) == 0
+    out = capsys.readouterr().out
+    assert "skipping damaged checkpoint" in out and "sha256" in out and "(step 4)" in out
+    assert _same(_final_weights(run, 6), want)
+
+
 def test_case_e4_torn_metrics_line(short_run, capsys):
     from model.atomic import read_jsonl
     from train.pretrain import main

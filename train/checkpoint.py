@@ -13,7 +13,9 @@
         .memlm.json                           the marker, written last (model/atomic.py)
 
 Crash safety. A checkpoint is complete iff its marker exists and every file has the size the marker
-records (`model.atomic.verify_dir`); a truncated or half-deleted directory never counts. It is written
+records (`model.atomic.verify_dir`); a truncated or half-deleted directory never counts. The marker also
+records every file's sha256, checked when a checkpoint is loaded (resume, init_from, eval, export, ...):
+bytes damaged at the same size are named too, and `resume=auto` falls back past them. It is written
 as `step-N.tmp` (every rank writes its own files into it), the marker goes in last, and it is renamed
 to `step-N`. An existing `step-N` (a newer checkpoint of a run resumed from an older step) is renamed
 away before the new one takes its name, and old checkpoints are pruned by renaming them away first,
@@ -71,10 +73,11 @@ def step_dirs(ckpt_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def check_step_dir(path: str) -> str | None:
-    """None when `path` is a complete checkpoint, else why not (names the file)."""
+def check_step_dir(path: str, deep: bool = True) -> str | None:
+    """None when `path` is a complete checkpoint, else why not (names the file). `deep`: also compare
+    every file's sha256 with the marker's (reads the whole checkpoint once per process)."""
     try:
-        verify_dir(path, KIND)
+        verify_dir(path, KIND, deep=deep)
     except CheckpointError as e:
         return str(e)
     return None
@@ -343,7 +346,7 @@ class Checkpointer:
             atomic_write_json(os.path.join(tmp, "meta.json"), self._meta(step, val or {}))
         self.barrier()  # every rank's files are in
         if self.rank == 0:
-            write_marker(tmp, KIND, {"step": step})
+            write_marker(tmp, KIND, {"step": step}, checksums=True)
             foreign = foreign_entries(final) if os.path.isdir(final) else []
             if foreign:  # a resumed run rewriting a later step
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -357,7 +360,7 @@ class Checkpointer:
     def prune(self) -> None:
         """Keep the newest checkpoint.keep_last_k complete checkpoints (0 keeps all)."""
         k = self.cfg.checkpoint.keep_last_k
-        intact = [p for _, p in step_dirs(self.ckpt_dir) if check_step_dir(p) is None]
+        intact = [p for _, p in step_dirs(self.ckpt_dir) if check_step_dir(p, deep=False) is None]
         for old in intact[:-k] if k > 0 else []:
             foreign = foreign_entries(old)
             if foreign:  # a file someone put in it: keep the whole checkpoint, say so
