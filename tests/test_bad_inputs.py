@@ -94,7 +94,18 @@ def _nan_weights(r):
     name = sorted(sd)[0]
     sd[name] = sd[name].clone().fill_(float("nan"))
     save_file(sd, path, metadata=meta)
+    _mark_again(r.step())  # as memlm wrote it (a run from before the NaN guard): the weights are what is wrong
     return r.step()
+
+
+def _mark_again(*dirs):
+    """Write the markers of edited dirs again (sizes, checksums), so that they count as memlm wrote them."""
+    from model.atomic import read_marker, write_marker
+
+    for d in dirs:
+        m = read_marker(d)
+        write_marker(d, m["kind"], {k: v for k, v in m.items() if k not in ("kind", "created_utc", "files", "sha256")},
+                     checksums="sha256" in m)
 
 
 def edit_json(path, fn):
@@ -175,17 +186,16 @@ def _no_call_tokenizer(r):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from model.atomic import read_marker, write_marker
-
     step = r.step()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel()
     tok_dir = os.path.join(step, "tokenizer")
     shutil.rmtree(tok_dir)
     PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(tok_dir)
-    for d, kind in ((tok_dir, "tokenizer"), (step, None)):  # complete dirs again: the tokenizer is what is wrong
-        m = read_marker(d) or {}
-        write_marker(d, kind or m["kind"], {k: v for k, v in m.items() if k not in ("kind", "created_utc", "files")})
+    from model.atomic import write_marker
+
+    write_marker(tok_dir, "tokenizer")
+    _mark_again(step)  # complete dirs again: the tokenizer is what is wrong
     return step
 
 
