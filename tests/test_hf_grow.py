@@ -236,3 +236,36 @@ def test_frozen_anchor_keeps_new_rows_at_their_init(src, tmp_path, capsys):
         assert ours.shape == (V + 2, 64) and torch.equal(ours[:V], theirs)
         assert torch.allclose(ours[V:], theirs.mean(0).expand(2, -1), atol=1e-7)
     assert any(k.startswith("bank.") for k in sd)  # the memories did train
+
+
+def test_smollm2_preset_grows_to_the_prepared_vocab(tmp_path):
+    """The README recipe's model check and growth on the real SmolLM2-135M-Instruct (config.json: rms_norm_eps
+    9.999999747378752e-06, 49152 tokens; `memlm prepare --tokenizer` makes 49154): model.preset=smollm2-135m is
+    accepted, the model grows to 49154 rows (<pad>, <CALL> = the mean row) and the 49152 old tokens' logits
+    are transformers' within TOL. ~8 s on one thread (the converted SmolLM2 cached)."""
+    pytest.importorskip("gguf")
+    from data.prepare import prepare
+    from model.hf import smollm2_dir
+    from train.build import build_model
+
+    try:
+        path = str(smollm2_dir())
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    data = str(tmp_path / "data")
+    prepare("bios", data, tokenizer=path, val_fraction=0.1, window_tokens=128, max_docs=20, n_people=10,
+            progress=False, log=lambda *a, **k: None)
+    from train.config import load_config
+
+    cfg, init, _ = _resolve(load_config(RECIPE, [f"data.path={data}", "model.preset=smollm2-135m",
+                                                 f"init_from={path}"]))
+    assert (init.model.vocab_size, cfg.model.vocab_size, cfg.model.norm_eps) == (49152, 49154, EPS32)
+    model = build_model(cfg, init).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(os.path.join(data, "tokenizer"))
+    assert tok.convert_tokens_to_ids(["<pad>", "<CALL>"]) == [49152, 49153]
+    x = tok("Marie Curie was born in", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ours, theirs = model(x), ref(x).logits
+    assert ((ours[..., :49152] - theirs).abs().max() / theirs.abs().max()).item() <= TOL
+    assert torch.allclose(model.tok_emb.weight[49152:], ref.model.embed_tokens.weight.mean(0).expand(2, -1), atol=1e-7)
