@@ -158,7 +158,8 @@ def test_init_from_grows_vocab_and_keeps_old_logits(src, tmp_path, tied):
 
 
 def test_grown_run_trains_records_vocab_and_exports(src, tmp_path, capsys):
-    """2 steps through `memlm pretrain`: the log line, config.yaml's vocab_size, export-hf loads in transformers."""
+    """2 steps through `memlm pretrain`: the log line, config.yaml's vocab_size, export-hf loads in transformers,
+    and the run resumes."""
     from train.commands.export_hf import main as export
     from train.pretrain import main
 
@@ -176,6 +177,11 @@ def test_grown_run_trains_records_vocab_and_exports(src, tmp_path, capsys):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert hf.config.vocab_size == V + 2 and len(tok) == V + 2 and tok.convert_tokens_to_ids("<CALL>") == V + 1
+    # the grown run resumes (its checkpoint and the re-resolved model agree on vocab_size V + 2)
+    assert main(["--config", RECIPE, f"data.path={src['data']}", f"runs_dir={tmp_path}", "name=g", *MODEL,
+                 "model.tie_embeddings=false", f"init_from={src['untied']}", "data.seq_len=64", "data.batch_size=1",
+                 "trainer.max_steps=2", "trainer.val_every=0", "logging.logger=none"]) == 0
+    assert "resuming from" in capsys.readouterr().out
 
 
 def _swap_ids(src_dir, out_dir):
