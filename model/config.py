@@ -17,6 +17,7 @@ smollm2-135m   134.5M   SmolLM2-135M architecture (HF Llama compatible)
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -131,9 +132,11 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def differences(self, other: "ModelConfig", ignore=NON_ARCHITECTURE) -> list[tuple[str, object, object]]:
-        """[(field, self's value, other's value)] for every architecture field that differs."""
+        """[(field, self's value, other's value)] for every architecture field that differs. Float fields
+        (norm_eps, rope_base) compare equal within float32 rounding (same_float): a HF config.json often
+        stores 1e-5 as 9.999999747378752e-06, the float32 value read back as a double."""
         return [(f.name, getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self)
-                if f.name not in ignore and getattr(self, f.name) != getattr(other, f.name)]
+                if f.name not in ignore and not _same_value(getattr(self, f.name), getattr(other, f.name))]
 
     # ---- (de)serialisation ----
     def to_dict(self) -> dict:
@@ -166,6 +169,31 @@ class ModelConfig:
         if not isinstance(d, dict):
             raise ValueError(f"ModelConfig.from_yaml: {s[:80]!r}: expected a mapping of config keys")
         return cls.from_dict(d)
+
+
+FLOAT32_RTOL = 2.0 ** -23  # float32's relative spacing at most: covers one rounding of either value
+
+
+def same_float(a: float, b: float) -> bool:
+    """a == b up to float32 rounding (|a - b| <= 2^-23 max(|a|, |b|)): 1e-5 and 9.999999747378752e-06 match,
+    1e-5 and 1e-6 do not."""
+    return math.isclose(float(a), float(b), rel_tol=FLOAT32_RTOL, abs_tol=0.0)
+
+
+def _same_value(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) \
+                and not isinstance(b, bool):
+            return same_float(a, b)
+    return a == b
+
+
+def matching_preset(cfg: "ModelConfig") -> str | None:
+    """The name of a preset whose architecture is `cfg`'s (ModelConfig.differences empty), or None."""
+    for name, preset in presets.items():
+        if not preset.differences(cfg):
+            return name
+    return None
 
 
 def _check_keys(d: dict) -> None:

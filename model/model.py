@@ -218,6 +218,34 @@ class Anchor(LanguageModel):
             else:
                 nn.init.normal_(p, mean=0.0, std=std)
 
+    @torch.no_grad()
+    def grow_vocab(self, vocab_size: int) -> "Anchor":
+        """Grow the token embedding and the output layer to `vocab_size` rows, in place (returns self), as
+        transformers' `resize_token_embeddings(vocab_size)` with its default mean_resizing: rows 0..V-1 are
+        kept unchanged, every new embedding row is the mean of the old embedding rows, and with an untied head
+        every new output row is the mean of the old output rows (a tied head is the grown embedding).
+        transformers adds a sample of N(0, 1e-9 * the rows' covariance) to the mean; here it is the mean exactly
+        (deterministic). Old tokens' logits are unchanged; `config.vocab_size` becomes `vocab_size`."""
+        cfg = self.config
+        old = cfg.vocab_size
+        if vocab_size < old:
+            raise ValueError(f"grow_vocab: vocab_size {vocab_size} is smaller than the model's {old}")
+        if vocab_size == old:
+            return self
+
+        def grown(weight: torch.Tensor) -> nn.Parameter:
+            mean = weight.float().mean(0, keepdim=True).to(weight.dtype)
+            rows = torch.cat([weight.detach(), mean.expand(vocab_size - old, -1)])
+            return nn.Parameter(rows, requires_grad=weight.requires_grad)
+
+        head = None if cfg.tie_embeddings else grown(self.lm_head.weight)
+        self.tok_emb.weight = grown(self.tok_emb.weight)
+        self.tok_emb.num_embeddings = vocab_size
+        self.lm_head.weight = self.tok_emb.weight if cfg.tie_embeddings else head
+        self.lm_head.out_features = vocab_size
+        self.config = cfg.replace(vocab_size=vocab_size)
+        return self
+
     # ---- bookkeeping ----
     def num_params(self, group: str = "all") -> int:
         """'all' (unique tensors, a tied head counted once), 'embedding' (token embedding + untied head),

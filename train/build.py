@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from memory.config import MemoryConfig
-from model.config import ModelConfig
+from model.config import ModelConfig, matching_preset
 from model.errors import CheckpointError, ConfigError, DataError, MemlmError
 from model.interface import LanguageModel
 from model.model import Anchor
@@ -98,6 +98,9 @@ class InitSource:
     model: ModelConfig
     tokenizer_dir: str | None
     step_dir: str | None = None
+    grown: str | None = None
+    """resolve_run: set (one log line) when the data's tokenizer extends the source's and the run's model
+    grows the source's embedding and output rows to the data's vocabulary."""
 
 
 def is_hf_dir(path: str) -> bool:
@@ -130,7 +133,9 @@ def resolve_init_from(path: str) -> InitSource:
         except (OSError, ValueError, KeyError) as e:  # unreadable config.json, or not a Llama model
             raise ConfigError(f"init_from={path}: not a transformers Llama model memlm can start from "
                               f"({' '.join(str(e).split())[:200]})") from None
-        return InitSource("hf", path, mc, path)
+        has_tok = any(os.path.exists(os.path.join(path, f))
+                      for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+        return InitSource("hf", path, mc, path if has_tok else None)
     from train.checkpoint import find_step_dir, read_run_config
 
     step_dir = find_step_dir(path)
@@ -143,25 +148,53 @@ def _check_init_model(cfg: RunConfig, src: InitSource) -> None:
     diff = cfg.model.differences(src.model)
     if diff:
         pairs = "; ".join(f"model.{k}={a} here, {b} in the source" for k, a, b in diff[:4])
-        preset = f"set model.preset={src.model.name}, or " if cfg.model.name != src.model.name else ""
+        match = matching_preset(src.model)  # suggest only a preset that exists and describes the source
+        preset = f"set model.preset={match}, or " if match is not None and match != cfg.model.name else ""
         raise ConfigError(f"init_from={src.path}: the model section differs from the model it starts from "
                           f"({pairs}); {preset}give the source's values "
                           f"({' '.join(f'model.{k}={b}' for k, _, b in diff)}) or drop the model.* keys that differ")
 
 
-def _check_init_tokenizer(data, src: InitSource) -> None:
-    """Every token of the source's vocabulary must have the same id in the data's tokenizer."""
+def _check_init_tokenizer(data, src: InitSource, vocab: int) -> str | None:
+    """Every token of the source's vocabulary must have the same id in the data's tokenizer. When the data's
+    vocabulary is larger than the source model's (`vocab` > V, e.g. `memlm prepare --tokenizer` added
+    <pad> and <CALL>), the data's tokenizer must also EXTEND the source's: ids 0..V-1 are the source's tokens
+    and only ids >= V are new. Returns the log line of that growth, or None; ConfigError naming both sides
+    otherwise."""
+    have = src.model.vocab_size
     if src.tokenizer_dir is None:
-        return
+        if vocab > have:
+            raise ConfigError(f"init_from={src.path}: its vocab_size {have} is smaller than the data tokenizer's "
+                              f"{vocab} ({data.tokenizer_dir}), and it has no tokenizer to check that the data's "
+                              "tokenizer extends it; give a source with its tokenizer files")
+        return None
     from transformers import AutoTokenizer
 
-    theirs = AutoTokenizer.from_pretrained(src.tokenizer_dir).get_vocab()
+    try:
+        theirs = AutoTokenizer.from_pretrained(src.tokenizer_dir).get_vocab()
+    except Exception as e:  # noqa: BLE001 - transformers raises many types; the path is what the user needs
+        raise ConfigError(f"init_from={src.path}: cannot load its tokenizer ({src.tokenizer_dir}): "
+                          f"{' '.join(str(e).split())[:200]}") from None
     ours = data.tokenizer().get_vocab()
-    bad = [t for t, i in theirs.items() if ours.get(t) != i]
+    bad = sorted((i, t) for t, i in theirs.items() if ours.get(t) != i)
+    if vocab > have:  # growing: no data token may sit on one of the source's rows unless it is the source's
+        bad += sorted((i, t) for t, i in ours.items() if i < have and theirs.get(t) != i)
     if bad:
+        i, t = min(bad)
+        theirs_at = {v: k for k, v in theirs.items()}.get(i)
+        ours_at = {v: k for k, v in ours.items()}.get(i)
         raise ConfigError(f"init_from={src.path}: its tokenizer ({src.tokenizer_dir}) differs from the data's "
-                          f"({data.tokenizer_dir}): {len(bad)} of its tokens have another id (e.g. {bad[0]!r}); "
-                          "prepare the data with the source's tokenizer (memlm prepare --tokenizer DIR)")
+                          f"({data.tokenizer_dir}): {len({t for _, t in bad})} tokens have another id (e.g. id {i} is "
+                          f"{theirs_at!r} in the source, {ours_at!r} in the data); prepare the data with the "
+                          "source's tokenizer (memlm prepare --tokenizer DIR)")
+    if vocab <= have:
+        return None
+    new = [t for t, i in sorted(ours.items(), key=lambda kv: kv[1]) if i >= have]
+    shown = ", ".join(new[:4]) + (f", ... ({len(new)} tokens)" if len(new) > 4 else "")
+    return (f"init_from={src.path}: the data's tokenizer extends the source's by {vocab - have} token(s) "
+            f"({shown}): embedding{'' if src.model.tie_embeddings else ' and output'} rows grow from "
+            f"{have} to {vocab}, the new rows set to the mean of the source's rows (transformers' "
+            "resize_token_embeddings)")
 
 
 def resolve_run(cfg: RunConfig, data) -> tuple[RunConfig, InitSource | None, object]:
@@ -173,11 +206,9 @@ def resolve_run(cfg: RunConfig, data) -> tuple[RunConfig, InitSource | None, obj
     if cfg.init_from:
         init = resolve_init_from(cfg.init_from)
         _check_init_model(cfg, init)
-        if init.model.vocab_size < vocab:
-            raise ConfigError(f"init_from={cfg.init_from}: its vocab_size {init.model.vocab_size} is smaller than "
-                              f"the data tokenizer's {vocab} ({cfg.data.path})")
-        _check_init_tokenizer(data, init)
-        cfg = dataclasses.replace(cfg, model=init.model)
+        init.grown = _check_init_tokenizer(data, init, vocab)
+        model = init.model.replace(vocab_size=vocab) if init.grown else init.model
+        cfg = dataclasses.replace(cfg, model=model)
     elif cfg.model.vocab_size != vocab:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
     if cfg.data.by_leaf is None:
@@ -333,11 +364,14 @@ def build_model(cfg: RunConfig, init: InitSource | None = None, live_dir: str | 
     if init is not None and init.kind == "hf":
         from model.hf import import_llama
 
-        anchor, _ = import_llama(init.path)
+        anchor, _ = import_llama(init.path, load_tokenizer=False)
+    elif init is not None:
+        anchor = Anchor(init.model)  # the source's shape; grown below when the data's tokenizer extends it
+        bank_sd = _load_init_anchor(anchor, os.path.join(init.step_dir, "model.safetensors"))
     else:
         anchor = Anchor(cfg.model)
-        if init is not None:
-            bank_sd = _load_init_anchor(anchor, os.path.join(init.step_dir, "model.safetensors"))
+    if anchor.config.vocab_size < cfg.model.vocab_size:  # resolve_run checked that the tokenizer extends
+        anchor.grow_vocab(cfg.model.vocab_size)
     if cfg.memory is None:
         return anchor
     from memory.model import MemoryLM

@@ -116,6 +116,10 @@ def run(cfg) -> dict:
     data = build.open_training_data(cfg)
     tokenizer = data.tokenizer()
     cfg, init, router = build.resolve_run(cfg, data)
+    if init is not None and init.grown:
+        frozen = cfg.memory is not None and cfg.memory.freeze_anchor
+        print0(f"memlm pretrain: {init.grown}" + ("; memory.freeze_anchor=true keeps the new rows at that value"
+                                                  if frozen else ""))
     if cfg.trainer.strategy == "fsdp" and (cfg.memory is not None or not torch.cuda.is_available()):
         why = "memory runs train with ddp (FSDP does not shard the bank)" if cfg.memory is not None else \
             "Lightning's FSDP needs GPUs; use trainer.strategy=ddp (or auto) on CPU"
