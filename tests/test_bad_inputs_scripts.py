@@ -33,6 +33,29 @@ def _user_dir(tmp):
     return str(path)
 
 
+def _data_dir(tmp):
+    """A directory carrying memlm's marker of another kind (a data dir)."""
+    path = tmp / "data"
+    path.mkdir()
+    (path / ".memlm.json").write_text('{"kind": "data", "files": {}}\n')
+    return str(path)
+
+
+def _run_dir(tmp):
+    """A training run's directory (memlm wrote it, without a marker at its top)."""
+    path = tmp / "run"
+    (path / "checkpoints").mkdir(parents=True)
+    (path / "config.yaml").write_text("name: run\n")
+    (path / "metrics.jsonl").write_text("")
+    return str(path)
+
+
+def _csv(tmp, header="a,b"):
+    path = tmp / "results.csv"
+    path.write_text(header + "\n1,2\n")
+    return str(path)
+
+
 # (id, script, argv builder(tmp_path) -> argv, names the error line must contain)
 ROWS = [
     ("bench_bank", lambda t: ["--steps", "0"], ["--steps", "'0'"]),
@@ -102,6 +125,24 @@ ROWS = [
     ("reproduce_memory", lambda t: ["--dry-run", "--out", t / "o", "--seed", "-1"], ["--seed"]),
     ("reproduce_memory", lambda t: ["--dry-run", "--out", t / "o", "--threads", "0"], ["--threads"]),
     ("reproduce_memory", lambda t: ["--dry-run", "--out", _file(t)], ["--out", "a-file.txt"]),
+    # a dry run refuses the --out that the real run refuses, creating nothing
+    ("reproduce_memory", lambda t: ["--dry-run", "--out", _user_dir(t)], ["--out", "mine", "did not put there"]),
+    ("reproduce_memory", lambda t: ["--dry-run", "--out", _data_dir(t)], ["--out", "a memlm 'data' directory"]),
+    ("reproduce_memory", lambda t: ["--dry-run", "--out", _run_dir(t)], ["--out", "a memlm training run"]),
+    ("reproduce_lacy", lambda t: ["--dry-run", "--out", _user_dir(t)], ["--out", "mine", "did not put there"]),
+    ("reproduce_lacy", lambda t: ["--dry-run", "--out", _data_dir(t), "--fresh"], ["--out", "'data' directory"]),
+    # a single output file: only an earlier file of the same kind is replaced
+    ("bench-kernels", lambda t: ["--out", _file(t)], ["--out", "a-file.txt", "not a CSV"]),
+    ("bench-kernels", lambda t: ["--out", _csv(t)], ["--out", "results.csv", "not a CSV"]),
+    ("bench_bank", lambda t: ["--csv", _file(t)], ["--csv", "a-file.txt", "not a CSV"]),
+    # sizes beyond any benchmark: one line at once, not an allocation until the machine kills the process
+    ("bench_model", lambda t: ["--presets", "tiny", "--seq", "100000000"], ["--seq", "'100000000'", "<= 32768"]),
+    ("bench_model", lambda t: ["--presets", "tiny", "--batch", "4096", "--seq", "4096"], ["--batch 4096", "--seq 4096"]),
+    ("bench_bank", lambda t: ["--seq-len", "100000000"], ["--seq-len", "<= 32768"]),
+    ("bench_memory", lambda t: ["--batch-size", "100000"], ["--batch-size", "<= 4096"]),
+    ("bench_data", lambda t: ["--seq-len", "100000000"], ["--seq-len", "<= 32768"]),
+    ("bench_train", lambda t: ["--steps", "1e9"], ["--steps"]),
+    ("bench-kernels", lambda t: ["--tokens", "100000000"], ["--tokens", "<= 4194304"]),
     ("reproduce_lacy", lambda t: ["--dry-run", "--out", t / "o", "--call-rates", "0,0.1"], ["--call-rates", "'0'"]),
     ("reproduce_lacy", lambda t: ["--dry-run", "--out", t / "o", "--call-rates", "0.1,1"], ["--call-rates", "'1'"]),
     ("reproduce_lacy", lambda t: ["--dry-run", "--out", t / "o", "--call-rates", "nan"], ["--call-rates"]),
