@@ -155,7 +155,7 @@ ROWS = [
     ("reproduce_lacy", lambda t: ["--dry-run", "--out", t / "o", "--size", "huge"], ["--size", "'huge'"]),
     ("reproduce_lacy", lambda t: ["--dry-run", "--out", _file(t) + "/sub"], ["--out", "a-file.txt"]),
 ]
-PROG = {"loss_compare": "loss_compare", "bench-kernels": "memlm bench-kernels"}  # default: SCRIPT.py
+PROG = {"bench-kernels": "memlm bench-kernels"}  # default: SCRIPT.py
 
 
 @pytest.mark.parametrize("script,build,names", ROWS, ids=[f"{s}{names[0]}-{i}" for i, (s, _, names) in enumerate(ROWS)])
