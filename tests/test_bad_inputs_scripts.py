@@ -201,3 +201,25 @@ def test_script_launch_is_one_line(tmp_path, argv, flag):
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and flag in p.stderr, p.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_bench_bank_labels_ratios_by_the_baseline_used(tmp_path, monkeypatch, capsys):
+    """Without 10m among --configs the ratios divide by the first config, and the headings say so; the CSV
+    it writes is then recognised as its own (a second run replaces it)."""
+    import json as _json
+
+    from scripts import bench_bank
+
+    def fake_run(cmd, **kw):
+        name = cmd[cmd.index("--one") + 1]
+        res = {"config": name, "storage": "host", "k": 4, "bank_params": 1e8, "state_gib": 1.0, "step_ms_median": 10.0,
+               "cpu_ms_step": 12.0, "sys_ms_step": 1.0, "faults_step": 0, "bank_ms_median": 2.0, "peak_rss_mb": 500.0,
+               "rss_before_bank_mb": 100.0, "fetched_params": 1000}
+        return subprocess.CompletedProcess(cmd, 0, "RESULT " + _json.dumps(res) + "\n", "")
+
+    monkeypatch.setattr(bench_bank.subprocess, "run", fake_run)
+    csv_path = str(tmp_path / "bank.csv")
+    for _ in range(2):
+        assert bench_bank.main(["--configs", "100m", "--steps", "1", "--warmup", "0", "--csv", csv_path]) == 0
+        header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| config"))
+        assert "x 100m" in header and "RSS x 100m" in header and "10m" not in header.replace("100m", "")
