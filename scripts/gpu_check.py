@@ -37,6 +37,7 @@ import glob
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -299,7 +300,7 @@ def prepare_plan(dirpath: str) -> list[tuple[str, list[str]]]:
 
 def _run_logged(name: str, cmd: list[str], log: str) -> None:
     """Run `cmd` (in the repository root), its output shown and kept in `log`; PrepareError if it fails."""
-    print(f"$ {' '.join(cmd)}   (log: {log})", flush=True)
+    print(f"$ {shlex.join(cmd)}   (log: {log})", flush=True)
     with open(log, "w", encoding="utf-8", errors="replace") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 errors="replace")
@@ -329,7 +330,7 @@ def prepare(dirpath: str, dry_run: bool = False, plan: Callable[[str], list] | N
     if dry_run:
         print(f"[gpu-check] --prepare {dirpath}: {len(steps)} steps (dry run: nothing is written)")
         for name, cmd in steps:
-            print(f"  {name}: {' '.join(map(str, cmd))}")
+            print(f"  {name}: {shlex.join(map(str, cmd))}")
         return 0
     claim_work_dir(dirpath, PREPARED_KIND, option="--prepare")
     add_entries(dirpath, PREPARED_ENTRIES)
