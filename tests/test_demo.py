@@ -90,3 +90,20 @@ def test_demo_training_stages_checkpoint_periodically(tmp_path):
     over = dict(a.split("=", 1) for a in demo.calls[0] if "=" in a)
     assert int(over["checkpoint.every"]) == 100 and int(over["trainer.max_steps"]) == 400
 
+
+def test_demo_redoes_the_cascade_for_another_large_model(tmp_path, capsys):
+    """--large is used by the cascade stage alone: a re-run with another one redoes that stage (and the
+    report), not the whole demo."""
+    demo = _demo(tmp_path, "--until", "cascade")
+    for stage in demo_lib.STAGES[:-1]:
+        setattr(demo, f"stage_{stage}", lambda: {"large": None})
+    demo.run()
+    large = tmp_path / "large"
+    large.mkdir()
+    again = _demo(tmp_path, "--until", "cascade", "--large", str(large))
+    ran = []
+    for stage in demo_lib.STAGES[:-1]:
+        setattr(again, f"stage_{stage}", lambda stage=stage: ran.append(stage) or {"large": str(large)})
+    again.run()
+    assert ran == ["cascade"] and "runs again" in capsys.readouterr().out
+

@@ -193,7 +193,7 @@ class Demo:
             o = cascade.generate(prompt, max_new_tokens=MAX_NEW_TOKENS, stop=".")  # one sentence each
             print(f"  {o.marked()!r}  (calls: {o.calls}" + (f"; truth: {answer}" if answer else "") + ")", flush=True)
             outputs.append({**o.to_dict(), "answer": answer})
-        return {"outputs": outputs}
+        return {"outputs": outputs, "large": self.args.large}
 
     def stage_report(self):
         from train.experiments.report import write_demo_report
@@ -208,6 +208,11 @@ class Demo:
         self.check_flags()
         self.stages.start(KIND, fresh=self.args.fresh)
         self.stages.pin(self.settings())
+        cascade = self.stages.done("cascade")
+        if cascade is not None and cascade.get("large") != self.args.large:  # only that stage used --large
+            print(f"[cascade] made with --large {cascade.get('large') or 'SmolLM2-135M (the default)'}: runs again",
+                  flush=True)
+            self.stages.forget("cascade")
         redo_from = STAGES.index(self.args.redo) if self.args.redo else len(STAGES)
         self.stages.run_plan([(stage, getattr(self, f"stage_{stage}")) for stage in STAGES],
                              redo_from=redo_from, until=self.args.until)
