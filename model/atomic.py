@@ -429,9 +429,11 @@ def _trash(path: str) -> None:
 
 
 def _users_files(root: str, marker: dict, rel: str) -> list[str]:
-    """What lies under entry path `rel` of work directory `root` that the job did not create (a tracked
-    entry: paths not recorded in the marker; any entry: the foreign entries of a marked output in it), as
-    paths relative to `root`. A directory nobody recorded is named once, not its contents."""
+    """What lies under entry path `rel` of work directory `root` that nobody but a user can have put there, as
+    paths relative to `root`: in a tracked entry a path the job did not record, unless it is a memlm output
+    (a directory with memlm's marker: a checkpoint or data dir written by a stage killed before it recorded
+    it); inside a marked output, its foreign entries (`foreign_entries`) the job did not record. A
+    directory that is the user's is named once, not its contents."""
     top = rel.split("/")[0]
     full = os.path.join(root, rel)
     if not os.path.isdir(full) or os.path.islink(full):
@@ -441,13 +443,18 @@ def _users_files(root: str, marker: dict, rel: str) -> list[str]:
     found: list[str] = []
     for base, dirs, names in os.walk(full):
         relbase = os.path.relpath(base, root).replace(os.sep, "/")
-        inner = read_marker(base) if not tracked else None
-        foreign = set(foreign_entries(base, inner)) if inner is not None and not inner.get("work_dir") else set()
+        inner = read_marker(base)
+        marked = inner is not None and not inner.get("work_dir")
+        foreign = set(foreign_entries(base, inner)) if marked else set()
         for name in sorted(dirs + names):
             p = f"{relbase}/{name}"
-            if _LEFTOVER.match(name):
+            if _LEFTOVER.match(name) or (tracked and p in created):
                 continue
-            if (p not in created) if tracked else (name in foreign):
+            if marked:
+                users = name in foreign
+            else:
+                users = tracked and read_marker(os.path.join(base, name)) is None
+            if users:
                 found.append(p)
                 if name in dirs:
                     dirs.remove(name)
@@ -458,6 +465,18 @@ def _in_marked_output(root: str, rel: str) -> bool:
     """Whether relative path `rel` of work directory `root` lies inside a directory carrying memlm's marker."""
     parts = rel.split("/")[:-1]
     return any(read_marker(os.path.join(root, *parts[:i])) for i in range(1, len(parts) + 1))
+
+
+def _delete_except(root: str, rel: str, keep: set[str]) -> None:
+    """Delete path `rel` of `root` but the paths in `keep` (relative to `root`) and the folders that lead to them."""
+    if rel in keep:
+        return
+    full = os.path.join(root, rel)
+    if not any(k.startswith(rel + "/") for k in keep):
+        _trash(full)
+        return
+    for name in os.listdir(full):
+        _delete_except(root, f"{rel}/{name}", keep)
 
 
 def clear_work_dir(path: str, kind: str, flag: str = "--fresh") -> list[str]:
@@ -482,20 +501,7 @@ def clear_work_dir(path: str, kind: str, flag: str = "--fresh") -> list[str]:
                                 f"{flag} deletes; move it out, then run again (nothing deleted)")
     created = set(marker.get("created", []))
     for name in entries:
-        full = os.path.join(path, name)
-        if not kept[name]:
-            _trash(full)
-            continue
-        for rel in sorted(created, key=lambda p: -p.count("/")):  # deepest first: files, then emptied dirs
-            sub = os.path.join(path, rel)
-            if rel.split("/")[0] != name or not os.path.lexists(sub):
-                continue
-            if os.path.isdir(sub) and not os.path.islink(sub):
-                remove_leftovers(sub)
-                with contextlib.suppress(OSError):
-                    os.rmdir(sub)  # holds something kept: stays
-            else:
-                os.remove(sub)
+        _delete_except(path, name, set(kept[name]))
     marker["entries"] = sorted(n for n in kept if kept[n])
     marker["created"] = sorted(p for p in created if os.path.lexists(os.path.join(path, p)))
     atomic_write_json(os.path.join(path, MARKER), marker)

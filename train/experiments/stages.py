@@ -19,6 +19,7 @@ commands, and read the files those commands write in later stages (the report).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -147,7 +148,12 @@ class StageRunner:
 
     def run_plan(self, plan: list, redo_from: int | None = None, until: str | None = None) -> None:
         """Run `plan` = [(stage, fn), ...] in order; the report stage (and every stage from index
-        `redo_from` on) always runs again. In a dry run the report is only announced."""
+        `redo_from` on) always runs again. In a dry run the report is only announced. SIGTERM (`timeout`,
+        SLURM) stops the job like Ctrl-C, so that the running stage still records what it created."""
+        with _sigterm_interrupts():
+            self._run_plan(plan, redo_from, until)
+
+    def _run_plan(self, plan: list, redo_from: int | None, until: str | None) -> None:
         for i, (stage, fn) in enumerate(plan):
             label = f"{i + 1}/{len(plan)} {stage}"
             if self.dry_run and stage == "report":
@@ -256,6 +262,23 @@ class StageRunner:
         """The distinct command lines that ran the finished stages ("; "-joined), else `fallback`."""
         seen = [v.get("_invocation") or fallback for v in self.finished().values()]
         return "; ".join(dict.fromkeys(seen)) or fallback
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM raises KeyboardInterrupt while the block runs (main thread only; elsewhere nothing changes)."""
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def checkpoint_every(steps: int, parts: int = 4) -> int:
