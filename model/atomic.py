@@ -16,9 +16,12 @@ complete one was expected, and no command may delete what it did not create. So:
   only a marked directory of the given kind: it renames it away first, so a kill halfway through leaves
   no directory under the old name.
 - Work directories that a multi-stage job (the demo, a reproduction) fills in place: `claim_work_dir` marks
-  a new or empty directory as the job's, with the list of entries the job created in it (`add_entries`);
-  `clear_work_dir` (the job's --fresh) deletes exactly those entries, and nothing of a directory without
-  that marker.
+  a new or empty directory as the job's, with the entries the job created in it and every path under them
+  (`add_entries`, `tree`); `clear_work_dir` (the job's --fresh) deletes exactly those, keeps and names what
+  a user added (also inside the job's folders), refuses while a user's file lies inside a marked output it
+  would delete, and touches nothing of a directory without that marker.
+- Single files a command writes by a flag (a benchmark's CSV): `check_output_file` refuses, before any work,
+  an existing file that is not an earlier output of the same kind.
 - Append-only logs (metrics.jsonl): `read_jsonl` drops a torn last line (a kill mid-write);
   `JsonlAppender` repairs such a tail before it appends, so new rows never glue onto a torn one.
 
