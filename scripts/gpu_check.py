@@ -291,10 +291,13 @@ def prepare_plan(dirpath: str) -> list[tuple[str, list[str]]]:
                  ("cluster-data", memlm("cluster", data, "--levels", 2, "--k", 4, "--max-tokens", 64))]
     # the demo's own clustering settings (levels 2, k 8, seed 0, 256 pieces) in bfloat16: ~1.5x faster on
     # CPU; the demo's cluster stage then reuses these embeddings and the router
-    plan += [("demo-data", memlm("demo", "--size", "gpu", "--out", demo, "--until", "data")),
+    # the same --steps-scale as the timed demo step: the demo refuses stages made with other settings
+    plan += [("demo-data", memlm("demo", "--size", "gpu", "--out", demo, "--until", "data", "--steps-scale",
+                                 DEMO_STEPS_SCALE)),
              ("cluster-demo", memlm("cluster", os.path.join(demo, "data"), "--levels", 2, "--k", 8, "--seed", 0,
                                     "--max-tokens", 256, "--dtype", "bfloat16")),
-             ("demo-cluster", memlm("demo", "--size", "gpu", "--out", demo, "--until", "cluster"))]
+             ("demo-cluster", memlm("demo", "--size", "gpu", "--out", demo, "--until", "cluster", "--steps-scale",
+                                    DEMO_STEPS_SCALE))]
     return plan
 
 
