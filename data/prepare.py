@@ -177,9 +177,16 @@ def _resume(out, settings, tokenizer, vocab_size, log):
                           f"{ {k: settings.get(k) for k in changed} }); pass --rebuild to prepare it again with the "
                           "new settings, or choose another --out")
     recorded = manifest.get("tokenizer_from", {})
-    if vocab_size is not None and "vocab_size" in recorded and recorded["vocab_size"] != vocab_size:
-        raise ConfigError(f"--vocab-size {vocab_size}: {out} was prepared with --vocab-size {recorded['vocab_size']}; "
-                          "pass --rebuild to prepare it again, or choose another --out")
+    if tokenizer is None and "vocab_size" in recorded and recorded["vocab_size"] != (vocab_size or DEFAULT_VOCAB):
+        # the default counts: leaving --vocab-size out asks for DEFAULT_VOCAB, not for whatever the dir has
+        given = f"--vocab-size {vocab_size}" if vocab_size else f"--vocab-size {DEFAULT_VOCAB} (the default)"
+        raise ConfigError(f"{given}: {out} was prepared with --vocab-size {recorded['vocab_size']}; pass "
+                          f"--vocab-size {recorded['vocab_size']} to use it, --rebuild to prepare it again, or "
+                          "choose another --out")
+    if tokenizer is None and "tokenizer" in recorded:
+        given = f"--vocab-size {vocab_size}" if vocab_size else "no --tokenizer"
+        raise ConfigError(f"{given}: {out} was prepared with --tokenizer {recorded['tokenizer']}; pass that "
+                          "--tokenizer to use it, --rebuild to prepare it again, or choose another --out")
     tok = d.tokenizer()  # damaged or other vocab: TokenizerError naming --rebuild
     if tokenizer is not None:
         given = tokenizer_hash(load_tokenizer(tokenizer, add_missing=True))

@@ -16,9 +16,12 @@ complete one was expected, and no command may delete what it did not create. So:
   only a marked directory of the given kind: it renames it away first, so a kill halfway through leaves
   no directory under the old name.
 - Work directories that a multi-stage job (the demo, a reproduction) fills in place: `claim_work_dir` marks
-  a new or empty directory as the job's, with the list of entries the job created in it (`add_entries`);
-  `clear_work_dir` (the job's --fresh) deletes exactly those entries, and nothing of a directory without
-  that marker.
+  a new or empty directory as the job's, with the entries the job created in it and every path under them
+  (`add_entries`, `tree`); `clear_work_dir` (the job's --fresh) deletes exactly those, keeps and names what
+  a user added (also inside the job's folders), refuses while a user's file lies inside a marked output it
+  would delete, and touches nothing of a directory without that marker.
+- Single files a command writes by a flag (a benchmark's CSV): `check_output_file` refuses, before any work,
+  an existing file that is not an earlier output of the same kind.
 - Append-only logs (metrics.jsonl): `read_jsonl` drops a torn last line (a kill mid-write);
   `JsonlAppender` repairs such a tail before it appends, so new rows never glue onto a torn one.
 
@@ -86,6 +89,26 @@ def atomic_write(path: str, data: bytes | str) -> None:
 def atomic_write_json(path: str, obj: Any, indent: int | None = 1, **kw) -> None:
     """`json.dump` to `path` atomically (non-JSON values such as numpy scalars go through `str`)."""
     atomic_write(path, json.dumps(obj, indent=indent, default=str, **kw) + "\n")
+
+
+def check_output_file(path: str, option: str, columns: Iterable[str], what: str) -> bool:
+    """Whether writing the CSV file `path` (chosen by flag `option`) replaces one; raises OutputExistsError,
+    before any work, when memlm may not: a directory, or an existing file that is not an earlier `what`
+    (its header line must name every one of `columns`). Nothing else is ever overwritten, whatever the flags:
+    choose another name."""
+    if os.path.isdir(path):
+        raise OutputExistsError(f"{option} {path}: is a directory; give the CSV file to write")
+    if not os.path.lexists(path):
+        return False
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            header = set(f.readline().strip().split(","))
+    except OSError:
+        header = set()
+    if os.path.islink(path) or not set(columns) <= header:
+        raise OutputExistsError(f"{option} {path}: exists and is not a CSV that {what} wrote; memlm does not "
+                                f"overwrite it: give a new file name (or delete it yourself)")
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,41 +345,80 @@ def remove_dir(path: str, kind: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def check_work_dir(path: str, kind: str, option: str = "--out") -> None:
+    """The checks of `claim_work_dir`, creating nothing (a job's --dry-run): OutputExistsError naming `path`
+    and `option` when a job of `kind` may not use it."""
+    if not os.path.lexists(path):
+        return
+    if not os.path.isdir(path) or os.path.islink(path):
+        raise OutputExistsError(f"{path}: exists and is not a directory; choose another {option}")
+    why = protected_reason(path)
+    if why:
+        raise OutputExistsError(f"{path}: {why}; choose a new {option} directory")
+    marker = read_marker(path)
+    if marker is not None and marker.get("kind") == kind:
+        return
+    if marker is not None or os.listdir(path):
+        if marker:
+            what = f"a memlm {marker.get('kind')!r} directory"
+        elif os.path.isfile(os.path.join(path, "config.yaml")) and \
+                (os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isfile(os.path.join(path, "metrics.jsonl"))):
+            what = "a memlm training run (config.yaml, metrics.jsonl, checkpoints/)"
+        else:
+            what = "files memlm did not put there"
+        raise OutputExistsError(f"{path}: exists and holds {what}; {kind} writes only into a new or empty "
+                                f"directory or one it made: choose another {option}")
+
+
 def claim_work_dir(path: str, kind: str, option: str = "--out") -> None:
     """Make `path` the work directory of a job of `kind` that fills it in place over many steps (the demo,
     a reproduction): a new or empty directory is created / adopted and marked, one this kind of job marked
     is reused. Anything else is refused with OutputExistsError naming `path` and `option` (the flag that
     chose it): a file, a protected directory, another kind's directory, or a directory holding files
     memlm did not put there (no flag allows those)."""
-    if os.path.lexists(path):
-        if not os.path.isdir(path) or os.path.islink(path):
-            raise OutputExistsError(f"{path}: exists and is not a directory; choose another {option}")
-        why = protected_reason(path)
-        if why:
-            raise OutputExistsError(f"{path}: {why}; choose a new {option} directory")
-        marker = read_marker(path)
-        if marker is not None and marker.get("kind") == kind:
-            return
-        if marker is not None or os.listdir(path):
-            what = f"a memlm {marker.get('kind')!r} directory" if marker else "files memlm did not put there"
-            raise OutputExistsError(f"{path}: exists and holds {what}; {kind} writes only into a new or empty "
-                                    f"directory or one it made: choose another {option}")
+    check_work_dir(path, kind, option)
+    if read_marker(path) is not None:
+        return
     os.makedirs(path, exist_ok=True)
     atomic_write_json(os.path.join(path, MARKER), {
         "kind": kind, "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "work_dir": True, "entries": [], "files": {}})
 
 
-def add_entries(path: str, names: Iterable[str]) -> None:
+def add_entries(path: str, names: Iterable[str], created: Iterable[str] | None = None) -> None:
     """Record top-level entries of work directory `path` that the job created (`clear_work_dir` deletes
-    exactly the recorded ones)."""
+    exactly the recorded ones). `created`: the relative paths ("runs/anchor/config.yaml") the job made under
+    them, when the caller tracks them (`tree`): --fresh then deletes only those, and files a user put inside
+    the entries stay. Entries recorded without `created` belong to the job whole."""
     marker = read_marker(path)
     if marker is None:
         raise OutputExistsError(f"{path}: not a memlm work directory (no {MARKER})")
     new = {n for n in names if n != MARKER and not _LEFTOVER.match(n)}
-    if not new <= set(marker.get("entries", [])):
-        marker["entries"] = sorted(set(marker.get("entries", [])) | new)
-        atomic_write_json(os.path.join(path, MARKER), marker)
+    paths = {p for p in (created or ()) if p.split("/")[0] in new and not _LEFTOVER.match(os.path.basename(p))}
+    entries, tracked = set(marker.get("entries", [])), set(marker.get("tracked", []))
+    have = set(marker.get("created", []))
+    add_tracked = new - entries if created is not None else set()
+    if new <= entries and paths <= have and add_tracked <= tracked:
+        return
+    marker["entries"] = sorted(entries | new)
+    marker["tracked"] = sorted(tracked | add_tracked)
+    marker["created"] = sorted(have | paths)
+    atomic_write_json(os.path.join(path, MARKER), marker)
+
+
+def tree(path: str) -> set[str]:
+    """Relative paths ("/"-separated) of every file and directory under `path`, without its marker and the
+    leftovers of killed writes: compare two to find what a job created in its work directory."""
+    out: set[str] = set()
+    if not os.path.isdir(path):
+        return out
+    for root, dirs, names in os.walk(path):
+        rel = os.path.relpath(root, path)
+        dirs[:] = [d for d in dirs if not _LEFTOVER.match(d)]
+        for name in dirs + names:
+            if not _LEFTOVER.match(name) and not (rel == "." and name == MARKER):
+                out.add(name if rel == "." else f"{rel}/{name}".replace(os.sep, "/"))
+    return out
 
 
 def _trash(path: str) -> None:
@@ -369,23 +431,86 @@ def _trash(path: str) -> None:
         os.remove(trash)
 
 
+def _users_files(root: str, marker: dict, rel: str) -> list[str]:
+    """What lies under entry path `rel` of work directory `root` that nobody but a user can have put there, as
+    paths relative to `root`: in a tracked entry a path the job did not record, unless it is a memlm output
+    (a directory with memlm's marker: a checkpoint or data dir written by a stage killed before it recorded
+    it); inside a marked output, its foreign entries (`foreign_entries`) the job did not record. A
+    directory that is the user's is named once, not its contents."""
+    top = rel.split("/")[0]
+    full = os.path.join(root, rel)
+    if not os.path.isdir(full) or os.path.islink(full):
+        return []
+    created = set(marker.get("created", []))
+    tracked = top in set(marker.get("tracked", []))
+    found: list[str] = []
+    for base, dirs, names in os.walk(full):
+        relbase = os.path.relpath(base, root).replace(os.sep, "/")
+        inner = read_marker(base)
+        marked = inner is not None and not inner.get("work_dir")
+        foreign = set(foreign_entries(base, inner)) if marked else set()
+        for name in sorted(dirs + names):
+            p = f"{relbase}/{name}"
+            if _LEFTOVER.match(name) or (tracked and p in created):
+                continue
+            if marked:
+                users = name in foreign
+            else:
+                users = tracked and read_marker(os.path.join(base, name)) is None
+            if users:
+                found.append(p)
+                if name in dirs:
+                    dirs.remove(name)
+    return found
+
+
+def _in_marked_output(root: str, rel: str) -> bool:
+    """Whether relative path `rel` of work directory `root` lies inside a directory carrying memlm's marker."""
+    parts = rel.split("/")[:-1]
+    return any(read_marker(os.path.join(root, *parts[:i])) for i in range(1, len(parts) + 1))
+
+
+def _delete_except(root: str, rel: str, keep: set[str]) -> None:
+    """Delete path `rel` of `root` but the paths in `keep` (relative to `root`) and the folders that lead to them."""
+    if rel in keep:
+        return
+    full = os.path.join(root, rel)
+    if not any(k.startswith(rel + "/") for k in keep):
+        _trash(full)
+        return
+    for name in os.listdir(full):
+        _delete_except(root, f"{rel}/{name}", keep)
+
+
 def clear_work_dir(path: str, kind: str, flag: str = "--fresh") -> list[str]:
-    """Delete what a job of `kind` created in its work directory `path` (the entries its marker records);
-    everything else stays. Returns the names kept. OutputExistsError (nothing deleted) when `path` does not
-    carry that job's marker."""
+    """Delete what a job of `kind` created in its work directory `path` (the entries its marker records, and
+    under a tracked entry only the paths it recorded); everything else stays: the names at the top that the
+    job did not create, and files a user put inside the job's folders ("mech/notes.txt"). Returns what was
+    kept (relative paths). OutputExistsError, nothing deleted, when `path` does not carry that job's marker,
+    or when a user's file lies inside a marked memlm output (a data dir, a checkpoint) that would be
+    deleted around it: that is named, to be moved out first."""
     why = protected_reason(path)
     marker = read_marker(path)
     if why or marker is None or marker.get("kind") != kind or not marker.get("work_dir"):
         what = why or (f"it is a memlm {marker.get('kind')!r} directory" if marker else "memlm did not create it")
         raise OutputExistsError(f"{path}: {flag} deletes only a directory {kind} created, and {what}; "
                                 "nothing deleted: choose another --out")
-    for name in marker.get("entries", []):
-        if os.path.lexists(os.path.join(path, name)):
-            _trash(os.path.join(path, name))
-    marker["entries"] = []
+    entries = [n for n in marker.get("entries", []) if os.path.lexists(os.path.join(path, n))]
+    kept = {n: _users_files(path, marker, n) for n in entries}
+    inside_outputs = [p for ps in kept.values() for p in ps if _in_marked_output(path, p)]
+    if inside_outputs:
+        names = ", ".join(inside_outputs[:5]) + (f" and {len(inside_outputs) - 5} more" if len(inside_outputs) > 5 else "")
+        raise OutputExistsError(f"{path}: holds {names}, which memlm did not write, inside memlm outputs that "
+                                f"{flag} deletes; move it out, then run again (nothing deleted)")
+    created = set(marker.get("created", []))
+    for name in entries:
+        _delete_except(path, name, set(kept[name]))
+    marker["entries"] = sorted(n for n in kept if kept[n])
+    marker["created"] = sorted(p for p in created if os.path.lexists(os.path.join(path, p)))
     atomic_write_json(os.path.join(path, MARKER), marker)
     remove_leftovers(path)
-    return sorted(n for n in os.listdir(path) if n != MARKER)
+    top = [n for n in os.listdir(path) if n != MARKER and n not in kept and not _LEFTOVER.match(n)]
+    return sorted(top + [p for ps in kept.values() for p in ps])
 
 
 def remove_work_entry(root: str, kind: str, path: str) -> None:
@@ -400,6 +525,12 @@ def remove_work_entry(root: str, kind: str, path: str) -> None:
     inner = read_marker(path) if os.path.isdir(path) else None
     if inner is not None:  # a marked output of the job (a data dir, a run's export): keep what users added
         _refuse_foreign(path, inner, "redoing it")
+    relpath = rel.replace(os.sep, "/")
+    users = [p for p in _users_files(root, marker, top) if p == relpath or p.startswith(relpath + "/")]
+    if users:
+        names = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
+        raise OutputExistsError(f"{path}: holds {names}, which memlm did not write there; redoing it would "
+                                "delete it: move it out, then run again")
     if os.path.lexists(path):
         _trash(path)
 

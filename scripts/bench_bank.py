@@ -41,6 +41,7 @@ CONFIGS = {
     "100m-resident-dense": (16, "resident"),  # reference: ResidentBank + dense AdamW (cost grows with the bank)
 }
 WIDTHS = (16, 16, 16)
+CSV_COLUMNS = ("config", "bank_params", "storage")  # in every row: how an earlier bench_bank.py CSV is recognised
 
 
 def rss_mb() -> float:
@@ -161,27 +162,29 @@ def one(name: str, steps: int, warmup: int, batch: int, seq_len: int, workdir: s
 def main(argv=None) -> int:
     import argparse
 
-    from train.cli import ArgumentParser, check_out_dir, comma_list, nonnegative_int, positive_int
+    from train.cli import ArgumentParser, check_out_dir, comma_list, number
+    from train.config import BENCH_BATCH, BENCH_SEQ, BENCH_STEPS, BENCH_THREADS
 
     ap = ArgumentParser(prog="bench_bank.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", type=comma_list(choices=CONFIGS), default="10m,100m,1b,1b-mmap,2b-mmap,100m-resident-dense",
                     help=f"comma list of {','.join(CONFIGS)}")
-    ap.add_argument("--steps", type=positive_int, default=30, help="timed steps per config")
-    ap.add_argument("--warmup", type=nonnegative_int, default=5, help="untimed steps first")
-    ap.add_argument("--batch", type=positive_int, default=4, help="rows per step (distinct paths)")
-    ap.add_argument("--seq-len", type=positive_int, default=128, help="tokens per row")
-    ap.add_argument("--threads", type=nonnegative_int, default=1, help="torch threads per config (0: torch's default)")
-    ap.add_argument("--rounds", type=positive_int, default=1, help="repeat the whole sweep; report the best median")
+    ap.add_argument("--steps", type=number(int, 1, BENCH_STEPS), default=30, help="timed steps per config")
+    ap.add_argument("--warmup", type=number(int, 0, BENCH_STEPS), default=5, help="untimed steps first")
+    ap.add_argument("--batch", type=number(int, 1, BENCH_BATCH), default=4, help="rows per step (distinct paths)")
+    ap.add_argument("--seq-len", type=number(int, 1, BENCH_SEQ), default=128, help="tokens per row")
+    ap.add_argument("--threads", type=number(int, 0, BENCH_THREADS), default=1, help="torch threads per config (0: torch's default)")
+    ap.add_argument("--rounds", type=number(int, 1, 1000), default=1, help="repeat the whole sweep; report the best median")
     ap.add_argument("--dir", default=None, help="scratch dir for mmap files and checkpoints (default: a temp dir)")
-    ap.add_argument("--csv", default=None, help="also write the rows as CSV here")
+    ap.add_argument("--csv", default=None, help="also write the rows as CSV here (a new file, or an earlier "
+                    "bench_bank.py CSV, which is replaced)")
     ap.add_argument("--one", choices=CONFIGS, default=None, help=argparse.SUPPRESS)  # internal: one config, print JSON
     args = ap.parse_args(argv)
     if args.dir:
         check_out_dir(args.dir, "--dir")
-    if args.csv and os.path.isdir(args.csv):
-        from model.errors import ConfigError
+    if args.csv:
+        from model.atomic import check_output_file
 
-        raise ConfigError(f"--csv {args.csv}: is a directory; give a file name")
+        check_output_file(args.csv, "--csv", CSV_COLUMNS, "bench_bank.py")  # an earlier result is replaced
 
     if args.one:
         print("RESULT " + json.dumps(one(args.one, args.steps, args.warmup, args.batch, args.seq_len, args.dir, args.threads)))
@@ -217,11 +220,12 @@ def main(argv=None) -> int:
         if args.dir is None:
             shutil.rmtree(base, ignore_errors=True)
 
-    base = results.get("10m", next(iter(results.values())))
+    baseline = "10m" if "10m" in results else names[0]  # the ratio columns divide by it, and say so
+    base = results[baseline]
     ref, ref_cpu, ref_rss = base["step_ms_median"], base["cpu_ms_step"], base["peak_rss_mb"]
-    cols = ["config", "bank", "state GiB", "storage", "ms/step", "x 10m", "CPU ms/step", "x 10m CPU", "sys ms",
-            "faults/step", "bank ms", "peak RSS MB", "RSS x 10m", "RSS before bank", "touched rows", "touched MB",
-            "ckpt s", "ckpt MB"]
+    cols = ["config", "bank", "state GiB", "storage", "ms/step", f"x {baseline}", "CPU ms/step", f"x {baseline} CPU",
+            "sys ms", "faults/step", "bank ms", "peak RSS MB", f"RSS x {baseline}", "RSS before bank", "touched rows",
+            "touched MB", "ckpt s", "ckpt MB"]
     rows = []
     for n in names:
         r = results[n]

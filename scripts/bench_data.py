@@ -96,17 +96,18 @@ def bench_model(vocab_size: int, seq_len: int, batch_size: int, steps: int, whic
 
 def main(argv=None) -> int:
     from data.tokenizer import MIN_VOCAB
-    from train.cli import ArgumentParser, nonnegative_int, number, positive_int
+    from train.cli import ArgumentParser, number
+    from train.config import BENCH_BATCH, BENCH_SEQ, BENCH_STEPS
 
     p = ArgumentParser(prog="bench_data.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", default="wiki-leads", help="corpus spec to tokenize (default wiki-leads)")
     p.add_argument("--vocab-size", type=number(int, MIN_VOCAB), default=8192, help="BPE vocab trained for the benchmark")
-    p.add_argument("--batch-docs", type=positive_int, default=512, help="documents per encode batch (both paths)")
-    p.add_argument("--seq-len", type=positive_int, default=256, help="packed row length")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="rows per batch")
-    p.add_argument("--loader-batches", type=positive_int, default=300, help="batches timed for the loader")
-    p.add_argument("--model-steps", type=positive_int, default=5, help="training steps timed for the model")
-    p.add_argument("--num-workers", type=nonnegative_int, default=0, help="DataLoader workers for the loader bench")
+    p.add_argument("--batch-docs", type=number(int, 1, BENCH_STEPS), default=512, help="documents per encode batch (both paths)")
+    p.add_argument("--seq-len", type=number(int, 1, BENCH_SEQ), default=256, help="packed row length")
+    p.add_argument("--batch-size", type=number(int, 1, BENCH_BATCH), default=8, help="rows per batch")
+    p.add_argument("--loader-batches", type=number(int, 1, BENCH_STEPS), default=300, help="batches timed for the loader")
+    p.add_argument("--model-steps", type=number(int, 1, BENCH_STEPS), default=5, help="training steps timed for the model")
+    p.add_argument("--num-workers", type=number(int, 0, 256), default=0, help="DataLoader workers for the loader bench")
     p.add_argument("--model", default="both", choices=["anchor", "torch", "both"],
                    help="model whose training speed is the reference (model.Anchor tiny, a torch 4x128 "
                         "transformer, or both: the faster one sets the ratio)")

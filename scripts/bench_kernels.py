@@ -23,7 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python scripts/bench_kernels.py` as well as `memlm bench-kernels`
     sys.path.insert(0, ROOT)
 
-from train.cli import ArgumentParser, positive_int  # noqa: E402
+from train.cli import ArgumentParser, number, positive_int  # noqa: E402
+from train.config import BENCH_TOKENS  # noqa: E402
 
 SHAPES = {  # name: (d, F, R) — R = sum of the per-level memory widths of the paper's configs
     "160M": (512, 2048, 336),
@@ -32,6 +33,7 @@ SHAPES = {  # name: (d, F, R) — R = sum of the per-level memory widths of the 
 CPU_SHAPES = {"tiny": (64, 128, 32)}
 PROVIDERS = ("reference-eager", "reference-compile", "triton")
 PASSES = ("fwd", "bwd", "fwd+bwd")
+CSV_COLUMNS = ("shape", "d", "F", "R", "tokens")  # in every row: how an earlier bench-kernels CSV is recognised
 
 
 def _paths(text: str) -> str:
@@ -45,28 +47,30 @@ def _paths(text: str) -> str:
 
 
 def parse_args(argv):
-    from model.errors import ConfigError
+    from model.atomic import check_output_file
 
     p = ArgumentParser(prog="memlm bench-kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES), metavar="SHAPE",
                    help=f"model shapes to run (of {', '.join(SHAPES)})")
-    p.add_argument("--tokens", nargs="+", type=positive_int, default=[16384, 32768, 65536], help="tokens per step (B*T)")
-    p.add_argument("--seq-len", type=positive_int, default=2048, help="T, tokens per row; B = tokens // T")
+    p.add_argument("--tokens", nargs="+", type=number(int, 1, BENCH_TOKENS), default=[16384, 32768, 65536], help="tokens per step (B*T)")
+    p.add_argument("--seq-len", type=number(int, 1, BENCH_TOKENS), default=2048, help="T, tokens per row; B = tokens // T")
     p.add_argument("--paths", nargs="+", type=_paths, default=["1", "16", "all"],
                    help="distinct memory blocks per step: integers >= 1, or 'all' (one block per row)")
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS, help="what to time")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype of all tensors")
-    p.add_argument("--warmup", type=positive_int, default=25, help="do_bench warm-up time in ms")
-    p.add_argument("--rep", type=positive_int, default=100, help="do_bench measurement time in ms")
+    p.add_argument("--warmup", type=number(int, 1, 600_000), default=25, help="do_bench warm-up time in ms")
+    p.add_argument("--rep", type=number(int, 1, 600_000), default=100, help="do_bench measurement time in ms")
     p.add_argument("--out", default=None,
                    help="CSV file to write (default runs/bench-kernels/memory_ffn-<dtype>.csv, "
-                        "or memory_ffn-cpu-reference.csv with --cpu-reference)")
+                        "or memory_ffn-cpu-reference.csv with --cpu-reference); an existing file is replaced only "
+                        "if it is an earlier bench-kernels CSV")
     p.add_argument("--quick", action="store_true", help="only 16k tokens and paths 1 and all (a smoke run)")
     p.add_argument("--cpu-reference", action="store_true",
                    help="without a GPU: time the PyTorch reference only, on tiny CPU shapes (labelled as such)")
     args = p.parse_args(argv)
-    if args.out and os.path.isdir(args.out):
-        raise ConfigError(f"--out {args.out}: is a directory; give the CSV file to write")
+    default = "runs/bench-kernels/memory_ffn-" + ("cpu-reference" if args.cpu_reference else args.dtype) + ".csv"
+    args.out = args.out or default
+    check_output_file(args.out, "--out", CSV_COLUMNS, "memlm bench-kernels")  # an earlier result is replaced
     return args
 
 
@@ -185,7 +189,7 @@ def run_cpu_reference(args, torch):
                                  speedup="", note="cpu-reference", torch=torch.__version__,
                                  python=platform.python_version()))
     print_table(rows)
-    write_csv(rows, args.out or "runs/bench-kernels/memory_ffn-cpu-reference.csv")
+    write_csv(rows, args.out)
     return 0
 
 
@@ -279,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nspeedup = reference-compile ms / provider ms; pct_gemm = TFLOP/s as % of the dense bf16 GEMM rate; "
           "GB/s counts the minimal traffic (activations in/out + weights and their grads once)")
     print_table(rows)
-    write_csv(rows, args.out or f"runs/bench-kernels/memory_ffn-{args.dtype}.csv")
+    write_csv(rows, args.out)
     return 0
 
 

@@ -212,27 +212,28 @@ def router_times(args) -> list[tuple[str, str]]:
 
 def main(argv=None) -> int:
     from model.config import presets
-    from train.cli import ArgumentParser, comma_list, nonnegative_int, number, positive_int
+    from train.cli import ArgumentParser, comma_list, number
+    from train.config import BENCH_BATCH, BENCH_SEQ, BENCH_STEPS, BENCH_TOKENS
 
     p = ArgumentParser(prog="bench_memory.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", choices=list(presets), help="anchor preset (model.config.presets)")
-    p.add_argument("--memory-widths", type=comma_list(positive_int), default="32,16,8",
+    p.add_argument("--memory-widths", type=comma_list(number(int, 1, BENCH_SEQ)), default="32,16,8",
                    help="r_l per level (tiny: fetched ~11%% of non-emb)")
-    p.add_argument("--k", type=number(int, 2), default=4, help="branching factor of the bank (>= 2)")
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--seq-len", type=positive_int, default=256)
-    p.add_argument("--steps", type=positive_int, default=10, help="timed steps per variant")
-    p.add_argument("--warmup", type=nonnegative_int, default=2)
-    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--embed-windows", type=positive_int, default=256)
-    p.add_argument("--embed-words", type=number(int, 10), default=200, help="most words per synthetic window (10..N, mixed)")
-    p.add_argument("--embed-batch", type=positive_int, default=64, help="batch of the before-loop")
-    p.add_argument("--fit-points", type=positive_int, default=1_000_000)
+    p.add_argument("--k", type=number(int, 2, 1024), default=4, help="branching factor of the bank (>= 2)")
+    p.add_argument("--batch-size", type=number(int, 1, BENCH_BATCH), default=8)
+    p.add_argument("--seq-len", type=number(int, 1, BENCH_SEQ), default=256)
+    p.add_argument("--steps", type=number(int, 1, BENCH_STEPS), default=10, help="timed steps per variant")
+    p.add_argument("--warmup", type=number(int, 0, BENCH_STEPS), default=2)
+    p.add_argument("--threads", type=number(int, 1, 1024), default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--embed-windows", type=number(int, 1, BENCH_STEPS), default=256)
+    p.add_argument("--embed-words", type=number(int, 10, BENCH_SEQ), default=200, help="most words per synthetic window (10..N, mixed)")
+    p.add_argument("--embed-batch", type=number(int, 1, BENCH_BATCH), default=64, help="batch of the before-loop")
+    p.add_argument("--fit-points", type=number(int, 1, BENCH_TOKENS * 16), default=1_000_000)
     p.add_argument("--skip-steps", action="store_true")
     p.add_argument("--skip-embed", action="store_true")
     p.add_argument("--skip-fit", action="store_true", help="time assignment on a random tree instead of a fitted one")
     p.add_argument("--skip-assign", action="store_true")
-    p.add_argument("--rounds", type=positive_int, default=2, help="interleaved rounds of before/after timings (best kept)")
+    p.add_argument("--rounds", type=number(int, 1, 1000), default=2, help="interleaved rounds of before/after timings (best kept)")
     p.add_argument("--skip-router", action="store_true", help="= --skip-embed --skip-fit --skip-assign")
     args = p.parse_args(argv)
     if args.skip_router:

@@ -54,26 +54,30 @@ def bench_preset(name: str, batch: int, seq: int, iters: int, warmup: int = 1) -
 def main(argv=None) -> int:
     from model.config import presets
     from model.errors import ConfigError
-    from train.cli import ArgumentParser, positive_int
+    from train.cli import ArgumentParser, number
+    from train.config import BENCH_BATCH, BENCH_SEQ, BENCH_STEPS, BENCH_THREADS, BENCH_TOKENS
 
     p = ArgumentParser(prog="bench_model.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", default=["tiny", "160m"], choices=list(presets), metavar="PRESET",
                    help=f"model presets to benchmark (of {', '.join(presets)})")
-    p.add_argument("--batch", type=positive_int, nargs="+", default=None,
+    p.add_argument("--batch", type=number(int, 1, BENCH_BATCH), nargs="+", default=None,
                    help="batch size per preset, or one for all (default: 8 for tiny/tiny-2x/small, else 1)")
-    p.add_argument("--seq", type=positive_int, default=256, help="sequence length")
-    p.add_argument("--iters", type=positive_int, default=3, help="timed fwd+bwd steps per preset")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--seq", type=number(int, 1, BENCH_SEQ), default=256, help=f"sequence length (<= {BENCH_SEQ})")
+    p.add_argument("--iters", type=number(int, 1, BENCH_STEPS), default=3, help="timed fwd+bwd steps per preset")
+    p.add_argument("--threads", type=number(int, 1, BENCH_THREADS), default=None, help="torch.set_num_threads (default: torch's)")
     args = p.parse_args(argv)
     if args.batch and len(args.batch) not in (1, len(args.presets)):
         raise ConfigError(f"--batch: {len(args.batch)} values for {len(args.presets)} presets; give one, or one per preset")
+    batches = args.batch or [8 if n in ("tiny", "tiny-2x", "small") else 1 for n in args.presets]
+    if len(batches) == 1:
+        batches = batches * len(args.presets)
+    if max(batches) * args.seq > BENCH_TOKENS:
+        raise ConfigError(f"--batch {max(batches)} x --seq {args.seq}: more than {BENCH_TOKENS:,} tokens per step; "
+                          "give a smaller --batch or --seq")
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    batches = args.batch or [8 if n in ("tiny", "tiny-2x", "small") else 1 for n in args.presets]
-    if len(batches) == 1:
-        batches = batches * len(args.presets)
 
     peak = matmul_gflops()
     rows = [bench_preset(n, b, args.seq, args.iters) for n, b in zip(args.presets, batches)]

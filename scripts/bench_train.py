@@ -90,16 +90,17 @@ def memlm_loop(cfg, steps: int, warmup: int) -> tuple[float, float]:
 def main(argv=None) -> int:
     from model.config import presets as known_presets
     from model.errors import ConfigError, DataError
-    from train.cli import ArgumentParser, comma_list, nonnegative_int, positive_int
+    from train.cli import ArgumentParser, comma_list, number
+    from train.config import BENCH_STEPS
 
     p = ArgumentParser(prog="bench_train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="prepared data dir (default: a small bios dir in a temp folder)")
     p.add_argument("--presets", type=comma_list(choices=list(known_presets)), default=None,
                    help="comma list (default: tiny; tiny,160m with CUDA)")
-    p.add_argument("--steps", type=positive_int, default=80,
+    p.add_argument("--steps", type=number(int, 1, BENCH_STEPS), default=80,
                    help="optimizer steps per run, >= --warmup + 10 (80: rounds differ by ~2%% on a quiet CPU)")
-    p.add_argument("--warmup", type=nonnegative_int, default=10, help="steps excluded from timing")
-    p.add_argument("--rounds", type=positive_int, default=5,
+    p.add_argument("--warmup", type=number(int, 0, BENCH_STEPS), default=10, help="steps excluded from timing")
+    p.add_argument("--rounds", type=number(int, 1, 1000), default=5,
                    help="rounds of (bare, memlm) in alternating order; medians are reported (robust to a "
                         "shared, noisy machine)")
     args = p.parse_args(argv)

@@ -37,6 +37,7 @@ import glob
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -290,16 +291,19 @@ def prepare_plan(dirpath: str) -> list[tuple[str, list[str]]]:
                  ("cluster-data", memlm("cluster", data, "--levels", 2, "--k", 4, "--max-tokens", 64))]
     # the demo's own clustering settings (levels 2, k 8, seed 0, 256 pieces) in bfloat16: ~1.5x faster on
     # CPU; the demo's cluster stage then reuses these embeddings and the router
-    plan += [("demo-data", memlm("demo", "--size", "gpu", "--out", demo, "--until", "data")),
+    # the same --steps-scale as the timed demo step: the demo refuses stages made with other settings
+    plan += [("demo-data", memlm("demo", "--size", "gpu", "--out", demo, "--until", "data", "--steps-scale",
+                                 DEMO_STEPS_SCALE)),
              ("cluster-demo", memlm("cluster", os.path.join(demo, "data"), "--levels", 2, "--k", 8, "--seed", 0,
                                     "--max-tokens", 256, "--dtype", "bfloat16")),
-             ("demo-cluster", memlm("demo", "--size", "gpu", "--out", demo, "--until", "cluster"))]
+             ("demo-cluster", memlm("demo", "--size", "gpu", "--out", demo, "--until", "cluster", "--steps-scale",
+                                    DEMO_STEPS_SCALE))]
     return plan
 
 
 def _run_logged(name: str, cmd: list[str], log: str) -> None:
     """Run `cmd` (in the repository root), its output shown and kept in `log`; PrepareError if it fails."""
-    print(f"$ {' '.join(cmd)}   (log: {log})", flush=True)
+    print(f"$ {shlex.join(cmd)}   (log: {log})", flush=True)
     with open(log, "w", encoding="utf-8", errors="replace") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 errors="replace")
@@ -329,7 +333,7 @@ def prepare(dirpath: str, dry_run: bool = False, plan: Callable[[str], list] | N
     if dry_run:
         print(f"[gpu-check] --prepare {dirpath}: {len(steps)} steps (dry run: nothing is written)")
         for name, cmd in steps:
-            print(f"  {name}: {' '.join(map(str, cmd))}")
+            print(f"  {name}: {shlex.join(map(str, cmd))}")
         return 0
     claim_work_dir(dirpath, PREPARED_KIND, option="--prepare")
     add_entries(dirpath, PREPARED_ENTRIES)

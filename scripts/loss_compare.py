@@ -139,8 +139,11 @@ def print_table(rows: list[tuple], full: bool = False) -> None:
         mine = [r for r in rows if r[0] == metric]
         if mine:
             diffs = [r[4] for r in mine if r[4] is not None]
-            print(f"  {metric}: {sum(r[5] for r in mine)}/{len(mine)} steps match, max abs diff "
-                  f"{max(diffs) if diffs else float('nan'):.3g}")
+            gone = [f"{sum(r[i] == 'missing' for r in mine)} steps missing in {side}" for i, side in
+                    ((2, "baseline"), (3, "test")) if any(r[i] == "missing" for r in mine)]
+            max_diff = f"max abs diff {max(diffs):.3g}" if diffs else "no step on both sides"
+            print(f"  {metric}: {sum(r[5] for r in mine)}/{len(mine)} steps match, "
+                  + ", ".join([max_diff] + gone) + (" (the curves have different lengths)" if gone else ""))
 
 
 def summary(rows: list[tuple]) -> str:
@@ -344,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             if not a.keep:
                 shutil.rmtree(work, ignore_errors=True)
     except (BadInput, MemlmError) as e:  # MemlmError: e.g. --keep names a directory memlm did not make
-        print(f"loss_compare: error: {e}", file=sys.stderr)
+        print(f"loss_compare.py: {e}", file=sys.stderr)  # the one-line error format of every script
         return 2
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
 import sys
 from dataclasses import dataclass
 
@@ -40,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from train.cli import (ArgumentParser, check_out_dir, comma_list, job_seed, number, positive_float,  # noqa: E402
                        positive_int)
-from train.experiments.stages import StageRunner, recipe, short_path  # noqa: E402
+from train.experiments.stages import StageRunner, checkpoint_every, recipe, short_path  # noqa: E402
 
 RULES = ("lacy", "loss", "rho", "random", "none")
 PARTS = ("bios", "memory", "wiki")
@@ -157,7 +158,7 @@ class LacyRepro:
         self.out = short_path(check_out_dir(args.out or default_out))
         self.stages = StageRunner(self.out, dry_run=args.dry_run)
         self.memlm = self.stages.memlm
-        self.command = "python scripts/reproduce_lacy.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        self.command = shlex.join(["python", "scripts/reproduce_lacy.py", *(sys.argv[1:] if argv is None else argv)])
         self.stages.invocation = self.command
 
     # ---- names ------------------------------------------------------------------------------
@@ -229,7 +230,7 @@ class LacyRepro:
                    f"data.path={self.data(corpus)}", f"data.seq_len={s.seq_len}",
                    f"data.batch_size={batch or s.batch_size}", f"trainer.max_steps={steps}",
                    f"trainer.val_every={max(steps // 5, 1)}", "trainer.val_batches=8",
-                   f"trainer.log_every={max(steps // 20, 1)}", f"checkpoint.every={steps}", "checkpoint.keep_last_k=1",
+                   f"trainer.log_every={max(steps // 20, 1)}", f"checkpoint.every={checkpoint_every(steps)}", "checkpoint.keep_last_k=1",
                    "logging.logger=none", f"optim.lr={s.lr}", f"optim.min_lr={s.lr / 10:g}",
                    f"optim.warmup_steps={max(steps // 20, 1)}", *overrides)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model.errors import ConfigError  # noqa: E402
 from train.cli import ArgumentParser, check_out_dir, comma_list, job_seed, positive_int  # noqa: E402
-from train.experiments.stages import StageRunner, recipe, short_path  # noqa: E402
+from train.experiments.stages import StageRunner, checkpoint_every, recipe, short_path  # noqa: E402
 
 PARTS = ("mech", "cap", "wiki")
 # Raised when a stage of the same name comes to mean another thing (e.g. 2: the cap seed runs keep 4
@@ -170,7 +171,7 @@ class MemoryRepro:
         self.out = short_path(check_out_dir(args.out or f"runs/repro-memory-{args.size}"))
         self.stages = StageRunner(self.out, dry_run=args.dry_run)
         self.memlm = self.stages.memlm
-        self.command = "python scripts/reproduce_memory.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        self.command = shlex.join(["python", "scripts/reproduce_memory.py", *(sys.argv[1:] if argv is None else argv)])
         self.stages.invocation = (args.lane and os.environ.get("MEMLM_JOB_INVOCATION")) or self.command
 
     def p(self, *parts: str) -> str:
@@ -194,7 +195,7 @@ class MemoryRepro:
                    f"runs_dir={os.path.dirname(run)}", f"seed={self.args.seed if seed is None else seed}",
                    f"data.path={data}", f"data.seq_len={s.seq_len}", f"data.batch_size={s.batch_size}",
                    f"trainer.max_steps={steps}", "trainer.val_every=0", f"trainer.log_every={max(steps // 20, 1)}",
-                   f"checkpoint.every={max(steps // ckpts, 1)}", f"checkpoint.keep_last_k={ckpts}",
+                   f"checkpoint.every={checkpoint_every(steps, max(ckpts, 4))}", f"checkpoint.keep_last_k={ckpts}",
                    "logging.logger=none", f"optim.lr={lr}", f"optim.min_lr={lr / 10:g}",
                    f"optim.warmup_steps={max(steps // 20, 1)}", *overrides)
 

@@ -423,6 +423,11 @@ ROWS = [
     ("demo-steps-scale-0", lambda r: (["demo", "--out", r.tmp / "demo", "--steps-scale", "0"], ["--steps-scale"])),
     ("demo-seed-negative", lambda r: (["demo", "--out", r.tmp / "demo", "--seed", "-1"], ["--seed"])),
     ("demo-unknown-size", lambda r: (["demo", "--out", r.tmp / "demo", "--size", "galactic"], ["--size"])),
+    # checked before the first stage, not when the stage that uses them starts minutes later
+    ("demo-large-missing", lambda r: (["demo", "--out", r.tmp / "demo", "--size", "cpu", "--large", r.tmp / "nope"],
+                                      ["--large", str(r.tmp / "nope"), "no such directory"])),
+    ("demo-steps-scale-huge", lambda r: (["demo", "--out", r.tmp / "demo", "--size", "cpu", "--steps-scale", "1e12"],
+                                         ["--steps-scale", "2,147,483,648"])),
 ]
 
 

@@ -33,6 +33,29 @@ def _user_dir(tmp):
     return str(path)
 
 
+def _data_dir(tmp):
+    """A directory carrying memlm's marker of another kind (a data dir)."""
+    path = tmp / "data"
+    path.mkdir()
+    (path / ".memlm.json").write_text('{"kind": "data", "files": {}}\n')
+    return str(path)
+
+
+def _run_dir(tmp):
+    """A training run's directory (memlm wrote it, without a marker at its top)."""
+    path = tmp / "run"
+    (path / "checkpoints").mkdir(parents=True)
+    (path / "config.yaml").write_text("name: run\n")
+    (path / "metrics.jsonl").write_text("")
+    return str(path)
+
+
+def _csv(tmp, header="a,b"):
+    path = tmp / "results.csv"
+    path.write_text(header + "\n1,2\n")
+    return str(path)
+
+
 # (id, script, argv builder(tmp_path) -> argv, names the error line must contain)
 ROWS = [
     ("bench_bank", lambda t: ["--steps", "0"], ["--steps", "'0'"]),
@@ -102,6 +125,24 @@ ROWS = [
     ("reproduce_memory", lambda t: ["--dry-run", "--out", t / "o", "--seed", "-1"], ["--seed"]),
     ("reproduce_memory", lambda t: ["--dry-run", "--out", t / "o", "--threads", "0"], ["--threads"]),
     ("reproduce_memory", lambda t: ["--dry-run", "--out", _file(t)], ["--out", "a-file.txt"]),
+    # a dry run refuses the --out that the real run refuses, creating nothing
+    ("reproduce_memory", lambda t: ["--dry-run", "--out", _user_dir(t)], ["--out", "mine", "did not put there"]),
+    ("reproduce_memory", lambda t: ["--dry-run", "--out", _data_dir(t)], ["--out", "a memlm 'data' directory"]),
+    ("reproduce_memory", lambda t: ["--dry-run", "--out", _run_dir(t)], ["--out", "a memlm training run"]),
+    ("reproduce_lacy", lambda t: ["--dry-run", "--out", _user_dir(t)], ["--out", "mine", "did not put there"]),
+    ("reproduce_lacy", lambda t: ["--dry-run", "--out", _data_dir(t), "--fresh"], ["--out", "'data' directory"]),
+    # a single output file: only an earlier file of the same kind is replaced
+    ("bench-kernels", lambda t: ["--out", _file(t)], ["--out", "a-file.txt", "not a CSV"]),
+    ("bench-kernels", lambda t: ["--out", _csv(t)], ["--out", "results.csv", "not a CSV"]),
+    ("bench_bank", lambda t: ["--csv", _file(t)], ["--csv", "a-file.txt", "not a CSV"]),
+    # sizes beyond any benchmark: one line at once, not an allocation until the machine kills the process
+    ("bench_model", lambda t: ["--presets", "tiny", "--seq", "100000000"], ["--seq", "'100000000'", "<= 32768"]),
+    ("bench_model", lambda t: ["--presets", "tiny", "--batch", "4096", "--seq", "4096"], ["--batch 4096", "--seq 4096"]),
+    ("bench_bank", lambda t: ["--seq-len", "100000000"], ["--seq-len", "<= 32768"]),
+    ("bench_memory", lambda t: ["--batch-size", "100000"], ["--batch-size", "<= 4096"]),
+    ("bench_data", lambda t: ["--seq-len", "100000000"], ["--seq-len", "<= 32768"]),
+    ("bench_train", lambda t: ["--steps", "1e9"], ["--steps"]),
+    ("bench-kernels", lambda t: ["--tokens", "100000000"], ["--tokens", "<= 4194304"]),
     ("reproduce_lacy", lambda t: ["--dry-run", "--out", t / "o", "--call-rates", "0,0.1"], ["--call-rates", "'0'"]),
     ("reproduce_lacy", lambda t: ["--dry-run", "--out", t / "o", "--call-rates", "0.1,1"], ["--call-rates", "'1'"]),
     ("reproduce_lacy", lambda t: ["--dry-run", "--out", t / "o", "--call-rates", "nan"], ["--call-rates"]),
@@ -114,7 +155,7 @@ ROWS = [
     ("reproduce_lacy", lambda t: ["--dry-run", "--out", t / "o", "--size", "huge"], ["--size", "'huge'"]),
     ("reproduce_lacy", lambda t: ["--dry-run", "--out", _file(t) + "/sub"], ["--out", "a-file.txt"]),
 ]
-PROG = {"loss_compare": "loss_compare", "bench-kernels": "memlm bench-kernels"}  # default: SCRIPT.py
+PROG = {"bench-kernels": "memlm bench-kernels"}  # default: SCRIPT.py
 
 
 @pytest.mark.parametrize("script,build,names", ROWS, ids=[f"{s}{names[0]}-{i}" for i, (s, _, names) in enumerate(ROWS)])
@@ -160,3 +201,25 @@ def test_script_launch_is_one_line(tmp_path, argv, flag):
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and flag in p.stderr, p.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_bench_bank_labels_ratios_by_the_baseline_used(tmp_path, monkeypatch, capsys):
+    """Without 10m among --configs the ratios divide by the first config, and the headings say so; the CSV
+    it writes is then recognised as its own (a second run replaces it)."""
+    import json as _json
+
+    from scripts import bench_bank
+
+    def fake_run(cmd, **kw):
+        name = cmd[cmd.index("--one") + 1]
+        res = {"config": name, "storage": "host", "k": 4, "bank_params": 1e8, "state_gib": 1.0, "step_ms_median": 10.0,
+               "cpu_ms_step": 12.0, "sys_ms_step": 1.0, "faults_step": 0, "bank_ms_median": 2.0, "peak_rss_mb": 500.0,
+               "rss_before_bank_mb": 100.0, "fetched_params": 1000}
+        return subprocess.CompletedProcess(cmd, 0, "RESULT " + _json.dumps(res) + "\n", "")
+
+    monkeypatch.setattr(bench_bank.subprocess, "run", fake_run)
+    csv_path = str(tmp_path / "bank.csv")
+    for _ in range(2):
+        assert bench_bank.main(["--configs", "100m", "--steps", "1", "--warmup", "0", "--csv", csv_path]) == 0
+        header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| config"))
+        assert "x 100m" in header and "RSS x 100m" in header and "10m" not in header.replace("100m", "")

@@ -254,6 +254,21 @@ def test_other_settings_name_the_key(bios_dir, tmp_path):
         _prep("bios", out, vocab_size=600, **BIOS_KW)
 
 
+
+def test_an_omitted_flag_means_its_default(bios_dir, tmp_path, capsys):
+    """Leaving --vocab-size out asks for the default vocabulary: a dir prepared with another one is refused,
+    naming both values; giving its own value again is 'nothing to do'."""
+    from data.prepare import DEFAULT_VOCAB
+
+    out = _copy(bios_dir, tmp_path / "data")
+    with pytest.raises(ConfigError, match=rf"--vocab-size {DEFAULT_VOCAB} \(the default\): .* prepared with "
+                                          r"--vocab-size 512"):
+        _prep("bios", out, vocab_size=None, **BIOS_KW)
+    said = []
+    _prep("bios", out, log=said.append, **BIOS_KW)  # the same command as the first one
+    assert "nothing to do" in said[-1]
+
+
 def test_output_dir_memlm_did_not_write_is_refused(tmp_path):
     src = _jsonl(tmp_path / "c.jsonl", [{"text": "some words here"}])
     user = tmp_path / "mine"

@@ -62,3 +62,48 @@ def test_redo_starts_the_redone_stages_over(tmp_path):
     demo = _demo(tmp_path)  # a plain re-run reuses the cached router
     demo.stage_cluster()
     assert "--refit" not in demo.calls[0]
+
+
+def test_demo_refuses_stages_made_with_other_settings(tmp_path, capsys):
+    """A finished stage made with another --seed / --steps-scale / --size is not reused: the demo refuses,
+    naming the settings that differ (as the reproductions do), before any stage runs."""
+    from model.errors import ConfigError
+
+    demo = _demo(tmp_path, "--until", "data")
+    demo.stage_data = lambda: {"made": "seed 0"}
+    demo.run()
+    assert demo.stages.done("data") == {"made": "seed 0", **{k: demo.stages.done("data")[k] for k in
+                                                             ("_seconds", "_commands", "_invocation")}}
+    for argv, key in ((["--seed", "1"], "seed"), (["--steps-scale", "0.5"], "steps_scale")):
+        again = _demo(tmp_path, "--until", "data", *argv)
+        again.stage_data = lambda: pytest.fail("ran a stage")
+        with pytest.raises(ConfigError, match=rf"other settings \(differ: \['{key}'\]\)"):
+            again.run()
+    same = _demo(tmp_path, "--until", "data")
+    same.run()  # the same settings: reused
+    assert "done earlier, reused" in capsys.readouterr().out
+
+
+def test_demo_training_stages_checkpoint_periodically(tmp_path):
+    demo = _demo(tmp_path)
+    demo.pretrain("anchor", 400)
+    over = dict(a.split("=", 1) for a in demo.calls[0] if "=" in a)
+    assert int(over["checkpoint.every"]) == 100 and int(over["trainer.max_steps"]) == 400
+
+
+def test_demo_redoes_the_cascade_for_another_large_model(tmp_path, capsys):
+    """--large is used by the cascade stage alone: a re-run with another one redoes that stage (and the
+    report), not the whole demo."""
+    demo = _demo(tmp_path, "--until", "cascade")
+    for stage in demo_lib.STAGES[:-1]:
+        setattr(demo, f"stage_{stage}", lambda: {"large": None})
+    demo.run()
+    large = tmp_path / "large"
+    large.mkdir()
+    again = _demo(tmp_path, "--until", "cascade", "--large", str(large))
+    ran = []
+    for stage in demo_lib.STAGES[:-1]:
+        setattr(again, f"stage_{stage}", lambda stage=stage: ran.append(stage) or {"large": str(large)})
+    again.run()
+    assert ran == ["cascade"] and "runs again" in capsys.readouterr().out
+

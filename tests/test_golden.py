@@ -118,6 +118,16 @@ def test_cli_bad_input_is_one_line_exit_2(argv, message, capsys):
     assert lc.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+    assert err.startswith("loss_compare.py: "), err  # the format of every script's error (README)
+
+
+def test_cli_curves_of_different_lengths_say_so(tmp_path, capsys):
+    g = lc.load_golden(lc.golden_path("calls"))
+    a = _metrics(tmp_path / "a", g["train"])
+    b = _metrics(tmp_path / "b", g["train"][:-2])
+    assert lc.main(["--baseline", a, "--test", b]) == 1
+    out = capsys.readouterr().out
+    assert "nan" not in out and "2 steps missing in test (the curves have different lengths)" in out
 
 
 def test_cli_bad_metrics_file_and_no_traceback(tmp_path):

@@ -165,3 +165,26 @@ def test_prepare_runs_in_its_dir_cleans_only_its_caches_and_fails_in_one_line(tm
         gpu_check.prepare("data", plan=plan)
     with pytest.raises(OutputExistsError):
         gpu_check.prepare(".", plan=plan)
+
+
+def _demo_settings(cmd: list[str]) -> dict:
+    """The demo settings a `memlm demo` command line pins (size, seed, steps-scale; defaults filled in)."""
+    args = cmd[cmd.index("demo") + 1:]
+    value = {"--size": "auto", "--seed": "0", "--steps-scale": "1.0"}
+    for flag in value:
+        if flag in args:
+            value[flag] = str(args[args.index(flag) + 1])
+    return value
+
+
+def test_prepared_demo_matches_the_timed_demo(tmp_path):
+    """--prepare runs the demo's data and cluster stages with the settings of the timed demo step: the demo
+    refuses a directory whose stages were made with other settings."""
+    import gpu_check
+
+    demo_cmds = [cmd for _, cmd in gpu_check.prepare_plan(str(tmp_path)) if "demo" in cmd and "--until" in cmd]
+    steps = gpu_check.build_steps(str(tmp_path / "prep"), str(tmp_path / "out"), str(tmp_path / "work"))
+    timed = [list(map(str, c)) for s in steps if s.name == "demo" for c in s.cmds if "demo" in map(str, c)]
+    assert demo_cmds and timed
+    want = _demo_settings(timed[0])
+    assert all(_demo_settings(list(map(str, c))) == want for c in demo_cmds)

@@ -134,3 +134,6 @@ def test_bench_kernels_on_cpu(tmp_path, capsys):
     rows = list(csv.DictReader(out.open()))
     assert rows and all(r["provider"].startswith("reference-eager (CPU") for r in rows)
     assert {r["pass"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
+    # its own earlier CSV is replaced (every row carries the columns that recognise it); any other file is not
+    assert set(bench_kernels.CSV_COLUMNS) <= set(rows[0])
+    assert bench_kernels.main(["--cpu-reference", "--out", str(out)]) == 0

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -192,6 +193,92 @@ def test_fresh_deletes_only_what_the_job_created(tmp_path, capsys):
     with pytest.raises(OutputExistsError, match="'demo' directory"):  # another job's directory is not reused
         StageRunner(str(out)).start("reproduce_lacy", fresh=True)
     assert _hashes(out)["notes.txt"] == note and read_marker(str(out))["kind"] == "demo"
+
+
+def test_fresh_keeps_user_files_inside_the_jobs_folders(tmp_path, capsys):
+    """A file or folder a user adds inside a folder the job created (mech/notes.txt, mech/myexp/, runs/...)
+    survives --fresh and is named; one inside a marked memlm output (a data dir) makes --fresh refuse,
+    naming it, with nothing deleted; once it is moved out, --fresh deletes the rest."""
+    from model.atomic import atomic_dir
+    from model.errors import OutputExistsError
+    from train.experiments.stages import StageRunner
+
+    out = tmp_path / "job"
+    runner = StageRunner(str(out))
+    runner.start("reproduce_memory")
+
+    def stage():
+        os.makedirs(out / "mech" / "runs" / "anchor")
+        (out / "mech" / "runs" / "anchor" / "metrics.jsonl").write_text("{}\n")
+        with atomic_dir(str(out / "mech" / "data-minilm"), "data") as d:
+            open(os.path.join(d, "manifest.json"), "w").write("{}")
+        return {}
+
+    runner.run("mech-data", stage)
+    (out / "notes.txt").write_text("top")
+    (out / "mech" / "notes.txt").write_text("mine")
+    (out / "mech" / "myexp").mkdir()
+    (out / "mech" / "myexp" / "results.csv").write_text("important")
+    (out / "mech" / "data-minilm" / "mynotes.txt").write_text("mine")
+    before = _hashes(out)
+    with pytest.raises(OutputExistsError, match=r"mech/data-minilm/mynotes\.txt.*move it out"):
+        StageRunner(str(out)).start("reproduce_memory", fresh=True)
+    assert _hashes(out) == before  # nothing deleted
+    (out / "mech" / "data-minilm" / "mynotes.txt").rename(tmp_path / "mynotes.txt")
+    StageRunner(str(out)).start("reproduce_memory", fresh=True)
+    assert sorted(_hashes(out)) == [MARKER, "mech/myexp/results.csv", "mech/notes.txt", "notes.txt"]
+    assert (out / "mech" / "myexp" / "results.csv").read_text() == "important"
+    printed = capsys.readouterr().out
+    assert "mech/myexp" in printed and "mech/notes.txt" in printed and "'notes.txt'" in printed
+    # a memlm output a killed stage wrote before it could record it is memlm's: deleted, not "kept"
+    runner = StageRunner(str(out))
+    runner.start("reproduce_memory")
+    runner.run("mech-data", stage)
+    with atomic_dir(str(out / "mech" / "runs" / "anchor" / "step-0000050"), "checkpoint") as d:
+        open(os.path.join(d, "meta.json"), "w").write("{}")
+    StageRunner(str(out)).start("reproduce_memory", fresh=True)
+    assert sorted(_hashes(out)) == [MARKER, "mech/myexp/results.csv", "mech/notes.txt", "notes.txt"]
+    assert "step-0000050" not in capsys.readouterr().out
+    # the next run records the folder again; a second --fresh still keeps the user's files
+    runner = StageRunner(str(out))
+    runner.start("reproduce_memory")
+    runner.run("mech-data", stage)
+    StageRunner(str(out)).start("reproduce_memory", fresh=True)
+    assert sorted(_hashes(out)) == [MARKER, "mech/myexp/results.csv", "mech/notes.txt", "notes.txt"]
+
+
+def test_demo_redo_keeps_user_files_in_a_run(tmp_path):
+    """--redo of a stage whose folder (an unmarked run dir) holds a user's file refuses, naming it."""
+    from model.atomic import remove_work_entry
+    from model.errors import OutputExistsError
+
+    out = _job(tmp_path)
+    (out / "runs" / "anchor" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match=r"runs/anchor/notes\.txt"):
+        remove_work_entry(str(out), "demo", str(out / "runs" / "anchor"))
+    assert (out / "runs" / "anchor" / "notes.txt").read_text() == "mine"
+
+
+def test_sigterm_stops_a_job_like_ctrl_c_and_records_the_stage(tmp_path):
+    """`timeout`, SLURM and Kubernetes send SIGTERM: the job stops as on Ctrl-C, and the running stage still
+    records what it created (so --fresh deletes it rather than keeping it as a user's)."""
+    import signal
+
+    from train.experiments.stages import StageRunner
+
+    out = tmp_path / "job"
+    runner = StageRunner(str(out))
+    runner.start("demo")
+
+    def killed():
+        os.makedirs(out / "runs" / "anchor")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the signal arrives here
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_plan([("anchor", killed)])
+    assert "runs/anchor" in read_marker(str(out))["created"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
 
 
 def test_failed_stage_records_its_entries(tmp_path):

@@ -68,7 +68,7 @@ def test_memory_dry_run_plan(size, tmp_path, capsys):
     # Same training tokens: anchor A then A+M for the dense model; memories on the frozen anchor.
     assert f"trainer.max_steps={s.cap_anchor_steps + s.cap_memory_steps} " in out
     assert "--bios-preset uniform" in out and "--bios-preset capacity" in out
-    assert "--paths-from id:^bio-([0-9]+)-" in out and "--paths-from entity" in out and "--embed-text sentences" in out
+    assert "--paths-from 'id:^bio-([0-9]+)-'" in out and "--paths-from entity" in out and "--embed-text sentences" in out
     assert "memory.freeze_anchor=true" in out and "memory.layers=first:1" in out and "--route-top 2" in out
     assert "--mode oracle" in out and "--include-path" in out and "--corpus wiki-leads" in out
     assert out.count("--embeddings-from") == len(reproduce_memory.MECH_VARIANTS) - 1 + len(s.bank_ks) + 1
@@ -429,3 +429,42 @@ def test_cap_seeds_pair_seed_by_seed(tmp_path):
     assert seed_cell([0.1, 0.1, 0.1], "+.3f") in row16 and "(3 seeds)" in row16
     assert "| k = 4 | 0.200 (1 seed) | +0.100 (1 seed) | -0.100 (1 seed) |" in text
     assert f"probe accuracy {seed_cell([0.3, 0.2, 0.4])}" in text
+
+
+def _command_lines(out: str) -> list[str]:
+    return [line[len("  $ "):] for line in out.splitlines() if line.startswith("  $ memlm ")]
+
+
+@pytest.mark.parametrize("mod,argv", [(reproduce_memory, ["--size", "quick"]), (reproduce_memory, ["--size", "gpu"]),
+                                      (reproduce_lacy, ["--quick"])])
+def test_dry_run_commands_paste_into_a_shell(mod, argv, tmp_path, capsys):
+    """Every printed command is shell-quoted: bash parses it, and it splits back into the argv that runs."""
+    import shlex
+    import subprocess
+
+    assert mod.main([*argv, "--dry-run", "--out", str(tmp_path / "r")]) == 0
+    lines = _command_lines(capsys.readouterr().out)
+    assert len(lines) > 10
+    script = tmp_path / "cmds.sh"
+    script.write_text("\n".join(lines) + "\n")
+    r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    argvs = [shlex.split(line) for line in lines]
+    if mod is reproduce_memory:
+        assert any("id:^bio-([0-9]+)-" in a for a in argvs) and any("memory.widths=[64]" in a for a in argvs)
+
+
+@pytest.mark.parametrize("mod,argv", [(reproduce_memory, ["--size", "quick"]), (reproduce_memory, []),
+                                      (reproduce_lacy, ["--quick"]), (reproduce_lacy, [])])
+def test_training_stages_checkpoint_periodically(mod, argv, tmp_path, capsys):
+    """An interrupted training stage resumes from a checkpoint at most a quarter of its steps back."""
+    import shlex
+
+    assert mod.main([*argv, "--dry-run", "--out", str(tmp_path / "r")]) == 0
+    runs = [dict(a.split("=", 1) for a in shlex.split(line) if "=" in a and not a.startswith("-"))
+            for line in _command_lines(capsys.readouterr().out) if line.startswith("memlm pretrain ")]
+    assert len(runs) >= 3
+    for run in runs:
+        steps, every = int(run["trainer.max_steps"]), int(run["checkpoint.every"])
+        assert every <= max(steps // 4, 1), (run["name"], steps, every)
+

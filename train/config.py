@@ -182,6 +182,10 @@ SECTIONS: dict[str, tuple[type, str]] = {
 # value checks: every numeric key has a range (tests/test_config.py checks that none is missing)
 
 STEPS = 2**31  # upper bound of step counts: far beyond any run, but a typo such as 1e30 fails at load
+# Upper bounds of the benchmark scripts' size flags (scripts/bench_*.py, memlm bench-kernels): far beyond a
+# useful benchmark on one machine, so that a typo (--seq 100000000) is a one-line error at once instead of
+# allocating until the machine kills the process. TOKENS bounds batch x sequence length of one step.
+BENCH_BATCH, BENCH_SEQ, BENCH_TOKENS, BENCH_STEPS, BENCH_THREADS = 4096, 32768, 2**22, 10**6, 1024
 # Upper bounds of the model's sizes (a config's sanity limits; ModelConfig itself, e.g. an HF import, has
 # none). Sizes below them can still be too large for the machine: train/build.py:check_size says so.
 MODEL_LIMITS = {"vocab_size": 2**24, "n_layer": 4096, "n_embd": 2**20, "n_head": 4096, "n_kv_head": 4096,

@@ -25,7 +25,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--out", default="runs/demo",
                    help="demo directory (default runs/demo): new, empty, or one an earlier demo made")
     p.add_argument("--size", choices=["auto", *SIZES], default="auto",
-                   help="auto: gpu when CUDA is available, else cpu (fits 15 minutes on 2 cores)")
+                   help="auto: gpu when CUDA is available, else cpu (about 6½ minutes on 2 cores)")
     p.add_argument("--seed", type=job_seed, default=0,
                    help="seed of the corpus, the clustering and the training runs")
     p.add_argument("--large", default=None,

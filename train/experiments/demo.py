@@ -14,22 +14,26 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
 from dataclasses import asdict, dataclass
 
 from model.atomic import remove_work_entry
-from train.experiments.stages import StageRunner, recipe
+from model.errors import ConfigError
+from train.config import STEPS
+from train.experiments.stages import StageRunner, checkpoint_every, recipe
 
 KIND = "demo"  # the kind in the demo directory's marker: --fresh deletes only what a demo created
 
 STAGES = ["data", "cluster", "anchor", "memory", "eval", "lacy", "slm", "cascade", "report"]
 
+MAX_NEW_TOKENS = 40  # cascade tokens per prompt (one sentence: generation stops at ".")
 CASCADE_PROMPTS = 6  # cascade generations for the report: half bios probe prompts, half Wikipedia openings
 
 
 @dataclass
 class DemoSize:
-    """How big the demo is: `cpu` fits 15 minutes on 2 cores; `gpu` is larger and longer-trained."""
+    """How big the demo is: `cpu` takes about 6½ minutes on 2 cores (README, Results); `gpu` is larger and longer-trained."""
     n_people: int
     top_docs: int  # documents of the most-mentioned person (Zipf head); sets the corpus size
     vocab_size: int
@@ -84,6 +88,21 @@ class Demo:
     def steps(self, n: int) -> int:
         return max(10, int(n * self.args.steps_scale))
 
+    def check_flags(self) -> None:
+        """Refuse, before any stage runs, a flag that a later stage would reject minutes into the run."""
+        s = self.size
+        longest = self.steps(max(s.anchor_steps, s.memory_steps, s.slm_steps))
+        if longest >= STEPS:
+            raise ConfigError(f"--steps-scale {self.args.steps_scale:g}: gives {longest:,} training steps at "
+                              f"--size {self.size_name}, more than the bound {STEPS:,}; give a smaller --steps-scale")
+        if self.args.large is not None and not os.path.isdir(self.args.large):
+            raise ConfigError(f"--large {self.args.large}: no such directory; give a transformers model directory "
+                              "or a memlm run, or leave --large out (SmolLM2-135M)")
+
+    def settings(self) -> dict:
+        """What the finished stages were built with: a rerun with other values is refused (StageRunner.pin)."""
+        return {"size": self.size_name, "seed": self.args.seed, "steps_scale": self.args.steps_scale}
+
     def pretrain(self, name: str, steps: int, *overrides: str) -> str:
         """Train run `name` (named after its stage); a redone stage starts over instead of resuming."""
         s = self.size
@@ -94,7 +113,7 @@ class Demo:
                    f"model.preset={s.model_preset}", f"data.path={self.data}", f"data.seq_len={s.seq_len}",
                    f"data.batch_size={s.batch_size}", f"trainer.max_steps={steps}",
                    f"trainer.val_every={max(steps // 4, 1)}", f"trainer.log_every={max(steps // 20, 1)}",
-                   f"checkpoint.every={steps}", "checkpoint.keep_last_k=1", "logging.logger=none",
+                   f"checkpoint.every={checkpoint_every(steps)}", "checkpoint.keep_last_k=1", "logging.logger=none",
                    f"optim.lr={s.lr}", f"optim.min_lr={s.lr / 10}", f"optim.warmup_steps={max(steps // 20, 1)}",
                    *overrides)
         return os.path.join(self.runs, name)
@@ -163,15 +182,18 @@ class Demo:
 
         prompts, answers = zip(*_demo_prompts(self.data, CASCADE_PROMPTS, self.args.seed))
         tau = self.size.cascade_tau
-        self.stages.commands.append(f"memlm cascade --slm {os.path.join(self.runs, 'slm')} --tau {tau} --stop ."
-                                    + "".join(f" --prompt {p!r}" for p in prompts))
+        self.stages.commands.append(shlex.join(["memlm", "cascade", "--slm", os.path.join(self.runs, "slm"),
+                                                "--tau", str(tau), "--stop", ".", "--max-new-tokens",
+                                                str(MAX_NEW_TOKENS),
+                                                *(["--large", self.args.large] if self.args.large else []),
+                                                *(x for p in prompts for x in ("--prompt", p))]))
         cascade = load_cascade(os.path.join(self.runs, "slm"), self.args.large, tau=tau)
         outputs = []
         for prompt, answer in zip(prompts, answers):
-            o = cascade.generate(prompt, max_new_tokens=40, stop=".")  # one sentence each
+            o = cascade.generate(prompt, max_new_tokens=MAX_NEW_TOKENS, stop=".")  # one sentence each
             print(f"  {o.marked()!r}  (calls: {o.calls}" + (f"; truth: {answer}" if answer else "") + ")", flush=True)
             outputs.append({**o.to_dict(), "answer": answer})
-        return {"outputs": outputs}
+        return {"outputs": outputs, "large": self.args.large}
 
     def stage_report(self):
         from train.experiments.report import write_demo_report
@@ -183,7 +205,14 @@ class Demo:
 
     # ---- driver ---------------------------------------------------------------------------------
     def run(self):
+        self.check_flags()
         self.stages.start(KIND, fresh=self.args.fresh)
+        self.stages.pin(self.settings())
+        cascade = self.stages.done("cascade")
+        if cascade is not None and cascade.get("large") != self.args.large:  # only that stage used --large
+            print(f"[cascade] made with --large {cascade.get('large') or 'SmolLM2-135M (the default)'}: runs again",
+                  flush=True)
+            self.stages.forget("cascade")
         redo_from = STAGES.index(self.args.redo) if self.args.redo else len(STAGES)
         self.stages.run_plan([(stage, getattr(self, f"stage_{stage}")) for stage in STAGES],
                              redo_from=redo_from, until=self.args.until)

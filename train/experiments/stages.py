@@ -19,14 +19,16 @@ commands, and read the files those commands write in later stages (the report).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import time
 from typing import Callable
 
-from model.atomic import add_entries, atomic_write_json, claim_work_dir, clear_work_dir
+from model.atomic import add_entries, atomic_write_json, check_work_dir, claim_work_dir, clear_work_dir, tree
 from model.errors import ConfigError, MemlmError
 
 # Thread pools a child process of `run_lanes` is limited by: torch / OpenMP (faiss), BLAS (spaCy's thinc,
@@ -48,24 +50,28 @@ class StageRunner:
         """Claim the job's directory for a job of `kind`: new, empty, or one such a job made; `fresh` first
         deletes what an earlier run of the job created there. Returns the names --fresh kept (files the job
         did not create). Raises OutputExistsError naming the directory otherwise. A dry run only reads."""
-        if self.dry_run:
+        if self.dry_run:  # the same checks as a real run, creating nothing
+            check_work_dir(self.out, kind)
             return []
         kept = []
         if fresh and os.path.isdir(self.out) and os.listdir(self.out):
             kept = clear_work_dir(self.out, kind)
             if kept:
-                print(f"{short_path(self.out)}: --fresh kept {kept} (not created by {kind})", flush=True)
+                print(f"{short_path(self.out)}: --fresh kept {kept} (files and folders {kind} did not create)",
+                      flush=True)
         claim_work_dir(self.out, kind)
         self.kind = kind
         return kept
 
     def _record(self, before: set[str]) -> None:
-        """Remember the top-level entries that appeared in the job's directory since `before`."""
+        """Remember what appeared in the job's directory since `before` (a `_listing`): the top-level entries
+        and every path under them, so that --fresh deletes exactly those and keeps what a user added."""
         if self.kind is not None and os.path.isdir(self.out):
-            add_entries(self.out, set(os.listdir(self.out)) - before)
+            new = self._listing() - before
+            add_entries(self.out, {p.split("/")[0] for p in new}, created=new)
 
     def _listing(self) -> set[str]:
-        return set(os.listdir(self.out)) if os.path.isdir(self.out) else set()
+        return tree(self.out)
 
     def _marker(self, stage: str) -> str:
         return os.path.join(self.stage_dir, f"{stage}.json")
@@ -105,7 +111,7 @@ class StageRunner:
         from train.cli import main as memlm_main
 
         argv = [str(a) for a in argv]
-        line = "memlm " + " ".join(a if a and " " not in a else repr(a) for a in argv)
+        line = shlex.join(["memlm", *argv])  # pasted into a shell, it runs as is
         self.commands.append(line)
         print(f"  $ {line}", flush=True)
         if self.dry_run:
@@ -142,7 +148,12 @@ class StageRunner:
 
     def run_plan(self, plan: list, redo_from: int | None = None, until: str | None = None) -> None:
         """Run `plan` = [(stage, fn), ...] in order; the report stage (and every stage from index
-        `redo_from` on) always runs again. In a dry run the report is only announced."""
+        `redo_from` on) always runs again. In a dry run the report is only announced. SIGTERM (`timeout`,
+        SLURM) stops the job like Ctrl-C, so that the running stage still records what it created."""
+        with _sigterm_interrupts():
+            self._run_plan(plan, redo_from, until)
+
+    def _run_plan(self, plan: list, redo_from: int | None, until: str | None) -> None:
         for i, (stage, fn) in enumerate(plan):
             label = f"{i + 1}/{len(plan)} {stage}"
             if self.dry_run and stage == "report":
@@ -251,6 +262,29 @@ class StageRunner:
         """The distinct command lines that ran the finished stages ("; "-joined), else `fallback`."""
         seen = [v.get("_invocation") or fallback for v in self.finished().values()]
         return "; ".join(dict.fromkeys(seen)) or fallback
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM raises KeyboardInterrupt while the block runs (main thread only; elsewhere nothing changes)."""
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def checkpoint_every(steps: int, parts: int = 4) -> int:
+    """Checkpoint interval of a stage's training run: `parts` checkpoints, so that an interrupted stage
+    resumes from the last one (resume is bit-exact: the results do not change) instead of from step 0."""
+    return max(steps // parts, 1)
 
 
 def recipe(name: str) -> str:
