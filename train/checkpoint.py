@@ -118,6 +118,19 @@ def find_step_dir(path: str, fall_back: bool = False, log: Callable[[str], None]
     return found
 
 
+def default_output(run: str, step_dir: str, name: str) -> str:
+    """The default output directory NAME of a command reading `run` (resolved to `step_dir` by
+    find_step_dir): RUN/NAME for a run dir, <run>/NAME-step-XXXXXXX beside the checkpoints for a step dir
+    (never inside checkpoints/, where an extra entry would block a later resume). Built from the resolved
+    path, so "." or a trailing "/" gives the same name."""
+    step = os.path.realpath(step_dir)
+    parent = os.path.dirname(step)
+    run_dir = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
+    if os.path.realpath(run) == step:  # a step dir given: beside the run's checkpoints/ (or beside the step dir)
+        return os.path.join(run_dir or parent, f"{name}-{os.path.basename(step)}")
+    return os.path.join(run_dir or os.path.realpath(run), name)
+
+
 def choose_resume(cfg: RunConfig, log: Callable[[str], None]) -> str | None:
     """The step dir a run continues from per checkpoint.resume, or None for a fresh start: "auto" takes
     the newest intact checkpoint (saying which damaged ones it skips; none intact but some damaged is an

@@ -44,18 +44,11 @@ def parse_path(text: str, model, where: str) -> list[int]:
     return path
 
 
-def default_out(run: str, step_dir: str) -> str:
-    """RUN/hf for a run, <run>/hf-step-XXXXXXX for a checkpoint dir."""
-    if os.path.abspath(step_dir) == os.path.abspath(run):
-        return os.path.join(os.path.dirname(os.path.dirname(step_dir)), "hf-" + os.path.basename(step_dir))
-    return os.path.join(run, "hf")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from model.atomic import check_output_dir
     from model.hf import HF_KIND, export_llama
-    from train.checkpoint import find_step_dir, load_run
+    from train.checkpoint import default_output, find_step_dir, load_run
 
     step_dir = find_step_dir(args.run)
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))
@@ -63,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:  # refused before the checkpoint is loaded
         check_output_dir(args.out, HF_KIND, args.force, sources=sources)
     model, tokenizer, cfg, _ = load_run(step_dir)
-    out_dir = args.out or default_out(args.run, step_dir)
+    out_dir = args.out or default_output(args.run, step_dir, "hf")
     extra = None
     if model.has_memory:  # anchor + one path's fetched block = a wider dense Llama
         if not args.path:
@@ -78,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.path:
         raise ConfigError(f"{step_dir}: --path is for memory runs; this run has no memory")
     try:
-        out = export_llama(model, tokenizer, out_dir, extra=extra, replace=args.force, sources=sources)
+        out = export_llama(model, tokenizer, out_dir, extra=extra, replace=args.force, sources=sources,
+                           flag="--force")
     except MemlmError:
         raise
     except ValueError as e:  # e.g. qk_norm: not expressible as Llama
