@@ -113,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         find_step_dir(parse_slm(spec)[1])
     sources = [args.data, *(parse_slm(spec)[1] for spec in args.slm), *([args.large] if args.large else [])]
     check_output_dir(args.out, KIND, args.force, sources=sources)
+    from data.shards import open_data
+    from train.build import check_run_tokenizer
+
+    dd = open_data(args.data)
+    for spec in args.slm:  # every SLM was trained on this data's tokenizer, checked before any generation
+        check_run_tokenizer(parse_slm(spec)[1], dd, f"--slm {spec}")
     kb_path, probes_path = bios_paths(args.data)
     try:
         kb = load_kb(kb_path)
