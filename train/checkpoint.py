@@ -170,8 +170,12 @@ def check_later_steps(run_dir: str, step: int) -> None:
     for s, path in step_dirs(os.path.join(run_dir, "checkpoints")):
         foreign = foreign_entries(path) if s > step else []
         if foreign:
-            raise OutputExistsError(f"{path}: holds {', '.join(foreign)}, which memlm did not write there; resuming "
-                                    f"from step {step} may replace this later checkpoint: move it out first")
+            outputs = [n for n in foreign if read_marker(os.path.join(path, n))]  # e.g. an older memlm's eval/
+            what = (f"holds {', '.join(foreign)}, not part of the checkpoint"
+                    + (f" ({', '.join(outputs)}: a memlm output written inside it by an older memlm)" if outputs else
+                       ", which memlm did not write there"))
+            raise OutputExistsError(f"{path}: {what}; resuming from step {step} may replace this later checkpoint: "
+                                    f"move it out first (e.g. beside {run_dir}/checkpoints)")
 
 
 # What a fresh start may find in its run dir: what an earlier start of the run wrote before it was killed

@@ -10,6 +10,7 @@ into, the run itself or a parent of it, the working directory and the home direc
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from model.errors import ConfigError, MemlmError
@@ -44,8 +45,19 @@ def parse_path(text: str, model, where: str) -> list[int]:
     return path
 
 
+def join_path_value(argv: list[str]) -> list[str]:
+    """`--path -1,2` as `--path=-1,2`: argparse takes a value starting with '-' for an option, and would say
+    only "expected one argument"; joined, parse_path names the range."""
+    out = list(argv)
+    for i in range(len(out) - 1):
+        if out[i] == "--path" and re.fullmatch(r"-[\d, -]*", out[i + 1]):
+            out[i:i + 2] = [f"--path={out[i + 1]}"]
+            break
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(join_path_value(sys.argv[1:] if argv is None else argv))
     from model.atomic import check_output_dir
     from model.hf import HF_KIND, export_llama
     from train.checkpoint import default_output, find_step_dir, load_run
