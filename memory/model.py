@@ -89,7 +89,11 @@ class MemoryLM(LanguageModel):
                  texts: list[str] | None = None, memory=None, kv_cache: bool = True,
                  generator: torch.Generator | None = None):
         """Anchor.generate with the row's memory. In mode "fetched" give mem_path [B, L], or texts (one per
-        row) to route with the attached router; `memory` (from `self.memory`) overrides both."""
+        row) to route with the attached router; `memory` (from `self.memory`) overrides both. Arguments are
+        checked as Anchor.generate's (a ValueError naming the argument), before any memory is fetched."""
+        from model.model import check_generate_args
+
+        check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p)
         mode = self.resolve_mode(mode)
         kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, kv_cache=kv_cache,
                       generator=generator)

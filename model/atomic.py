@@ -228,17 +228,31 @@ def is_inside(path: str, parent: str) -> bool:
     return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
 
 
+def inside_checkpoints(path: str) -> str | None:
+    """The run's `checkpoints/` directory that `path` lies under (at any depth: a step dir's subfolder too),
+    or None. A `checkpoints` folder counts when it holds a marked `step-*` checkpoint; symbolic links are
+    resolved."""
+    parent = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    while True:
+        if os.path.basename(parent) == "checkpoints" and os.path.isdir(parent) and \
+                any(read_marker(os.path.join(parent, n)) for n in os.listdir(parent) if n.startswith("step-")):
+            return parent
+        up = os.path.dirname(parent)
+        if up == parent:
+            return None
+        parent = up
+
+
 def check_output_dir(path: str, kind: str, replace: bool = False, flag: str = "--force",
                      sources: Iterable[str] = ()) -> bool:
     """Whether writing directory `path` (of `kind`) replaces an existing one; raises OutputExistsError when
     memlm may not: a file is there, a protected directory, one of the job's `sources` (what it reads, e.g.
     the run being exported) or a parent of one, a directory memlm did not write as `kind`, or memlm's own
     output without `replace`. An empty directory may always be used."""
-    parent = os.path.realpath(os.path.dirname(os.path.abspath(path)))  # through symbolic links too
-    if kind != "checkpoint" and os.path.basename(parent) == "checkpoints" and os.path.isdir(parent) and \
-            any(read_marker(os.path.join(parent, n)) for n in os.listdir(parent) if n.startswith("step-")):
-        raise OutputExistsError(f"{path}: is inside a run's checkpoints directory, where every entry is taken "
-                                "for a checkpoint; choose a new output directory")
+    if kind != "checkpoint" and inside_checkpoints(path):
+        raise OutputExistsError(f"{path}: is inside a run's checkpoints directory ({inside_checkpoints(path)}), "
+                                "where every entry is taken for a checkpoint or its content; choose an output "
+                                "directory outside it")
     if not os.path.lexists(path):
         return False
     if os.path.islink(path):

@@ -116,7 +116,7 @@ def llama_config(cfg: ModelConfig, tokenizer=None, extra_units: int = 0):
 
 
 def export_llama(anchor: Anchor, tokenizer=None, out_dir=None, extra=None, *, extra_ffn=None,
-                 replace: bool = False, sources=()):
+                 replace: bool = False, sources=(), flag: str = "replace=True"):
     """Write `out_dir` (config.json, model.safetensors, generation_config.json, tokenizer files if given)
     loadable by `AutoModelForCausalLM.from_pretrained(out_dir)` as LlamaForCausalLM.
 
@@ -126,8 +126,9 @@ def export_llama(anchor: Anchor, tokenizer=None, out_dir=None, extra=None, *, ex
     less or no memory are padded with zero units, which add exactly nothing).
 
     Written as a memlm `hf-export` directory (model.atomic.atomic_dir: a temporary sibling renamed into
-    place, marker last). An existing `out_dir` is replaced only with `replace=True` (the user's --force) and
-    only if it is an earlier export; `sources` (e.g. the run exported) may not be `out_dir` or inside it.
+    place, marker last). An existing `out_dir` is replaced only with `replace=True` and only if it is an
+    earlier export (the refusal names `flag`, the way to ask for it: the CLI passes "--force"); `sources`
+    (e.g. the run exported) may not be `out_dir` or inside it.
     Raises OutputExistsError (before any work), ValueError if the anchor is not expressible as Llama.
     Returns the output Path."""
     if isinstance(tokenizer, (str, os.PathLike)) and not isinstance(out_dir, (str, os.PathLike)):
@@ -137,7 +138,7 @@ def export_llama(anchor: Anchor, tokenizer=None, out_dir=None, extra=None, *, ex
     extra = extra if extra is not None else extra_ffn
     cfg = anchor.config
     check_llama_compatible(cfg)
-    check_output_dir(str(out_dir), HF_KIND, replace, sources=sources)  # refuse before the work
+    check_output_dir(str(out_dir), HF_KIND, replace, flag, sources=sources)  # refuse before the work
     units, r_max = _extra_units(extra, cfg)
 
     from transformers import LlamaForCausalLM
@@ -164,7 +165,7 @@ def export_llama(anchor: Anchor, tokenizer=None, out_dir=None, extra=None, *, ex
     if missing or unexpected:
         raise RuntimeError(f"export_llama: weight mapping mismatch: missing {missing}, unexpected {unexpected}")
 
-    with atomic_dir(str(out_dir), HF_KIND, replace=replace, sources=sources) as tmp:
+    with atomic_dir(str(out_dir), HF_KIND, replace=replace, flag=flag, sources=sources) as tmp:
         hf.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

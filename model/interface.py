@@ -59,7 +59,9 @@ class LanguageModel(nn.Module, abc.ABC):
                  kv_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
         """Continue input_ids [B, T0] (equal-length rows) by up to max_new_tokens: [B, T0 + n] int64.
         temperature 0 = greedy, else sampling with optional top_k / top_p; rows stop at eos_id. Memory
-        models: mem_path [B, L], or texts routed by `router` (models without memory ignore both)."""
+        models: mem_path [B, L], or texts routed by `router` (models without memory ignore both).
+        ValueError naming the argument for an empty input_ids, max_new_tokens < 0, temperature < 0,
+        top_k < 1 or top_p outside (0, 1] (model.model.check_generate_args)."""
 
     @abc.abstractmethod
     def flops_per_token(self, seq_len: int, mode: str | None = None) -> float:

@@ -347,7 +347,11 @@ class Anchor(LanguageModel):
         """Continue input_ids [B,T0] (rows of equal length, no padding) by max_new_tokens.
         temperature 0 = greedy; else sampling with optional top_k / top_p. Rows that emitted eos_id keep
         emitting it; stops early when all rows did. `memory` (fetched by the memory model) is passed to
-        every forward step; mem_path/texts are ignored (no memory)."""
+        every forward step; mem_path/texts are ignored (no memory).
+        Arguments (`check_generate_args`, a ValueError naming the argument otherwise): input_ids int [B,T0]
+        with B, T0 >= 1 (start an empty prompt with the end-of-document token); max_new_tokens >= 0;
+        temperature >= 0; top_k None or >= 1 (1 = greedy); top_p None or in (0, 1]."""
+        check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p)
         self.resolve_mode(mode)
         B, T0 = input_ids.shape
         cache = None
@@ -371,6 +375,22 @@ class Anchor(LanguageModel):
             if eos_id is not None and bool(done.all()):
                 break
         return out
+
+
+def check_generate_args(input_ids, max_new_tokens, temperature, top_k=None, top_p=None) -> None:
+    """ValueError naming the argument of `generate` that is out of range (see Anchor.generate)."""
+    shape = tuple(getattr(input_ids, "shape", ()))
+    if len(shape) != 2 or 0 in shape:
+        raise ValueError(f"generate: input_ids of shape {shape}: give token ids [batch, length] with at least one "
+                         "row and one token (start an empty prompt with the end-of-document token)")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens={max_new_tokens!r}: must be an integer >= 0")
+    if not 0 <= float(temperature) < float("inf"):
+        raise ValueError(f"generate: temperature={temperature!r}: must be >= 0 (0 = greedy)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"generate: top_k={top_k!r}: must be None (no cut) or an integer >= 1")
+    if top_p is not None and not 0 < float(top_p) <= 1:
+        raise ValueError(f"generate: top_p={top_p!r}: must be None (no cut) or in (0, 1]")
 
 
 def sample(logits, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,

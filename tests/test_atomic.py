@@ -7,7 +7,7 @@ import pytest
 
 from model.atomic import (MARKER, JsonlAppender, add_entries, atomic_dir, atomic_path, atomic_write, atomic_write_json,
                           check_output_dir, claim_work_dir, read_jsonl, read_marker, remove_dir, remove_leftovers,
-                          verify_dir)
+                          verify_dir, write_marker)
 from model.errors import CheckpointError, ConfigError, DataError, MemlmError, OutputExistsError, check_range
 
 
@@ -244,6 +244,14 @@ def test_a_resume_never_replaces_a_later_checkpoint_holding_a_user_file(tmp_path
     with pytest.raises(OutputExistsError, match=r"step-0000008: holds NOTES\.txt.*resuming from step 4"):
         check_later_steps(str(run), 4)
     check_later_steps(str(run), 8)  # resuming from the newest rewrites nothing
+    os.remove(run / "checkpoints" / step_dir_name(8) / "NOTES.txt")  # an eval an older memlm wrote inside the step
+    ev = run / "checkpoints" / step_dir_name(8) / "eval"
+    ev.mkdir()
+    (ev / "eval.json").write_text("{}")
+    write_marker(str(ev), "eval")
+    with pytest.raises(OutputExistsError, match=r"step-0000008: holds eval, not part of the checkpoint \(eval: a memlm "
+                                                 r"output written inside it by an older memlm\).*resuming from step 4"):
+        check_later_steps(str(run), 4)
     # a symbolic link to the checkpoints folder is refused as an output like the folder itself
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "ck").symlink_to(run / "checkpoints")

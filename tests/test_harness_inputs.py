@@ -210,3 +210,32 @@ def test_generate_until_stops_at_eos_and_until(lm):
         assert len(calls) == 2  # stopped at the until string, not at max_gen_toks
     finally:
         handle.remove()
+
+
+# ---- rolling log-likelihood: lm-eval's own windows, as its HF model ------------------------------------------
+def test_loglikelihood_rolling_equals_lm_eval_hf_model_beyond_the_context(lm, run, tmp_path):
+    """A text longer than the context: the adapter's summed log-probability equals lm-eval's `hf` model (HFLM)
+    on the run's export, window for window (lm_eval.utils.get_rolling_token_windows: the last partial window
+    has full left context). Both in float32 on CPU; tolerance 1e-3 nats absolute on the sum (the export's
+    logits equal memlm's to ~5e-7 per token, summed over a few hundred tokens). A short text too."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from train.commands.export_hf import main as export
+
+    hf_dir = tmp_path / "hf"
+    assert export([run, "--out", str(hf_dir)]) == 0
+    hf = HFLM(pretrained=str(hf_dir), device="cpu", dtype="float32", batch_size=2)
+    assert hf.max_length == lm.max_len
+    words = "Ada Baker was born in Paris in 1901 and studied at Rice University before moving to Oslo."
+    long_text = " ".join([words] * 40)
+    n = len(lm.tok.encode(long_text, add_special_tokens=False))
+    assert 2 * lm.max_len < n and n % lm.max_len != 0  # several windows, the last one partial
+    texts = [long_text, words]
+    reqs = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    got, want = lm.loglikelihood_rolling(reqs), hf.loglikelihood_rolling(reqs, disable_tqdm=True)
+    assert got == pytest.approx(want, abs=1e-3)
+    # the old scheme (every window after one token of context) differs by more than the tolerance here
+    ids = [lm.tok.eos_token_id] + lm.tok.encode(long_text, add_special_tokens=False)
+    old = sum(lm._score([(ids[s - 1:s], ids[s:s + lm.max_len])], None)[0][0] for s in range(1, len(ids), lm.max_len))
+    assert abs(old - want[0]) > 1e-2

@@ -155,6 +155,32 @@ def test_score_rejects_foreign_tokenizer(bios, tmp_path):
         cmd_score.main([bios["data"], "--model", run, "--name", "x", "--device", "cpu"])
 
 
+def test_factscore_and_calibrate_check_every_slm_tokenizer_first(bios, tmp_path, monkeypatch):
+    """An --slm whose tokenizer is not the data's is refused (one DataError naming it) before any SLM
+    generates or is scored, even when it comes after a matching one."""
+    from train.commands import calibrate as cmd_calibrate, factscore as cmd_factscore
+    from train.lacy.score import Scorer
+
+    tok = train_tokenizer(["something else entirely"] * 5, vocab_size=300)
+    tok_dir = str(tmp_path / "tok")
+    tok.save_pretrained(tok_dir)
+    other = make_run(str(tmp_path / "other"), Anchor(tiny_cfg(512)), tok_dir)
+
+    def no_work(*a, **k):
+        raise AssertionError("an SLM ran before every --slm's tokenizer was checked")
+
+    monkeypatch.setattr(Cascade, "generate_batch", no_work)
+    monkeypatch.setattr(Scorer, "logits", no_work)
+    slms = ["--slm", f"ref={bios['runs']['ref']}", "--slm", f"x={other}"]
+    with pytest.raises(DataError, match=rf"--data {bios['data']}: prepared with another tokenizer than --slm x="):
+        cmd_factscore.main([*slms, "--data", bios["data"], "--per-bucket", "1", "--max-new-tokens", "2",
+                            "--out", str(tmp_path / "fs"), "--device", "cpu"])
+    with pytest.raises(DataError, match=rf"DATA {bios['data']}: prepared with another tokenizer than --slm x="):
+        cmd_calibrate.main([bios["data"], *slms, "--max-windows", "2", "--out", str(tmp_path / "cal"),
+                            "--device", "cpu"])
+    assert not (tmp_path / "fs").exists() and not (tmp_path / "cal").exists()
+
+
 # ---- selection ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def selected(bios):

@@ -94,3 +94,61 @@ def test_wiki_cascade_command(wiki_data):
     assert rep["generation_calls"]["random"]["calls"] > 0  # tau 0 calls at every decision
     rows = [json.loads(x) for x in open(os.path.join(out, "samples.jsonl"))]
     assert len(rows) == rep["clozes"] * 4 and all(r["first_word_delegated"] for r in rows if r["tau"] == 0)
+
+
+def test_wiki_cascade_checks_tokenizers_and_diagnose_before_any_generation(wiki_data, tmp_path, monkeypatch):
+    """Before any generation: an --slm whose tokenizer is not the data's (its token ids would be decoded as
+    other text) is refused naming it; --diagnose without the split's `factual` array is refused (memlm tag);
+    --diagnose with no calls_<label> for any --slm is refused, and a label without one is named on the
+    console. Generation is made to fail loudly, so each refusal provably comes first."""
+    import shutil
+
+    from data.tokenizer import train_tokenizer
+    from model.errors import ConfigError, DataError
+    from tests.test_lacy import make_run
+    from train.commands import wiki_cascade
+    from train.lacy.cascade import Cascade
+
+    def no_generation(*a, **k):
+        raise AssertionError("generation started before the inputs were checked")
+
+    monkeypatch.setattr(Cascade, "generate_batch", no_generation)
+    data = wiki_data["data"]
+    assert wiki_cascade.main([data, "--facts-only"]) == 0
+    other_tok = str(tmp_path / "tok")
+    train_tokenizer(["Ada Lovelace was born in London in 1815."] * 20, 300, other_tok)
+    from data.shards import open_data
+
+    cfg = ModelConfig(vocab_size=len(open_data(data).tokenizer()), n_layer=1, n_embd=16, n_head=2, ffn_hidden=32,
+                      max_seq_len=64)
+    other = make_run(str(tmp_path / "other"), Anchor(cfg), other_tok)
+    base = ["--large", wiki_data["hf"], "--taus", "argmax", "--max-leads", "2", "--max-new-tokens", "2",
+            "--max-prompt-chars", "2000", "--device", "cpu"]
+    with pytest.raises(DataError, match=rf"DATA {data}: prepared with another tokenizer than --slm x={other}"):
+        wiki_cascade.main([data, "--slm", f"random={wiki_data['slm']}", "--slm", f"x={other}", *base,
+                           "--out", str(tmp_path / "o1")])
+    with pytest.raises(ConfigError, match=r"--diagnose 3: .* no selection array calls_<label> for any --slm label"):
+        wiki_cascade.main([data, "--slm", f"nosel={wiki_data['slm']}", *base, "--diagnose", "3",
+                           "--out", str(tmp_path / "o2")])
+    untagged = str(tmp_path / "untagged")  # the same data without its factual arrays
+    shutil.copytree(data, untagged)
+    for base_dir, _, names in os.walk(untagged):
+        for n in names:
+            if n.endswith(".factual.npy"):
+                os.remove(os.path.join(base_dir, n))
+    with pytest.raises(DataError, match=r"--diagnose 3: .* no 'factual' array .*memlm tag"):
+        wiki_cascade.main([untagged, "--slm", f"random={wiki_data['slm']}", *base, "--diagnose", "3",
+                           "--out", str(tmp_path / "o3")])
+    assert not [p for p in os.listdir(tmp_path) if p in ("o1", "o2", "o3")]  # nothing written
+
+
+def test_cascade_says_when_the_prompt_passes_the_slm_context(wiki_data, capsys):
+    """`memlm cascade` keeps the SLM's last max_seq_len tokens at each step: a prompt that (with
+    --max-new-tokens) passes that gets a one-line notice naming the lengths; a short one gets none."""
+    from train.commands import cascade
+
+    base = ["--slm", wiki_data["slm"], "--no-calls", "--max-new-tokens", "2", "--device", "cpu"]
+    long_prompt = " ".join(["Ada Lovelace was born in London in 1815 and wrote the first program."] * 30)
+    assert cascade.main(base + ["--prompt", "Ada Lovelace was born", "--prompt", long_prompt]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("memlm cascade: --prompt 2 has ") and "the last 128 tokens" in err[0]

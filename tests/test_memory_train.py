@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -200,8 +201,15 @@ def test_eval_json_structure(runs, tmp_path):
     assert eval_main([runs["memory"], "--data", runs["data"], "--out", out, "--val-batches", "3",
                       "--probes-per-bucket", "4", "--seed", "1", "--batch-size", "2"]) == 0
     ev = json.load(open(os.path.join(out, "eval.json")))
-    assert set(ev) == {"run", "data", "val", "per_cluster", "val_diffs", "probes", "probe_diffs", "probe_routing",
-                       "probe_items", "val_rows"}
+    assert set(ev) == {"run", "data", "val", "val_coverage", "per_cluster", "val_diffs", "probes", "probe_diffs",
+                       "probe_routing", "probe_items", "val_rows"}
+    # the target tokens scored out of the split's: counted here from the shards' window offsets
+    from data.shards import open_data
+
+    split = sum(int((np.diff(np.asarray(sh.windows)) - 1).sum()) for sh in open_data(runs["data"]).shards("val"))
+    cov = ev["val_coverage"]
+    assert (cov["tokens"], cov["split_tokens"]) == (ev["val"]["fetched"]["tokens"], split)
+    assert cov["tokens"] < split and f"scored {cov['tokens']} of the val split's {split} target tokens" in cov["note"]
     assert set(ev["probes"]) == {"fetched", "fetched_oracle", "generic", "anchor"}
     hit = ev["probe_routing"]["hit"]["fetched"]
     assert set(hit) == set(ev["probes"]["fetched"]) and 0 <= ev["probe_routing"]["consistency"] <= 1
@@ -445,7 +453,7 @@ def test_e2e_fetched_beats_generic(tmp_path_factory):
         assert p["fetched"][b]["acc"] > p["generic"][b]["acc"], b
 
 
-def test_eval_refuses_data_clustered_by_another_router_and_route_top_above_k(runs, tmp_path):
+def test_eval_refuses_data_clustered_by_another_router_and_route_top_above_k(runs, tmp_path, monkeypatch):
     """Data clustered again (another seed) has other paths: evaluating the run on it would send rows to
     memories trained on other clusters. --route-top above k has no candidates to choose from."""
     from model.errors import ConfigError, DataError
@@ -463,6 +471,66 @@ def test_eval_refuses_data_clustered_by_another_router_and_route_top_above_k(run
     from train.pretrain import main as pretrain
     with pytest.raises(DataError, match=r"init_from=.*another clustering"):
         pretrain(_args(other, str(tmp_path), "re", 2, f"init_from={runs['memory']}", *MEM))
+    import train.commands.eval as eval_cmd
+
+    def no_val_pass(*a, **k):
+        raise AssertionError("--route-top is checked before the validation pass")
+
+    monkeypatch.setattr(eval_cmd, "eval_val", no_val_pass)
     with pytest.raises(ConfigError, match=r"--route-top 5: .*k=2.*1\.\.2"):
         ev([runs["memory"], "--data", runs["data"], "--val-batches", "1", "--probes-per-bucket", "1",
             "--route-top", "5", "--out", str(tmp_path / "e2")])
+
+
+def test_harness_oracle_checks_its_data_and_reports_documents_without_a_leaf(runs, bios_data, tmp_path, capsys):
+    """mode oracle: --data without a router (unclustered) or with another tokenizer is one DataError naming
+    --data; a task none of whose keys is a document id of --data is refused (naming --key-field); otherwise the
+    documents without an oracle leaf are counted, printed and listed in harness.json, never silently leaf 0."""
+    pytest.importorskip("lm_eval")
+    from data.shards import open_data
+    from model.errors import ConfigError, DataError
+    from train.commands.harness import main as harness_main
+    from train.evaluation.wiki_probes import task_yaml
+
+    doc_id = open_data(runs["data"]).shards("train")[0].docs[0]["doc_id"]
+    docs = [{"id": "a", "title": doc_id, "prompt": "Ada Baker was born in", "choices": ["Paris", "Oslo"], "label": 0},
+            {"id": "b", "title": "no such article", "prompt": "Carl Cross studied at", "choices": ["Yale", "Rice"],
+             "label": 1}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "oracle_mc.yaml").write_text(task_yaml("oracle_mc", str(tmp_path / "t.jsonl")))
+    (tmp_path / "u.jsonl").write_text(json.dumps(docs[1]) + "\n")
+    (tmp_path / "unknown_mc.yaml").write_text(task_yaml("unknown_mc", str(tmp_path / "u.jsonl")))
+
+    def harness(task, data, out):
+        return harness_main([runs["memory"], "--tasks", task, "--include-path", str(tmp_path), "--mode", "oracle",
+                             "--data", data, "--out", str(tmp_path / out), "--batch-size", "2"])
+
+    with pytest.raises(DataError, match=rf"--data {bios_data}: not clustered .*memlm cluster"):
+        harness("oracle_mc", bios_data, "h1")
+    other = str(tmp_path / "other-tok")  # the same clustered data, recorded as prepared with another tokenizer
+    shutil.copytree(runs["data"], other)
+    man = json.load(open(os.path.join(other, "manifest.json")))
+    man["tokenizer_hash"] = "0" * len(man["tokenizer_hash"])
+    with open(os.path.join(other, "manifest.json"), "w") as f:
+        json.dump(man, f)
+    with pytest.raises(DataError, match=rf"--data {other}: prepared with another tokenizer"):
+        harness("oracle_mc", other, "h2")
+    with pytest.raises(ConfigError, match=r"--key-field title: no document .* oracle leaf"):
+        harness("unknown_mc", runs["data"], "h3")
+    assert not os.path.exists(tmp_path / "h1") and not os.path.exists(tmp_path / "h3")
+    capsys.readouterr()
+    assert harness("oracle_mc", runs["data"], "h4") == 0
+    assert "oracle_mc: 1 of 2 documents have no oracle leaf" in capsys.readouterr().out
+    res = json.load(open(tmp_path / "h4" / "harness.json"))["tasks"]["oracle_mc"]
+    assert res["n"] == 2 and res["no_oracle_leaf"] == ["b"]
+
+
+def test_export_hf_path_starting_with_minus_gets_the_range_message(runs, tmp_path):
+    """`--path -1,2` (argparse would take the value for an option: "expected one argument") is read as the
+    value and refused by the range check, naming --path and the bank's shape."""
+    from model.errors import ConfigError
+    from train.commands.export_hf import main as export
+
+    with pytest.raises(ConfigError, match=r"--path '-1,2': the memory bank has 2 levels with k=2"):
+        export([runs["memory"], "--path", "-1,2", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()

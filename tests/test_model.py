@@ -241,3 +241,26 @@ def test_forward_traces_without_graph_breaks():
         model(x[:, :8], kv_cache=cache)
         assert torch._dynamo.explain(model)(x[:, 8:9], kv_cache=cache, start_pos=8).graph_break_count == 0
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kw, name", [(dict(top_k=0, temperature=1.0), "top_k"),
+                                      (dict(max_new_tokens=-1), "max_new_tokens"),
+                                      (dict(temperature=-1.0), "temperature"),
+                                      (dict(top_p=0.0, temperature=1.0), "top_p"),
+                                      (dict(empty=True), "input_ids")])
+def test_generate_checks_its_arguments(kw, name):
+    """Out-of-range generate arguments are a ValueError naming the argument (not a tensor error deep inside,
+    nor silently accepted), for the anchor and a memory model alike."""
+    from memory.config import MemoryConfig
+    from memory.model import MemoryLM
+
+    torch.manual_seed(0)
+    kw = dict(kw)
+    x = torch.zeros(1, 0, dtype=torch.long) if kw.pop("empty", False) else torch.randint(0, 256, (1, 4))
+    n = kw.pop("max_new_tokens", 3)
+    anchor = Anchor(tiny()).eval()
+    mem = MemoryLM(anchor, MemoryConfig(k=2, widths=(4,)))
+    for m, extra in ((anchor, {}), (mem, {"mode": "generic"})):
+        with pytest.raises(ValueError, match=rf"generate: {name}"):
+            m.generate(x, n, **kw, **extra)
+    assert anchor.generate(torch.randint(0, 256, (1, 4)), 0).shape == (1, 4)  # 0 new tokens: allowed

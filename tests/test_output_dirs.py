@@ -72,7 +72,7 @@ def _user_dir(path) -> None:
 
 # ---- export-hf ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("target", ["user_dir", "run", "runs_parent", "cwd", "empty_cwd", "empty_home",
-                                    "checkpoint", "file"])
+                                    "checkpoint", "in_checkpoint", "file"])
 def test_export_refuses_targets_memlm_did_not_create(tiny_run, target, capsys, monkeypatch):
     top, run = tiny_run
     user, empty = top / "user", top / "empty"
@@ -82,6 +82,7 @@ def test_export_refuses_targets_memlm_did_not_create(tiny_run, target, capsys, m
     monkeypatch.setenv("HOME", str(empty))  # an empty directory is a valid target, but never the home dir
     out = {"user_dir": str(user), "run": run, "runs_parent": os.path.dirname(run), "cwd": ".", "empty_cwd": ".",
            "empty_home": str(empty), "checkpoint": os.path.join(run, "checkpoints", "step-0000002"),
+           "in_checkpoint": os.path.join(run, "checkpoints", "step-0000002", "x"),
            "file": str(user / "thesis.tex")}[target]
     before = _hashes(top)
     for force in ([], ["--force"]):
@@ -129,6 +130,40 @@ def test_export_default_out_inside_run(tiny_run, capsys):
     rc, err = _memlm(["export-hf", run], capsys)
     _one_line(err, os.path.join(run, "hf"), "--force")
     assert rc == 2
+
+
+def test_export_llama_refusal_names_the_python_argument(tmp_path):
+    """The Python API names its own argument (replace=True); the CLI names --force (tested above)."""
+    from model import Anchor, ModelConfig
+    from model.errors import OutputExistsError
+    from model.hf import export_llama
+
+    m = Anchor(ModelConfig.from_name("tiny", vocab_size=64, n_layer=1, n_embd=32, n_head=2, n_kv_head=1,
+                                     ffn_hidden=64, max_seq_len=16)).eval()
+    export_llama(m, None, tmp_path / "hf")
+    with pytest.raises(OutputExistsError, match=r"pass replace=True to replace it") as e:
+        export_llama(m, None, tmp_path / "hf")
+    assert "--force" not in str(e.value)
+    assert (tmp_path / "hf").is_dir() and export_llama(m, None, tmp_path / "hf", replace=True) == tmp_path / "hf"
+
+
+def test_step_dir_default_outputs_beside_checkpoints(tiny_run, bios_data, capsys, monkeypatch):
+    """A step dir's default outputs go beside checkpoints/ (<run>/NAME-step-XXXXXXX), named from the resolved
+    path: a trailing "/" and "." give the same name, and nothing is added inside the checkpoint."""
+    top, run = tiny_run
+    step = os.path.join(run, "checkpoints", "step-0000002")
+    before = _hashes(step)
+    rc, err = _memlm(["export-hf", step + os.sep], capsys)
+    assert rc == 0, err
+    assert read_marker(os.path.join(run, "hf-step-0000002"))["kind"] == "hf-export"
+    monkeypatch.chdir(step)
+    rc, err = _memlm(["export-hf", "."], capsys)  # the same default: an earlier export, so --force is named
+    assert rc == 2
+    _one_line(err, os.path.join(os.path.realpath(run), "hf-step-0000002"), "--force")
+    rc, err = _memlm(["eval", ".", "--data", bios_data, "--val-batches", 1, "--probes-per-bucket", 0], capsys)
+    assert rc == 0, err
+    assert read_marker(os.path.join(run, "eval-step-0000002"))["kind"] == "eval"
+    assert _hashes(step) == before
 
 
 def test_export_module_entry_one_line(tiny_run, tmp_path):

@@ -262,10 +262,38 @@ def check_same_router(router, data_dir: str, run: str, flag: str = "--data") -> 
     its checkpoint): the data's stored paths would send rows to memories trained on other clusters."""
     from memory.router import Router
 
-    if router is not None and Router.exists(data_dir) and not router.same_tree(Router.load(data_dir)):
+    if router is not None and not Router.exists(data_dir):
+        raise DataError(f"{flag} {data_dir}: not clustered (no router.json), so its windows have no cluster paths; "
+                        f"use the data the run was trained with ({run} was trained on data clustered by memlm "
+                        "cluster)")
+    if router is not None and not router.same_tree(Router.load(data_dir)):
         raise DataError(f"{flag} {data_dir}: clustered by another router than the run's ({run}/router.json): its "
                         "paths address other memories (or the run's router file is damaged); use the data the run "
                         "was trained with (clustered by the same memlm cluster command and seed)")
+
+
+def check_same_tokenizer(tokenizer, data, who: str, flag: str = "--data") -> None:
+    """DataError when the data dir (opened, `data.shards.open_data`) was prepared with another tokenizer
+    than the model `who` (e.g. "the run runs/x", "--slm lacy=runs/x"), compared by the tokenizer hash its
+    manifest records: its token ids would be read as other text. A model without a tokenizer (None) is not
+    checked."""
+    from data.tokenizer import tokenizer_hash
+
+    if tokenizer is not None and tokenizer_hash(tokenizer) != data.manifest["tokenizer_hash"]:
+        raise DataError(f"{flag} {data.path}: prepared with another tokenizer than {who} (the hash its manifest "
+                        "records differs), so its token ids mean other text to the model; use the data the model "
+                        "was trained with, or data prepared with the same tokenizer")
+
+
+def check_run_tokenizer(run: str, data, who: str, flag: str = "--data") -> None:
+    """check_same_tokenizer for a memlm run given by its path, before the model loads (only its checkpoint's
+    tokenizer/ is read; a run without one is left to the loader, which names it)."""
+    from data.tokenizer import load_tokenizer
+    from train.checkpoint import find_step_dir
+
+    tok_dir = os.path.join(find_step_dir(run), "tokenizer")
+    if os.path.isdir(tok_dir):
+        check_same_tokenizer(load_tokenizer(tok_dir), data, who, flag)
 
 
 def _check_init_router(init: InitSource | None, router, data) -> None:

@@ -118,6 +118,19 @@ def find_step_dir(path: str, fall_back: bool = False, log: Callable[[str], None]
     return found
 
 
+def default_output(run: str, step_dir: str, name: str) -> str:
+    """The default output directory NAME of a command reading `run` (resolved to `step_dir` by
+    find_step_dir): RUN/NAME for a run dir, <run>/NAME-step-XXXXXXX beside the checkpoints for a step dir
+    (never inside checkpoints/, where an extra entry would block a later resume). Built from the resolved
+    path, so "." or a trailing "/" gives the same name."""
+    step = os.path.realpath(step_dir)
+    parent = os.path.dirname(step)
+    run_dir = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
+    if os.path.realpath(run) == step:  # a step dir given: beside the run's checkpoints/ (or beside the step dir)
+        return os.path.join(run_dir or parent, f"{name}-{os.path.basename(step)}")
+    return os.path.join(run_dir or os.path.realpath(run), name)
+
+
 def choose_resume(cfg: RunConfig, log: Callable[[str], None]) -> str | None:
     """The step dir a run continues from per checkpoint.resume, or None for a fresh start: "auto" takes
     the newest intact checkpoint (saying which damaged ones it skips; none intact but some damaged is an
@@ -157,8 +170,12 @@ def check_later_steps(run_dir: str, step: int) -> None:
     for s, path in step_dirs(os.path.join(run_dir, "checkpoints")):
         foreign = foreign_entries(path) if s > step else []
         if foreign:
-            raise OutputExistsError(f"{path}: holds {', '.join(foreign)}, which memlm did not write there; resuming "
-                                    f"from step {step} may replace this later checkpoint: move it out first")
+            outputs = [n for n in foreign if read_marker(os.path.join(path, n))]  # e.g. an older memlm's eval/
+            what = (f"holds {', '.join(foreign)}, not part of the checkpoint"
+                    + (f" ({', '.join(outputs)}: a memlm output written inside it by an older memlm)" if outputs else
+                       ", which memlm did not write there"))
+            raise OutputExistsError(f"{path}: {what}; resuming from step {step} may replace this later checkpoint: "
+                                    f"move it out first (e.g. beside {run_dir}/checkpoints)")
 
 
 # What a fresh start may find in its run dir: what an earlier start of the run wrote before it was killed

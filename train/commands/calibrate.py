@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     sources = [args.data, *(parse_slm(spec)[1] for spec in args.slm)]
     check_output_dir(args.out, KIND, args.force, sources=sources)
     dd = open_data(args.data)
+    from train.build import check_run_tokenizer
+
+    for spec in args.slm:  # every SLM's tokenizer before the first one is scored
+        check_run_tokenizer(parse_slm(spec)[1], dd, f"--slm {spec}", flag="DATA")
     tok = dd.tokenizer()
     cid = call_id(tok, os.path.join(args.data, "tokenizer"))
     shards = shards_of(dd, args.split)

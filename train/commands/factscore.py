@@ -124,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         parser = FactParser(kb)
     except (KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{kb_path}: damaged knowledge base (a person lacks {e}); prepare the bios data again") from None
+    from data.shards import open_data
+    from train.build import check_run_tokenizer
+
+    dd = open_data(args.data)
+    for spec in args.slm:  # every SLM was trained on this data's tokenizer, checked before any generation
+        check_run_tokenizer(parse_slm(spec)[1], dd, f"--slm {spec}")
     taus = args.taus or [args.tau]
     print(f"{len(people)} bios ({args.per_bucket} per bucket) from {kb_path}; thresholds "
           f"{', '.join(tau_name(t) for t in taus)}")

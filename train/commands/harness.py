@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=16, help="rows per forward pass")
     add_device_arg(p)
     add_output_args(p, "harness", what="harness.json (default RUN/harness-<mode>, "
-                                        "RUN/harness-fetched_top<M> with --route-top M)")
+                                        "RUN/harness-fetched_top<M> with --route-top M; "
+                                        "RUN/harness-<mode>-step-XXXXXXX for a step dir)")
     return p
 
 
@@ -52,17 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         check_out_dir(args.out)
     from model.atomic import atomic_dir, atomic_write_json, check_output_dir
-    from train.checkpoint import find_step_dir
+    from train.checkpoint import default_output, find_step_dir
     from train.evaluation.harness import evaluate
 
     if args.route_top > 1 and args.mode != "fetched":  # before lm-eval loads its tasks
         raise ConfigError(f"--route-top {args.route_top}: routes prompts, so it needs --mode fetched (not {args.mode})")
     t0 = time.time()
     label = f"fetched_top{args.route_top}" if args.route_top > 1 else args.mode
-    out_dir = args.out or os.path.join(args.run, f"harness-{label}")
+    step_dir = find_step_dir(args.run)  # a wrong run path is named before lm-eval reads its task list
+    out_dir = args.out or default_output(args.run, step_dir, f"harness-{label}")
     sources = [p for p in (args.run, args.data, args.include_path) if p]
     check_output_dir(out_dir, KIND, args.force, sources=sources)  # before the run loads
-    find_step_dir(args.run)  # a wrong run path is named before lm-eval reads its task list
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     res = evaluate(args.run, tasks, include_path=args.include_path, mode=args.mode, data=args.data,
                    key_field=args.key_field, device=args.device, batch_size=args.batch_size, limit=args.limit,
@@ -71,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     for t in tasks:
         out["tasks"][t] = summary = task_summary(res, t)
         print(f"memlm harness: {t}: {metrics_line(summary['metrics'])} over {summary['n']} documents (mode {label})")
+        if args.mode == "oracle":
+            summary["no_oracle_leaf"] = missing = res.get("memlm_no_oracle", {}).get(t, [])
+            if missing:
+                print(f"memlm harness: {t}: {len(missing)} of {summary['n']} documents have no oracle leaf (their "
+                      f"{args.key_field} is not a document id of {args.data}): scored with leaf 0, listed in "
+                      "no_oracle_leaf")
     with atomic_dir(out_dir, KIND, replace=args.force, sources=sources) as tmp:
         atomic_write_json(os.path.join(tmp, "harness.json"), out)
     path = os.path.join(out_dir, "harness.json")

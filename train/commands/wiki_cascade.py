@@ -11,7 +11,10 @@ at every threshold of --taus, with the large model (default SmolLM2-135M) on <CA
   when it is a transformers directory), at the same matched rates;
 - --diagnose N: per SLM whose label names a selection array calls_<label> in DATA, N factual and N
   non-factual held-out positions that rule delegates: how often the SLM's own word and the large
-  model's word equal the text's; --tag-calls: share of generation-time calls on spaCy-factual words.
+  model's word equal the text's (needs `memlm tag DATA`; a label without its array is named on the console,
+  none with one is an error, both before any generation); --tag-calls: share of generation-time calls on
+  spaCy-factual words.
+Every --slm must use DATA's tokenizer (the hash its manifest records), checked before any generation.
 Writes OUT/wiki_cascade.json, OUT/samples.jsonl and OUT/curves.png.
 """
 from __future__ import annotations
@@ -89,10 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     from data.shards import open_data
     from model.errors import DataError
 
-    source = open_data(args.data).manifest.get("source")
+    dd = open_data(args.data)
+    source = dd.manifest.get("source")
     if source != "wiki-leads":  # before spaCy runs and writes (empty) facts into the data dir
         raise DataError(f"{args.data}: prepared from {source!r}, not wiki-leads; wiki-cascade needs "
                         "`memlm prepare --corpus wiki-leads` data")
+    if not args.facts_only:
+        from train.build import check_run_tokenizer
+
+        for spec in args.slm:  # the data's lead texts and --diagnose's call sites are read with its tokenizer
+            check_run_tokenizer(parse_slm(spec)[1], dd, f"--slm {spec}", flag="DATA")
+    diagnose = [] if args.facts_only or not args.diagnose else diagnose_labels(dd, args)
     path = wiki.facts_path(args.data, args.split)
     if args.facts_only or not os.path.isfile(path):
         wiki.build_facts(args.data, args.split)
@@ -149,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         if nlp is not None:
             flat = [o for per in outs for o in per if o.calls]
             tagged[label] = wiki.factual_share_of_calls([o.text for o in flat], [o.spans for o in flat], nlp)
-        if args.diagnose and os.path.isdir(os.path.join(args.data, "selection")):
+        if label in diagnose:
             sites = wiki.call_sites(args.data, f"calls_{label}", tok, args.diagnose, args.split, args.seed)
             if sites:
                 alone = Cascade(slm, tok, None, router=router, allow_calls=False)
@@ -191,6 +201,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"large alone: exact {alone['exact']:.3f} (n={alone['n']})")
     print(f"wrote {args.out}/wiki_cascade.json, samples.jsonl" + (", curves.png" if curve else ""))
     return 0
+
+
+def diagnose_labels(dd, args) -> list[str]:
+    """The --slm labels that --diagnose can work on: those with a `calls_<label>` array in every shard of the
+    split; the others are named on the console. Checked before any generation: the split's `factual` array
+    (DataError: run memlm tag), and at least one such label (ConfigError naming --diagnose)."""
+    from data.selection import has_array, shards_of
+    from model.errors import ConfigError, DataError
+    from train.lacy.factscore import parse_slm
+
+    shards = shards_of(dd, args.split)
+    if not shards or not all(has_array(sh, "factual") for sh in shards):
+        raise DataError(f"--diagnose {args.diagnose}: {args.data} has no 'factual' array in its {args.split} shards; "
+                        f"run `memlm tag {args.data}` first (or drop --diagnose)")
+    labels = [parse_slm(spec)[0] for spec in args.slm]
+    if not labels:
+        print(f"--diagnose {args.diagnose}: no --slm to diagnose (it looks at an SLM's calls_<label> sites)")
+    have = [lab for lab in labels if all(has_array(sh, f"calls_{lab}") for sh in shards)]
+    if labels and not have:
+        raise ConfigError(f"--diagnose {args.diagnose}: {args.data} has no selection array calls_<label> for any "
+                          f"--slm label ({', '.join(labels)}) in its {args.split} shards; run `memlm select "
+                          f"{args.data} --name calls_<label> ...` or drop --diagnose")
+    for lab in labels:
+        if lab not in have:
+            print(f"--diagnose: no calls_{lab} array in {args.data} ({args.split}): no call-site diagnosis for {lab}")
+    return have
 
 
 def _cut(text: str, stop: str | None) -> str:

@@ -11,7 +11,10 @@ or `memlm harness RUN --tasks TASK --include-path DIR --mode fetched`. Model arg
   run        run dir or checkpoint step dir (required)
   mode       fetched (routed per prompt) | oracle (fetched, leaf of the document's key) | generic | anchor
   data       data dir of the run (mode=oracle: where the key's training windows went)
-  key_field  mode=oracle: the task document's field holding the key, e.g. the wiki title (default title)
+  key_field  mode=oracle: the task document's field holding the key, e.g. the wiki title (default title).
+             A document whose key is not a document id of `data` (e.g. a held-out article) has no oracle leaf:
+             it is scored with leaf 0 and listed in `no_oracle` ({task: [document ids]}); none with a leaf is
+             a ConfigError naming key_field
   route_top  mode=fetched, M > 1: of each context's M nearest leaves, the one whose memory gives the context
              itself the lowest loss (as `memlm eval --route-top`; M forwards per distinct context)
   device     cpu / cuda (default: cuda if available);  batch_size  rows per forward (default 16)
@@ -66,19 +69,26 @@ class MemlmLM(LM):
         self._route = None
         self._oracle = None
         if mode == "fetched":
+            from train.evaluation.memory_eval import check_route_top
             from train.evaluation.routing import prompt_router
+
+            if self.route_top > 1:
+                check_route_top(self.route_top, self.router)  # before lm-eval builds its requests
 
             self._route = prompt_router(self.router)
         if mode == "oracle":
             if not data:
                 raise ConfigError("--mode oracle needs --data DATA (the run's data dir)")
             from data.shards import open_data
+            from train.build import check_same_router, check_same_tokenizer
             from train.evaluation.routing import key_leaves
 
-            from train.build import check_same_router
-
             check_same_router(self.router, data, run)  # the data's leaves must be the ones the run trained on
-            self._oracle = key_leaves(open_data(data), lambda doc_id: doc_id)
+            dd = open_data(data)
+            check_same_tokenizer(self.tok, dd, f"the run {run}")
+            self._oracle = key_leaves(dd, lambda doc_id: doc_id)
+        self.data = data
+        self.no_oracle: dict[str, list] = {}  # mode oracle: per task, the documents whose key has no leaf
 
     # ---- routing ------------------------------------------------------------------------------
     def _paths(self, requests, contexts: list[str]) -> np.ndarray | None:
@@ -94,6 +104,18 @@ class MemlmLM(LM):
             from train.evaluation.routing import oracle_paths
 
             keys = [(r.doc or {}).get(self.key_field) for r in requests]
+            missing = [r for r, key in zip(requests, keys) if key not in self._oracle]
+            if requests and len(missing) == len(requests):
+                example = next(iter(self._oracle), None)
+                raise ConfigError(f"--key-field {self.key_field}: no document of the task(s) has a key among the "
+                                  f"document ids of --data {self.data} (e.g. {keys[0]!r}, while the data has "
+                                  f"{example!r}), so none has an oracle leaf; give the field that names the training "
+                                  "document, the run's data, or a task of documents seen in training")
+            for r in missing:  # scored with leaf 0, counted and recorded (memlm harness reports them)
+                got = self.no_oracle.setdefault(getattr(r, "task_name", None) or "?", [])
+                doc_key = str((r.doc or {}).get("id", r.doc_id))
+                if doc_key not in got:
+                    got.append(doc_key)
             return oracle_paths(keys, self._oracle, self.router.k, self.router.levels)
         return None
 
@@ -135,16 +157,20 @@ class MemlmLM(LM):
         return self._score(pairs, self._paths(requests, ctx))
 
     def loglikelihood_rolling(self, requests) -> list[float]:
+        """Summed log-probability of each text, in lm-eval's own windows (as its HF model): the first window
+        predicts up to max_seq_len tokens after the end-of-document token, each later one the next tokens
+        with the full context left of them (lm_eval.utils.get_rolling_token_windows + make_disjoint_window)."""
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
         texts = [r.args[0] for r in requests]
         paths = self._paths(requests, texts)
         out = []
         for i, t in enumerate(texts):
-            ids = [self.tok.eos_token_id] + self.tok.encode(t, add_special_tokens=False)
-            total = 0.0
-            for s in range(1, len(ids), self.max_len):  # disjoint windows, each after the token before it
-                ctx = ids[s - 1:s]
-                total += self._score([(ctx, ids[s:s + self.max_len])], None if paths is None else paths[i:i + 1])[0][0]
-            out.append(total)
+            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                token_list=self.tok.encode(t, add_special_tokens=False), prefix_token=self.tok.eos_token_id,
+                max_seq_len=self.max_len, context_len=1)]
+            rows = None if paths is None else np.repeat(paths[i:i + 1], len(windows), axis=0)
+            out.append(sum(ll for ll, _ in self._score(windows, rows)))
         return out
 
     def generate_until(self, requests) -> list[str]:
@@ -224,8 +250,10 @@ def evaluate(run: str, tasks: list[str], include_path: str | None = None, mode: 
     loaded = [obj for t in tasks for obj in _load_task(tm, t)]  # before the run loads
     lm = MemlmLM(run, mode=mode, data=data, key_field=key_field, device=device, batch_size=batch_size,
                  route_top=route_top)
-    return lm_eval.simple_evaluate(model=lm, tasks=loaded, task_manager=tm, limit=limit, log_samples=True,
-                                   bootstrap_iters=0)
+    res = lm_eval.simple_evaluate(model=lm, tasks=loaded, task_manager=tm, limit=limit, log_samples=True,
+                                  bootstrap_iters=0)
+    res["memlm_no_oracle"] = lm.no_oracle  # mode oracle: {task: [documents without an oracle leaf]}
+    return res
 
 
 def _load_task(tm, task: str) -> list:

@@ -91,6 +91,12 @@ def eval_val(model, data, modes, seq_len, batch_size, seed, max_batches, by_leaf
     return val, per_cluster, val_diffs(rows, seed), row_out
 
 
+def split_targets(data, split: str = "val") -> int:
+    """Target tokens of a split: every token of a window but its first (each window's tokens predict the next
+    one inside it). The denominator of `memlm eval`'s coverage line: packed rows score only part of it."""
+    return int(sum(len(sh.tokens) - (len(sh.windows) - 1) for sh in data.shards(split)))
+
+
 def val_diffs(rows: dict, seed: int = 0) -> dict:
     """{"a - b": {"diff", "lo", "hi"}}: validation loss differences between modes on the same rows
     (paired bootstrap over rows of sum(nats) / sum(tokens))."""
@@ -170,6 +176,14 @@ def prompt_nll(model, tokenizer, prompts: list[str], paths, device, batch_size: 
     return out
 
 
+def check_route_top(m: int, router) -> None:
+    """ConfigError naming --route-top when m exceeds the router's k (the candidates are the k leaves under the
+    prompt's parent node); called before any evaluation, and again by loss_routed_paths."""
+    if router is not None and m > router.k:
+        raise ConfigError(f"--route-top {m}: the run's router has k={router.k} leaves under each node, so at most "
+                          f"{router.k} candidates; choose --route-top 1..{router.k}")
+
+
 def loss_routed_paths(model, tokenizer, router, prompts: list[str], m: int, device) -> np.ndarray:
     """int32 [n, levels]: each prompt routed to whichever of its m nearest leaves (`memory.keyed.top_leaves`)
     gives the prompt itself the lowest loss under that leaf's fetched memory (the memory that recognises the
@@ -178,9 +192,7 @@ def loss_routed_paths(model, tokenizer, router, prompts: list[str], m: int, devi
     when m exceeds the router's k (the candidates are the k leaves under the prompt's parent node)."""
     from memory.keyed import top_leaves
 
-    if m > router.k:
-        raise ConfigError(f"--route-top {m}: the run's router has k={router.k} leaves under each node, so at most "
-                          f"{router.k} candidates; choose --route-top 1..{router.k}")
+    check_route_top(m, router)
     cands = top_leaves(router, router.embed(prompts), m)  # [n, m, levels]
     nll = np.stack([prompt_nll(model, tokenizer, prompts, cands[:, j], device) for j in range(m)], 1)
     return cands[np.arange(len(prompts)), nll.argmin(1)].astype(np.int32)

@@ -26,6 +26,10 @@ def key_leaves(data, key_of: Callable[[str], object | None], split: str = "train
     k = int(data.manifest.get("router", {}).get("k", 0)) or None
     out: dict[object, Counter] = {}
     for sh in data.shards(split):
+        if sh.paths is None:
+            from model.errors import DataError
+
+            raise DataError(f"{data.path}: {split} has no cluster paths; run `memlm cluster {data.path}` first")
         paths = np.asarray(sh.paths)
         leaves = path_to_leaf(paths, k) if k else np.zeros(len(paths), dtype=np.int64)
         for doc, leaf in zip(sh.docs, leaves.tolist()):
@@ -46,7 +50,8 @@ def consistency(leaves: dict[object, Counter]) -> float:
 
 
 def oracle_paths(keys: list, leaves: dict[object, Counter], k: int, levels: int) -> np.ndarray:
-    """int32 paths [n, levels]: each item's key's majority leaf (leaf 0 for a key never seen in train)."""
+    """int32 paths [n, levels]: each item's key's majority leaf (leaf 0 for a key never seen in train: callers
+    count those items and report them, as `memlm harness --mode oracle` does)."""
     from memory.keyed import leaf_to_path
 
     leaf = [majority_leaf(leaves[key]) if key in leaves else 0 for key in keys]
