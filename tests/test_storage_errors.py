@@ -27,6 +27,7 @@ def _one_thread(one_thread):
 def _args(data, runs, name, steps=2, **over):
     kv = {"data.path": data, "runs_dir": runs, "name": name, "trainer.max_steps": steps, "data.seq_len": 32,
           "data.batch_size": 2, "optim.warmup_steps": 1, "trainer.val_every": 0, "checkpoint.every": 1,
+          "checkpoint.keep_last_k": 0,
           "logging.logger": "none"}
     kv.update(over)
     return ["pretrain", "--config", RECIPE] + [f"{k}={v}" for k, v in kv.items()]
