@@ -13,7 +13,7 @@ import numpy as np
 
 from model.errors import ConfigError
 
-from data.loader import PackedDataset, collate
+from data.loader import PackedDataset, collate, too_few_rows_fix
 
 
 def owner_of(top_cluster, world_size: int):
@@ -29,15 +29,22 @@ class AffinePackedDataset(PackedDataset):
                              "set data.by_leaf=true")
         # The parent checks its own (round-robin) row count; ours is computed below.
         super().__init__(data_dir, split, seq_len, batch_size, seed, rank, world_size, calls, True, **kw)
-        self.owned_group = owner_of(self.leaves[:, 0], self.world_size) == self.rank
-        group_tokens = np.bincount(self.w_group, weights=self.w_len, minlength=len(self.leaves)).astype(np.int64)
-        self.rows_per_rank = int((group_tokens // self.seq_len)[self.owned_group].sum())
+        owners = owner_of(self.leaves[:, 0], self.world_size)
+        self.owned_group = owners == self.rank
+        group_rows = np.bincount(self.w_group, weights=self.w_len, minlength=len(self.leaves)).astype(np.int64) \
+            // self.seq_len
+        # every rank's row count, not only ours: all ranks reach the same verdict and raise the same error (one
+        # rank failing alone leaves the others in a collective, and torchrun buries its line in tracebacks)
+        rows = np.bincount(owners, weights=group_rows, minlength=self.world_size).astype(np.int64)
+        self.rows_per_rank = int(rows[self.rank])
         self.batches_per_epoch = self.rows_per_rank // self.batch_size
-        if self.batches_per_epoch == 0:
-            tops = sorted({int(t) for t in self.leaves[self.owned_group, 0]})
-            raise ConfigError(f"{self.data.path}: split {split!r}: rank {rank}/{world_size} owns top-level clusters "
-                             f"{tops}, which pack into {self.rows_per_rank} rows of {seq_len} tokens, fewer than "
-                             f"batch_size={batch_size}")
+        short = np.flatnonzero(rows < self.batch_size)
+        if short.size:
+            r = int(short[0])
+            tops = sorted({int(t) for t in self.leaves[owners == r, 0]})
+            raise ConfigError(f"{self.data.path}: split {split!r}: rank {r}/{world_size} owns top-level clusters "
+                              f"{tops}, which pack into {rows[r]} rows of {seq_len} tokens, fewer than "
+                              f"batch_size={batch_size}; {too_few_rows_fix(split)}")
         self._mine_epoch, self._mine = None, None
 
     def _my_rows(self, epoch: int) -> np.ndarray:

@@ -52,6 +52,13 @@ def collate(rows: list[dict]) -> dict:
     return out
 
 
+def too_few_rows_fix(split: str) -> str:
+    """What to change when a split packs into too few rows for a batch on every rank."""
+    fix = "lower data.batch_size or data.seq_len, or train with fewer processes"
+    return fix + (", or switch validation off with trainer.val_every=0" if split == "val" else
+                  ", or prepare more data")
+
+
 def _router_k(path: str) -> int | None:
     """The branching of the data's router (DATA/router.json), or None without one."""
     try:
@@ -126,7 +133,8 @@ class PackedDataset(IterableDataset):
         self.batches_per_epoch = self.rows_per_rank // self.batch_size
         if self.batches_per_epoch == 0:
             raise ConfigError(f"{self.data.path}: split {split!r} packs into {self.n_rows} rows of {seq_len} tokens, "
-                             f"fewer than batch_size*world_size = {self.batch_size * self.world_size}")
+                             f"fewer than batch_size*world_size = {self.batch_size * self.world_size}; "
+                             f"{too_few_rows_fix(split)}")
         self._epoch, self._batch = 0, 0
         self._plan_epoch, self._plan = None, None
 

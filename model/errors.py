@@ -10,6 +10,10 @@ values, FileNotFoundError where a path is missing), so `except ValueError` keeps
 """
 from __future__ import annotations
 
+import errno
+import os
+import re
+
 
 class MemlmError(Exception):
     """Base of every user-facing memlm error."""
@@ -34,6 +38,44 @@ class TrainingError(MemlmError, RuntimeError):
 class OutputExistsError(MemlmError, FileExistsError):
     """An output path exists and memlm may not replace it (it did not create it, or it is a run or the
     working directory); the message names the path and the flag that allows replacing memlm's own output."""
+
+
+class StorageError(MemlmError, OSError):
+    """A write failed for a reason outside memlm (disk full, file-size limit, read-only or unwritable path, a
+    file where a directory should be, a name too long); the message names the path, the OS reason and the fix."""
+
+
+# The OS errors of a write that are the machine's or the user's to fix, never memlm's bug, and the fix.
+WRITE_ERRNOS = {
+    errno.ENOSPC: "free space and re-run",
+    errno.EDQUOT: "free space (or raise the disk quota) and re-run",
+    errno.EFBIG: "raise the file-size limit (ulimit -f) and re-run",
+    errno.EROFS: "the file system is read-only: choose a writable path",
+    errno.EACCES: "no permission: make it writable or choose another path",
+    errno.EPERM: "no permission: make it writable or choose another path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory: choose another path",
+    errno.ENAMETOOLONG: "a name in the path is too long for the file system: choose a shorter one",
+}
+_OS_ERROR_RE = re.compile(r"os error (\d+)")  # how Rust libraries (safetensors) report an OSError
+
+
+def os_error_of(e: BaseException) -> OSError | None:
+    """`e` as an OSError with one of WRITE_ERRNOS (also a safetensors error reporting "os error 28"), or None."""
+    if isinstance(e, OSError):
+        return e if e.errno in WRITE_ERRNOS else None
+    m = _OS_ERROR_RE.search(str(e))
+    if m and int(m.group(1)) in WRITE_ERRNOS:
+        n = int(m.group(1))
+        return OSError(n, os.strerror(n))
+    return None
+
+
+def describe_os_error(e: OSError, path: str | None = None, then: str = "") -> str:
+    """One line: `cannot write PATH: the OS reason [ERRNO]; the fix` (+ `then`, e.g. how the job resumes)."""
+    where = path or e.filename or "a file"
+    name = errno.errorcode.get(e.errno, str(e.errno))
+    return f"cannot write {where}: {e.strerror or e} [{name}]; {WRITE_ERRNOS.get(e.errno, 'fix it and re-run')}" \
+           + (f" ({then})" if then else "")
 
 
 def check_range(key: str, value, *, min=None, max=None, min_open: bool = False, max_open: bool = False,

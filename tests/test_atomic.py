@@ -187,7 +187,7 @@ def test_pruning_keeps_a_checkpoint_holding_a_user_file(tmp_path, capsys):
             open(os.path.join(d, "meta.json"), "w").write("{}")
     (ckpt / step_dir_name(1) / "notes.txt").write_text("mine")
     fake = SimpleNamespace(cfg=SimpleNamespace(checkpoint=SimpleNamespace(keep_last_k=2)), ckpt_dir=str(ckpt))
-    Checkpointer.prune(fake)
+    Checkpointer.prune(fake, 4)
     assert sorted(os.listdir(ckpt)) == [step_dir_name(s) for s in (1, 3, 4)]
     assert (ckpt / step_dir_name(1) / "notes.txt").read_text() == "mine"
     assert "keeping" in capsys.readouterr().err

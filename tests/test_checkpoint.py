@@ -311,6 +311,81 @@ def test_case_v3_changed_memory_lr_is_refused(bios_data, tmp_path):  # noqa: F81
         main(args + ["memory.lr=0.02"])
 
 
+def test_changed_bank_layout_or_phase_is_refused_naming_the_key(bios_data, tmp_path):  # noqa: F811
+    """memory.freeze_anchor changes the optimizer's parameter groups (it ended in torch's "different number
+    of parameter groups" traceback); widths / layers change the bank's shapes: each is named with both values."""
+    from model.errors import ConfigError
+    from test_bank_train import _fake_clustered
+    from train.pretrain import main
+
+    data = _fake_clustered(bios_data, str(tmp_path / "data"))
+    args = _args(data, str(tmp_path), "m", 2, **{"trainer.val_every": 0, "memory.k": 2, "memory.widths": "[8,4]"})
+    assert main(args) == 0
+    for over, match in [("memory.freeze_anchor=true", r"memory\.freeze_anchor=True but the checkpoint .* "
+                                                      r"memory\.freeze_anchor=False"),
+                        ("memory.widths=[8,8]", r"memory\.widths=\(8, 8\) but .* memory\.widths=\(8, 4\)"),
+                        ("memory.layers=last:1", r"memory\.layers=\[3\] but .* memory\.layers=\[0, 1, 2, 3\]")]:
+        with pytest.raises(ConfigError, match=match):
+            main(args + [over])
+    assert main(args + ["memory.layers=[0,1,2,3]"]) == 0  # the same layers ("all"), spelled otherwise
+
+
+def test_changed_world_size_is_refused(short_run, monkeypatch):
+    """Each rank's data position and the global batch follow the world size: resuming a 1-process run with
+    2 (or a 2-process one with 1) would skip or repeat rows and miscount tokens_seen."""
+    from model.errors import ConfigError
+    from train.checkpoint import check_resume, read_run_config
+    from train.pretrain import main
+
+    step6 = os.path.join(short_run["run"], "checkpoints", "step-0000006")
+    # accepted, it would wait for a second process in Fabric's process group: fail instead of hanging
+    monkeypatch.setattr("train.pretrain._train", lambda *a, **k: pytest.fail("resumed with another world size"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"world size 2 .* but the checkpoint .*step-0000006 was trained with world "
+                                          r"size 1; .* resume with 1 process\(es\), or start a new run .*init_from="):
+        main(short_run["args"])
+    cfg = read_run_config(step6)
+    with pytest.raises(ConfigError, match=r"world size 3 .* trained with world size 1"):
+        check_resume(cfg, cfg, step6, world_size=3)
+    check_resume(cfg, cfg, step6, world_size=1)
+
+
+def test_auto_resume_never_continues_an_abandoned_trajectory(short_run, monkeypatch, capsys):
+    """A resume from an older step (2, with an allowed change) killed before its next save: resume=auto
+    took the abandoned attempt's step-6 (grad_clip 1.0, its metrics rows already cut) and called the run
+    done. The trajectory record sends it back to step 2; the newer step dirs are named, and kept."""
+    from train import checkpoint
+    from train.pretrain import main
+
+    run = short_run["run"]
+    step = lambda s: os.path.join(run, "checkpoints", f"step-{s:07d}")  # noqa: E731
+    assert checkpoint.read_trajectory(run) == 6
+
+    class Killed(Exception):
+        pass
+
+    def killed(self, *a, **kw):
+        raise Killed
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", killed)
+    with pytest.raises(Killed):
+        main(short_run["args"] + [f"checkpoint.resume={step(2)}", "optim.grad_clip=0.5"])
+    monkeypatch.undo()
+    assert checkpoint.read_trajectory(run) == 2
+    assert checkpoint.choose_resume(checkpoint.load_config(os.path.join(run, "config.yaml")), print) == step(2)
+    capsys.readouterr()
+    assert main(short_run["args"] + ["optim.grad_clip=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert f"ignoring {step(6)}: newer than step 2" in out and f"ignoring {step(4)}" in out
+    assert f"resuming from {step(2)} (step 2)" in out
+    for s in (4, 6):  # rewritten by this trajectory
+        assert checkpoint.read_run_config(step(s)).optim.grad_clip == 0.5
+    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert checkpoint.read_trajectory(run) == 6
+
+
 def test_only_damaged_checkpoints_is_an_error_not_a_restart(short_run):
     """A run whose checkpoints are all damaged (or written before the marker existed) is not silently
     restarted over them."""

@@ -134,3 +134,18 @@ def test_init_from_with_another_tokenizer_names_both_sides(tiny_run, tmp_path):
     with pytest.raises(ConfigError, match=r"its tokenizer \(.*tiny.*tokenizer\) differs from the data's \(.*other"):
         main(["--config", RECIPE, f"data.path={other}", f"runs_dir={tmp_path}", f"init_from={tiny_run}",
               "trainer.max_steps=1", "logging.logger=none"])
+
+
+def test_memory_k_range_matches_memlm_cluster():
+    """memory.k=1 was accepted, and the k mismatch message then advised `memlm cluster --k 1`, which
+    memlm cluster refuses: the config's range is the cluster command's (k >= 2)."""
+    from model.errors import ConfigError
+    from train.commands.cluster import build_parser
+    from train.config import load_config
+
+    with pytest.raises(ConfigError, match=r"memory\.k=1: must be >= 2"):
+        load_config(RECIPE, ["memory.preset=tiny", "memory.k=1"])
+    assert load_config(RECIPE, ["memory.preset=tiny", "memory.k=2"]).memory.k == 2
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["DATA", "--k", "1"])
+    assert build_parser().parse_args(["DATA", "--k", "2"]).k == 2

@@ -150,3 +150,27 @@ def test_ranks_and_workers_disjoint_union_is_epoch(data_dir):
     assert per_rank[0] == per_rank[1]
     assert len(seen) == len(set(seen))
     assert set(seen) == set(range(loader.dataset.epoch_rows()))
+
+
+def test_too_few_rows_is_the_same_error_on_every_rank_and_names_a_fix(data_dir, tmp_path):
+    """Under torchrun a split that leaves one rank short of a batch was raised by that rank only (the others
+    died in gloo tracebacks, ~60 lines): every rank computes every rank's row count and raises the same line,
+    which names what to change."""
+    from data.affine import AffinePackedDataset
+    from data.loader import PackedDataset
+    from model.errors import ConfigError
+    from test_bank_train import _fake_clustered
+
+    data = _fake_clustered(data_dir, str(tmp_path / "data"))  # k=2: top-level clusters 0 and 1
+    messages = set()
+    for rank in (0, 1, 2):  # of 3: rank 2 owns no top-level cluster
+        with pytest.raises(ConfigError) as e:
+            AffinePackedDataset(data, "val", seq_len=32, batch_size=2, rank=rank, world_size=3)
+        messages.add(str(e.value))
+    (msg,) = messages
+    assert "rank 2/3 owns top-level clusters [], which pack into 0 rows" in msg and "trainer.val_every=0" in msg
+    assert "fewer processes" in msg
+    AffinePackedDataset(data, "val", seq_len=32, batch_size=2, rank=1, world_size=2)  # both ranks own one
+    with pytest.raises(ConfigError, match=r"fewer than batch_size\*world_size = .*; lower data\.batch_size .*"
+                                          r"fewer processes, or switch validation off with trainer\.val_every=0"):
+        PackedDataset(data_dir, "val", seq_len=32, batch_size=10**5, rank=1, world_size=2)

@@ -103,6 +103,12 @@ def test_smoke_20_steps(smoke_run):
     for key in ("lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "time"):
         assert key in train[20]
     assert train[20]["tokens"] == 20 * 4 * 64
+    # the lr logged for step s is the one its update used: lr_factor(s - 1) (0-based), not the next step's
+    from train.build import lr_factor
+
+    for s, row in train.items():
+        assert row["lr"] == pytest.approx(3e-3 * lr_factor(s - 1, 3e-3, 3e-4, 5, 20), rel=1e-6), s
+    assert train[2]["lr"] == pytest.approx(3e-3 * 2 / 5) and train[20]["lr"] > 3e-4  # no step used min_lr itself
     assert [v["step"] for v in val] == [10, 20] and val[-1]["val_bpb"] > 0
     assert val[0]["val_tokens"] == val[1]["val_tokens"]  # every validation sees the same val rows
     assert _ckpts(run_dir) == ["step-0000020"]  # keep_last_k=1 pruned step 10
@@ -203,6 +209,40 @@ def test_exact_resume_from_an_older_checkpoint(bios_data, tmp_path, capsys):
     w = read_weights(path)
     assert w.keys() == w40.keys() and all(torch.equal(w[k], w40[k]) for k in w)
     assert _ckpts(run) == [f"step-{s:07d}" for s in (10, 20, 30, 40)]
+
+
+def test_checkpoints_carry_the_tokenizer_and_fingerprint_the_run_started_with(bios_data, tmp_path, monkeypatch):
+    """`memlm prepare --rebuild` of data.path under a running training: its later checkpoints copied the NEW
+    tokenizer from the data dir at save time, and meta.json's fingerprint was read at the first save."""
+    import shutil
+
+    from train import checkpoint
+    from train.pretrain import main
+
+    data = str(tmp_path / "data")
+    shutil.copytree(bios_data, data)
+    tok = os.path.join(data, "tokenizer", "tokenizer.json")
+    with open(tok, "rb") as f:
+        before = f.read()
+    fp = checkpoint.DataSnapshot.take(data).fingerprint
+    save = checkpoint.Checkpointer.save
+
+    def save_after_rebuild(self, step, val=None):  # the data dir is prepared again before every save
+        with open(tok, "w") as f:
+            f.write('{"rebuilt": %d}' % step)
+        manifest = os.path.join(data, "manifest.json")
+        m = json.load(open(manifest))
+        m["tokenizer_hash"] = f"rebuilt-{step}"
+        json.dump(m, open(manifest, "w"))
+        return save(self, step, val)
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", save_after_rebuild)
+    assert main(_args(data, str(tmp_path), "r", 4, **{"checkpoint.every": 2, "checkpoint.keep_last_k": 0})) == 0
+    for s in (2, 4):
+        step = os.path.join(str(tmp_path), "r", "checkpoints", f"step-{s:07d}")
+        with open(os.path.join(step, "tokenizer", "tokenizer.json"), "rb") as f:
+            assert f.read() == before, s
+        assert json.load(open(os.path.join(step, "meta.json")))["data_fingerprint"] == fp
 
 
 def test_wandb_offline_logger(bios_data, tmp_path):

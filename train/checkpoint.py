@@ -29,6 +29,7 @@ checkpoint's; the error names the key. This module does not import Lightning.
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import os
 import random
@@ -43,7 +44,8 @@ import torch
 
 from model.atomic import (atomic_write_json, foreign_entries, is_leftover, publish_dir, read_marker, remove_dir,
                           remove_leftovers, verify_dir, write_marker)
-from model.errors import CheckpointError, ConfigError, MemlmError, OutputExistsError
+from model.errors import (CheckpointError, ConfigError, MemlmError, OutputExistsError, StorageError,
+                          describe_os_error, os_error_of)
 from model.weights import load_weights, read_weights, save_weights
 from train.config import RunConfig, get_key, load_config, save_config
 
@@ -55,7 +57,9 @@ TMP_RE = re.compile(r"^step-(\d{7,})\.tmp$")
 # value would silently continue another run (e.g. max_steps: the cosine would jump), so it is refused.
 RESUME_KEYS = ("seed", "trainer.max_steps", "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.weight_decay",
                "optim.betas", "optim.eps", "optim.accumulate", "data.seq_len", "data.batch_size", "data.calls",
-               "data.by_leaf", "memory.lr", "memory.min_lr", "memory.weight_decay", "memory.storage")
+               "data.by_leaf", "memory.lr", "memory.min_lr", "memory.weight_decay", "memory.storage",
+               # the optimizer's parameter groups and the bank's shapes (a change would fail deep in torch)
+               "memory.freeze_anchor", "memory.k", "memory.widths", "memory.layers")
 
 
 def step_dir_name(step: int) -> str:
@@ -83,10 +87,35 @@ def check_step_dir(path: str, deep: bool = True) -> str | None:
     return None
 
 
-def newest_intact(run_dir: str) -> tuple[str | None, list[tuple[str, str]]]:
-    """(newest complete checkpoint of a run or None, [(newer damaged step dir, why)])."""
-    skipped = []
-    for _, path in reversed(step_dirs(os.path.join(run_dir, "checkpoints"))):
+# The step the run's current trajectory continues from (written before training starts) or last saved
+# (updated at each save): after a resume from an older step, the newer step dirs are an abandoned attempt's
+# (another config, a curve metrics.jsonl no longer holds), and resume=auto / a run dir must never pick them.
+TRAJECTORY = "trajectory.json"
+
+
+def read_trajectory(run_dir: str) -> int | None:
+    """The step recorded in RUN/trajectory.json, or None (no record: runs written before memlm kept it)."""
+    path = os.path.join(run_dir, TRAJECTORY)
+    if not os.path.isfile(path):
+        return None
+    return read_file(path, lambda p: int(_json(p)["step"]))
+
+
+def write_trajectory(run_dir: str, step: int) -> None:
+    atomic_write_json(os.path.join(run_dir, TRAJECTORY), {"step": step})
+
+
+def newest_intact(run_dir: str, log: Callable[[str], None] | None = None) -> tuple[str | None, list[tuple[str, str]]]:
+    """(newest complete checkpoint of a run's current trajectory or None, [(newer damaged step dir, why)]).
+    Step dirs newer than the trajectory record are an abandoned attempt's: left alone, named to `log`."""
+    skipped, limit = [], read_trajectory(run_dir)
+    for s, path in reversed(step_dirs(os.path.join(run_dir, "checkpoints"))):
+        if limit is not None and s > limit:
+            if log is not None:
+                log(f"ignoring {path}: newer than step {limit}, where this run's trajectory continues from "
+                    f"({os.path.join(run_dir, TRAJECTORY)}); it is an abandoned attempt's (an earlier resume went "
+                    "back to an older step)")
+            continue
         why = check_step_dir(path)
         if why is None:
             return path, skipped
@@ -107,7 +136,7 @@ def find_step_dir(path: str, fall_back: bool = False, log: Callable[[str], None]
         return path
     run_dir = os.path.dirname(os.path.normpath(path)) if os.path.basename(os.path.normpath(path)) == "checkpoints" \
         else path
-    found, skipped = newest_intact(run_dir)
+    found, skipped = newest_intact(run_dir, log)
     if skipped and not fall_back:
         raise CheckpointError(f"{skipped[0][1]} (or give an older checkpoint: {run_dir}/checkpoints/step-...)")
     for bad, why in skipped:
@@ -139,7 +168,7 @@ def choose_resume(cfg: RunConfig, log: Callable[[str], None]) -> str | None:
     r = cfg.checkpoint.resume
     if r not in ("auto", "none"):
         return find_step_dir(r, fall_back=True, log=log)
-    found, skipped = newest_intact(cfg.run_dir)
+    found, skipped = newest_intact(cfg.run_dir, log)
     if r == "none":
         if found:
             raise ConfigError(f"checkpoint.resume=none but {cfg.run_dir} has checkpoints ({found}); continue it "
@@ -180,8 +209,21 @@ def check_later_steps(run_dir: str, step: int) -> None:
 
 # What a fresh start may find in its run dir: what an earlier start of the run wrote before it was killed
 # (before its first checkpoint), logger output, and directories memlm marked as its own (eval, hf exports).
-RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "checkpoints", "bank_live", "wandb", "lightning_logs", ".lock"}
+RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "checkpoints", "bank_live", "wandb", "lightning_logs", ".lock",
+               TRAJECTORY}
 LOCK = ".lock"  # held (flock) by the process writing the run: a second `memlm pretrain` of it is refused
+RUN_DIRS = ("checkpoints", "bank_live", "wandb", "lightning_logs")  # the rest of RUN_ENTRIES are files
+
+
+def check_run_entries(run_dir: str) -> None:
+    """ConfigError for an entry memlm writes into that has the wrong type (a FILE named checkpoints would
+    fail only at the first save, after the training steps are spent), before anything is built."""
+    for name in sorted(RUN_ENTRIES):
+        path = os.path.join(run_dir, name)
+        if os.path.lexists(path) and os.path.isdir(path) != (name in RUN_DIRS):
+            want = "a directory" if name in RUN_DIRS else "a file"
+            raise ConfigError(f"{path}: is not {want}, but memlm pretrain writes {want} there; move it away, or "
+                              "choose another name= or runs_dir=")
 
 
 def lock_run_dir(run_dir: str):
@@ -190,13 +232,17 @@ def lock_run_dir(run_dir: str):
     Returns the held `filelock.FileLock`; the OS releases it if the process dies."""
     from filelock import FileLock, Timeout
 
-    os.makedirs(run_dir, exist_ok=True)
-    lock = FileLock(os.path.join(run_dir, LOCK))
     try:
+        os.makedirs(run_dir, exist_ok=True)
+        lock = FileLock(os.path.join(run_dir, LOCK))
         lock.acquire(timeout=0)
     except Timeout:
         raise ConfigError(f"{run_dir} (runs_dir/name): another memlm pretrain is writing this run (it holds "
                           f"{os.path.join(run_dir, LOCK)}); wait for it to finish, or choose another name=") from None
+    except OSError as e:  # read-only, under a file, a name too long: before anything is built
+        if os_error_of(e) is None:
+            raise
+        raise StorageError(describe_os_error(e, f"the run directory {run_dir} (runs_dir= / name=)")) from None
     return lock
 
 
@@ -217,7 +263,7 @@ def check_fresh_run_dir(run_dir: str) -> None:
                           "metrics.jsonl there: choose another name= or runs_dir=")
     config = os.path.join(run_dir, "config.yaml")
     if not os.path.lexists(config):  # a run writes config.yaml before anything else: these are not a run's
-        strays = sorted(n for n in os.listdir(run_dir) if n in RUN_ENTRIES and n != LOCK)
+        strays = sorted(n for n in os.listdir(run_dir) if n in RUN_ENTRIES and n not in (LOCK, TRAJECTORY))
         if strays:
             raise ConfigError(f"{where}: holds {', '.join(strays)} but no config.yaml, so not a memlm run's files; "
                               "a new run would overwrite them: choose another name= or runs_dir=")
@@ -261,8 +307,9 @@ def read_step(step_dir: str) -> int:
     return read_file(os.path.join(step_dir, "meta.json"), lambda p: int(_json(p)["step"]))
 
 
-def check_resume(saved: RunConfig, now: RunConfig, step_dir: str) -> None:
-    """ConfigError naming the first key whose change would make the resumed run another one."""
+def check_resume(saved: RunConfig, now: RunConfig, step_dir: str, world_size: int | None = None) -> None:
+    """ConfigError naming the first key whose change would make the resumed run another one, or (when
+    `world_size` is given) another number of processes than the checkpoint was trained with."""
     diff = saved.model.differences(now.model, ignore=("name",))
     if diff:
         k, a, b = diff[0]
@@ -275,10 +322,21 @@ def check_resume(saved: RunConfig, now: RunConfig, step_dir: str) -> None:
         if key.startswith("memory.") and now.memory is None:
             continue
         a, b = get_key(saved, key), get_key(now, key)
+        if key == "memory.layers":  # "last:2" and [2, 3] are the same layers
+            a, b = (m.layer_ids(saved.model.n_layer) for m in (saved.memory, now.memory))
         if a != b:
             raise ConfigError(f"{key}={b} but the checkpoint {step_dir} was trained with {key}={a}; the optimizer "
                               f"state, LR schedule and data position follow the saved value: resume with "
                               f"{key}={a}, or start a new run (another name=) with init_from={step_dir}")
+    if world_size is not None:
+        # each rank's data position and the global batch follow the world size: another one would skip or
+        # repeat rows and miscount tokens (checkpoints from before meta.json recorded it are not checked)
+        saved_world = read_file(os.path.join(step_dir, "meta.json"), _json).get("world_size")
+        if saved_world is not None and int(saved_world) != world_size:
+            raise ConfigError(f"world size {world_size} (WORLD_SIZE, torchrun --nproc_per_node x nodes) but the "
+                              f"checkpoint {step_dir} was trained with world size {saved_world}; each rank's data "
+                              f"position and the global batch follow it: resume with {saved_world} process(es), or "
+                              f"start a new run (another name=) with init_from={step_dir}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,8 +361,48 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _torch_save(obj, path: str) -> None:
+    """torch.save, with a failed write (disk full, file-size limit) raised as its OSError: torch's zip writer
+    reports it as a RuntimeError without the errno, so on failure the bytes are written once more by Python."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError:
+        buf = io.BytesIO()
+        torch.save(obj, buf)  # a genuine error (an object torch cannot save) raises here again
+        with open(path, "wb") as f:
+            f.write(buf.getbuffer())
+
+
 # ---------------------------------------------------------------------------------------------
 # the checkpointer
+
+class DataSnapshot(NamedTuple):
+    """What every checkpoint of a run carries from its data dir, taken when the run starts: a data dir
+    prepared again (--rebuild) under a running training must not give its later checkpoints another
+    tokenizer or fingerprint than the one it trained with."""
+    fingerprint: str
+    tokenizer: dict[str, bytes]  # path relative to DATA/tokenizer -> the file's bytes (a few MB at most)
+
+    @classmethod
+    def take(cls, data) -> "DataSnapshot":
+        """From a data.shards.DataDir (the one the run opened) or a data dir path."""
+        if isinstance(data, str):
+            from data.shards import DataDir
+
+            data = DataDir(data)
+        files, src = {}, os.path.join(data.path, "tokenizer")
+        for root, _, names in os.walk(src):
+            for name in names:
+                path = os.path.join(root, name)
+                with open(path, "rb") as f:
+                    files[os.path.relpath(path, src)] = f.read()
+        return cls(data.fingerprint(), files)
+
+    def write_tokenizer(self, dst: str) -> None:
+        for rel, blob in self.tokenizer.items():
+            os.makedirs(os.path.dirname(os.path.join(dst, rel)), exist_ok=True)
+            with open(os.path.join(dst, rel), "wb") as f:
+                f.write(blob)
 
 class Checkpointer:
     """Saves and restores a training run's state by component (see the module docstring). Every rank
@@ -316,13 +414,14 @@ class Checkpointer:
     restores the model weights and the optimizers."""
 
     def __init__(self, cfg: RunConfig, model, optimizers, rank: int, world_size: int, barrier: Callable[[], None],
-                 state_dicts: Callable[[], tuple[dict, dict]], load_state: Callable[[str, dict], None]):
+                 state_dicts: Callable[[], tuple[dict, dict]], load_state: Callable[[str, dict], None],
+                 data: "DataSnapshot | None" = None):
         self.cfg, self.model, self.optimizers = cfg, model, optimizers
+        self.data = data or DataSnapshot.take(cfg.data.path)
         self.rank, self.world_size, self.barrier = rank, world_size, barrier
         self.state_dicts, self.load_state = state_dicts, load_state
         self.ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
         self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.optim.accumulate * world_size
-        self._data_fp: str | None = None  # the fingerprint of the data trained on, recorded in meta.json
 
     def remove_leftovers(self) -> None:
         """Delete what a killed save left (rank 0, before any rank writes): `step-N.tmp` dirs and the hidden
@@ -336,9 +435,24 @@ class Checkpointer:
 
     # ---- save ---------------------------------------------------------------------------------
     def save(self, step: int, val: dict | None = None) -> str:
-        """Write checkpoint `step` (all ranks), publish it, prune old ones; returns its path."""
+        """Write checkpoint `step` (all ranks), publish it, prune old ones; returns its path. A full disk,
+        a file-size limit or an unwritable path is a StorageError naming the checkpoint, the OS reason and
+        the checkpoint a re-run resumes from (the partial step dir is deleted: it frees the space)."""
         final = os.path.join(self.ckpt_dir, step_dir_name(step))
         tmp = final + ".tmp"
+        try:
+            return self._save(step, val, final, tmp)
+        except Exception as e:  # noqa: BLE001 - safetensors reports a full disk as its own error type
+            os_error = os_error_of(e)
+            if os_error is None:
+                raise
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            last = newest_intact(self.cfg.run_dir)[0]
+            then = f"a re-run resumes from {last}" if last else "no checkpoint yet: a re-run starts afresh"
+            raise StorageError(describe_os_error(os_error, f"checkpoint {final}", then)) from None
+
+    def _save(self, step: int, val: dict | None, final: str, tmp: str) -> str:
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
@@ -348,16 +462,14 @@ class Checkpointer:
         atomic_write_json(os.path.join(tmp, f"data_state_rank{self.rank}.json"), {
             "rank": self.rank, "world_size": self.world_size, "step": step,
             "batches": step * self.cfg.optim.accumulate})
-        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{self.rank}.pt"))
+        _torch_save(rng_state(), os.path.join(tmp, f"rng_rank{self.rank}.pt"))
         if self.model.has_memory:
             self.model.bank.save_checkpoint(self.model.bank.checkpoint_dir(tmp))
         if self.rank == 0:
             save_weights(model_sd, os.path.join(tmp, "model.safetensors"))
-            torch.save({"step": step, **optim_sd}, os.path.join(tmp, "optimizer.pt"))
+            _torch_save({"step": step, **optim_sd}, os.path.join(tmp, "optimizer.pt"))
             save_config(self.cfg, os.path.join(tmp, "config.yaml"))
-            src = os.path.join(self.cfg.data.path, "tokenizer")
-            if os.path.isdir(src):
-                shutil.copytree(src, os.path.join(tmp, "tokenizer"))
+            self.data.write_tokenizer(os.path.join(tmp, "tokenizer"))
             if self.model.has_memory and self.model.router is not None:
                 self.model.router.save(tmp)
             atomic_write_json(os.path.join(tmp, "meta.json"), self._meta(step, val or {}))
@@ -370,14 +482,17 @@ class Checkpointer:
                 raise OutputExistsError(f"{final}: holds {', '.join(foreign)}, which memlm did not "
                                         "write there; this run would replace it: move it out and resume")
             publish_dir(tmp, final)
-            self.prune()
+            # before pruning: a kill in between resumes from the previous step, which pruning may remove
+            write_trajectory(self.cfg.run_dir, step)
+            self.prune(step)
         self.barrier()
         return final
 
-    def prune(self) -> None:
-        """Keep the newest checkpoint.keep_last_k complete checkpoints (0 keeps all)."""
+    def prune(self, step: int) -> None:
+        """Keep the newest checkpoint.keep_last_k complete checkpoints up to `step` (0 keeps all); newer ones
+        are an abandoned attempt's: neither counted nor deleted."""
         k = self.cfg.checkpoint.keep_last_k
-        intact = [p for _, p in step_dirs(self.ckpt_dir) if check_step_dir(p, deep=False) is None]
+        intact = [p for s, p in step_dirs(self.ckpt_dir) if s <= step and check_step_dir(p, deep=False) is None]
         for old in intact[:-k] if k > 0 else []:
             foreign = foreign_entries(old)
             if foreign:  # a file someone put in it: keep the whole checkpoint, say so
@@ -395,11 +510,7 @@ class Checkpointer:
             memlm_version = version("memlm")
         except Exception:  # noqa: BLE001  (not installed: running from a checkout)
             memlm_version = None
-        if self._data_fp is None:  # once: the manifest of the data this run trains on
-            from data.shards import DataDir
-
-            self._data_fp = DataDir(self.cfg.data.path).fingerprint()
-        return {"step": step, "data_fingerprint": self._data_fp,
+        return {"step": step, "data_fingerprint": self.data.fingerprint,
                 "tokens_seen": step * self.tokens_per_step, "val_loss": val.get("val_loss"),
                 "val_bpb": val.get("val_bpb"), "world_size": self.world_size, "time": time.time(),
                 "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -409,7 +520,7 @@ class Checkpointer:
     def load(self, step_dir: str) -> tuple[int, int]:
         """Restore every component from `step_dir` (all ranks); returns (step, micro-batches this rank
         consumed). Call it last before training: it also restores this rank's RNG."""
-        check_resume(read_run_config(step_dir), self.cfg, step_dir)
+        check_resume(read_run_config(step_dir), self.cfg, step_dir, self.world_size)
         sd = read_file(os.path.join(step_dir, "optimizer.pt"),
                        lambda p: torch.load(p, map_location="cpu", weights_only=True))
         self.load_state(step_dir, sd)

@@ -180,8 +180,10 @@ def check_out_dir(path: str, flag: str = "--out") -> str:
 
 def run_command(prog: str, main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
     """Run a command's `main(argv)`: MemlmError -> one line on stderr, exit code 2 (traceback with --debug
-    or MEMLM_DEBUG=1); Ctrl-C -> exit code 130."""
-    from model.errors import MemlmError
+    or MEMLM_DEBUG=1); an OS error of a write that is the machine's to fix (disk full, file-size limit,
+    read-only path, a file where a directory should be, a name too long: model/errors.py WRITE_ERRNOS)
+    likewise, naming the path and the fix; any other OSError keeps its traceback (a bug); Ctrl-C -> 130."""
+    from model.errors import MemlmError, describe_os_error, os_error_of
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("MEMLM_DEBUG", "") not in ("", "0") or "--debug" in argv
@@ -192,6 +194,13 @@ def run_command(prog: str, main: Callable[[list[str]], int | None], argv: list[s
         if debug:
             raise
         print(f"{prog}: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as e:  # noqa: BLE001 - only the resource errors below; the rest is re-raised
+        os_error = os_error_of(e)
+        if debug or os_error is None:
+            raise
+        then = "memlm jobs resume or clean up what they left: a run from its last checkpoint, prepare where it stopped"
+        print(f"{prog}: {_one_line(describe_os_error(os_error, getattr(e, 'filename', None), then))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         if debug:

@@ -202,7 +202,7 @@ RANGES: dict[str, dict] = {
     "trainer.max_steps": dict(min=1, max=STEPS), "trainer.val_every": dict(min=0, max=STEPS),
     "trainer.val_batches": dict(min=1, max=STEPS), "trainer.log_every": dict(min=1, max=STEPS),
     "checkpoint.every": dict(min=0, max=STEPS), "checkpoint.keep_last_k": dict(min=0, max=STEPS),
-    "memory.k": dict(min=1, max=2**20), "memory.widths": dict(min=0, max=2**24),
+    "memory.k": dict(min=2, max=2**20), "memory.widths": dict(min=0, max=2**24),
     "memory.generic_prob": dict(min=0.0, max=1.0),
     "memory.init_std": dict(min=0.0), "memory.lr": dict(min=0.0), "memory.min_lr": dict(min=0.0),
     "memory.weight_decay": dict(min=0.0), "memory.shard_mb": dict(min=1, max=2**20),

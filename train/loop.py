@@ -81,14 +81,15 @@ def fit(fabric, cfg: RunConfig, model, optimizers: Optimizers, train_loader, val
         # (one host sync a step, the same verdict on every rank), so no weights ever turn non-finite
         grad_norm = clip_gradients(fabric, model, optimizers, max_norm)
         guard.check_step(state.step + 1, torch.stack(shares), grad_norm if check_norm else None)
-        # ---- dense step, sparse bank step, LR schedule
+        # ---- dense step, sparse bank step, LR schedule (log the lr this update uses, not the next step's)
+        lr = optimizers.lr
         optimizers.step()
         state.step += 1
         last = state.step == t.max_steps
         # ---- log (every log_every steps)
         if state.step % t.log_every == 0 or last:
             loss = _all_reduce(sum(shares[1:], shares[0]) / len(shares))  # mean over micro-batches, sum over ranks
-            progress.train_row(state.step, float(loss.item()), optimizers.lr, float(grad_norm.item()))
+            progress.train_row(state.step, float(loss.item()), lr, float(grad_norm.item()))
         # ---- validate
         if t.val_every > 0 and state.step % t.val_every == 0:
             state.last_val = validate(model, val_loader, t.val_batches, token_bytes, fabric.device)

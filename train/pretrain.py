@@ -91,12 +91,16 @@ def _fabric(cfg, world: int, local: int, num_nodes: int):
 
 
 def _prepare_run_dir(cfg, resume_step: int | None) -> None:
-    """Rank 0, before any rank writes: the run's config.yaml; metrics.jsonl cut back to the resumed step
-    (a killed run may have logged past its last checkpoint) or started afresh."""
+    """Rank 0, before any rank writes: the trajectory record (the step this attempt continues from: newer
+    step dirs are an earlier attempt's, never resumed by resume=auto), the run's config.yaml, and
+    metrics.jsonl cut back to the resumed step (a killed run may have logged past its last checkpoint) or
+    started afresh."""
     from model.atomic import read_jsonl, rewrite_jsonl
+    from train.checkpoint import write_trajectory
     from train.config import save_config
 
     os.makedirs(cfg.run_dir, exist_ok=True)
+    write_trajectory(cfg.run_dir, resume_step or 0)  # first: the run's files change after it
     save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
     metrics = os.path.join(cfg.run_dir, "metrics.jsonl")
     if os.path.exists(metrics):
@@ -115,6 +119,7 @@ def run(cfg) -> dict:
     world, local, num_nodes, rank = _env_world()
     data = build.open_training_data(cfg)
     tokenizer = data.tokenizer()
+    snapshot = checkpoint.DataSnapshot.take(data)  # every checkpoint carries the tokenizer the run started with
     cfg, init, router = build.resolve_run(cfg, data)
     if init is not None and init.grown:
         frozen = cfg.memory is not None and cfg.memory.freeze_anchor
@@ -126,7 +131,7 @@ def run(cfg) -> dict:
         raise ConfigError(f"trainer.strategy=fsdp: {why}")
     resume_dir = checkpoint.choose_resume(cfg, log=lambda msg: print0(f"memlm pretrain: {msg}"))
     if resume_dir:
-        checkpoint.check_resume(checkpoint.read_run_config(resume_dir), cfg, resume_dir)
+        checkpoint.check_resume(checkpoint.read_run_config(resume_dir), cfg, resume_dir, world)
         resume_step = checkpoint.read_step(resume_dir)  # a damaged meta.json fails here, before any write
         checkpoint.check_same_data(resume_dir, data)
     own = resume_dir and os.path.realpath(resume_dir).startswith(os.path.realpath(cfg.run_dir) + os.sep)
@@ -134,15 +139,16 @@ def run(cfg) -> dict:
         checkpoint.check_later_steps(cfg.run_dir, resume_step)
     if not own:  # a new run (or one resumed from another's checkpoint): on every rank, before any write
         checkpoint.check_fresh_run_dir(cfg.run_dir)
+    checkpoint.check_run_entries(cfg.run_dir)
     lock = checkpoint.lock_run_dir(cfg.run_dir) if rank == 0 else None  # one writer per run directory
     try:
-        return _train(cfg, data, tokenizer, init, router, resume_dir, (world, local, num_nodes))
+        return _train(cfg, snapshot, tokenizer, init, router, resume_dir, (world, local, num_nodes))
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg, data, tokenizer, init, router, resume_dir, layout) -> dict:
+def _train(cfg, snapshot, tokenizer, init, router, resume_dir, layout) -> dict:
     """`run` once the run is resolved, checked and locked: build, restore, fit."""
     import torch
     from lightning.fabric.utilities.seed import seed_everything
@@ -169,7 +175,7 @@ def _train(cfg, data, tokenizer, init, router, resume_dir, layout) -> dict:
     wrapped = fabric.setup_module(model)
     optimizers = build.Optimizers(model, cfg, fabric.world_size, wrap=fabric.setup_optimizers)
     ckpt = checkpoint.Checkpointer(cfg, model, optimizers, fabric.global_rank, fabric.world_size,
-                                   barrier=fabric.barrier, **_state_io(fabric, model, wrapped, optimizers))
+                                   barrier=fabric.barrier, data=snapshot, **_state_io(fabric, model, wrapped, optimizers))
     ckpt.remove_leftovers()
     fabric.barrier()
     state = loop.TrainState()
