@@ -353,6 +353,10 @@ def _read_with_datasets(path, text_column, id_column, stats, name, id_required=T
     import datasets
 
     kind = _split_ext(path)[0][1:]  # parquet or csv (datasets decompresses .csv.gz itself)
+    if _split_ext(path)[1]:  # read the stream to its end first: datasets would hide a truncation in its error
+        with _open(path) as f:
+            while f.read(1 << 24):
+                pass
     kw = {}
     if kind == "csv":
         header = _csv_header(path)

@@ -185,8 +185,8 @@ def load_tokenizer(path: str, add_missing: bool = False):
         if marker.get("kind") != TOKENIZER_KIND and os.path.isdir(inner):  # a data dir or a checkpoint
             raise TokenizerError(f"{path}: is a memlm {marker.get('kind')!r} directory, not a tokenizer; its "
                                  f"tokenizer is {inner}")
-        try:
-            verify_dir(path, TOKENIZER_KIND)
+        try:  # complete, whatever memlm wrote it as (a tokenizer, an export-hf folder)
+            verify_dir(path)
         except CheckpointError as e:
             raise TokenizerError(f"tokenizer damaged: {e}") from None
     from transformers import AutoTokenizer

@@ -93,7 +93,7 @@ class MemoryLM(LanguageModel):
         checked as Anchor.generate's (a ValueError naming the argument), before any memory is fetched."""
         from model.model import check_generate_args
 
-        check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p)
+        check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p, self.config.vocab_size)
         mode = self.resolve_mode(mode)
         kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, kv_cache=kv_cache,
                       generator=generator)

@@ -254,6 +254,11 @@ def check_output_dir(path: str, kind: str, replace: bool = False, flag: str = "-
                                 "where every entry is taken for a checkpoint or its content; choose an output "
                                 "directory outside it")
     if not os.path.lexists(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.lexists(parent):  # the nearest existing ancestor must be a directory
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise OutputExistsError(f"{path}: {parent} is a file, not a directory; choose another output path")
         return False
     if os.path.islink(path):
         raise OutputExistsError(f"{path}: is a symbolic link; give the directory itself ({os.path.realpath(path)}) "

@@ -12,6 +12,7 @@ on its own would.
 from __future__ import annotations
 
 import math
+import operator
 from typing import NamedTuple
 
 import torch
@@ -351,7 +352,7 @@ class Anchor(LanguageModel):
         Arguments (`check_generate_args`, a ValueError naming the argument otherwise): input_ids int [B,T0]
         with B, T0 >= 1 (start an empty prompt with the end-of-document token); max_new_tokens >= 0;
         temperature >= 0; top_k None or >= 1 (1 = greedy); top_p None or in (0, 1]."""
-        check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p)
+        check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p, self.config.vocab_size)
         self.resolve_mode(mode)
         B, T0 = input_ids.shape
         cache = None
@@ -377,16 +378,31 @@ class Anchor(LanguageModel):
         return out
 
 
-def check_generate_args(input_ids, max_new_tokens, temperature, top_k=None, top_p=None) -> None:
+def check_generate_args(input_ids, max_new_tokens, temperature, top_k=None, top_p=None,
+                        vocab_size: int | None = None) -> None:
     """ValueError naming the argument of `generate` that is out of range (see Anchor.generate)."""
     shape = tuple(getattr(input_ids, "shape", ()))
-    if len(shape) != 2 or 0 in shape:
-        raise ValueError(f"generate: input_ids of shape {shape}: give token ids [batch, length] with at least one "
-                         "row and one token (start an empty prompt with the end-of-document token)")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if not isinstance(input_ids, torch.Tensor) or len(shape) != 2 or 0 in shape:
+        what = f"of shape {shape}" if isinstance(input_ids, torch.Tensor) else f"a {type(input_ids).__name__}"
+        raise ValueError(f"generate: input_ids {what}: give a LongTensor of token ids [batch, length] with at least "
+                         "one row and one token (start an empty prompt with the end-of-document token)")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ValueError(f"generate: input_ids of dtype {input_ids.dtype}: token ids are integers (torch.long)")
+    if vocab_size is not None and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        raise ValueError(f"generate: input_ids hold ids in [{int(input_ids.min())}, {int(input_ids.max())}]: the "
+                         f"model's vocabulary is [0, {vocab_size})")
+    try:
+        n = operator.index(max_new_tokens)  # an int, numpy's too; not a bool or float
+    except TypeError:
+        n = None
+    if n is None or isinstance(max_new_tokens, bool) or n < 0:
         raise ValueError(f"generate: max_new_tokens={max_new_tokens!r}: must be an integer >= 0")
-    if not 0 <= float(temperature) < float("inf"):
-        raise ValueError(f"generate: temperature={temperature!r}: must be >= 0 (0 = greedy)")
+    try:
+        ok = 0 <= float(temperature) < float("inf")
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"generate: temperature={temperature!r}: must be a number >= 0 (0 = greedy)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"generate: top_k={top_k!r}: must be None (no cut) or an integer >= 1")
     if top_p is not None and not 0 < float(top_p) <= 1:

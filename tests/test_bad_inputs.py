@@ -366,6 +366,8 @@ ROWS = [
     ("factscore-damaged-kb", lambda r: (["factscore", "--slm", r.run(), "--data", _damaged_kb(r)], ["kb.json"])),
     ("factscore-damaged-probes", lambda r: (["factscore", "--slm", r.run(), "--data", _damaged_probes(r)],
                                             ["probes.jsonl", "line"])),
+    ("export-hf-out-under-a-file", lambda r: (["export-hf", r.run(), "--out", os.path.join(r.file("g", "x"), "sub")],
+                                              [str(r.tmp / "g"), "not a directory"])),
     ("factscore-out-under-a-file", lambda r: (["factscore", "--slm", r.run(), "--data", r.data(), "--out",
                                                os.path.join(r.file("f", "x"), "sub")], ["--out"])),
     # --- calibrate, wiki-probes, wiki-cascade, harness ---

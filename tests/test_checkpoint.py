@@ -360,7 +360,7 @@ def test_auto_resume_never_continues_an_abandoned_trajectory(short_run, monkeypa
 
     run = short_run["run"]
     step = lambda s: os.path.join(run, "checkpoints", f"step-{s:07d}")  # noqa: E731
-    assert checkpoint.read_trajectory(run) == 6
+    assert checkpoint.read_trajectory(run)["steps"] == [2, 4, 6]
 
     class Killed(Exception):
         pass
@@ -372,18 +372,81 @@ def test_auto_resume_never_continues_an_abandoned_trajectory(short_run, monkeypa
     with pytest.raises(Killed):
         main(short_run["args"] + [f"checkpoint.resume={step(2)}", "optim.grad_clip=0.5"])
     monkeypatch.undo()
-    assert checkpoint.read_trajectory(run) == 2
+    assert checkpoint.read_trajectory(run)["steps"] == [2]
     assert checkpoint.choose_resume(checkpoint.load_config(os.path.join(run, "config.yaml")), print) == step(2)
     capsys.readouterr()
     assert main(short_run["args"] + ["optim.grad_clip=0.5"]) == 0
     out = capsys.readouterr().out
-    assert f"ignoring {step(6)}: newer than step 2" in out and f"ignoring {step(4)}" in out
+    assert f"ignoring {step(6)}: not a checkpoint of this run's current attempt" in out and f"ignoring {step(4)}" in out
     assert f"resuming from {step(2)} (step 2)" in out
     for s in (4, 6):  # rewritten by this trajectory
         assert checkpoint.read_run_config(step(s)).optim.grad_clip == 0.5
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert checkpoint.read_trajectory(run) == 6
+    assert checkpoint.read_trajectory(run)["steps"] == [2, 4, 6]
+
+
+def test_abandoned_checkpoints_below_the_last_save_are_never_resumed(short_run, monkeypatch, capsys):
+    """Resumed from step 2 with checkpoint.every=3, the attempt saves 3 and is killed saving 6: the
+    abandoned step-4 lies between. With step-3 damaged, resume=auto goes back to step 2, never to the abandoned step-4;
+    a run started from another run's checkpoint and killed before its first save continues from that
+    checkpoint; a run with only an abandoned attempt's checkpoints is an error, never a fresh start."""
+    from model.errors import CheckpointError
+    from train import checkpoint
+    from train.pretrain import main
+
+    run = short_run["run"]
+    step = lambda s: os.path.join(run, "checkpoints", f"step-{s:07d}")  # noqa: E731
+
+    class Killed(Exception):
+        pass
+
+    real_save = checkpoint.Checkpointer.save
+
+    def save_once(self, n, *a, **kw):
+        if n > 3:
+            raise Killed
+        return real_save(self, n, *a, **kw)
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", save_once)
+    with pytest.raises(Killed):
+        main(short_run["args"] + [f"checkpoint.resume={step(2)}", "checkpoint.every=3"])
+    monkeypatch.undo()
+    assert checkpoint.read_trajectory(run)["steps"] == [2, 3]
+    assert checkpoint.abandoned(run) == [step(4), step(6)]
+    with open(os.path.join(step(3), "model.safetensors"), "r+b") as f:
+        f.seek(-3, 2)
+        b = f.read(1)
+        f.seek(-3, 2)
+        f.write(bytes([b[0] ^ 1]))
+    import dataclasses
+
+    def auto(path):  # the run's config, as `resume=auto` reads it (the killed attempts recorded a resume path)
+        cfg = checkpoint.load_config(os.path.join(path, "config.yaml"))
+        return dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume="auto"))
+
+    cfg = auto(run)
+    logged = []
+    assert checkpoint.choose_resume(cfg, logged.append) == step(2)
+    assert any(f"ignoring {step(4)}" in m for m in logged) and any("skipping damaged" in m and "step-0000003" in m
+                                                                  for m in logged)
+
+    other = os.path.join(os.path.dirname(run), "other")
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", lambda *a, **kw: (_ for _ in ()).throw(Killed()))
+    args = [a for a in short_run["args"] if not a.startswith("name=")]
+    with pytest.raises(Killed):
+        main(args + ["name=other", f"checkpoint.resume={step(2)}"])
+    monkeypatch.undo()
+    assert checkpoint.read_trajectory(other) == {"steps": [], "from": step(2)}
+    assert checkpoint.choose_resume(auto(other), print) == step(2)
+
+    checkpoint.write_trajectory(run, [1])  # an attempt none of whose checkpoints exist
+    with pytest.raises(CheckpointError, match=r"no checkpoint of this run's current attempt, and .*step-0000002"):
+        checkpoint.choose_resume(cfg, print)
+    with open(os.path.join(run, checkpoint.TRAJECTORY), "w") as f:
+        f.write('{"steps": [4.7]}')
+    with pytest.raises(CheckpointError, match=r"trajectory\.json: damaged .*delete it"):
+        checkpoint.choose_resume(cfg, print)
 
 
 def test_only_damaged_checkpoints_is_an_error_not_a_restart(short_run):

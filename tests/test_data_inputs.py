@@ -340,13 +340,19 @@ def test_compressed_files_read_as_their_plain_version(tmp_path, capsys):
     assert "skipping 1 file(s)" in err and "f.jsonl.zst" in err
 
 
-def test_truncated_compressed_file_is_named(tmp_path):
+@pytest.mark.parametrize("name", ["c.jsonl.gz", "c.csv.gz", "c.csv.xz"])
+def test_truncated_compressed_file_is_named(tmp_path, name):
     import gzip
+    import lzma
 
-    raw = gzip.compress(b"".join(json.dumps({"text": f"doc {i} " * 50}).encode() + b"\n" for i in range(200)))
-    path = tmp_path / "c.jsonl.gz"
+    if ".csv" in name:
+        plain = ("id,text\n" + "".join(f"r{i},row {i} " + "word " * 50 + "\n" for i in range(200))).encode()
+    else:
+        plain = b"".join(json.dumps({"text": f"doc {i} " * 50}).encode() + b"\n" for i in range(200))
+    raw = (gzip if name.endswith(".gz") else lzma).compress(plain)
+    path = tmp_path / name
     path.write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(CorpusError, match=r"c\.jsonl\.gz: damaged \.gz file"):
+    with pytest.raises(CorpusError, match=re.escape(name) + r": damaged \.(gz|xz) file"):
         list(load_corpus(str(path)))
 
 
@@ -355,3 +361,21 @@ def test_unsupported_compression_refused_with_what_is_read(tmp_path):
     path.write_bytes(b"x")
     with pytest.raises(CorpusError, match=r"c\.jsonl\.zst: unknown file type .*\.gz"):
         list(load_corpus(str(path)))
+
+
+def test_tokenizer_of_a_memlm_folder_of_another_kind_loads(tmp_path):
+    """An export-hf folder holds the run's tokenizer files beside the weights: `--tokenizer EXPORT` loads it
+    (it was refused as "a memlm 'hf-export' directory, expected 'tokenizer'"); a damaged one is named."""
+    from model.atomic import write_marker
+    from data.tokenizer import TokenizerError, load_tokenizer
+
+    export = tmp_path / "hf"
+    train_tokenizer(["one two three four five six seven"] * 20, 300, out_dir=str(export))
+    (export / "config.json").write_text("{}")
+    write_marker(str(export), "hf-export")
+    tok = load_tokenizer(str(export), add_missing=True)
+    assert CALL in tok.get_vocab()
+    with open(export / "config.json", "a") as f:
+        f.write(" ")
+    with pytest.raises(TokenizerError, match="config.json"):
+        load_tokenizer(str(export))

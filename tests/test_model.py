@@ -1,6 +1,7 @@
 """The anchor: configs/presets, masking, caching, generation, loss, FLOPs, the memory hook."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -247,7 +248,12 @@ def test_forward_traces_without_graph_breaks():
                                       (dict(max_new_tokens=-1), "max_new_tokens"),
                                       (dict(temperature=-1.0), "temperature"),
                                       (dict(top_p=0.0, temperature=1.0), "top_p"),
-                                      (dict(empty=True), "input_ids")])
+                                      (dict(empty=True), "input_ids"),
+                                      (dict(ids="float"), "input_ids of dtype"),
+                                      (dict(ids="big"), r"input_ids hold ids in \[0, 9999\]"),
+                                      (dict(ids="list"), "input_ids a list"),
+                                      (dict(temperature=None), "temperature"),
+                                      (dict(max_new_tokens=2.0), "max_new_tokens")])
 def test_generate_checks_its_arguments(kw, name):
     """Out-of-range generate arguments are a ValueError naming the argument (not a tensor error deep inside,
     nor silently accepted), for the anchor and a memory model alike."""
@@ -257,6 +263,8 @@ def test_generate_checks_its_arguments(kw, name):
     torch.manual_seed(0)
     kw = dict(kw)
     x = torch.zeros(1, 0, dtype=torch.long) if kw.pop("empty", False) else torch.randint(0, 256, (1, 4))
+    ids = kw.pop("ids", None)
+    x = {None: x, "float": x.float(), "big": torch.tensor([[0, 9999]]), "list": [[1, 2]]}[ids]
     n = kw.pop("max_new_tokens", 3)
     anchor = Anchor(tiny()).eval()
     mem = MemoryLM(anchor, MemoryConfig(k=2, widths=(4,)))
@@ -264,3 +272,4 @@ def test_generate_checks_its_arguments(kw, name):
         with pytest.raises(ValueError, match=rf"generate: {name}"):
             m.generate(x, n, **kw, **extra)
     assert anchor.generate(torch.randint(0, 256, (1, 4)), 0).shape == (1, 4)  # 0 new tokens: allowed
+    assert anchor.generate(torch.randint(0, 256, (1, 4)), np.int64(1)).shape == (1, 5)  # numpy's integers too

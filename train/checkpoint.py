@@ -87,34 +87,70 @@ def check_step_dir(path: str, deep: bool = True) -> str | None:
     return None
 
 
-# The step the run's current trajectory continues from (written before training starts) or last saved
-# (updated at each save): after a resume from an older step, the newer step dirs are an abandoned attempt's
-# (another config, a curve metrics.jsonl no longer holds), and resume=auto / a run dir must never pick them.
+# The checkpoints of the run's current attempt ("steps", updated at each save) and the checkpoint of another
+# run it started from ("from"), written before training starts: after a resume from an older step, the
+# other step dirs are an abandoned attempt's (another config, a curve metrics.jsonl no longer holds), and
+# resume=auto / a command given the run dir must never pick them, nor pruning count or delete them.
 TRAJECTORY = "trajectory.json"
 
 
-def read_trajectory(run_dir: str) -> int | None:
-    """The step recorded in RUN/trajectory.json, or None (no record: runs written before memlm kept it)."""
+def read_trajectory(run_dir: str) -> dict | None:
+    """RUN/trajectory.json ({"steps": [int], "from": step dir or None}), or None (no record: a run written
+    before memlm kept it, whose step dirs all count)."""
     path = os.path.join(run_dir, TRAJECTORY)
     if not os.path.isfile(path):
         return None
-    return read_file(path, lambda p: int(_json(p)["step"]))
+    try:
+        rec = _json(path)
+        steps = rec["steps"]
+        if not (isinstance(steps, list) and all(type(x) is int for x in steps)):
+            raise ValueError("'steps' is not a list of step numbers")
+        if not isinstance(rec.get("from"), (str, type(None))):
+            raise ValueError("'from' is not a path")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: damaged ({type(e).__name__}: {e}); delete it: the run's step dirs then all "
+                              "count again (it only sets aside an abandoned attempt's checkpoints)") from None
+    return rec
 
 
-def write_trajectory(run_dir: str, step: int) -> None:
-    atomic_write_json(os.path.join(run_dir, TRAJECTORY), {"step": step})
+def write_trajectory(run_dir: str, steps: list[int], start: str | None = None) -> None:
+    atomic_write_json(os.path.join(run_dir, TRAJECTORY), {"steps": sorted(set(steps)), "from": start})
+
+
+def start_trajectory(run_dir: str, resume_dir: str | None, step: int | None) -> None:
+    """Record the attempt that starts now: from scratch, from a checkpoint of this run (its own earlier
+    checkpoints at or below that step stay part of it), or from another run's checkpoint."""
+    if resume_dir is None:
+        return write_trajectory(run_dir, [])
+    if os.path.realpath(os.path.dirname(resume_dir)) != os.path.realpath(os.path.join(run_dir, "checkpoints")):
+        return write_trajectory(run_dir, [], os.path.abspath(resume_dir))
+    old = read_trajectory(run_dir)
+    if old is None:  # no record: every step dir up to the resumed one is this run's
+        steps = [s for s, _ in step_dirs(os.path.join(run_dir, "checkpoints")) if s <= step]
+    elif step in old["steps"]:
+        steps = [s for s in old["steps"] if s <= step]
+    else:  # an abandoned attempt's checkpoint, chosen by hand: its own older ones are unknown
+        steps = [step]
+    write_trajectory(run_dir, steps + [step], None if old is None else old.get("from"))
+
+
+def abandoned(run_dir: str) -> list[str]:
+    """The step dirs of a run that are not its current attempt's (per RUN/trajectory.json)."""
+    rec = read_trajectory(run_dir)
+    if rec is None:
+        return []
+    return [p for s, p in step_dirs(os.path.join(run_dir, "checkpoints")) if s not in rec["steps"]]
 
 
 def newest_intact(run_dir: str, log: Callable[[str], None] | None = None) -> tuple[str | None, list[tuple[str, str]]]:
-    """(newest complete checkpoint of a run's current trajectory or None, [(newer damaged step dir, why)]).
-    Step dirs newer than the trajectory record are an abandoned attempt's: left alone, named to `log`."""
-    skipped, limit = [], read_trajectory(run_dir)
+    """(newest complete checkpoint of a run's current attempt or None, [(newer damaged step dir, why)]).
+    Step dirs of an abandoned attempt (see TRAJECTORY) are left alone and named to `log`."""
+    skipped, rec = [], read_trajectory(run_dir)
     for s, path in reversed(step_dirs(os.path.join(run_dir, "checkpoints"))):
-        if limit is not None and s > limit:
+        if rec is not None and s not in rec["steps"]:
             if log is not None:
-                log(f"ignoring {path}: newer than step {limit}, where this run's trajectory continues from "
-                    f"({os.path.join(run_dir, TRAJECTORY)}); it is an abandoned attempt's (an earlier resume went "
-                    "back to an older step)")
+                log(f"ignoring {path}: not a checkpoint of this run's current attempt "
+                    f"({os.path.join(run_dir, TRAJECTORY)}: an earlier resume went back to an older step)")
             continue
         why = check_step_dir(path)
         if why is None:
@@ -136,7 +172,7 @@ def find_step_dir(path: str, fall_back: bool = False, log: Callable[[str], None]
         return path
     run_dir = os.path.dirname(os.path.normpath(path)) if os.path.basename(os.path.normpath(path)) == "checkpoints" \
         else path
-    found, skipped = newest_intact(run_dir, log)
+    found, skipped = newest_intact(run_dir, log or (lambda msg: print(msg, file=sys.stderr)))
     if skipped and not fall_back:
         raise CheckpointError(f"{skipped[0][1]} (or give an older checkpoint: {run_dir}/checkpoints/step-...)")
     for bad, why in skipped:
@@ -177,6 +213,14 @@ def choose_resume(cfg: RunConfig, log: Callable[[str], None]) -> str | None:
     if skipped and found is None:  # never start over a run whose checkpoints are all damaged
         raise CheckpointError(f"{cfg.run_dir}: no intact checkpoint to resume from ({skipped[0][1]}); move the "
                               "damaged step dirs away, or start another run (name=...)")
+    rec = read_trajectory(cfg.run_dir)
+    if found is None and rec is not None and rec.get("from"):  # started from another run's checkpoint
+        found = find_step_dir(rec["from"], fall_back=True, log=log)
+    other = abandoned(cfg.run_dir)
+    if found is None and other:  # never start over checkpoints, even an abandoned attempt's
+        raise CheckpointError(f"{cfg.run_dir}: no checkpoint of this run's current attempt, and {', '.join(other)} "
+                              f"are an abandoned attempt's ({TRAJECTORY}); continue one of them with "
+                              "checkpoint.resume=PATH, or start another run (name=...)")
     for bad, why in skipped:
         log(f"skipping damaged checkpoint {bad} ({why}); resuming from {found}")
     return found
@@ -483,16 +527,19 @@ class Checkpointer:
                                         "write there; this run would replace it: move it out and resume")
             publish_dir(tmp, final)
             # before pruning: a kill in between resumes from the previous step, which pruning may remove
-            write_trajectory(self.cfg.run_dir, step)
+            rec = read_trajectory(self.cfg.run_dir) or {"steps": [], "from": None}
+            write_trajectory(self.cfg.run_dir, rec["steps"] + [step], rec.get("from"))
             self.prune(step)
         self.barrier()
         return final
 
     def prune(self, step: int) -> None:
-        """Keep the newest checkpoint.keep_last_k complete checkpoints up to `step` (0 keeps all); newer ones
-        are an abandoned attempt's: neither counted nor deleted."""
+        """Keep the newest checkpoint.keep_last_k complete checkpoints of this attempt up to `step` (0 keeps
+        all); an abandoned attempt's are neither counted nor deleted."""
         k = self.cfg.checkpoint.keep_last_k
-        intact = [p for s, p in step_dirs(self.ckpt_dir) if s <= step and check_step_dir(p, deep=False) is None]
+        rec = read_trajectory(os.path.dirname(self.ckpt_dir))  # None: no record, every step dir counts
+        intact = [p for s, p in step_dirs(self.ckpt_dir)
+                  if s <= step and (rec is None or s in rec["steps"]) and check_step_dir(p, deep=False) is None]
         for old in intact[:-k] if k > 0 else []:
             foreign = foreign_entries(old)
             if foreign:  # a file someone put in it: keep the whole checkpoint, say so

@@ -90,17 +90,17 @@ def _fabric(cfg, world: int, local: int, num_nodes: int):
     return fabric, precision
 
 
-def _prepare_run_dir(cfg, resume_step: int | None) -> None:
+def _prepare_run_dir(cfg, resume_dir: str | None, resume_step: int | None) -> None:
     """Rank 0, before any rank writes: the trajectory record (the step this attempt continues from: newer
     step dirs are an earlier attempt's, never resumed by resume=auto), the run's config.yaml, and
     metrics.jsonl cut back to the resumed step (a killed run may have logged past its last checkpoint) or
     started afresh."""
     from model.atomic import read_jsonl, rewrite_jsonl
-    from train.checkpoint import write_trajectory
+    from train.checkpoint import start_trajectory
     from train.config import save_config
 
     os.makedirs(cfg.run_dir, exist_ok=True)
-    write_trajectory(cfg.run_dir, resume_step or 0)  # first: the run's files change after it
+    start_trajectory(cfg.run_dir, resume_dir, resume_step)  # first: the run's files change after it
     save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
     metrics = os.path.join(cfg.run_dir, "metrics.jsonl")
     if os.path.exists(metrics):
@@ -159,7 +159,7 @@ def _train(cfg, snapshot, tokenizer, init, router, resume_dir, layout) -> dict:
     world, local, num_nodes = layout
     fabric, precision = _fabric(cfg, world, local, num_nodes)
     if fabric.is_global_zero and not resume_dir:
-        _prepare_run_dir(cfg, None)
+        _prepare_run_dir(cfg, None, None)
     if cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg.seed, workers=True, verbose=False)
@@ -183,7 +183,7 @@ def _train(cfg, snapshot, tokenizer, init, router, resume_dir, layout) -> dict:
     if resume_dir:  # last before training: it restores this rank's RNG too
         state.step, batches = ckpt.load(resume_dir)
         if fabric.is_global_zero:  # after the load: a damaged checkpoint fails before the run's files change
-            _prepare_run_dir(cfg, state.step)
+            _prepare_run_dir(cfg, resume_dir, state.step)
     bank = model.bank if model.has_memory else None
     train_loader = build.make_loader(cfg, "train", fabric.global_rank, fabric.world_size, batches, bank=bank)
     val_loader = build.make_loader(cfg, "val", fabric.global_rank, fabric.world_size) if cfg.trainer.val_every else None

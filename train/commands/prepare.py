@@ -1,7 +1,7 @@
 """`memlm prepare`: corpus -> tokenizer -> token shards (a data dir). Logic lives in data/prepare.py."""
 from __future__ import annotations
 
-from train.cli import ArgumentParser, nonnegative_float, number, positive_int, seed
+from train.cli import ArgumentParser, check_out_dir, nonnegative_float, number, positive_int, seed
 
 
 # the flag types of train/cli.py (one-line errors naming the bound)
@@ -71,6 +71,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_out_dir(args.out)  # under a file: named, before any work
     from data.prepare import prepare
 
     kw = {}
