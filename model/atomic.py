@@ -243,6 +243,14 @@ def inside_checkpoints(path: str) -> str | None:
         parent = up
 
 
+def nearest_existing(path: str) -> str:
+    """`path` (absolute) if it exists, else its nearest existing ancestor."""
+    p = os.path.abspath(path)
+    while not os.path.lexists(p):
+        p = os.path.dirname(p)
+    return p
+
+
 def check_output_dir(path: str, kind: str, replace: bool = False, flag: str = "--force",
                      sources: Iterable[str] = ()) -> bool:
     """Whether writing directory `path` (of `kind`) replaces an existing one; raises OutputExistsError when
@@ -254,9 +262,7 @@ def check_output_dir(path: str, kind: str, replace: bool = False, flag: str = "-
                                 "where every entry is taken for a checkpoint or its content; choose an output "
                                 "directory outside it")
     if not os.path.lexists(path):
-        parent = os.path.dirname(os.path.abspath(path))
-        while not os.path.lexists(parent):  # the nearest existing ancestor must be a directory
-            parent = os.path.dirname(parent)
+        parent = nearest_existing(path)  # must be a directory
         if not os.path.isdir(parent):
             raise OutputExistsError(f"{path}: {parent} is a file, not a directory; choose another output path")
         return False

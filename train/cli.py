@@ -170,9 +170,9 @@ def check_out_dir(path: str, flag: str = "--out") -> str:
     ConfigError names the flag and the path; returns `path` (created later, by the writer)."""
     from model.errors import ConfigError
 
-    p = os.path.abspath(path)
-    while not os.path.exists(p):
-        p = os.path.dirname(p)
+    from model.atomic import nearest_existing
+
+    p = nearest_existing(path)
     if not os.path.isdir(p):
         raise ConfigError(f"{flag} {path}: {p} is a file, not a directory; give another {flag}")
     return path
